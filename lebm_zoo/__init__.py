@@ -1,0 +1,24 @@
+"""lebm-zoo: a PyTorch Lightning model zoo of energy-based generative models.
+
+>>> import lebm_zoo
+>>> model = lebm_zoo.load_pretrained("lightning_logs/version_0/checkpoints/last.ckpt")  # doctest: +SKIP
+>>> x = model.sample(64)  # (64, C, H, W) in [-1, 1]                                     # doctest: +SKIP
+"""
+__version__ = "0.1.0"
+
+from lebm_zoo.models import EBMModule, LatentEBMPrior, TrainingDivergedError  # noqa: E402
+from lebm_zoo.pretrained import CheckpointError, list_pretrained, load_pretrained  # noqa: E402
+from lebm_zoo.samplers import HMCSampler, LangevinSampler, SamplerMixin  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "CheckpointError",
+    "EBMModule",
+    "HMCSampler",
+    "LangevinSampler",
+    "LatentEBMPrior",
+    "SamplerMixin",
+    "TrainingDivergedError",
+    "list_pretrained",
+    "load_pretrained",
+]

@@ -1,0 +1,263 @@
+"""Latent-space EBM prior (Pang, Han, Nijkamp, Zhu, Wu, "Learning Latent Space Energy-Based Prior Model",
+NeurIPS 2020), following the authors' ``train_svhn.py`` (bpucla/latent-space-EBM-prior @a530d0f).
+
+Model::
+
+    z ~ p_a(z) = exp(-E_a(z)) N(z; 0, sigma_p^2 I) / Z(a)        latent EBM prior (eq. 2)
+    x = G_b(z) + eps,  eps ~ N(0, llhd_sigma^2 I)                generator (eq. 1)
+
+Training step (``families.md`` §1, in this order): posterior Langevin from fresh N(0, I) noise (K1 steps, step s1) on
+log p(x, z); prior Langevin from fresh N(0, I) noise (K0 steps, step s0) on log p_a(z); generator update on
+``sum((G(z+) - x)^2) / B``; energy update on ``mean E(z+) - mean E(z-)`` (eq. 9-11). Both updates use chains run with
+the parameters from before the updates. ``prior="gaussian"`` drops the energy term: the same generator learned by
+alternating back-propagation (Han et al., 2017), the ablation LEBM is measured against.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lebm_zoo.models.base import DataShapeError, EBMModule
+from lebm_zoo.nets import ConvGenerator, EnergyMLP
+from lebm_zoo.samplers import LangevinSampler
+from lebm_zoo.utils import images_from_batch
+
+__all__ = ["LatentEBMPrior"]
+
+
+class LatentEBMPrior(EBMModule):
+    """Generator with a latent-space energy-based prior, learned by short-run prior and posterior Langevin.
+
+    Defaults are the reference SVHN recipe: 32x32x3 images, ``nz=100``, ``ngf=64`` (G of 3,447,683 parameters),
+    E an MLP 100-200-200-1 with GELU, K0=60 s0=0.4, K1=20 s1=0.1, ``llhd_sigma=0.3``, Adam lr 1e-4 (G) and 2e-5 (E)
+    with betas (0.5, 0.999), ExponentialLR gamma 0.998 stepped once per epoch.
+
+    Args:
+        img_size: 28, 32 or 64 (pixels).
+        channels: 1 or 3.
+        nz: latent size.
+        ngf: generator width (see :class:`~lebm_zoo.nets.ConvGenerator`).
+        ndf: hidden width of the energy MLP.
+        e_activation: ``"gelu"`` (reference) or ``"lrelu"``.
+        prior: ``"ebm"`` (the model of the paper) or ``"gaussian"`` (N(0, I) prior, no energy net).
+        prior_steps, prior_step_size: K0 and s0 of the prior chain.
+        posterior_steps, posterior_step_size: K1 and s1 of the posterior chain.
+        prior_sigma: sigma_p of the Gaussian reference N(0, sigma_p^2 I) (reference: 1).
+        llhd_sigma: sigma of the Gaussian likelihood, in units of [-1, 1] pixels (reference: 0.3).
+        lr_g, lr_e: Adam learning rates of G and E.
+        betas: Adam betas of both optimisers.
+        lr_decay: ExponentialLR gamma, stepped once per epoch.
+        grad_clip_g, grad_clip_e: optional max gradient norm (reference: off).
+        loss_g_limit: stop training (clean stop, last good weights kept) if the generator loss exceeds this after
+            ``loss_g_limit_after_epoch`` epochs; the reference uses 300 after epoch 10 on SVHN. Non-finite losses
+            always stop training.
+
+    Images are ``(B, channels, img_size, img_size)`` in [-1, 1]; latents ``(B, nz)``.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 32,
+        channels: int = 3,
+        nz: int = 100,
+        ngf: int = 64,
+        ndf: int = 200,
+        e_activation: str = "gelu",
+        prior: str = "ebm",
+        prior_steps: int = 60,
+        prior_step_size: float = 0.4,
+        posterior_steps: int = 20,
+        posterior_step_size: float = 0.1,
+        prior_sigma: float = 1.0,
+        llhd_sigma: float = 0.3,
+        lr_g: float = 1e-4,
+        lr_e: float = 2e-5,
+        betas: tuple[float, float] = (0.5, 0.999),
+        lr_decay: float = 0.998,
+        grad_clip_g: float | None = None,
+        grad_clip_e: float | None = None,
+        loss_g_limit: float | None = None,
+        loss_g_limit_after_epoch: int = 10,
+    ):
+        super().__init__()
+        if prior not in ("ebm", "gaussian"):
+            raise ValueError(f"prior must be 'ebm' or 'gaussian', got {prior!r}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if llhd_sigma <= 0 or prior_sigma <= 0:
+            raise ValueError(f"llhd_sigma and prior_sigma must be > 0, got {llhd_sigma}, {prior_sigma}")
+        self.save_hyperparameters()
+        self.generator = ConvGenerator(nz=nz, ngf=ngf, img_size=img_size, channels=channels)
+        self.energy_net = EnergyMLP(nz=nz, ndf=ndf, activation=e_activation) if prior == "ebm" else None
+        self.samplers = {
+            "prior": LangevinSampler(prior_steps, prior_step_size),
+            "posterior": LangevinSampler(posterior_steps, posterior_step_size),
+        }
+
+    # ------------------------------------------------------------------------------------------------ densities
+    @property
+    def is_ebm(self) -> bool:
+        return self.energy_net is not None
+
+    def energy(self, z: Tensor) -> Tensor:
+        """Prior energy E_a(z) (lower = more likely), the tilt of the Gaussian reference (eq. 2).
+
+        Args:
+            z: latents ``(B, nz)``.
+
+        Returns:
+            ``(B,)`` energies in nats, up to the prior's log-normaliser; zeros for ``prior="gaussian"``.
+        """
+        if self.energy_net is None:
+            return z.new_zeros(z.shape[0])
+        return self.energy_net(z).float()
+
+    def prior_log_prob(self, z: Tensor) -> Tensor:
+        """Unnormalised log p_a(z) = -E(z) - ||z||^2 / (2 sigma_p^2), ``(B, nz) -> (B,)`` in nats."""
+        return -self.energy(z) - z.flatten(1).pow(2).sum(1) / (2 * self.hparams.prior_sigma ** 2)
+
+    def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
+        """Unnormalised log p(x, z) = -||x - G(z)||^2 / (2 llhd_sigma^2) - E(z) - ||z||^2 / (2 sigma_p^2).
+
+        The posterior Langevin target (eq. 8); also the anomaly score of the paper.
+
+        Args:
+            x: images ``(B, C, H, W)`` in [-1, 1].
+            z: latents ``(B, nz)``.
+
+        Returns:
+            ``(B,)`` in nats, up to constants (the Gaussian normalisers and log Z(a)).
+        """
+        rec = (x - self.generator(z)).flatten(1).float().pow(2).sum(1)
+        return -rec / (2 * self.hparams.llhd_sigma ** 2) + self.prior_log_prob(z)
+
+    # ------------------------------------------------------------------------------------------------ sampling
+    def _noise(self, n: int) -> Tensor:
+        return torch.randn(n, self.hparams.nz, device=self.device)
+
+    @torch.no_grad()
+    def sample_latent(self, n: int, z0: Tensor | None = None, n_steps: int | None = None) -> Tensor:
+        """Draw ``n`` latents from the prior by short-run Langevin (K0 steps from N(0, I); eq. 7).
+
+        For ``prior="gaussian"`` this is exact N(0, sigma_p^2 I) sampling.
+
+        Returns:
+            ``(n, nz)`` latents.
+        """
+        z0 = self._noise(n) if z0 is None else z0
+        if not self.is_ebm:
+            return z0 * self.hparams.prior_sigma
+        return self.langevin(self.prior_log_prob, z0, "prior", n_steps=n_steps)
+
+    @torch.no_grad()
+    def generate(self, z: Tensor) -> Tensor:
+        """G(z): latents ``(B, nz)`` to images ``(B, C, H, W)`` in [-1, 1] (the mean of p(x | z))."""
+        return self.generator(z).float()
+
+    @torch.no_grad()
+    def sample(self, n: int, n_steps: int | None = None) -> Tensor:
+        """Draw ``n`` images: prior Langevin for z, then G(z).
+
+        Args:
+            n: number of images.
+            n_steps: prior chain length (default: ``prior_steps``, as in training).
+
+        Returns:
+            ``(n, C, H, W)`` images in [-1, 1] on the model's device.
+        """
+        return self.generate(self.sample_latent(n, n_steps=n_steps))
+
+    @torch.no_grad()
+    def infer_latent(self, x: Tensor, z0: Tensor | None = None, n_steps: int | None = None) -> Tensor:
+        """Posterior inference: short-run Langevin on log p(x, z) from N(0, I) noise (K1 steps; eq. 8).
+
+        Args:
+            x: images ``(B, C, H, W)`` in [-1, 1].
+            z0: initial latents ``(B, nz)`` (default: fresh N(0, I) noise, as the reference).
+            n_steps: chain length (default: ``posterior_steps``).
+
+        Returns:
+            ``(B, nz)`` latents.
+        """
+        x = x.to(self.device)
+        z0 = self._noise(x.shape[0]) if z0 is None else z0
+        return self.langevin(lambda z: self.log_joint(x, z), z0, "posterior", n_steps=n_steps)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, n_steps: int | None = None) -> Tensor:
+        """G(z) at z inferred by posterior Langevin: images ``(B, C, H, W)`` in [-1, 1] -> same shape and range."""
+        return self.generate(self.infer_latent(x, n_steps=n_steps))
+
+    # ------------------------------------------------------------------------------------------------ training
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt_g = torch.optim.Adam(self.generator.parameters(), lr=hp.lr_g, betas=tuple(hp.betas))
+        sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=hp.lr_decay)
+        if not self.is_ebm:
+            return [opt_g], [sched_g]
+        opt_e = torch.optim.Adam(self.energy_net.parameters(), lr=hp.lr_e, betas=tuple(hp.betas))
+        sched_e = torch.optim.lr_scheduler.ExponentialLR(opt_e, gamma=hp.lr_decay)
+        return [opt_g, opt_e], [sched_g, sched_e]
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        hp = self.hparams
+        for attr in ("channels", "img_size"):
+            have = getattr(dm, attr, None)
+            if have is not None and have != hp[attr]:
+                raise DataShapeError(f"the datamodule yields {attr}={have} but the model has {attr}={hp[attr]}: set "
+                                 f"--model.{attr} {have} (or change the data's {attr}).")
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        hp = self.hparams
+        x = images_from_batch(batch)  # (B, C, H, W) in [-1, 1]
+        self.check_data_shape(x, (hp.channels, hp.img_size, hp.img_size), "Set --model.channels/--model.img_size.")
+        b = x.shape[0]
+        opts = self.optimizers()
+        opt_g, opt_e = opts if self.is_ebm else (opts, None)
+
+        z_pos = self.infer_latent(x)  # (B, nz) posterior samples, K1 steps from N(0, I)
+        x_hat = self.generator(z_pos)
+        loss_g = (x_hat.float() - x).pow(2).sum() / b  # reference: no 1/(2 sigma^2) factor
+        logs = {"loss_g": loss_g.detach()}
+        if self.is_ebm:
+            z_neg = self.sample_latent(b)  # (B, nz) prior samples, K0 steps from N(0, I)
+            en_pos, en_neg = self.energy(z_pos), self.energy(z_neg)  # (B,), (B,)
+            loss_e = en_pos.mean() - en_neg.mean()
+            logs.update(energy_pos=en_pos.mean().detach(), energy_neg=en_neg.mean().detach(),
+                        energy_gap=loss_e.detach())
+        losses = {"loss_g": loss_g, "loss_e": loss_e} if self.is_ebm else {"loss_g": loss_g}
+        limits = None
+        if hp.loss_g_limit is not None and self.current_epoch > hp.loss_g_limit_after_epoch:
+            limits = {"loss_g": hp.loss_g_limit}
+        if not self.check_finite(losses, limits):
+            return  # diverged: skip both updates; the trainer stops after this batch
+
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss_g)
+        logs["grad_norm_g"] = self.grad_norm_and_clip(self.generator.parameters(), hp.grad_clip_g)
+        opt_g.step()
+        if self.is_ebm:
+            opt_e.zero_grad(set_to_none=True)
+            self.manual_backward(loss_e)
+            logs["grad_norm_e"] = self.grad_norm_and_clip(self.energy_net.parameters(), hp.grad_clip_e)
+            self.step_uncounted(opt_e)  # global_step counts iterations, not optimiser steps
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=b)
+        prog = {"loss_g": logs["loss_g"]}
+        if self.is_ebm:  # energy gap E(z+) - E(z-): near zero when prior samples match posterior samples
+            prog["gap"] = logs["energy_gap"]
+        self.log_dict(prog, prog_bar=True, logger=False, batch_size=b)
+
+    def on_train_epoch_end(self) -> None:
+        self.step_schedulers()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        """No model-side validation loss: metric callbacks (ReconstructionMSE, FID, SampleGrid) do the evaluation."""
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        """No model-side test loss: metric callbacks compute the paper's test metrics."""
+
+    def predict_step(self, batch, batch_idx: int) -> dict:
+        """Posterior latents and reconstructions of a batch: ``{"z": (B, nz), "x_rec": (B, C, H, W)}``."""
+        z = self.infer_latent(images_from_batch(batch))
+        return {"z": z, "x_rec": self.generate(z)}

@@ -1,0 +1,257 @@
+"""MCMC samplers shared by every family: Langevin dynamics and Hamiltonian Monte Carlo.
+
+The contract (see ``DESIGN.md``):
+
+* A *target* is a callable ``log_prob(x) -> Tensor[B]``: the unnormalized log-density of each chain. Energy nets are
+  wrapped by their family, e.g. the latent EBM prior is ``lambda z: -E(z) - 0.5 * ||z||^2``.
+* ``sampler(log_prob, x0, return_trace=False)`` returns ``x`` (detached, same shape, dtype and device as ``x0``) or
+  ``(x, trace)`` where ``trace["log_prob"]`` holds the mean log-prob of the chains at the start of each step, shape
+  ``(n_steps,)`` (HMC adds ``trace["acceptance_rate"]``, shape ``(n_steps,)``).
+* Per-chain gradients come from ``log_prob(x).sum()``; no graph survives a step; parameters' ``.grad`` are never
+  touched (gradients are taken with respect to the chain state only); the chain runs with grad enabled even under a
+  caller's ``torch.no_grad()``.
+* The step has no Python data-dependent control flow and no host-device synchronisation, so it can be compiled or
+  captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+LogProb = Callable[[Tensor], Tensor]
+
+__all__ = ["LangevinSampler", "HMCSampler", "SamplerMixin", "LogProb"]
+
+
+def _log_prob_and_grad(log_prob: LogProb, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-chain log-prob ``(B,)`` and its gradient w.r.t. ``x`` (same shape as ``x``), both detached."""
+    x = x.detach().requires_grad_(True)
+    lp = log_prob(x)
+    if lp.dim() != 1 or lp.shape[0] != x.shape[0]:
+        raise ValueError(f"log_prob must return one value per chain, shape ({x.shape[0]},); got {tuple(lp.shape)}")
+    (grad,) = torch.autograd.grad(lp.float().sum(), x)
+    return lp.detach().float(), grad
+
+
+def _per_chain(t: Tensor) -> Tensor:
+    """Sum over every dimension but the first: ``(B, ...) -> (B,)``."""
+    return t.flatten(1).sum(1)
+
+
+class LangevinSampler:
+    """Unadjusted Langevin dynamics (no Metropolis correction), the short-run sampler of the LEBM papers.
+
+    Update, for ``n_steps`` steps with step size ``s``::
+
+        x <- x + (s^2 / 2) * grad log p(x) + s * noise_scale * eps,   eps ~ N(0, I)
+
+    which is Pang et al. (2020), eq. 7 (prior: ``log p = -E(z) - ||z||^2/2``) and eq. 8 (posterior). The short-run
+    data-space form of Nijkamp et al. (2019), ``x <- x + grad f(x) + sigma * eps``, is the same update on a tempered
+    target; build it with :meth:`tempered`.
+
+    Args:
+        n_steps: number of steps K (>= 0; 0 returns ``x0``).
+        step_size: step size s (> 0), in the units of x.
+        noise_scale: multiplies the injected noise; 1.0 is the textbook sampler, 0 gives noise-free gradient ascent.
+        grad_clip: if set, each chain's gradient is rescaled to L2 norm at most ``grad_clip`` before the step.
+
+    Raises:
+        ValueError: for a negative ``n_steps``, non-positive ``step_size``, negative ``noise_scale`` or ``grad_clip``.
+    """
+
+    def __init__(self, n_steps: int, step_size: float, noise_scale: float = 1.0, grad_clip: float | None = None):
+        if n_steps < 0:
+            raise ValueError(f"n_steps must be >= 0, got {n_steps}")
+        if step_size <= 0:
+            raise ValueError(f"step_size must be > 0, got {step_size}")
+        if noise_scale < 0:
+            raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
+        if grad_clip is not None and grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
+        self.n_steps = int(n_steps)
+        self.step_size = float(step_size)
+        self.noise_scale = float(noise_scale)
+        self.grad_clip = grad_clip
+
+    @classmethod
+    def tempered(cls, n_steps: int, noise_std: float, grad_coef: float = 1.0) -> "LangevinSampler":
+        """The short-run data-space update ``x <- x + grad_coef * grad f(x) + noise_std * eps`` (Nijkamp et al. 2019).
+
+        It is the Langevin update with ``s^2/2 = grad_coef`` and ``noise_scale = noise_std / s``.
+        """
+        s = math.sqrt(2.0 * grad_coef)
+        return cls(n_steps, s, noise_scale=noise_std / s)
+
+    def __repr__(self) -> str:
+        return (f"LangevinSampler(n_steps={self.n_steps}, step_size={self.step_size}, "
+                f"noise_scale={self.noise_scale}, grad_clip={self.grad_clip})")
+
+    def step(self, log_prob: LogProb, x: Tensor) -> tuple[Tensor, Tensor]:
+        """One Langevin step. Returns the new state (detached) and the per-chain log-prob at the old state ``(B,)``."""
+        lp, grad = _log_prob_and_grad(log_prob, x)
+        if self.grad_clip is not None:
+            norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)  # (B,)
+            scale = (self.grad_clip / norm).clamp(max=1.0)
+            grad = grad * scale.view(-1, *([1] * (grad.dim() - 1)))
+        s = self.step_size
+        with torch.no_grad():
+            x = x.detach() + (0.5 * s * s) * grad.to(x.dtype)
+            if self.noise_scale > 0:
+                x = x + (s * self.noise_scale) * torch.randn_like(x)
+        return x, lp
+
+    def __call__(self, log_prob: LogProb, x0: Tensor, *, return_trace: bool = False, n_steps: int | None = None):
+        """Run the chains from ``x0``.
+
+        Args:
+            log_prob: target, ``(B, ...) -> (B,)``.
+            x0: initial states ``(B, ...)``; not modified.
+            return_trace: also return ``{"log_prob": (n_steps,)}``, the mean log-prob at the start of each step.
+            n_steps: override the configured number of steps for this call.
+
+        Returns:
+            ``x`` of the shape of ``x0`` (detached), or ``(x, trace)``.
+        """
+        k = self.n_steps if n_steps is None else int(n_steps)
+        x = x0.detach().clone()
+        lps = []
+        with torch.enable_grad():
+            for _ in range(k):
+                x, lp = self.step(log_prob, x)
+                lps.append(lp.mean())
+        if not return_trace:
+            return x
+        trace = {"log_prob": torch.stack(lps) if lps else x.new_zeros(0)}
+        return x, trace
+
+
+class HMCSampler:
+    """Hamiltonian Monte Carlo with a leapfrog integrator and a per-chain Metropolis accept (Neal, 2011).
+
+    Each of ``n_steps`` iterations draws momentum p ~ N(0, I), runs ``n_leapfrog`` leapfrog steps of size
+    ``step_size`` on H(x, p) = -log p(x) + ||p||^2 / 2 and accepts each chain independently with probability
+    ``min(1, exp(H_old - H_new))``. Acceptance is done with ``torch.where``: no data-dependent Python branches.
+
+    Args:
+        n_steps: number of HMC iterations (>= 0).
+        n_leapfrog: leapfrog steps per iteration (>= 1).
+        step_size: leapfrog step size (> 0), in the units of x.
+
+    Raises:
+        ValueError: for out-of-range arguments.
+    """
+
+    def __init__(self, n_steps: int, n_leapfrog: int, step_size: float):
+        if n_steps < 0 or n_leapfrog < 1 or step_size <= 0:
+            raise ValueError(f"need n_steps >= 0, n_leapfrog >= 1, step_size > 0; got {n_steps}, {n_leapfrog}, "
+                             f"{step_size}")
+        self.n_steps = int(n_steps)
+        self.n_leapfrog = int(n_leapfrog)
+        self.step_size = float(step_size)
+
+    def __repr__(self) -> str:
+        return f"HMCSampler(n_steps={self.n_steps}, n_leapfrog={self.n_leapfrog}, step_size={self.step_size})"
+
+    def step(self, log_prob: LogProb, x: Tensor, lp: Tensor, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One HMC iteration from state ``x`` with cached log-prob ``lp (B,)`` and gradient ``grad``.
+
+        Returns the new ``(x, lp, grad, accepted)``, ``accepted`` a float ``(B,)`` of 0/1.
+        """
+        eps = self.step_size
+        p0 = torch.randn_like(x)
+        xn, gn = x, grad
+        p = p0 + 0.5 * eps * gn
+        for i in range(self.n_leapfrog):
+            xn = xn + eps * p
+            lpn, gn = _log_prob_and_grad(log_prob, xn)
+            if i < self.n_leapfrog - 1:
+                p = p + eps * gn
+        p = p + 0.5 * eps * gn
+        h_old = -lp + 0.5 * _per_chain(p0 * p0)
+        h_new = -lpn + 0.5 * _per_chain(p * p)
+        log_u = torch.log(torch.rand_like(h_old))
+        # a NaN h_new compares False: that chain stays where it was
+        accept = log_u < (h_old - h_new)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        x = torch.where(accept.view(shape), xn.detach(), x)
+        grad = torch.where(accept.view(shape), gn, grad)
+        lp = torch.where(accept, lpn, lp)
+        return x, lp, grad, accept.float()
+
+    def __call__(self, log_prob: LogProb, x0: Tensor, *, return_trace: bool = False, n_steps: int | None = None):
+        """Run the chains from ``x0``.
+
+        Args:
+            log_prob: target, ``(B, ...) -> (B,)``.
+            x0: initial states ``(B, ...)``; not modified.
+            return_trace: also return ``{"log_prob": (n_steps,), "acceptance_rate": (n_steps,)}``: the mean
+                log-prob after each iteration and the share of chains accepted in it (in [0, 1]).
+            n_steps: override the configured number of iterations for this call.
+
+        Returns:
+            ``x`` of the shape of ``x0`` (detached), or ``(x, trace)``.
+        """
+        k = self.n_steps if n_steps is None else int(n_steps)
+        x = x0.detach().clone()
+        lps, accs = [], []
+        with torch.enable_grad():
+            lp, grad = _log_prob_and_grad(log_prob, x)
+            for _ in range(k):
+                x, lp, grad, acc = self.step(log_prob, x, lp, grad)
+                lps.append(lp.mean())
+                accs.append(acc.mean())
+        if not return_trace:
+            return x
+        empty = x.new_zeros(0)
+        trace = {"log_prob": torch.stack(lps) if lps else empty,
+                 "acceptance_rate": torch.stack(accs) if accs else empty}
+        return x, trace
+
+
+class SamplerMixin:
+    """Gives a ``LightningModule`` ``self.langevin(...)`` and ``self.hmc(...)`` bound to its configured samplers.
+
+    A model registers its samplers in ``self.samplers`` (a plain dict name -> sampler, e.g. ``{"prior": ...,
+    "posterior": ...}``). While a chain runs, every parameter of the module has ``requires_grad`` switched off (so
+    no parameter-gradient graph is built and ``.grad`` is never touched) and, if ``sampler_eval_mode`` is True, the
+    module is in eval mode; both are restored afterwards, also on error.
+    """
+
+    samplers: dict
+    sampler_eval_mode: bool = True
+
+    @contextlib.contextmanager
+    def frozen_for_sampling(self) -> Iterator[None]:
+        """Context: parameters frozen (requires_grad False) and, optionally, eval mode; restored on exit."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        was_training = self.training
+        for p in params:
+            p.requires_grad_(False)
+        if self.sampler_eval_mode:
+            self.train(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+            if self.sampler_eval_mode:
+                self.train(was_training)
+
+    def _run(self, kind: type, log_prob: LogProb, x0: Tensor, sampler, **kwargs):
+        s = self.samplers[sampler] if isinstance(sampler, str) else sampler
+        if not isinstance(s, kind):
+            raise TypeError(f"sampler {sampler!r} is a {type(s).__name__}, expected a {kind.__name__}")
+        with self.frozen_for_sampling():
+            return s(log_prob, x0, **kwargs)
+
+    def langevin(self, log_prob: LogProb, x0: Tensor, sampler: str | LangevinSampler = "langevin", **kwargs):
+        """Run the Langevin sampler named ``sampler`` in ``self.samplers`` (or the one given) on ``log_prob``."""
+        return self._run(LangevinSampler, log_prob, x0, sampler, **kwargs)
+
+    def hmc(self, log_prob: LogProb, x0: Tensor, sampler: str | HMCSampler = "hmc", **kwargs):
+        """Run the HMC sampler named ``sampler`` in ``self.samplers`` (or the one given) on ``log_prob``."""
+        return self._run(HMCSampler, log_prob, x0, sampler, **kwargs)

@@ -1,0 +1,1 @@
+"""Paper recipes (LightningCLI YAML), shipped as package data ``lebm_zoo.recipes``; see ``lebm-zoo recipes``."""
