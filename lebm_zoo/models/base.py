@@ -134,7 +134,7 @@ class EBMModule(SamplerMixin, pl.LightningModule):
     def step_schedulers(self) -> None:
         """Step every LR scheduler once (manual optimisation: call at epoch end)."""
         scheds = self.lr_schedulers()
-        if scheds is None:
+        if scheds is None or self.divergence:
             return
         for s in scheds if isinstance(scheds, list) else [scheds]:
             s.step()

@@ -1,0 +1,198 @@
+"""LatentEBMPrior: architecture, public methods, loss signs, divergence guard, checkpoints."""
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import lebm_zoo
+from lebm_zoo import CheckpointError, LatentEBMPrior
+from lebm_zoo.nets import count_parameters
+
+
+def tiny(**kw):
+    cfg = dict(img_size=28, channels=1, nz=8, ngf=4, ndf=16, prior_steps=3, posterior_steps=3)
+    cfg.update(kw)
+    return LatentEBMPrior(**cfg)
+
+
+def loader(n=8, c=1, s=28, bs=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, c, s, s, generator=g) * 2 - 1
+    return DataLoader(TensorDataset(x, torch.zeros(n, dtype=torch.long)), batch_size=bs)
+
+
+def trainer(tmp_path=None, **kw):
+    cfg = dict(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+               enable_checkpointing=False)
+    if tmp_path is not None:
+        cfg.update(default_root_dir=tmp_path)
+    cfg.update(kw)
+    return pl.Trainer(**cfg)
+
+
+def test_svhn_defaults_are_the_reference_ones():
+    m = LatentEBMPrior()
+    hp = m.hparams
+    assert (hp.prior_steps, hp.prior_step_size, hp.posterior_steps, hp.posterior_step_size) == (60, 0.4, 20, 0.1)
+    assert hp.llhd_sigma == 0.3 and (hp.lr_g, hp.lr_e) == (1e-4, 2e-5) and tuple(hp.betas) == (0.5, 0.999)
+    assert count_parameters(m.generator) == 3_447_683  # families.md §1
+    assert count_parameters(m.energy_net) == 60_601
+    opts, scheds = m.configure_optimizers()
+    assert [o.param_groups[0]["lr"] for o in opts] == [1e-4, 2e-5]
+    assert all(s.gamma == 0.998 for s in scheds)
+
+
+@pytest.mark.parametrize("img_size,channels", [(28, 1), (32, 3), (64, 3), (32, 1)])
+def test_public_methods_shapes_and_ranges(img_size, channels):
+    torch.manual_seed(0)
+    m = tiny(img_size=img_size, channels=channels).eval()
+    x = torch.rand(5, channels, img_size, img_size) * 2 - 1
+    s = m.sample(3)
+    assert s.shape == (3, channels, img_size, img_size) and s.min() >= -1 and s.max() <= 1
+    z = m.infer_latent(x)
+    assert z.shape == (5, 8) and not z.requires_grad
+    assert m.reconstruct(x).shape == x.shape
+    assert m.energy(z).shape == (5,) and m.log_joint(x, z).shape == (5,)
+
+
+def test_log_joint_matches_hand_computation():
+    torch.manual_seed(0)
+    m = tiny(llhd_sigma=0.5, prior_sigma=2.0)
+    x, z = torch.rand(3, 1, 28, 28) * 2 - 1, torch.randn(3, 8)
+    with torch.no_grad():
+        expected = (-((x - m.generator(z)) ** 2).flatten(1).sum(1) / (2 * 0.25) - m.energy_net(z).squeeze(-1)
+                    - (z ** 2).sum(1) / (2 * 4.0))
+        assert torch.allclose(m.log_joint(x, z), expected, atol=1e-4)
+    g = tiny(prior="gaussian")
+    assert g.energy_net is None and torch.equal(g.energy(z), torch.zeros(3))
+
+
+def test_posterior_inference_improves_reconstruction():
+    torch.manual_seed(0)
+    m = tiny(ngf=16, posterior_steps=100, posterior_step_size=0.1, llhd_sigma=0.1).eval()
+    with torch.no_grad():  # a more sensitive random generator, so that the likelihood term matters
+        for p in m.generator.parameters():
+            p.mul_(2.0)
+    z_true = torch.randn(6, 8)
+    x = m.generate(z_true)
+    z0 = torch.randn(6, 8)
+    err0 = ((m.generate(z0) - x) ** 2).mean()
+    err = ((m.generate(m.infer_latent(x, z0=z0)) - x) ** 2).mean()
+    assert err < 0.2 * err0
+
+
+class FixedChains(LatentEBMPrior):
+    """Replaces the chains with fixed latents, to test the signs of the two updates."""
+
+    z_pos = torch.randn(4, 8, generator=torch.Generator().manual_seed(1)) + 2.0
+    z_neg = torch.randn(4, 8, generator=torch.Generator().manual_seed(2)) - 2.0
+
+    def infer_latent(self, x, z0=None, n_steps=None):
+        return self.z_pos[: x.shape[0]]
+
+    def sample_latent(self, n, z0=None, n_steps=None):
+        return self.z_neg[:n]
+
+
+def test_update_signs_energy_down_on_posterior_up_on_prior_and_generator_fits_data():
+    torch.manual_seed(0)
+    m = FixedChains(img_size=28, channels=1, nz=8, ngf=4, ndf=16, lr_e=1e-2, lr_g=1e-2)
+    data = loader(n=4, bs=4)
+    x = next(iter(data))[0]
+    with torch.no_grad():
+        gap0 = m.energy(m.z_pos).mean() - m.energy(m.z_neg).mean()
+        rec0 = ((m.generator(m.z_pos) - x) ** 2).sum()
+    trainer(max_steps=20).fit(m, data)
+    with torch.no_grad():
+        gap = m.energy(m.z_pos).mean() - m.energy(m.z_neg).mean()
+        rec = ((m.generator(m.z_pos) - x) ** 2).sum()
+    assert gap < gap0 - 1.0  # E(z+) pushed down relative to E(z-)
+    assert rec < 0.7 * rec0
+
+
+def test_gaussian_prior_ablation_trains_generator_only():
+    torch.manual_seed(0)
+    m = tiny(prior="gaussian")
+    assert len(m.configure_optimizers()[0]) == 1
+    z = m.sample_latent(4000)
+    assert abs(z.std().item() - 1.0) < 0.02
+    t = trainer(max_steps=2)
+    t.fit(m, loader())
+    assert t.global_step == 2 and "train/loss_e" not in t.callback_metrics
+
+
+def test_global_step_counts_iterations_and_logs_the_paper_quantities():
+    m = tiny()
+    t = trainer(max_steps=3)
+    t.fit(m, loader(n=16))
+    assert t.global_step == 3
+    for k in ("loss_g", "energy_pos", "energy_neg", "energy_gap", "grad_norm_g", "grad_norm_e"):
+        assert torch.isfinite(t.callback_metrics[f"train/{k}"])
+
+
+def test_nan_stops_training_cleanly_and_keeps_weights():
+    torch.manual_seed(0)
+    m = tiny(llhd_sigma=1e-30)  # the posterior gradient overflows: z and losses become non-finite
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    t = trainer(max_steps=5)
+    with pytest.warns(UserWarning, match="diverged"):
+        t.fit(m, loader())
+    assert m.divergence is not None and "loss_g" in m.divergence and "diverged" in m.divergence
+    assert t.global_step == 0  # no update was applied
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_wrong_data_shape_is_a_clear_error():
+    m = tiny(channels=3, img_size=32)
+    with pytest.raises(ValueError, match=r"expects items of shape \(3, 32, 32\).*\(1, 28, 28\)"):
+        trainer().fit(m, loader())
+
+
+def test_checkpoint_round_trip_and_clear_errors(tmp_path):
+    torch.manual_seed(0)
+    m = tiny()
+    t = trainer(tmp_path, max_steps=2, enable_checkpointing=True)
+    t.fit(m, loader())
+    ckpt = tmp_path / "model.ckpt"
+    t.save_checkpoint(ckpt)
+    loaded = lebm_zoo.load_pretrained(ckpt)
+    assert isinstance(loaded, LatentEBMPrior) and not loaded.training
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), loaded.state_dict().values()))
+    assert loaded.hparams.nz == 8 and loaded.sample(2).shape == (2, 1, 28, 28)
+    # weights-only loading works on our checkpoints
+    assert "state_dict" in torch.load(ckpt, weights_only=True)
+    assert LatentEBMPrior.load_pretrained(ckpt).hparams.ngf == 4
+
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        lebm_zoo.load_pretrained(corrupt)
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(2)}, plain)
+    with pytest.raises(CheckpointError, match="not a Lightning checkpoint"):
+        lebm_zoo.load_pretrained(plain)
+    with pytest.raises(CheckpointError, match="no checkpoint file"):
+        lebm_zoo.load_pretrained(tmp_path / "missing.ckpt")
+
+
+class OtherModel(lebm_zoo.EBMModule):
+    """A user model subclassing the base class, as README "Adding a model" shows."""
+
+    def __init__(self, width: int = 3):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = torch.nn.Linear(width, 1)
+
+    def sample(self, n):
+        return torch.zeros(n, self.hparams.width)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    other = OtherModel()
+    path = tmp_path / "other.ckpt"
+    ckpt = {"state_dict": other.state_dict(), "hyper_parameters": dict(other.hparams)}
+    other.on_save_checkpoint(ckpt)
+    torch.save(ckpt, path)
+    assert isinstance(lebm_zoo.load_pretrained(path), OtherModel)
+    with pytest.raises(CheckpointError, match="holds a OtherModel checkpoint, not a LatentEBMPrior"):
+        LatentEBMPrior.load_pretrained(path)
