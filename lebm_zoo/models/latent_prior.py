@@ -233,13 +233,16 @@ class LatentEBMPrior(EBMModule):
         if not self.check_finite(losses, limits):
             return  # diverged: skip both updates; the trainer stops after this batch
 
+        # One backward for both updates: E does not depend on G's parameters and the chains' latents are detached, so
+        # grad(loss_g + loss_e) gives G exactly grad(loss_g) and E exactly grad(loss_e), as two backward passes
+        # would, at the cost of one (and under DDP every parameter gets a gradient in the same all-reduce).
         opt_g.zero_grad(set_to_none=True)
-        self.manual_backward(loss_g)
-        logs["grad_norm_g"] = self.grad_norm_and_clip(self.generator.parameters(), hp.grad_clip_g)
-        opt_g.step()
         if self.is_ebm:
             opt_e.zero_grad(set_to_none=True)
-            self.manual_backward(loss_e)
+        self.manual_backward(loss_g + loss_e if self.is_ebm else loss_g)
+        logs["grad_norm_g"] = self.grad_norm_and_clip(self.generator.parameters(), hp.grad_clip_g)
+        opt_g.step()  # generator first, then energy, both from the same chains (reference order)
+        if self.is_ebm:
             logs["grad_norm_e"] = self.grad_norm_and_clip(self.energy_net.parameters(), hp.grad_clip_e)
             self.step_uncounted(opt_e)  # global_step counts iterations, not optimiser steps
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=b)

@@ -1,0 +1,24 @@
+"""One multi-process test: LatentEBMPrior trains two steps with ddp_spawn on 2 CPU processes."""
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lebm_zoo import LatentEBMPrior
+
+
+def test_two_steps_with_ddp_spawn_on_two_cpu_processes(tmp_path):
+    torch.manual_seed(0)
+    model = LatentEBMPrior(img_size=28, channels=1, nz=8, ngf=4, ndf=16, prior_steps=3, posterior_steps=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(16, 1, 28, 28) * 2 - 1
+    data = DataLoader(TensorDataset(x, torch.zeros(16)), batch_size=4)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(model, data)
+    assert trainer.state.finished
+    # the spawned processes' weights come back to this process: both nets were updated
+    after = model.state_dict()
+    assert not torch.equal(before["generator.net.0.weight"], after["generator.net.0.weight"])
+    assert not torch.equal(before["energy_net.net.0.weight"], after["energy_net.net.0.weight"])
+    assert all(torch.isfinite(v).all() for v in after.values())
