@@ -87,14 +87,9 @@ def _expand_recipe(args: list[str]) -> tuple[list[str], str | None]:
     return out[:at] + ["--config", str(path)] + out[at:], Path(name).stem
 
 
-def _last_checkpoint(trainer: pl.Trainer, recipe: str | None) -> Path | None:
-    """Newest ``last*.ckpt`` under the trainer's run folder, written by the same recipe when one is given."""
-    roots = {Path(trainer.default_root_dir)}
-    for lg in trainer.loggers:
-        if lg.save_dir:
-            roots.add(Path(lg.save_dir))
-    found = sorted({p for r in roots if r.exists() for p in r.rglob("last*.ckpt")},
-                   key=lambda p: p.stat().st_mtime, reverse=True)
+def _last_checkpoint(root: Path, recipe: str | None) -> Path | None:
+    """Newest ``last*.ckpt`` below ``root``, written by the same recipe when one is given."""
+    found = sorted(root.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True) if root.is_dir() else []
     for p in found:
         if recipe is None:
             return p
@@ -107,37 +102,67 @@ def _last_checkpoint(trainer: pl.Trainer, recipe: str | None) -> Path | None:
     return None
 
 
+def _option(args: list[str], name: str) -> tuple[int, str] | None:
+    """Index and value of ``--name VALUE`` / ``--name=VALUE`` in ``args`` (the last one wins)."""
+    hit = None
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            hit = (i + 1, args[i + 1])
+        elif a.startswith(name + "="):
+            hit = (i, a.split("=", 1)[1])
+    return hit
+
+
+def _preflight_checkpoint(args: list[str], recipe: str | None) -> list[str]:
+    """Resolve ``--ckpt_path last`` and check a checkpoint file before Lightning reads it.
+
+    ``last`` becomes the newest ``last.ckpt`` of the same recipe under ``--trainer.default_root_dir`` (default: the
+    current folder). For ``fit`` a missing one means starting from scratch; for the other subcommands it is an error.
+
+    Raises:
+        CheckpointError: missing, corrupt or foreign checkpoint.
+    """
+    from lebm_zoo.pretrained import _model_class
+
+    hit = _option(args, "--ckpt_path")
+    if hit is None or hit[1] in ("", "null", "None", "best", "hpc"):
+        return args
+    i, value = hit
+    args = list(args)
+    if value == "last":
+        root_opt = _option(args, "--trainer.default_root_dir")
+        root = Path(root_opt[1] if root_opt else ".").resolve()
+        found = _last_checkpoint(root, recipe)
+        if found is None:
+            msg = f"--ckpt_path last: no last.ckpt{' of recipe ' + recipe if recipe else ''} under {root}"
+            if args[:1] != ["fit"]:
+                raise CheckpointError(msg + "; train first or pass a checkpoint path.")
+            print(msg + "; starting from scratch.", file=sys.stderr)
+            args[i] = "null" if args[i] == "last" else "--ckpt_path=null"
+            return args
+        print(f"--ckpt_path last: using {found}", file=sys.stderr)
+        args[i] = str(found) if args[i] == "last" else f"--ckpt_path={found}"
+        value = str(found)
+    path = Path(value)
+    if not path.is_file():
+        raise CheckpointError(f"--ckpt_path {value}: no such file.")
+    _model_class(read_checkpoint(path), path)
+    return args
+
+
 class LebmCLI(LightningCLI):
-    """LightningCLI that tags checkpoints with their recipe, resolves ``--ckpt_path last`` and checks checkpoints."""
+    """LightningCLI that tags checkpoints with their recipe and refuses a checkpoint of another model class."""
 
     recipe: str | None = None
 
     def _before(self) -> None:
-        sub = self.subcommand
+        from lebm_zoo.pretrained import _model_class
+
         if isinstance(self.model, EBMModule):
             self.model.recipe = self.recipe
-        cfg = self.config_init[sub]
-        ckpt = cfg.get("ckpt_path")
-        if ckpt == "last":
-            found = _last_checkpoint(self.trainer, self.recipe)
-            if found is None:
-                where = Path(self.trainer.default_root_dir).resolve()
-                msg = f"--ckpt_path last: no last.ckpt{' of recipe ' + self.recipe if self.recipe else ''} under {where}"
-                if sub != "fit":
-                    raise CheckpointError(msg + "; train first or pass a checkpoint path.")
-                print(msg + "; starting from scratch.", file=sys.stderr)
-                cfg["ckpt_path"] = None
-            else:
-                print(f"--ckpt_path last: using {found}", file=sys.stderr)
-                cfg["ckpt_path"] = ckpt = str(found)
-        if ckpt and ckpt not in ("best", "last", "hpc"):
-            # check the file before Lightning does, so that a wrong file gives a clear message
-            from lebm_zoo.pretrained import _model_class
-
-            path = Path(ckpt)
-            if not path.is_file():
-                raise CheckpointError(f"--ckpt_path {ckpt}: no such file.")
-            cls = _model_class(read_checkpoint(path), path)
+        ckpt = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt and Path(ckpt).is_file():
+            cls = _model_class(read_checkpoint(ckpt), Path(ckpt))
             if not (issubclass(cls, type(self.model)) or issubclass(type(self.model), cls)):
                 raise CheckpointError(f"--ckpt_path {ckpt} holds a {cls.__name__} checkpoint but the recipe builds a "
                                       f"{type(self.model).__name__}.")
@@ -160,9 +185,11 @@ def main(args: list[str] | None = None) -> int:
         _print_recipes()
         return 0
     from datamodules import DatasetNotFoundError
+    from lebm_zoo.callbacks import FIDWeightsNotFoundError
 
     try:
         args, recipe = _expand_recipe(args)
+        args = _preflight_checkpoint(args, recipe)
         LebmCLI.recipe = recipe
         cli = LebmCLI(
             EBMModule,
@@ -174,7 +201,7 @@ def main(args: list[str] | None = None) -> int:
             parser_kwargs={"description": "lebm-zoo: energy-based generative models. `lebm-zoo recipes` lists the "
                                           "paper recipes; use `--recipe NAME`."},
         )
-    except (RecipeError, CheckpointError, DatasetNotFoundError, DataShapeError) as e:
+    except (RecipeError, CheckpointError, DatasetNotFoundError, DataShapeError, FIDWeightsNotFoundError) as e:
         print(f"lebm-zoo: error: {e}", file=sys.stderr)
         return 2
     model = getattr(cli, "model", None)

@@ -89,6 +89,9 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         CheckpointError: if the file is corrupt/truncated, not a torch checkpoint, or holds non-plain objects.
     """
     path = Path(path)
+    if not zipfile.is_zipfile(path):  # every checkpoint torch >= 1.6 writes is a zip archive
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): not a torch "
+                              "zip archive.")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

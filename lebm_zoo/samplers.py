@@ -24,7 +24,7 @@ from torch import Tensor
 
 LogProb = Callable[[Tensor], Tensor]
 
-__all__ = ["LangevinSampler", "HMCSampler", "SamplerMixin", "LogProb"]
+__all__ = ["LangevinSampler", "HMCSampler", "SamplerMixin", "LogProb", "as_normal_tensor", "grad_enabled"]
 
 
 def _log_prob_and_grad(log_prob: LogProb, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -35,6 +35,22 @@ def _log_prob_and_grad(log_prob: LogProb, x: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"log_prob must return one value per chain, shape ({x.shape[0]},); got {tuple(lp.shape)}")
     (grad,) = torch.autograd.grad(lp.float().sum(), x)
     return lp.detach().float(), grad
+
+
+@contextlib.contextmanager
+def grad_enabled() -> Iterator[None]:
+    """Autograd on, even inside a caller's ``torch.no_grad()`` or ``torch.inference_mode()`` (Lightning runs
+    validation and test under inference mode; chains need input gradients there too)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def as_normal_tensor(t: Tensor) -> Tensor:
+    """``t`` itself, or a clone when it is an inference-mode tensor (those cannot take part in autograd)."""
+    if t.is_inference():
+        with torch.inference_mode(False):
+            return t.clone()
+    return t
 
 
 def _per_chain(t: Tensor) -> Tensor:
@@ -117,9 +133,9 @@ class LangevinSampler:
             ``x`` of the shape of ``x0`` (detached), or ``(x, trace)``.
         """
         k = self.n_steps if n_steps is None else int(n_steps)
-        x = x0.detach().clone()
         lps = []
-        with torch.enable_grad():
+        with grad_enabled():
+            x = x0.detach().clone()
             for _ in range(k):
                 x, lp = self.step(log_prob, x)
                 lps.append(lp.mean())
@@ -196,9 +212,9 @@ class HMCSampler:
             ``x`` of the shape of ``x0`` (detached), or ``(x, trace)``.
         """
         k = self.n_steps if n_steps is None else int(n_steps)
-        x = x0.detach().clone()
         lps, accs = [], []
-        with torch.enable_grad():
+        with grad_enabled():
+            x = x0.detach().clone()
             lp, grad = _log_prob_and_grad(log_prob, x)
             for _ in range(k):
                 x, lp, grad, acc = self.step(log_prob, x, lp, grad)

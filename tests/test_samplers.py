@@ -146,3 +146,12 @@ def test_dtype_device_and_shape_follow_x0():
     x = s(lambda x: -(x ** 2).flatten(1).sum(1), x0)
     assert x.dtype == torch.float64 and x.shape == x0.shape
     assert torch.equal(x0, torch.zeros_like(x0))  # x0 not modified
+
+
+def test_chains_run_under_inference_mode_as_lightning_uses_in_test():
+    s = LangevinSampler(3, 0.5, noise_scale=0.0)
+    with torch.inference_mode():
+        x0 = torch.ones(4, 2)
+        x = s(lambda x: -0.5 * (x ** 2).sum(1), x0)
+        y = HMCSampler(2, 2, 0.1)(lambda x: -0.5 * (x ** 2).sum(1), x0)
+    assert torch.allclose(x, torch.full((4, 2), 0.875 ** 3)) and y.shape == x0.shape

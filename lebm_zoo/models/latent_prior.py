@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lebm_zoo.models.base import DataShapeError, EBMModule
 from lebm_zoo.nets import ConvGenerator, EnergyMLP
-from lebm_zoo.samplers import LangevinSampler
+from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
 from lebm_zoo.utils import images_from_batch
 
 __all__ = ["LatentEBMPrior"]
@@ -179,7 +179,7 @@ class LatentEBMPrior(EBMModule):
         Returns:
             ``(B, nz)`` latents.
         """
-        x = x.to(self.device)
+        x = as_normal_tensor(x.to(self.device))  # a batch made under Lightning's inference mode
         z0 = self._noise(x.shape[0]) if z0 is None else z0
         return self.langevin(lambda z: self.log_joint(x, z), z0, "posterior", n_steps=n_steps)
 

@@ -1,0 +1,22 @@
+"""LightningDataModules of lebm-zoo (import name ``datamodules``). Batches are ``(x, y)`` with x in [-1, 1]."""
+from datamodules.images import (
+    CelebA64DataModule,
+    CIFAR10DataModule,
+    DatasetNotFoundError,
+    ImageDataModule,
+    ImageFolderDataModule,
+    MNISTDataModule,
+    QuickstartMNISTDataModule,
+    SVHNDataModule,
+)
+
+__all__ = [
+    "CelebA64DataModule",
+    "CIFAR10DataModule",
+    "DatasetNotFoundError",
+    "ImageDataModule",
+    "ImageFolderDataModule",
+    "MNISTDataModule",
+    "QuickstartMNISTDataModule",
+    "SVHNDataModule",
+]
