@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import scipy.io.matlab
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, random_split
@@ -214,7 +215,7 @@ class SVHNDataModule(ImageDataModule):
         except OSError as e:  # network failure during download
             raise _missing("SVHN", "train_32x32.mat, test_32x32.mat", self.data_dir, True,
                            f"download failed: {e}") from None
-        except (ValueError, TypeError, KeyError) as e:  # scipy could not read the .mat file
+        except (ValueError, TypeError, KeyError, scipy.io.matlab.MatReadError) as e:  # scipy cannot read the .mat
             raise DatasetNotFoundError(f"{self.data_dir.resolve() / f'{split}_32x32.mat'} is not a readable SVHN "
                                        f".mat file ({type(e).__name__}: {e}).") from None
 

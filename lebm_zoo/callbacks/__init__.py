@@ -1,4 +1,10 @@
-"""Metric and visualisation callbacks. They read models only through ``sample``/``reconstruct``."""
+"""Metric and visualisation callbacks. They read models only through ``sample(n)`` and ``reconstruct(x)``.
+
+- :class:`FIDCallback`: FID of ``sample`` against real images (``val/fid``, ``test/fid``).
+- :class:`ReconstructionMSE`: per-pixel MSE of ``reconstruct`` on held-out images (``val/recon_mse``,
+  ``test/recon_mse``) and a PNG of originals above reconstructions.
+- :class:`SampleGrid`: a PNG grid of ``sample`` with a fixed forked seed, also sent to image-capable loggers.
+"""
 from lebm_zoo.callbacks.fid import FIDCallback, FIDWeightsNotFoundError, default_fid_weights
 from lebm_zoo.callbacks.reconstruction import ReconstructionMSE
 from lebm_zoo.callbacks.samples import SampleGrid

@@ -1,63 +1,111 @@
 """Sample grids: a PNG per validation epoch (and at test), also sent to the logger when it takes images."""
 from __future__ import annotations
 
+import contextlib
+import inspect
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import TensorBoardLogger
 from torchvision.utils import make_grid, save_image
+
+from lebm_zoo.callbacks.reconstruction import _epoch_stem, _run_dir
 
 __all__ = ["SampleGrid"]
 
 
-class SampleGrid(pl.Callback):
-    """Save a grid of ``pl_module.sample(num_samples)`` (images in [-1, 1]) after each validation epoch and at test.
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device):
+    """Fork the CPU RNG (and ``device``'s CUDA RNG) and seed them with ``seed``; the states are restored on exit."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[index], device_type="cuda"):
+            torch.random.default_generator.manual_seed(seed)
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)  # only this device: other GPUs' RNG are neither forked nor touched
+            yield
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            yield
 
-    Samples are drawn under a forked RNG seeded with ``seed``: grids of successive epochs start from the same noise
-    (so they are comparable) and training's RNG stream is untouched. Only rank zero samples and writes.
+
+class SampleGrid(pl.Callback):
+    """Save a grid of ``pl_module.sample(num_samples)`` after validation epochs and at test.
+
+    Sampling runs under ``torch.random.fork_rng`` seeded with ``seed`` (the CPU RNG, and the CUDA RNG of the
+    module's device when it is on CUDA): every grid starts from the same noise, so grids of successive epochs are
+    comparable, and the training RNG stream is left exactly as it was. Only rank zero samples and writes (the model
+    handles grad/eval mode in ``sample`` itself).
+
+    The grid (``torchvision.utils.make_grid``, ``nrow`` images per row, 2-pixel padding, [-1, 1] mapped to [0, 1];
+    grayscale becomes 3 identical channels) is saved as a PNG at ``<dirpath>/epoch=NNNN.png`` during fit
+    (``epoch=NNNN-step=S.png`` for further validations within the same epoch) and ``<dirpath>/test.png`` at test,
+    where ``dirpath`` defaults to ``<trainer.log_dir>/samples``. It is also sent to the loggers that take images:
+    a ``TensorBoardLogger`` gets ``experiment.add_image(tag, grid, global_step)``, a logger with a ``log_image``
+    method (e.g. ``WandbLogger``) gets ``log_image(key=tag, images=[grid])``; others are ignored. Tags:
+    ``val/samples`` and ``test/samples``.
 
     Args:
         num_samples: images in the grid.
         nrow: images per row.
-        every_n_epochs: draw every n validation epochs (never in the sanity check).
-        seed: RNG seed of the chains' noise.
+        every_n_epochs: draw at the end of validation epochs where ``(epoch + 1) % every_n_epochs == 0`` (0: never
+            during fit); never during the sanity check.
+        seed: seed of the forked RNG the samples are drawn with.
         dirpath: folder of the PNGs (default ``<trainer.log_dir>/samples``).
 
-    Files: ``epoch=NNNN-step=S.png`` during fit, ``test.png`` at test; ``self.last_path`` is the latest.
-    A TensorBoard logger gets the grid as image ``samples``; a logger with ``log_image`` (W&B) gets it too.
+    Attributes:
+        last_path: the latest PNG written (None before the first).
+        last_grid: the latest grid, ``(3, H, W)`` float in [0, 1] on the CPU.
     """
 
     def __init__(self, num_samples: int = 64, nrow: int = 8, every_n_epochs: int = 1, seed: int = 0,
                  dirpath: str | None = None):
-        self.num_samples, self.nrow, self.every_n_epochs, self.seed = num_samples, nrow, every_n_epochs, seed
+        if num_samples < 1 or nrow < 1:
+            raise ValueError(f"num_samples and nrow must be >= 1, got {num_samples} and {nrow}")
+        self.num_samples = num_samples
+        self.nrow = nrow
+        self.every_n_epochs = every_n_epochs
+        self.seed = seed
         self.dirpath = dirpath
         self.last_path: Path | None = None
+        self.last_grid: torch.Tensor | None = None
+        self._used: set[str] = set()
 
-    @torch.no_grad()
-    def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> Path | None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._used = set()
+
+    def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stem: str, tag: str) -> Path | None:
+        """Sample, save ``<folder>/<stem>.png`` and send the grid to the loggers. Call on every rank.
+
+        Returns:
+            the PNG path on rank zero, None on other ranks.
+        """
+        folder = Path(self.dirpath).expanduser() if self.dirpath else _run_dir(trainer) / "samples"  # collective
         if not trainer.is_global_zero:
             return None
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed)
-            x = pl_module.sample(self.num_samples).float().cpu()
-        grid = make_grid(x, nrow=self.nrow, normalize=True, value_range=(-1, 1))
-        out = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "samples") / f"{name}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_image(grid, out)
-        self.last_path = out
+        with _seeded(self.seed, pl_module.device):
+            x = pl_module.sample(self.num_samples)
+        grid = make_grid(x.detach().float().cpu(), nrow=self.nrow, normalize=True, value_range=(-1, 1))
+        path = folder / f"{stem}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(grid, path)
+        self.last_path, self.last_grid = path, grid
         for logger in trainer.loggers:
-            exp = getattr(logger, "experiment", None)
-            if hasattr(exp, "add_image"):  # TensorBoard
-                exp.add_image("samples", grid, trainer.global_step)
-            elif hasattr(logger, "log_image"):  # Weights & Biases and similar
-                logger.log_image(key="samples", images=[grid], step=trainer.global_step)
-        return out
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(tag, grid, trainer.global_step)
+            elif callable(getattr(logger, "log_image", None)):
+                kwargs = {"step": trainer.global_step} if "step" in inspect.signature(logger.log_image).parameters \
+                    else {}
+                logger.log_image(key=tag, images=[grid], **kwargs)
+        return path
 
-    def on_validation_epoch_end(self, trainer, pl_module):
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.every_n_epochs <= 0 or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        self.draw(trainer, pl_module, f"epoch={trainer.current_epoch:04d}-step={trainer.global_step}")
+        self.draw(trainer, pl_module, _epoch_stem(trainer, self._used), "val/samples")
 
-    def on_test_epoch_end(self, trainer, pl_module):
-        self.draw(trainer, pl_module, "test")
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.draw(trainer, pl_module, "test", "test/samples")
