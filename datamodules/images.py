@@ -39,8 +39,11 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 def _missing(name: str, files: str, folder: Path, can_download: bool, cause: str = "") -> DatasetNotFoundError:
-    fix = ("pass --data.download true to let torchvision fetch it, or " if can_download else "") + \
-        "point --data.data_dir at a folder that holds it"
+    if cause.startswith("download failed"):
+        fix = "put the files there by hand (from a machine with network access), or point --data.data_dir at a copy"
+    else:
+        fix = ("pass --data.download true to let torchvision fetch it, or " if can_download else "") + \
+            "point --data.data_dir at a folder that holds it"
     why = f" ({cause})" if cause else ""
     return DatasetNotFoundError(f"{name} not found in {folder.resolve()}{why}: expected {files}. To fix: {fix}.")
 

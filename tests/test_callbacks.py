@@ -1,147 +1,308 @@
-"""Metric callbacks: FID (against torchmetrics directly, cached real statistics), reconstruction MSE, sample grids."""
+"""Metric callbacks: FID (vs itself, vs torchmetrics, cached real statistics, DDP), reconstruction MSE, sample grids."""
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from PIL import Image
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.loggers.logger import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchvision.io import read_image
 
-from lebm_zoo.callbacks import FIDCallback, FIDWeightsNotFoundError, ReconstructionMSE, SampleGrid
+from lebm_zoo.callbacks import FIDCallback, FIDWeightsNotFoundError, ReconstructionMSE, SampleGrid, default_fid_weights
 from lebm_zoo.utils import to_uint8
 
 WEIGHTS = Path.home() / ".cache" / "lebm_zoo" / "weights-inception-2015-12-05-pool3-only.pth"
 
 
+def images(n=32, c=1, s=8, seed=0, lo=-1.0, hi=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return lo + (hi - lo) * torch.rand(n, c, s, s, generator=g)
+
+
 class Data(pl.LightningDataModule):
+    """Every split serves the same images in (x, y) batches; counts the loaders built per split."""
+
     def __init__(self, x, batch_size=8):
         super().__init__()
         self.x, self.batch_size = x, batch_size
-        self.channels, self.img_size = x.shape[1], x.shape[2]
-        self.loads = 0
+        self.channels, self.img_size = x.shape[1], x.shape[-1]
+        self.loads = Counter()
 
-    def _dl(self):
-        self.loads += 1
-        return DataLoader(TensorDataset(self.x, torch.zeros(len(self.x))), batch_size=self.batch_size)
+    def _loader(self, split):
+        self.loads[split] += 1
+        return DataLoader(TensorDataset(self.x, torch.zeros(len(self.x))), batch_size=self.batch_size,
+                          shuffle=split == "train")
 
-    train_dataloader = val_dataloader = test_dataloader = _dl
+    def train_dataloader(self):
+        return self._loader("train")
+
+    def val_dataloader(self):
+        return self._loader("val")
+
+    def test_dataloader(self):
+        return self._loader("test")
 
 
-class Fake(pl.LightningModule):
-    """sample() returns real images (+ shift); reconstruct() returns x + offset."""
+class Toy(pl.LightningModule):
+    """A fixed model. ``sample`` returns ``data`` (+ ``shift``) in order, rank r starting at image r * rank_offset,
+    or, without ``data``, tanh of a fixed random linear map of Gaussian noise. ``reconstruct(x) = clamp(x + offset)``.
+    Only ``w`` is trained."""
 
-    def __init__(self, x, shift=0.0, offset=0.0):
+    def __init__(self, data=None, shift=0.0, offset=0.0, rank_offset=0, shape=(1, 8, 8)):
         super().__init__()
-        self.x, self.shift, self.offset = x, shift, offset
+        self.data, self.shift, self.offset, self.rank_offset, self.shape = data, shift, offset, rank_offset, shape
         self.w = nn.Parameter(torch.zeros(1))
-        self.i = 0
+        self.gen = nn.Linear(4, int(torch.tensor(shape).prod())).requires_grad_(False)
+        self.cursor = None
+        self.reconstructed = 0
 
     def sample(self, n):
-        idx = torch.arange(self.i, self.i + n) % len(self.x)
-        self.i += n
-        return (self.x[idx] + self.shift).clamp(-1, 1) + 0 * torch.rand(1)  # consumes RNG like a chain would
+        if self.data is None:
+            return torch.tanh(self.gen(torch.randn(n, 4, device=self.device))).view(n, *self.shape)
+        if self.cursor is None:
+            self.cursor = self.global_rank * self.rank_offset
+        idx = torch.arange(self.cursor, self.cursor + n) % len(self.data)
+        self.cursor += n
+        return (self.data[idx] + self.shift).clamp(-1, 1).to(self.device)
 
     def reconstruct(self, x):
+        self.reconstructed += x.shape[0]
         return (x + self.offset).clamp(-1, 1)
 
-    def training_step(self, batch, i):
-        return (self.w ** 2).sum() + 0 * batch[0].sum()
+    def training_step(self, batch, batch_idx):
+        return ((self.w - 1) ** 2).sum() + 0 * batch[0].sum()
 
-    def validation_step(self, batch, i):
+    def validation_step(self, batch, batch_idx):
         pass
 
-    def test_step(self, batch, i):
+    def test_step(self, batch, batch_idx):
         pass
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        return torch.optim.SGD([self.w], lr=0.1)
 
 
-class MeanPool(nn.Module):
-    """A tiny feature extractor: 4x4 average-pooled pixels (48 features)."""
+class TinyFeature(nn.Module):
+    """A custom FID feature extractor: 4x4-pooled pixels through a fixed random projection to 6 features."""
 
-    num_features = 48
+    num_features = 6
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("proj", torch.randn(3 * 4 * 4, 6, generator=torch.Generator().manual_seed(0)))
 
     def forward(self, x):
-        return nn.functional.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1)
+        assert x.dtype == torch.uint8 and x.shape[1] == 3  # the callback feeds uint8 RGB
+        return nn.functional.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1) @ self.proj
 
 
-def images(n=64, c=3, s=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, c, s, s, generator=g) * 2 - 1
+def trainer(tmp_path, callbacks, **kw):
+    cfg = dict(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=2, limit_val_batches=2, logger=False,
+               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+               default_root_dir=tmp_path, callbacks=callbacks)
+    cfg.update(kw)
+    return pl.Trainer(**cfg)
 
 
-def run_test(module, dm, callbacks, tmp_path):
-    t = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, callbacks=callbacks, default_root_dir=tmp_path)
-    return t.test(module, datamodule=dm, verbose=False)[0]
+def reference_fid(real, fake, **kw):
+    """torchmetrics FID computed directly on the same uint8 RGB images."""
+    m = FrechetInceptionDistance(normalize=False, **kw)
+    m.update(to_uint8(real).repeat(1, 3 // real.shape[1], 1, 1), real=True)
+    m.update(to_uint8(fake).repeat(1, 3 // fake.shape[1], 1, 1), real=False)
+    return float(m.compute())
 
 
-def test_fid_is_zero_against_itself_larger_when_shifted_and_real_stats_are_cached(tmp_path):
-    x = images()
-    kw = dict(num_samples=64, num_real=64, feature=MeanPool(), cache_dir=str(tmp_path / "stats"), batch_size=16)
+# --------------------------------------------------------------------------------------------------------------- FID
+def test_fid_custom_feature_self_shift_and_real_statistics_cache(tmp_path):
+    x = images(32, lo=-0.8, hi=0.8)
+    cache = tmp_path / "stats"
+    kw = dict(num_samples=32, batch_size=8, cache_dir=str(cache), on_test=False)
+
     dm = Data(x)
-    cb = FIDCallback(**kw)
-    same = run_test(Fake(x), dm, [cb], tmp_path)["test/fid"]
-    assert abs(same) < 1e-3 and not cb.real_stats_from_cache
-    assert len(list((tmp_path / "stats").glob("*.pt"))) == 1
+    cb = FIDCallback(feature=TinyFeature(), **kw)
+    t = trainer(tmp_path, [cb])
+    t.fit(Toy(x), datamodule=dm)
+    same = float(t.callback_metrics["val/fid"])
+    assert dm.loads["test"] == 1 and not cb.real_stats_from_cache
+    files = list(cache.glob("*.pt"))
+    assert files == [cb.cache_path(t)]
+    assert int(cb.metric.real_features_num_samples) == 32
 
-    loads = dm.loads
-    cb2 = FIDCallback(**kw)
-    shifted = run_test(Fake(x, shift=0.3), dm, [cb2], tmp_path)["test/fid"]
-    assert cb2.real_stats_from_cache and dm.loads == loads + 1  # the test loop's own load; FID read no real data
-    assert shifted > 0.1
+    dm = Data(x)
+    cb = FIDCallback(feature=TinyFeature(), **kw)  # a new but identical feature module: same cache key
+    t = trainer(tmp_path, [cb])
+    t.fit(Toy(x, shift=0.3), datamodule=dm)
+    shifted = float(t.callback_metrics["val/fid"])
+    assert dm.loads["test"] == 0 and cb.real_stats_from_cache  # real images not read again
+    assert shifted == pytest.approx(reference_fid(x, (x + 0.3).clamp(-1, 1), feature=TinyFeature()), rel=1e-4)
+    assert shifted > 0.1 and abs(same) < 1e-3 * shifted
 
-    run_test(Fake(x), dm, [FIDCallback(**{**kw, "num_real": 32})], tmp_path)
-    assert len(list((tmp_path / "stats").glob("*.pt"))) == 2  # another num_real is another cache entry
-
-
-@pytest.mark.skipif(not WEIGHTS.exists(), reason="FID Inception weights not built; run make fid-weights")
-def test_fid_matches_torchmetrics_with_the_inception_weights_on_grayscale(tmp_path):
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    real, fake = images(8, c=1, s=28, seed=1), images(8, c=1, s=28, seed=2)
-    cb = FIDCallback(num_samples=8, num_real=8, weights_path=str(WEIGHTS), cache_dir=str(tmp_path), batch_size=8)
-    ours = run_test(Fake(fake), Data(real), [cb], tmp_path)["test/fid"]
-    ref = FrechetInceptionDistance(feature=2048, normalize=False, antialias=False,
-                                   feature_extractor_weights_path=str(WEIGHTS))
-    ref.update(to_uint8(real).expand(-1, 3, -1, -1), real=True)
-    ref.update(to_uint8(fake).expand(-1, 3, -1, -1), real=False)
-    assert ours == pytest.approx(float(ref.compute()), rel=1e-4)
+    dm = Data(x)
+    cb = FIDCallback(feature=TinyFeature(), num_real=16, **{k: v for k, v in kw.items()})
+    t = trainer(tmp_path, [cb])
+    t.fit(Toy(x), datamodule=dm)
+    assert dm.loads["test"] == 1 and not cb.real_stats_from_cache  # another num_real: another key, recomputed
+    assert len(list(cache.glob("*.pt"))) == 2 and cb.cache_path(t) not in files
+    assert int(cb.metric.real_features_num_samples) == 16
 
 
-def test_fid_without_weights_says_how_to_build_them(tmp_path, monkeypatch):
-    monkeypatch.delenv("LEBM_ZOO_FID_WEIGHTS", raising=False)
-    cb = FIDCallback(weights_path=str(tmp_path / "missing.pth"))
-    with pytest.raises(FIDWeightsNotFoundError, match="fid_inception_weights.py"):
-        run_test(Fake(images()), Data(images()), [cb], tmp_path)
-
-
-def test_reconstruction_mse_is_per_pixel_in_unit_range(tmp_path):
-    x = images(32).clamp(-0.5, 0.5)  # so that x + 0.2 is never clamped
-    zero = run_test(Fake(x), Data(x), [ReconstructionMSE(max_images=None)], tmp_path)["test/recon_mse"]
-    assert zero == pytest.approx(0.0, abs=1e-8)
-    cb = ReconstructionMSE(max_images=12)
-    mse = run_test(Fake(x, offset=0.2), Data(x), [cb], tmp_path)["test/recon_mse"]
-    assert mse == pytest.approx(0.01, rel=1e-4)  # 0.2 in [-1, 1] is 0.1 in [0, 1]
-    assert cb._seen == 12 and cb.last_path.is_file()
-
-
-def test_sample_grid_is_written_reproducible_and_leaves_rng_alone(tmp_path):
+def test_fid_every_n_epochs_and_test_key(tmp_path):
     x = images(16)
-    model = Fake(x)
-    cb = SampleGrid(num_samples=16, nrow=4, dirpath=str(tmp_path / "grids"))
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, max_epochs=2, limit_train_batches=1, limit_val_batches=1,
-                         callbacks=[cb], default_root_dir=tmp_path, num_sanity_val_steps=0)
-    trainer.fit(model, datamodule=Data(x))
-    files = sorted((tmp_path / "grids").glob("*.png"))
-    assert len(files) == 2
-    a, b = (Image.open(f) for f in files)
-    assert a.size == (4 * 16 + 5 * 2, 4 * 16 + 5 * 2)  # make_grid: 4 images of 16 px and 2-px padding per row
-    model.i = 0
+    cb = FIDCallback(feature=TinyFeature(), num_samples=16, batch_size=16, every_n_epochs=2,
+                     cache_dir=str(tmp_path))
+    t = trainer(tmp_path, [cb])
+    t.fit(Toy(x), datamodule=Data(x))  # epoch 0 only: (0 + 1) % 2 != 0
+    assert "val/fid" not in t.callback_metrics and cb.last_value is None
+    out = t.test(Toy(x, shift=0.5), datamodule=Data(x), verbose=False)[0]
+    assert out["test/fid"] == pytest.approx(cb.last_value) and cb.last_value > 0
+
+
+@pytest.mark.skipif(not WEIGHTS.exists(), reason="FID Inception weights not built; run "
+                                                 "../shared/tools/fid_inception_weights.py")
+def test_fid_matches_torchmetrics_with_inception_weights_on_grayscale(tmp_path):
+    real, fake = images(8, c=1, s=28, seed=1), images(8, c=1, s=28, seed=2) * 0.5
+    cb = FIDCallback(num_samples=8, weights_path=str(WEIGHTS), every_n_epochs=0, batch_size=8,
+                     cache_dir=str(tmp_path))
+    ours = trainer(tmp_path, [cb]).test(Toy(fake), datamodule=Data(real), verbose=False)[0]["test/fid"]
+    ref = reference_fid(real, fake, feature=2048, antialias=False, feature_extractor_weights_path=str(WEIGHTS))
+    assert ours == pytest.approx(ref, rel=1e-4) and ref > 1
+
+
+def test_fid_missing_weights_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("LEBM_ZOO_FID_WEIGHTS", raising=False)
+    missing = tmp_path / "nope.pth"
+    x = images(8)
+    cb = FIDCallback(num_samples=8, weights_path=str(missing), cache_dir=str(tmp_path))
+    with pytest.raises(FIDWeightsNotFoundError, match="fid_inception_weights.py") as err:
+        trainer(tmp_path, [cb]).test(Toy(x), datamodule=Data(x), verbose=False)
+    assert str(missing) in str(err.value) and "LEBM_ZOO_FID_WEIGHTS" in str(err.value)
+
+    # resolution order: argument, then $LEBM_ZOO_FID_WEIGHTS, then ~/.cache/lebm_zoo/...
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(FIDWeightsNotFoundError, match="offline"):
+        default_fid_weights()
+    fake = tmp_path / "w.pth"
+    fake.write_bytes(b"")
+    monkeypatch.setenv("LEBM_ZOO_FID_WEIGHTS", str(fake))
+    assert default_fid_weights() == fake
+    with pytest.raises(FIDWeightsNotFoundError):
+        default_fid_weights(str(missing))
+
+
+# ------------------------------------------------------------------------------------------------ reconstruction
+def test_reconstruction_mse_identity_shift_cap_and_png(tmp_path):
+    x = images(24, lo=-0.8, hi=0.8)  # x + 0.2 never clamps
+    cb = ReconstructionMSE(max_images=None)
+    t = trainer(tmp_path, [cb])
+    t.fit(Toy(x), datamodule=Data(x))
+    assert float(t.callback_metrics["val/recon_mse"]) == 0.0
+
+    model = Toy(x, offset=0.2)
+    cb = ReconstructionMSE(max_images=12)
+    t = trainer(tmp_path / "shift", [cb], val_check_interval=1)  # two validations in epoch 0
+    t.fit(model, datamodule=Data(x))
+    assert float(t.callback_metrics["val/recon_mse"]) == pytest.approx(0.01, rel=1e-5)  # 0.2/2 = 0.1 in [0, 1]
+    assert model.reconstructed == 2 * 12  # 8 + 4 images per validation (sanity check skipped)
+    pngs = sorted(p.name for p in (tmp_path / "shift" / "reconstructions").glob("*.png"))
+    assert pngs == ["epoch=0000-step=2.png", "epoch=0000.png"]
+    grid = read_image(str(cb.last_path))
+    assert grid.shape == (3, 2 * 10 + 2, 8 * 10 + 2)  # 8 originals over 8 reconstructions, 8-px images, 2-px pad
+    assert not torch.equal(grid[:, 2:10], grid[:, 12:20])  # the bottom row differs (offset)
+
+    # clamping: images up to 1, so x + 0.2 saturates; hand-computed on the first 12 test images only
+    x = images(24, seed=3)
+    model = Toy(x, offset=0.2)
+    cb = ReconstructionMSE(max_images=12)
+    out = trainer(tmp_path / "test", [cb]).test(model, datamodule=Data(x), verbose=False)[0]
+
+    def mse(v):
+        return float((((v + 0.2).clamp(-1, 1) + 1) / 2 - (v + 1) / 2).pow(2).mean())
+
+    assert out["test/recon_mse"] == pytest.approx(mse(x[:12]), rel=1e-5)
+    assert mse(x[:12]) != pytest.approx(mse(x[:16]), rel=1e-3)  # the cap matters
+    assert model.reconstructed == 12 and cb.last_path == tmp_path / "test" / "reconstructions" / "test.png"
+
+
+# ------------------------------------------------------------------------------------------------------ samples
+class ImageRecorder(Logger):
+    """A logger with ``log_image`` (like WandbLogger) that records its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.images = []
+
+    name = "recorder"
+    version = 0
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_image(self, key, images, step=None):
+        self.images.append((key, images, step))
+
+
+class RNGProbe(SampleGrid):
+    """Records whether the global CPU RNG state is the same after the hook as before it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rng_unchanged = []
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        before = torch.get_rng_state()
+        super().on_validation_epoch_end(trainer, pl_module)
+        self.rng_unchanged.append(torch.equal(before, torch.get_rng_state()))
+
+
+def test_sample_grid_png_size_loggers_rng_and_reproducibility(tmp_path, monkeypatch):
+    x = images(16)
+    model = Toy()  # Gaussian noise through a fixed generator: sampling consumes the global RNG
     state = torch.get_rng_state()
-    cb.draw(trainer, model, "again")
-    assert torch.equal(state, torch.get_rng_state())
-    assert list(Image.open(cb.last_path).getdata()) == list(Image.open(files[0]).getdata())
+    model.sample(2)
+    assert not torch.equal(state, torch.get_rng_state())
+
+    tb, rec = TensorBoardLogger(str(tmp_path), name="tb"), ImageRecorder()
+    added = []
+    monkeypatch.setattr(tb.experiment, "add_image", lambda tag, img, step: added.append((tag, img.shape, step)))
+    cb = RNGProbe(num_samples=12, nrow=4)
+    every2 = SampleGrid(num_samples=4, every_n_epochs=2, dirpath=str(tmp_path / "every2"))
+    t = trainer(tmp_path, [cb, every2], max_epochs=2, logger=[tb, rec])
+    t.fit(model, datamodule=Data(x))
+
+    folder = Path(tb.log_dir) / "samples"
+    assert sorted(p.name for p in folder.glob("*.png")) == ["epoch=0000.png", "epoch=0001.png"]
+    a, b = (read_image(str(folder / f"epoch=000{i}.png")) for i in (0, 1))
+    assert a.shape == (3, 3 * 10 + 2, 4 * 10 + 2)  # 12 images, 4 per row, 8-px images, 2-px padding
+    assert torch.equal(a, b) and a.float().std() > 10  # the same (non-blank) grid from a fixed model
+    assert cb.rng_unchanged == [True, True]  # sanity check skipped; training RNG untouched
+    assert cb.last_path == folder / "epoch=0001.png"
+    assert [p.name for p in (tmp_path / "every2").glob("*.png")] == ["epoch=0001.png"]
+    assert [(tag, step) for tag, _, step in added] == [("val/samples", 2), ("val/samples", 4)]
+    assert [(k, len(imgs), tuple(imgs[0].shape)) for k, imgs, _ in rec.images[:2]] == [("val/samples", 1, a.shape)] * 2
+
+    t.test(model, datamodule=Data(x), verbose=False)
+    assert cb.last_path == folder / "test.png" and torch.equal(read_image(str(cb.last_path)), a)
+    assert added[-1][0] == "test/samples" and rec.images[-1][0] == "test/samples"
+
+
+# ---------------------------------------------------------------------------------------------------------- DDP
+@pytest.mark.slow
+def test_callbacks_under_ddp_spawn_on_two_cpu_processes(tmp_path):
+    """Sharded real statistics and samples give the single-process FID; no rank-zero-only collective hangs."""
+    x = images(32, lo=-0.8, hi=0.8)
+    fid = FIDCallback(feature=TinyFeature(), num_samples=32, batch_size=8, on_test=False, cache_dir=str(tmp_path))
+    t = trainer(tmp_path, [fid, ReconstructionMSE(max_images=None), SampleGrid(num_samples=4)], devices=2,
+                strategy="ddp_spawn")
+    t.fit(Toy(x, shift=0.3, offset=0.2, rank_offset=16), datamodule=Data(x))
+    expected = reference_fid(x, (x + 0.3).clamp(-1, 1), feature=TinyFeature())
+    assert float(t.callback_metrics["val/fid"]) == pytest.approx(expected, rel=1e-4)
+    assert float(t.callback_metrics["val/recon_mse"]) == pytest.approx(0.01, rel=1e-5)
+    assert len(list(tmp_path.glob("*.pt"))) == 2  # one real-statistics shard per rank
+    assert list((tmp_path / "samples").glob("*.png")) and list((tmp_path / "reconstructions").glob("*.png"))
