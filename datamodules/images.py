@@ -14,8 +14,8 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import scipy.io.matlab
 import pytorch_lightning as pl
+import scipy.io.matlab
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, random_split
 from torchvision import datasets, transforms
@@ -35,7 +35,7 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 class DatasetNotFoundError(FileNotFoundError):
-    """A data set is missing, unreadable or could not be downloaded; the message says which files, where, and the fix."""
+    """A data set is missing, unreadable or not downloadable; the message says which files, where, and the fix."""
 
 
 def _missing(name: str, files: str, folder: Path, can_download: bool, cause: str = "") -> DatasetNotFoundError:

@@ -5,7 +5,6 @@ bpucla/latent-space-EBM-prior (``train_svhn.py``) and its latent energy MLP.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["ConvGenerator", "EnergyMLP", "xavier_init_convs", "count_parameters"]

@@ -94,8 +94,8 @@ class EBMModule(SamplerMixin, pl.LightningModule):
         vals = ", ".join(f"{k}={v:.4g}" for k, v in zip(losses, values.tolist()))
         self.divergence = (
             f"{type(self).__name__} training diverged at epoch {self.current_epoch}, step {self.global_step}: "
-            f"{vals} (expected finite values with {bound_txt}). The update was skipped and training stopped; the last good "
-            "weights are in the last checkpoint. Try smaller learning rates or Langevin step sizes, gradient "
+            f"{vals} (expected finite values with {bound_txt}). The update was skipped and training stopped; the "
+            "last good weights are in the last checkpoint. Try smaller learning rates or Langevin step sizes, gradient "
             "clipping, or fp32 precision.")
         rank_zero_warn(self.divergence)
         if self._trainer is not None:
