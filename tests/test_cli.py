@@ -94,6 +94,10 @@ def test_missing_data_and_bad_checkpoint_are_clear_errors(tmp_path, capsys):
 
     code, _, err = run(["test", *quickstart(tmp_path / "fresh"), "--ckpt_path", "last"], capsys)
     assert code == 2 and "no last.ckpt of recipe quickstart" in err
+    # fit with --ckpt_path last and nothing to resume starts from scratch (set-and-forget resuming)
+    code, _, err = run(["fit", *quickstart(tmp_path / "fresh", "--trainer.max_steps", "1"), "--ckpt_path", "last"],
+                       capsys)
+    assert code == 0 and "starting from scratch" in err
 
 
 def write_svhn(root: Path, n: int, seed: int) -> None:
