@@ -285,8 +285,9 @@ def test_sample_grid_png_size_loggers_rng_and_reproducibility(tmp_path, monkeypa
     assert cb.rng_unchanged == [True, True]  # sanity check skipped; training RNG untouched
     assert cb.last_path == folder / "epoch=0001.png"
     assert [p.name for p in (tmp_path / "every2").glob("*.png")] == ["epoch=0001.png"]
-    assert [(tag, step) for tag, _, step in added] == [("val/samples", 2), ("val/samples", 4)]
-    assert [(k, len(imgs), tuple(imgs[0].shape)) for k, imgs, _ in rec.images[:2]] == [("val/samples", 1, a.shape)] * 2
+    small = (3, 8 + 4, 4 * 10 + 2)  # every2's grid: 4 images in one row
+    assert added == [("val/samples", a.shape, 2), ("val/samples", a.shape, 4), ("val/samples", small, 4)]
+    assert [(k, len(v), v[0].shape, step) for k, v, step in rec.images] == [(k, 1, s, i) for k, s, i in added]
 
     t.test(model, datamodule=Data(x), verbose=False)
     assert cb.last_path == folder / "test.png" and torch.equal(read_image(str(cb.last_path)), a)

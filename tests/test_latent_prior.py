@@ -196,3 +196,13 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     assert isinstance(lebm_zoo.load_pretrained(path), OtherModel)
     with pytest.raises(CheckpointError, match="holds a OtherModel checkpoint, not a LatentEBMPrior"):
         LatentEBMPrior.load_pretrained(path)
+
+
+def test_prior_chain_trace_gives_the_energy_profile():
+    torch.manual_seed(0)
+    m = tiny(prior_steps=7)
+    z, trace = m.sample_latent(16, return_trace=True)
+    assert z.shape == (16, 8) and trace["log_prob"].shape == (7,)
+    z0 = torch.zeros(16, 8)  # at z = 0 the first entry is exactly -mean E(0)
+    _, trace = m.sample_latent(16, z0=z0, return_trace=True)
+    assert torch.allclose(trace["log_prob"][0], -m.energy(z0).mean(), atol=1e-6)

@@ -136,18 +136,27 @@ class LatentEBMPrior(EBMModule):
         return torch.randn(n, self.hparams.nz, device=self.device)
 
     @torch.no_grad()
-    def sample_latent(self, n: int, z0: Tensor | None = None, n_steps: int | None = None) -> Tensor:
+    def sample_latent(self, n: int, z0: Tensor | None = None, n_steps: int | None = None,
+                      return_trace: bool = False):
         """Draw ``n`` latents from the prior by short-run Langevin (K0 steps from N(0, I); eq. 7).
 
         For ``prior="gaussian"`` this is exact N(0, sigma_p^2 I) sampling.
 
+        Args:
+            n: number of latents.
+            z0: initial states ``(n, nz)`` (default: fresh N(0, I) noise, as in training).
+            n_steps: chain length (default: ``prior_steps``).
+            return_trace: also return the chain's trace: ``trace["log_prob"]``, ``(n_steps,)``, the mean unnormalised
+                prior log-density at the start of each step (its negative is the energy profile of the chain).
+
         Returns:
-            ``(n, nz)`` latents.
+            ``(n, nz)`` latents, or ``(latents, trace)``.
         """
         z0 = self._noise(n) if z0 is None else z0
         if not self.is_ebm:
-            return z0 * self.hparams.prior_sigma
-        return self.langevin(self.prior_log_prob, z0, "prior", n_steps=n_steps)
+            z = z0 * self.hparams.prior_sigma
+            return (z, {"log_prob": z.new_zeros(0)}) if return_trace else z
+        return self.langevin(self.prior_log_prob, z0, "prior", n_steps=n_steps, return_trace=return_trace)
 
     @torch.no_grad()
     def generate(self, z: Tensor) -> Tensor:
