@@ -42,7 +42,8 @@ class ReconstructionMSE(pl.Callback):
     of 0.1 on the [0, 1] scale. The paper reports 0.008 (SVHN), 0.020 (CIFAR-10), 0.013 (CelebA-64) on this scale.
 
     Updated in ``on_validation_batch_end``/``on_test_batch_end`` with at most ``max_images`` images per epoch (under
-    DDP ``ceil(max_images / world_size)`` per rank), reset at epoch start, skipped during the sanity check. It is a
+    DDP ``ceil(max_images / world_size)`` per rank; first dataloader only), reset at epoch start, skipped during the
+    sanity check. It is a
     torchmetrics ``MeanSquaredError``: computed at epoch end on every rank (states summed across ranks) and logged
     from every rank with the same value.
 
@@ -56,6 +57,9 @@ class ReconstructionMSE(pl.Callback):
 
     Logs:
         ``val/recon_mse`` and ``test/recon_mse`` (lower is better).
+
+    Raises:
+        ValueError: for ``max_images < 1``, or when ``reconstruct`` returns a shape other than its input's.
     """
 
     def __init__(self, max_images: int | None = 1000):

@@ -58,6 +58,9 @@ class SampleGrid(pl.Callback):
     Attributes:
         last_path: the latest PNG written (None before the first).
         last_grid: the latest grid, ``(3, H, W)`` float in [0, 1] on the CPU.
+
+    Raises:
+        ValueError: for ``num_samples < 1`` or ``nrow < 1``.
     """
 
     def __init__(self, num_samples: int = 64, nrow: int = 8, every_n_epochs: int = 1, seed: int = 0,
