@@ -191,16 +191,20 @@ def main(args: list[str] | None = None) -> int:
         args, recipe = _expand_recipe(args)
         args = _preflight_checkpoint(args, recipe)
         LebmCLI.recipe = recipe
-        cli = LebmCLI(
-            EBMModule,
-            pl.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            args=args,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"description": "lebm-zoo: energy-based generative models. `lebm-zoo recipes` lists the "
-                                          "paper recipes; use `--recipe NAME`."},
-        )
+        saved_argv = sys.argv
+        sys.argv = [saved_argv[0] if saved_argv else "lebm-zoo", *args]  # LightningCLI reads sys.argv
+        try:
+            cli = LebmCLI(
+                EBMModule,
+                pl.LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={"description": "lebm-zoo: energy-based generative models. `lebm-zoo recipes` lists "
+                                              "the paper recipes; use `--recipe NAME`."},
+            )
+        finally:
+            sys.argv = saved_argv
     except (RecipeError, CheckpointError, DatasetNotFoundError, DataShapeError, FIDWeightsNotFoundError) as e:
         print(f"lebm-zoo: error: {e}", file=sys.stderr)
         return 2
