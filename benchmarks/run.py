@@ -146,8 +146,9 @@ def throughputs(device: str, precision: str) -> dict[str, float | None]:
         t = _best_time(lambda: model.sample(100), 2)
     out = {"sample_images_per_s": 100 / t, "fid_images_per_s": None}
     try:
-        from lebm_zoo.callbacks.fid import default_fid_weights
         from torchmetrics.image.fid import FrechetInceptionDistance
+
+        from lebm_zoo.callbacks.fid import default_fid_weights
 
         fid = FrechetInceptionDistance(feature=2048, antialias=False,
                                        feature_extractor_weights_path=str(default_fid_weights())).to(device)
