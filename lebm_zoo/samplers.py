@@ -114,10 +114,11 @@ class LangevinSampler:
             scale = (self.grad_clip / norm).clamp(max=1.0)
             grad = grad * scale.view(-1, *([1] * (grad.dim() - 1)))
         s = self.step_size
-        with torch.no_grad():
-            x = x.detach() + (0.5 * s * s) * grad.to(x.dtype)
+        with torch.no_grad():  # in place on a fresh alias: the step's graph is already freed
+            x = x.detach()
+            x.add_(grad.to(x.dtype), alpha=0.5 * s * s)
             if self.noise_scale > 0:
-                x = x + (s * self.noise_scale) * torch.randn_like(x)
+                x.add_(torch.randn_like(x), alpha=s * self.noise_scale)
         return x, lp
 
     def __call__(self, log_prob: LogProb, x0: Tensor, *, return_trace: bool = False, n_steps: int | None = None):
@@ -138,7 +139,8 @@ class LangevinSampler:
             x = x0.detach().clone()
             for _ in range(k):
                 x, lp = self.step(log_prob, x)
-                lps.append(lp.mean())
+                if return_trace:
+                    lps.append(lp.mean())
         if not return_trace:
             return x
         trace = {"log_prob": torch.stack(lps) if lps else x.new_zeros(0)}
