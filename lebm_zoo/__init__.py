@@ -6,18 +6,20 @@
 """
 __version__ = "0.1.0"
 
-from lebm_zoo.models import EBMModule, LatentEBMPrior, TrainingDivergedError  # noqa: E402
+from lebm_zoo.models import CoopNets, EBMModule, LatentEBMPrior, ShortRunEBM, TrainingDivergedError  # noqa: E402
 from lebm_zoo.pretrained import CheckpointError, list_pretrained, load_pretrained  # noqa: E402
 from lebm_zoo.samplers import HMCSampler, LangevinSampler, SamplerMixin  # noqa: E402
 
 __all__ = [
     "__version__",
     "CheckpointError",
+    "CoopNets",
     "EBMModule",
     "HMCSampler",
     "LangevinSampler",
     "LatentEBMPrior",
     "SamplerMixin",
+    "ShortRunEBM",
     "TrainingDivergedError",
     "list_pretrained",
     "load_pretrained",

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["ConvGenerator", "EnergyMLP", "xavier_init_convs", "count_parameters"]
+__all__ = ["ConvGenerator", "CoopDescriptor", "CoopGenerator", "EnergyMLP", "ShortRunScoreNet", "count_parameters",
+           "xavier_init_convs"]
 
 # (kernel, stride, padding) of each transposed convolution after the first (k4 s1 p0: 1 -> 4 px), per image size
 _UPSAMPLING = {
@@ -91,6 +92,128 @@ class EnergyMLP(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.net(z.flatten(1)).squeeze(-1)
+
+
+class ShortRunScoreNet(nn.Module):
+    """Score f(x) (negative energy, higher = more likely) of the short-run EBM (Nijkamp et al. 2019).
+
+    At 32 px with ``nf=64`` it is exactly ``train_cifar10_minimal.py``'s net: Conv(C->nf, k3 s1 p1), then
+    Conv k4 s2 p1 to 2nf, 4nf, 8nf (32 -> 16 -> 8 -> 4 px), LeakyReLU(0.2) after each, and a final Conv(8nf -> 1)
+    whose kernel covers the remaining map (k4 at 32 px, k3 at 28 px); at 64 px a fourth k4 s2 layer (8nf -> 8nf) is
+    added. No normalisation, PyTorch's default init.
+
+    Args:
+        channels: image channels, 1 or 3.
+        img_size: 28, 32 or 64.
+        nf: width (reference: 64).
+
+    Shapes:
+        ``x`` ``(B, channels, img_size, img_size)`` in [-1, 1] -> score ``(B,)``.
+
+    Raises:
+        ValueError: for an unsupported ``img_size``.
+    """
+
+    def __init__(self, channels: int = 3, img_size: int = 32, nf: int = 64):
+        super().__init__()
+        if img_size not in (28, 32, 64):
+            raise ValueError(f"img_size must be 28, 32 or 64, got {img_size}")
+        widths = [nf, 2 * nf, 4 * nf, 8 * nf] + ([8 * nf] if img_size == 64 else [])
+        layers: list[nn.Module] = [nn.Conv2d(channels, nf, 3, 1, 1), nn.LeakyReLU(0.2)]
+        size = img_size
+        for cin, cout in zip(widths, widths[1:]):
+            layers += [nn.Conv2d(cin, cout, 4, 2, 1), nn.LeakyReLU(0.2)]
+            size //= 2
+        layers.append(nn.Conv2d(widths[-1], 1, size, 1, 0))  # (B, 1, 1, 1)
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).flatten()
+
+
+class CoopDescriptor(nn.Module):
+    """CoopNets descriptor f(Y): a score (higher = more likely), the sum of ``n_out`` linear outputs (Xie et al.).
+
+    28/32 px (the official MNIST variant): three Conv k4 s2 p1 layers (ndf, 2ndf, 4ndf), LeakyReLU(0.2), then a
+    fully-connected layer to ``n_out`` units. 64 px (the official "scene" net): Conv k5 s2 (ndf), Conv k3 s2
+    (2ndf), Conv k3 s1 (4ndf), then the fully-connected layer. Weights N(0, 0.01), biases 0, as the TF reference.
+
+    Args:
+        channels: image channels, 1 or 3.
+        img_size: 28, 32 or 64.
+        ndf: width (reference: 64).
+        n_out: outputs of the last layer, summed into the score (reference: 100).
+
+    Shapes:
+        ``x`` ``(B, channels, img_size, img_size)`` in [-1, 1] -> score ``(B,)``.
+    """
+
+    def __init__(self, channels: int = 3, img_size: int = 32, ndf: int = 64, n_out: int = 100):
+        super().__init__()
+        if img_size not in (28, 32, 64):
+            raise ValueError(f"img_size must be 28, 32 or 64, got {img_size}")
+        if img_size == 64:
+            convs = [(channels, ndf, 5, 2, 2), (ndf, 2 * ndf, 3, 2, 1), (2 * ndf, 4 * ndf, 3, 1, 1)]
+        else:
+            convs = [(channels, ndf, 4, 2, 1), (ndf, 2 * ndf, 4, 2, 1), (2 * ndf, 4 * ndf, 4, 2, 1)]
+        layers: list[nn.Module] = []
+        size = img_size
+        for cin, cout, k, s, p in convs:
+            layers += [nn.Conv2d(cin, cout, k, s, p), nn.LeakyReLU(0.2)]
+            size = (size + 2 * p - k) // s + 1
+        layers += [nn.Flatten(), nn.Linear(4 * ndf * size * size, n_out)]
+        self.net = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).sum(1)
+
+
+class CoopGenerator(nn.Module):
+    """CoopNets generator g(z) (Xie et al., official TF): ConvT k4 valid to 4 px, then ConvT k5 s2 up-samplings,
+    BatchNorm + LeakyReLU(0.2) after every layer but the last, Tanh output.
+
+    Widths ``8ngf`` (4 px), then ``4ngf, 2ngf, ngf`` halving per up-sampling; 28 px: 4 -> 7 -> 14 -> 28, 32 px: 4 -> 8
+    -> 16 -> 32, 64 px: 4 -> 8 -> 16 -> 32 -> 64. BatchNorm always uses batch statistics (TF ``is_training=True``
+    in training and sampling, as the reference), so it keeps no running averages. Init N(0, 0.005) for ConvT
+    weights, biases 0.
+
+    Args:
+        nz: latent size (reference: 100).
+        ngf: width (reference: 64).
+        img_size: 28, 32 or 64.
+        channels: output channels.
+
+    Shapes:
+        ``z`` ``(B, nz)`` -> images ``(B, channels, img_size, img_size)`` in [-1, 1].
+    """
+
+    def __init__(self, nz: int = 100, ngf: int = 64, img_size: int = 32, channels: int = 3):
+        super().__init__()
+        n_up = {28: 3, 32: 3, 64: 4}.get(img_size)
+        if n_up is None:
+            raise ValueError(f"img_size must be 28, 32 or 64, got {img_size}")
+        widths = [ngf * 2 ** (n_up - i) for i in range(n_up)]  # e.g. [512, 256, 128] at 32 px with ngf 64
+        layers: list[nn.Module] = [nn.ConvTranspose2d(nz, widths[0], 4, 1, 0)]
+        size = 4
+        for cin, cout in zip(widths, widths[1:] + [channels]):
+            layers += [nn.BatchNorm2d(cin, track_running_stats=False), nn.LeakyReLU(0.2)]
+            out_pad = 0 if size == 4 and img_size == 28 else 1  # 4 -> 7 at 28 px, else doubling
+            layers.append(nn.ConvTranspose2d(cin, cout, 5, 2, 2, output_padding=out_pad))
+            size = (size - 1) * 2 - 4 + 5 + out_pad
+        layers.append(nn.Tanh())
+        self.net = nn.Sequential(*layers)
+        self.nz = nz
+        for m in self.modules():
+            if isinstance(m, nn.ConvTranspose2d):
+                nn.init.normal_(m.weight, 0.0, 0.005)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z.view(z.shape[0], -1, 1, 1))
 
 
 def count_parameters(module: nn.Module) -> int:

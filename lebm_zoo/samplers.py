@@ -147,6 +147,42 @@ class LangevinSampler:
         return x, trace
 
 
+    def unroll(self, log_prob: LogProb, x0: Tensor, noise: Tensor | None = None) -> Tensor:
+        """Run the chain keeping the graph: ``x_K`` is differentiable w.r.t. ``x0`` (and any parameters in use).
+
+        The same update as :meth:`step` (grad clipping included) with ``create_graph=True``; used to optimise a chain's
+        initial state, e.g. short-run EBM reconstruction (Nijkamp et al. 2019, sec. 4). Memory grows with
+        ``n_steps``. Unlike ``__call__``, the caller manages ``requires_grad`` of parameters and grad mode.
+
+        Args:
+            log_prob: target, ``(B, ...) -> (B,)``.
+            x0: initial states ``(B, ...)`` (usually a leaf with ``requires_grad=True``).
+            noise: ``(n_steps, B, ...)`` fixed standard-normal draws, one per step (default: fresh draws); fixing it
+                makes the chain a deterministic map of ``x0``.
+
+        Returns:
+            ``x_K`` of the shape of ``x0``, attached to the graph.
+
+        Raises:
+            ValueError: if ``noise`` does not have shape ``(n_steps, *x0.shape)``.
+        """
+        k, s = self.n_steps, self.step_size
+        if noise is not None and tuple(noise.shape) != (k, *x0.shape):
+            raise ValueError(f"noise must have shape {(k, *x0.shape)}, got {tuple(noise.shape)}")
+        x = x0
+        with torch.enable_grad():
+            for i in range(k):
+                if not x.requires_grad:
+                    x = x.requires_grad_(True)
+                grad = torch.autograd.grad(log_prob(x).sum(), x, create_graph=True)[0]
+                if self.grad_clip is not None:
+                    norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+                    grad = grad * (self.grad_clip / norm).clamp(max=1.0).view(-1, *([1] * (grad.dim() - 1)))
+                eps = torch.randn_like(x) if noise is None else noise[i]
+                x = x + (0.5 * s * s) * grad.to(x.dtype) + (s * self.noise_scale) * eps
+        return x
+
+
 class HMCSampler:
     """Hamiltonian Monte Carlo with a leapfrog integrator and a per-chain Metropolis accept (Neal, 2011).
 

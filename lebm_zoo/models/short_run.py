@@ -1,0 +1,244 @@
+"""Short-run data-space EBM (Nijkamp, Hill, Zhu, Wu, "Learning Non-Convergent Non-Persistent Short-Run MCMC Toward
+Energy-Based Model", NeurIPS 2019), following ``enijkamp/short_run`` ``train_cifar10_minimal.py``; the Generative
+ConvNet of Xie et al. (ICML 2016) as an option.
+
+Model: a ConvNet score f(x) (negative energy). Training step (``families.md`` §2): perturb the data batch with
+N(0, 0.03^2) noise; run K=100 steps of ``x <- x + grad f(x) + 0.01 eps`` from U[-1, 1] noise (the reference's
+tempered update: gradient coefficient 1, so the learned density is exp(f / (s^2/2)) for s = 0.01 -- intentional,
+see point0bar1/ebm-anatomy#1); minimise ``mean f(x_q) - mean f(x_data)`` with Adam 1e-4, betas (0.9, 0.999).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lebm_zoo.models.base import DataShapeError, EBMModule
+from lebm_zoo.nets import ShortRunScoreNet
+from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
+from lebm_zoo.utils import images_from_batch
+
+__all__ = ["ShortRunEBM"]
+
+_FORMS = ("short_run", "gaussian_reference")
+_INITS = ("uniform", "data", "persistent")
+
+
+class ShortRunEBM(EBMModule):
+    """Data-space EBM learned with non-convergent, non-persistent short-run Langevin (Nijkamp et al. 2019).
+
+    Defaults are the reference CIFAR-10 recipe: 32x32x3 images, score net width 64, chains of K=100 steps from
+    U[-1, 1] noise with ``x <- x + grad f(x) + 0.01 eps``, data noise 0.03, Adam lr 1e-4 betas (0.9, 0.999), no
+    clipping, no LR decay.
+
+    Args:
+        img_size: 28, 32 or 64 (pixels).
+        channels: 1 or 3.
+        nf: width of :class:`~lebm_zoo.nets.ShortRunScoreNet`.
+        form: ``"short_run"`` (the reference's tempered update on f) or ``"gaussian_reference"`` (the Generative
+            ConvNet of Xie et al. 2016: textbook Langevin, step ``step_size``, on ``f(x) - ||x||^2/(2 ref_sigma^2)``).
+        n_steps: Langevin steps K per chain, in training and (by default) at sample time.
+        noise_std: ``short_run`` form: the standard deviation of the noise added per step (reference: 0.01).
+        step_size: ``gaussian_reference`` form: the Langevin step size delta (default 0.002, CoopNets' descriptor).
+        ref_sigma: ``gaussian_reference`` form: sigma of the Gaussian reference (default 0.016, CoopNets').
+        data_noise: std of the N(0, data_noise^2) noise added to each data batch (reference: 0.03; smaller values
+            destabilise training, per the reference's comment).
+        init: chain initialisation in training: ``"uniform"`` (U[-1, 1], fresh each iteration: the paper),
+            ``"data"`` (from the noisy data batch, contrastive-divergence style) or ``"persistent"`` (a replay buffer
+            of past samples; each chain restarts from U[-1, 1] with probability ``reinit_prob``).
+        buffer_size: replay-buffer size for ``init="persistent"``; the buffer is rank-local and saved in checkpoints.
+        reinit_prob: probability that a persistent chain restarts from noise.
+        lr: Adam learning rate.
+        betas: Adam betas.
+        grad_clip: optional max norm of the score net's gradient (reference: off).
+
+    Images are ``(B, channels, img_size, img_size)`` in [-1, 1].
+
+    Raises:
+        ValueError: for an unknown ``form`` or ``init`` or a non-positive size.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 32,
+        channels: int = 3,
+        nf: int = 64,
+        form: str = "short_run",
+        n_steps: int = 100,
+        noise_std: float = 0.01,
+        step_size: float = 0.002,
+        ref_sigma: float = 0.016,
+        data_noise: float = 0.03,
+        init: str = "uniform",
+        buffer_size: int = 10000,
+        reinit_prob: float = 0.05,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        grad_clip: float | None = None,
+    ):
+        super().__init__()
+        if form not in _FORMS:
+            raise ValueError(f"form must be one of {_FORMS}, got {form!r}")
+        if init not in _INITS:
+            raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+        if init == "persistent" and buffer_size < 1:
+            raise ValueError(f"buffer_size must be >= 1 for init='persistent', got {buffer_size}")
+        if not 0.0 <= reinit_prob <= 1.0:
+            raise ValueError(f"reinit_prob must be in [0, 1], got {reinit_prob}")
+        if ref_sigma <= 0 or data_noise < 0:
+            raise ValueError(f"ref_sigma must be > 0 and data_noise >= 0, got {ref_sigma}, {data_noise}")
+        self.save_hyperparameters()
+        self.score_net = ShortRunScoreNet(channels=channels, img_size=img_size, nf=nf)
+        self.samplers = {"train": self._make_sampler(n_steps, noise_std, step_size)}
+        # (N, C, H, W) past samples; empty unless init="persistent". A buffer, so checkpoints carry it as a tensor.
+        n_buf = buffer_size if init == "persistent" else 0
+        self.register_buffer("replay_buffer", torch.rand(n_buf, channels, img_size, img_size) * 2 - 1)
+
+    def _make_sampler(self, n_steps: int, noise_std: float | None = None, step_size: float | None = None):
+        hp = self.hparams
+        if hp.form == "short_run":
+            return LangevinSampler.tempered(n_steps, hp.noise_std if noise_std is None else noise_std)
+        return LangevinSampler(n_steps, hp.step_size if step_size is None else step_size)
+
+    # ------------------------------------------------------------------------------------------------ densities
+    def score(self, x: Tensor) -> Tensor:
+        """The score f(x) (negative energy, higher = more likely): ``(B, C, H, W)`` in [-1, 1] -> ``(B,)`` fp32."""
+        return self.score_net(x).float()
+
+    def energy(self, x: Tensor) -> Tensor:
+        """Energy ``-f(x)`` (lower = more likely), ``(B, C, H, W) -> (B,)``, up to the unknown log-normaliser.
+
+        For ``form="gaussian_reference"`` the Gaussian reference term ``||x||^2 / (2 ref_sigma^2)`` is included. The
+        ``short_run`` model's density is ``exp(f(x) / (s^2/2))`` with s = 1 for its tempered sampler, so ``-f`` is
+        its energy up to that constant temperature.
+        """
+        return -self.log_prob(x)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Unnormalised log-density the chains target: f(x), or f(x) - ||x||^2/(2 ref_sigma^2); ``(B,)``."""
+        lp = self.score(x)
+        if self.hparams.form == "gaussian_reference":
+            lp = lp - x.flatten(1).float().pow(2).sum(1) / (2 * self.hparams.ref_sigma ** 2)
+        return lp
+
+    # ------------------------------------------------------------------------------------------------ sampling
+    def _uniform(self, n: int) -> Tensor:
+        hp = self.hparams
+        return torch.rand(n, hp.channels, hp.img_size, hp.img_size, device=self.device) * 2 - 1
+
+    @torch.no_grad()
+    def sample(self, n: int, n_steps: int | None = None, noise_std: float | None = None,
+               step_size: float | None = None, x0: Tensor | None = None, return_trace: bool = False):
+        """Draw ``n`` images by short-run Langevin from U[-1, 1] noise (the paper's sampler, also for evaluation).
+
+        Args:
+            n: number of images.
+            n_steps: chain length (default: ``n_steps`` of training; the paper uses the same K at test time).
+            noise_std: per-step noise std for the ``short_run`` form (default: the training value).
+            step_size: step size for the ``gaussian_reference`` form (default: the training value).
+            x0: initial states ``(n, C, H, W)`` (default: U[-1, 1]).
+            return_trace: also return ``{"log_prob": (n_steps,)}``, the mean log-density along the chain.
+
+        Returns:
+            ``(n, C, H, W)`` images on the model's device (not clamped: the chains may leave [-1, 1] slightly), or
+            ``(images, trace)``.
+        """
+        k = self.hparams.n_steps if n_steps is None else int(n_steps)
+        x0 = self._uniform(n) if x0 is None else as_normal_tensor(x0.to(self.device))
+        return self.langevin(self.log_prob, x0, self._make_sampler(k, noise_std, step_size),
+                             return_trace=return_trace)
+
+    def reconstruct(self, x: Tensor, n_iters: int = 100, lr: float = 0.05, progress: bool = True,
+                    seed: int | None = 0) -> Tensor:
+        """Reconstruct images by optimising the chain's initial noise (Nijkamp et al. 2019, sec. 4: the short-run
+        chain viewed as a generator x_K = M(x0) of its initial state).
+
+        The K-step chain with its per-step noise held fixed is differentiated end to end
+        (:meth:`LangevinSampler.unroll`); ``x0`` starts from U[-1, 1] and Adam minimises
+        ``sum ||M(x0) - x||^2 / B`` for ``n_iters`` iterations.
+
+        Args:
+            x: images ``(B, C, H, W)`` in [-1, 1].
+            n_iters: optimisation iterations (each costs one K-step chain plus its backward).
+            lr: Adam learning rate on x0.
+            progress: show a progress bar.
+            seed: seed of the initial noise and the fixed chain noise (None: not seeded).
+
+        Returns:
+            ``(B, C, H, W)`` reconstructions ``M(x0*)``, detached, on the model's device.
+        """
+        from tqdm.auto import tqdm
+
+        x = as_normal_tensor(x.to(self.device)).float()
+        gen = torch.Generator(device=x.device)
+        if seed is not None:
+            gen.manual_seed(seed)
+        else:
+            gen.seed()
+        sampler = self._make_sampler(self.hparams.n_steps)
+        x0 = (torch.rand(x.shape, generator=gen, device=x.device) * 2 - 1).requires_grad_(True)
+        noise = torch.randn((sampler.n_steps, *x.shape), generator=gen, device=x.device)
+        opt = torch.optim.Adam([x0], lr=lr)
+        with self.frozen_for_sampling(), torch.enable_grad():
+            for _ in tqdm(range(n_iters), desc="reconstruct (optimising x0)", disable=not progress, leave=False):
+                opt.zero_grad(set_to_none=True)
+                loss = (sampler.unroll(self.log_prob, x0, noise) - x).pow(2).flatten(1).sum(1).mean()
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                return sampler.unroll(self.log_prob, x0.detach(), noise).detach()
+
+    # ------------------------------------------------------------------------------------------------ training
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.score_net.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        for attr in ("channels", "img_size"):
+            have = getattr(dm, attr, None)
+            if have is not None and have != self.hparams[attr]:
+                raise DataShapeError(f"the datamodule yields {attr}={have} but the model has {attr}="
+                                     f"{self.hparams[attr]}: set --model.{attr} {have}.")
+
+    def _chain_init(self, x_data: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Initial chain states ``(B, C, H, W)`` and, for the persistent buffer, the buffer indices used."""
+        hp, b = self.hparams, x_data.shape[0]
+        if hp.init == "uniform":
+            return self._uniform(b), None
+        if hp.init == "data":
+            return x_data.detach(), None
+        idx = torch.randint(0, self.replay_buffer.shape[0], (b,), device=self.replay_buffer.device)
+        x0 = self.replay_buffer[idx].to(x_data)
+        restart = (torch.rand(b, device=x0.device) < hp.reinit_prob).view(-1, 1, 1, 1)
+        return torch.where(restart, self._uniform(b).to(x0), x0), idx
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        hp = self.hparams
+        x = images_from_batch(batch)  # (B, C, H, W) in [-1, 1]
+        self.check_data_shape(x, (hp.channels, hp.img_size, hp.img_size), "Set --model.channels/--model.img_size.")
+        b = x.shape[0]
+        x = x + hp.data_noise * torch.randn_like(x)  # reference: N(0, 0.03^2) data noise
+        x0, idx = self._chain_init(x)
+        x_q = self.langevin(self.log_prob, x0, "train")  # (B, C, H, W), K steps
+        if idx is not None:
+            self.replay_buffer[idx] = x_q.to(self.replay_buffer.dtype)
+
+        f_pos, f_neg = self.score(x), self.score(x_q)  # (B,), (B,)
+        loss = f_neg.mean() - f_pos.mean()  # minimise -(mean f(data) - mean f(samples))
+        if not self.check_finite({"loss": loss}):
+            return
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        grad_norm = self.grad_norm_and_clip(self.score_net.parameters(), hp.grad_clip)
+        opt.step()
+        logs = {"loss": loss.detach(), "score_pos": f_pos.mean().detach(), "score_neg": f_neg.mean().detach(),
+                "grad_norm": grad_norm}
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=b)
+        # gap f(data) - f(samples): positive while the model still tells data from its samples
+        self.log("gap", -loss.detach(), prog_bar=True, logger=False, batch_size=b)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        """No model-side validation loss: metric callbacks (FID, SampleGrid) do the evaluation."""
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        """No model-side test loss: metric callbacks compute the paper's test metrics."""

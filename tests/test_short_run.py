@@ -1,0 +1,265 @@
+"""ShortRunEBM and CoopNets: shapes, update signs, the replay buffer in checkpoints, reconstruction, CLI recipes."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import lebm_zoo
+from lebm_zoo import CheckpointError, CoopNets, LatentEBMPrior, ShortRunEBM
+from lebm_zoo.cli import main
+from lebm_zoo.samplers import LangevinSampler
+
+
+def fixed_batch(n=16, c=1, s=28, seed=0):
+    """Bright digit-like blobs: a data distribution the U[-1, 1] starting noise is far from."""
+    g = torch.Generator().manual_seed(seed)
+    x = -torch.ones(n, c, s, s)
+    x[:, :, s // 4: 3 * s // 4, s // 3: 2 * s // 3] = 0.8
+    return (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+
+
+def fit(model, x, steps, tmp_path=None, bs=8, **kw):
+    cfg = dict(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    cfg.update(kw)
+    t = pl.Trainer(**cfg)
+    t.fit(model, DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=bs, shuffle=True))
+    return t
+
+
+def shortrun(**kw):
+    cfg = dict(img_size=28, channels=1, nf=8, n_steps=10)
+    cfg.update(kw)
+    return ShortRunEBM(**cfg)
+
+
+def coop(**kw):
+    cfg = dict(img_size=28, channels=1, nz=8, ngf=4, ndf=8, n_out=10, n_chains=12, descriptor_steps=3)
+    cfg.update(kw)
+    return CoopNets(**cfg)
+
+
+# ------------------------------------------------------------------------------------------------ ShortRunEBM
+def test_shortrun_defaults_are_the_reference_ones():
+    m = ShortRunEBM()
+    hp = m.hparams
+    assert (hp.img_size, hp.channels, hp.nf, hp.n_steps, hp.noise_std, hp.data_noise, hp.lr) == \
+        (32, 3, 64, 100, 0.01, 0.03, 1e-4)
+    assert tuple(hp.betas) == (0.9, 0.999) and hp.init == "uniform" and hp.grad_clip is None
+    convs = [mod for mod in m.score_net.modules() if isinstance(mod, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs] == \
+        [(3, 64, 3, 1), (64, 128, 4, 2), (128, 256, 4, 2), (256, 512, 4, 2), (512, 1, 4, 1)]
+    s = m.samplers["train"]  # x <- x + 1 * grad f + 0.01 eps
+    assert s.n_steps == 100 and s.step_size ** 2 / 2 == pytest.approx(1.0)
+    assert s.step_size * s.noise_scale == pytest.approx(0.01)
+    assert m.replay_buffer.shape[0] == 0
+
+
+@pytest.mark.parametrize("img_size,channels", [(28, 1), (32, 3), (64, 3)])
+def test_shortrun_public_methods_shapes(img_size, channels):
+    m = shortrun(img_size=img_size, channels=channels, n_steps=2).eval()
+    x = m.sample(3)
+    assert x.shape == (3, channels, img_size, img_size) and x.dtype == torch.float32
+    assert m.energy(x).shape == (3,)
+    x, trace = m.sample(3, n_steps=4, return_trace=True)
+    assert trace["log_prob"].shape == (4,)
+
+
+def test_shortrun_sample_follows_the_tempered_update():
+    """One step from x0 equals x0 + grad f(x0) + noise_std * eps with the same eps."""
+    m = shortrun()
+    x0 = torch.rand(4, 1, 28, 28) * 2 - 1
+    torch.manual_seed(3)
+    x1 = m.sample(4, n_steps=1, noise_std=0.05, x0=x0)
+    x = x0.clone().requires_grad_(True)
+    grad = torch.autograd.grad(m.score(x).sum(), x)[0]
+    torch.manual_seed(3)
+    expected = x0 + grad + 0.05 * torch.randn_like(x0)
+    assert torch.allclose(x1, expected, atol=1e-5)
+
+
+def test_gaussian_reference_form_adds_the_reference_term():
+    m = shortrun(form="gaussian_reference", ref_sigma=0.5)
+    x = torch.rand(5, 1, 28, 28) * 2 - 1
+    expected = m.score(x) - x.flatten(1).pow(2).sum(1) / (2 * 0.25)
+    assert torch.allclose(m.log_prob(x), expected) and torch.allclose(m.energy(x), -expected)
+    assert m.samplers["train"].step_size == 0.002  # textbook Langevin with delta
+
+
+def test_shortrun_update_sign_raises_data_scores_relative_to_samples():
+    torch.manual_seed(0)
+    m = shortrun()
+    x = fixed_batch()
+    x_q = m.sample(16)
+
+    def gap():
+        with torch.no_grad():
+            return float(m.score(x).mean() - m.score(x_q).mean())
+
+    before = gap()
+    fit(m, x, steps=5)
+    assert gap() > before + 1e-3
+
+
+def test_persistent_buffer_is_updated_and_survives_a_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    m = shortrun(init="persistent", buffer_size=20, reinit_prob=0.0)
+    start = m.replay_buffer.clone()
+    t = fit(m, fixed_batch(), steps=2, tmp_path=tmp_path)
+    assert not torch.equal(m.replay_buffer, start)  # chains were written back
+    ckpt = tmp_path / "m.ckpt"
+    t.save_checkpoint(ckpt)
+    assert torch.equal(torch.load(ckpt, weights_only=True)["state_dict"]["replay_buffer"], m.replay_buffer)
+    loaded = lebm_zoo.load_pretrained(ckpt)
+    assert isinstance(loaded, ShortRunEBM) and torch.equal(loaded.replay_buffer, m.replay_buffer)
+    assert loaded.sample(2).shape == (2, 1, 28, 28)
+    with pytest.raises(CheckpointError, match="not a LatentEBMPrior"):
+        LatentEBMPrior.load_pretrained(ckpt)
+
+
+def test_data_init_starts_chains_at_the_data():
+    m = shortrun(init="data")
+    x = fixed_batch(4)
+    x0, idx = m._chain_init(x)
+    assert idx is None and torch.equal(x0, x)
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(ValueError, match="init must be one of"):
+        shortrun(init="buffer")
+    with pytest.raises(ValueError, match="form must be one of"):
+        shortrun(form="textbook")
+
+
+def test_unrolled_chain_matches_the_sampler_and_is_differentiable():
+    s = LangevinSampler(5, 0.3)
+    target = torch.tensor([1.0, -2.0])
+
+    def log_prob(x):
+        return -0.5 * (x - target).pow(2).sum(1)
+
+    x0 = torch.zeros(3, 2, requires_grad=True)
+    noise = torch.randn(5, 3, 2)
+    xk = s.unroll(log_prob, x0, noise)
+    # Gaussian target: each step is affine, x <- (1 - s^2/2) x + (s^2/2) target + s eps, so dx_K/dx0 = (1-s^2/2)^K
+    (g,) = torch.autograd.grad(xk.sum(), x0)
+    assert torch.allclose(g, torch.full_like(g, (1 - 0.045) ** 5))
+    with pytest.raises(ValueError, match="noise must have shape"):
+        s.unroll(log_prob, x0, noise[:2])
+
+
+def test_reconstruction_by_optimising_the_initial_noise_beats_a_fresh_chain():
+    torch.manual_seed(0)
+    m = shortrun(n_steps=5)
+    fit(m, fixed_batch(), steps=3)
+    x = fixed_batch(4, seed=1)
+    rec = m.reconstruct(x, n_iters=30, lr=0.1, progress=False)
+    assert rec.shape == x.shape
+    fresh = m.sample(4, n_steps=5)
+    assert (rec - x).pow(2).mean() < 0.5 * (fresh - x).pow(2).mean()
+
+
+# ------------------------------------------------------------------------------------------------ CoopNets
+def test_coopnets_defaults_are_the_official_tf_ones():
+    m = CoopNets()
+    hp = m.hparams
+    assert (hp.nz, hp.n_chains, hp.descriptor_steps, hp.descriptor_step_size, hp.descriptor_sigma) == \
+        (100, 144, 15, 0.002, 0.016)
+    assert (hp.generator_steps, hp.generator_sigma, hp.lr_d, hp.lr_g, tuple(hp.betas)) == \
+        (0, 0.3, 0.007, 1e-4, (0.5, 0.999))
+    assert hp.descriptor_noise and m.samplers["descriptor"].noise_scale == 1.0
+    assert m.descriptor.net[-1].out_features == 100
+
+
+@pytest.mark.parametrize("img_size,channels", [(28, 1), (32, 3), (64, 3)])
+def test_coopnets_sample_draft_and_refined(img_size, channels):
+    m = coop(img_size=img_size, channels=channels).eval()
+    torch.manual_seed(0)
+    draft = m.sample(6, refine=False)
+    torch.manual_seed(0)
+    refined = m.sample(6, refine=True)
+    assert draft.shape == refined.shape == (6, channels, img_size, img_size)
+    assert draft.abs().max() <= 1 and not torch.equal(draft, refined)
+
+
+def test_coopnets_descriptor_langevin_is_the_reference_update():
+    """Y <- Y - (delta^2/2)(Y/sigma_d^2 - grad f(Y)) + delta eps."""
+    m = coop(descriptor_steps=1)
+    y0 = torch.rand(4, 1, 28, 28) * 2 - 1
+    torch.manual_seed(5)
+    y1 = m.revise(y0)
+    y = y0.clone().requires_grad_(True)
+    grad_f = torch.autograd.grad(m.score(y).sum(), y)[0]
+    torch.manual_seed(5)
+    d, sd = 0.002, 0.016
+    expected = y0 - d ** 2 / 2 * (y0 / sd ** 2 - grad_f) + d * torch.randn_like(y0)
+    assert torch.allclose(y1, expected, atol=1e-6)
+
+
+def test_coopnets_updates_raise_data_scores_and_pull_the_generator_to_the_revisions():
+    torch.manual_seed(0)
+    m = coop(lr_g=1e-2)
+    x = fixed_batch()
+    z = torch.randn(12, 8)
+
+    def state():
+        with torch.no_grad():
+            y = m.revise(m.generator(z))
+            return float(m.score(x).mean() - m.score(y).mean()), float((y - m.generator(z)).pow(2).mean())
+
+    gap0, _ = state()
+    t = fit(m, x, steps=5)
+    gap1, _ = state()
+    assert gap1 > gap0  # descriptor: observed data up relative to revised samples
+    assert t.global_step == 5  # one step per iteration although two optimisers step
+    assert {"train/loss_d", "train/loss_g", "train/revision_rms"} <= set(t.callback_metrics)
+
+
+def test_coopnets_generator_inference_option_runs_and_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    m = coop(generator_steps=2)
+    t = fit(m, fixed_batch(), steps=2, tmp_path=tmp_path)
+    t.save_checkpoint(tmp_path / "c.ckpt")
+    loaded = lebm_zoo.load_pretrained(tmp_path / "c.ckpt")
+    assert isinstance(loaded, CoopNets) and loaded.hparams.generator_steps == 2
+    assert loaded.sample(3).shape == (3, 1, 28, 28)
+
+
+# ------------------------------------------------------------------------------------------------ CLI recipes
+def write_mnist(root: Path, n: int = 24, seed: int = 0) -> None:
+    """MNIST's real on-disk format (IDX files) in torchvision's layout, ``MNIST/raw/``."""
+    rng = np.random.default_rng(seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix in ("train", "t10k"):
+        imgs = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            np.array([0x803, n, 28, 28], dtype=">i4").tobytes() + imgs.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(np.array([0x801, n], dtype=">i4").tobytes() + labels.tobytes())
+
+
+@pytest.mark.parametrize("recipe,cls,overrides", [
+    ("mnist_shortrun", ShortRunEBM, ["--model.n_steps", "3"]),
+    ("mnist_coopnets", CoopNets, ["--model.n_chains", "10", "--model.descriptor_steps", "2"]),
+])
+def test_recipe_trains_through_the_cli_and_loads(recipe, cls, overrides, tmp_path, capsys):
+    data = tmp_path / "mnist"
+    data.mkdir()
+    write_mnist(data)
+    args = ["fit", "--recipe", recipe, "--data.data_dir", str(data), "--data.download", "false",
+            "--data.val_size", "4", "--data.batch_size", "8", "--data.num_workers", "0",
+            "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(tmp_path), *overrides]
+    # FID needs Inception weights; the recipe's FID callback runs at epoch ends only, which 2 steps do not reach
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    (last,) = tmp_path.rglob("last.ckpt")
+    assert torch.load(last, weights_only=True)["lebm_zoo"]["recipe"] == recipe
+    model = lebm_zoo.load_pretrained(tmp_path)
+    assert isinstance(model, cls)
+    assert model.sample(2).shape == (2, 1, 28, 28)
