@@ -239,7 +239,8 @@ def write_mnist(root: Path, n: int = 24, seed: int = 0) -> None:
         labels = rng.integers(0, 10, size=n, dtype=np.uint8)
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
             np.array([0x803, n, 28, 28], dtype=">i4").tobytes() + imgs.tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(np.array([0x801, n], dtype=">i4").tobytes() + labels.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            np.array([0x801, n], dtype=">i4").tobytes() + labels.tobytes())
 
 
 @pytest.mark.parametrize("recipe,cls,overrides", [
