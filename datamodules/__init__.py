@@ -9,11 +9,13 @@ from datamodules.images import (
     QuickstartMNISTDataModule,
     SVHNDataModule,
 )
+from datamodules.toy import EightGaussiansDataModule
 
 __all__ = [
     "CelebA64DataModule",
     "CIFAR10DataModule",
     "DatasetNotFoundError",
+    "EightGaussiansDataModule",
     "ImageDataModule",
     "ImageFolderDataModule",
     "MNISTDataModule",

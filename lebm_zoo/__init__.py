@@ -6,7 +6,15 @@
 """
 __version__ = "0.1.0"
 
-from lebm_zoo.models import CoopNets, EBMModule, LatentEBMPrior, ShortRunEBM, TrainingDivergedError  # noqa: E402
+from lebm_zoo.models import (  # noqa: E402
+    CoopNets,
+    DivergenceTriangle,
+    EBMModule,
+    FlowContrastiveEBM,
+    LatentEBMPrior,
+    ShortRunEBM,
+    TrainingDivergedError,
+)
 from lebm_zoo.pretrained import CheckpointError, list_pretrained, load_pretrained  # noqa: E402
 from lebm_zoo.samplers import HMCSampler, LangevinSampler, SamplerMixin  # noqa: E402
 
@@ -14,7 +22,9 @@ __all__ = [
     "__version__",
     "CheckpointError",
     "CoopNets",
+    "DivergenceTriangle",
     "EBMModule",
+    "FlowContrastiveEBM",
     "HMCSampler",
     "LangevinSampler",
     "LatentEBMPrior",

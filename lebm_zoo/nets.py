@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["ConvGenerator", "CoopDescriptor", "CoopGenerator", "EnergyMLP", "ShortRunScoreNet", "count_parameters",
-           "xavier_init_convs"]
+__all__ = ["ConvGenerator", "CoopDescriptor", "CoopGenerator", "EnergyMLP", "ShortRunScoreNet", "TriangleEncoder",
+           "TriangleEnergy", "TriangleGenerator", "count_parameters", "down_trunk", "xavier_init_convs"]
 
 # (kernel, stride, padding) of each transposed convolution after the first (k4 s1 p0: 1 -> 4 px), per image size
 _UPSAMPLING = {
@@ -94,6 +94,25 @@ class EnergyMLP(nn.Module):
         return self.net(z.flatten(1)).squeeze(-1)
 
 
+def down_trunk(channels: int, img_size: int, widths: list[int], leak: float = 0.2) -> tuple[nn.Sequential, int]:
+    """The data-space ConvNet trunk of the short-run EBM and the divergence triangle's E and I.
+
+    Conv(channels -> widths[0], k3 s1 p1), then Conv k4 s2 p1 to each further width, LeakyReLU after every conv.
+    Returns the trunk and its output's spatial size (32 px with four widths: 32 -> 16 -> 8 -> 4).
+    """
+    layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 3, 1, 1), nn.LeakyReLU(leak)]
+    size = img_size
+    for cin, cout in zip(widths, widths[1:]):
+        layers += [nn.Conv2d(cin, cout, 4, 2, 1), nn.LeakyReLU(leak)]
+        size //= 2
+    return nn.Sequential(*layers), size
+
+
+def _check_size(img_size: int) -> None:
+    if img_size not in (28, 32, 64):
+        raise ValueError(f"img_size must be 28, 32 or 64, got {img_size}")
+
+
 class ShortRunScoreNet(nn.Module):
     """Score f(x) (negative energy, higher = more likely) of the short-run EBM (Nijkamp et al. 2019).
 
@@ -116,19 +135,94 @@ class ShortRunScoreNet(nn.Module):
 
     def __init__(self, channels: int = 3, img_size: int = 32, nf: int = 64):
         super().__init__()
-        if img_size not in (28, 32, 64):
-            raise ValueError(f"img_size must be 28, 32 or 64, got {img_size}")
+        _check_size(img_size)
         widths = [nf, 2 * nf, 4 * nf, 8 * nf] + ([8 * nf] if img_size == 64 else [])
-        layers: list[nn.Module] = [nn.Conv2d(channels, nf, 3, 1, 1), nn.LeakyReLU(0.2)]
-        size = img_size
-        for cin, cout in zip(widths, widths[1:]):
-            layers += [nn.Conv2d(cin, cout, 4, 2, 1), nn.LeakyReLU(0.2)]
-            size //= 2
-        layers.append(nn.Conv2d(widths[-1], 1, size, 1, 0))  # (B, 1, 1, 1)
-        self.net = nn.Sequential(*layers)
+        trunk, size = down_trunk(channels, img_size, widths)
+        self.net = nn.Sequential(*trunk, nn.Conv2d(widths[-1], 1, size, 1, 0))  # (B, 1, 1, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x).flatten()
+
+
+def _normal_init(module: nn.Module, std: float = 0.02) -> None:
+    """The triangle's init: conv weights N(0, std), BatchNorm weights N(1, std), biases 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, std)
+            nn.init.zeros_(m.bias)
+
+
+class TriangleGenerator(nn.Module):
+    """Divergence-triangle generator G(z) (``enijkamp/triangle`` ``train_cifar10.py``).
+
+    ConvT(nz -> 8ngf, k4 s1 p0) -> BN -> ReLU, then ConvT k4 s2 p1 to 8ngf, 4ngf, 2ngf (each BN + ReLU;
+    4 -> 8 -> 16 -> 32 px; at 28 px the first is k3 so 4 -> 7 -> 14 -> 28; at 64 px one more to ngf), then
+    ConvT(-> channels, k3 s1 p1) -> Tanh. Init N(0, 0.02), BN weights N(1, 0.02).
+
+    Shapes: ``z`` ``(B, nz)`` -> ``(B, channels, img_size, img_size)`` in [-1, 1].
+    """
+
+    def __init__(self, nz: int = 100, ngf: int = 64, img_size: int = 32, channels: int = 3):
+        super().__init__()
+        _check_size(img_size)
+        widths = [8 * ngf, 8 * ngf, 4 * ngf, 2 * ngf] + ([ngf] if img_size == 64 else [])
+        layers: list[nn.Module] = [nn.ConvTranspose2d(nz, widths[0], 4, 1, 0), nn.BatchNorm2d(widths[0]), nn.ReLU()]
+        for i, (cin, cout) in enumerate(zip(widths, widths[1:])):
+            k = 3 if (img_size == 28 and i == 0) else 4
+            layers += [nn.ConvTranspose2d(cin, cout, k, 2, 1), nn.BatchNorm2d(cout), nn.ReLU()]
+        layers += [nn.ConvTranspose2d(widths[-1], channels, 3, 1, 1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        self.nz = nz
+        _normal_init(self)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z.view(z.shape[0], -1, 1, 1))
+
+
+class TriangleEnergy(nn.Module):
+    """Divergence-triangle energy E(x) (lower = more likely): Conv3x3 (nf), Conv4x4 s2 (2nf, 4nf, 4nf), LeakyReLU(0.2),
+    then a valid conv over the remaining map to 1 (reference: nf = 64). Init N(0, 0.02).
+
+    Shapes: ``x`` ``(B, channels, img_size, img_size)`` -> ``(B,)``.
+    """
+
+    def __init__(self, channels: int = 3, img_size: int = 32, nf: int = 64):
+        super().__init__()
+        _check_size(img_size)
+        widths = [nf, 2 * nf, 4 * nf, 4 * nf] + ([4 * nf] if img_size == 64 else [])
+        trunk, size = down_trunk(channels, img_size, widths)
+        self.net = nn.Sequential(*trunk, nn.Conv2d(widths[-1], 1, size, 1, 0))
+        _normal_init(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).flatten()
+
+
+class TriangleEncoder(nn.Module):
+    """Divergence-triangle inference network I(x) = (mu, log sigma^2) of a diagonal Gaussian q(z | x).
+
+    Conv3x3 (nf), Conv4x4 s2 (2nf, 4nf, 8nf), LeakyReLU(0.2), then two valid-conv heads (8nf -> nz) for mu and
+    log sigma^2 (reference: nf = 64, nz = 100). Init N(0, 0.02).
+
+    Shapes: ``x`` ``(B, channels, img_size, img_size)`` -> ``(mu, logvar)``, each ``(B, nz)``.
+    """
+
+    def __init__(self, channels: int = 3, img_size: int = 32, nz: int = 100, nf: int = 64):
+        super().__init__()
+        _check_size(img_size)
+        widths = [nf, 2 * nf, 4 * nf, 8 * nf] + ([8 * nf] if img_size == 64 else [])
+        self.trunk, size = down_trunk(channels, img_size, widths)
+        self.mu = nn.Conv2d(widths[-1], nz, size, 1, 0)
+        self.logvar = nn.Conv2d(widths[-1], nz, size, 1, 0)
+        _normal_init(self)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.trunk(x)
+        return self.mu(h).flatten(1), self.logvar(h).flatten(1)
 
 
 class CoopDescriptor(nn.Module):

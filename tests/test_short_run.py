@@ -1,24 +1,15 @@
 """ShortRunEBM and CoopNets: shapes, update signs, the replay buffer in checkpoints, reconstruction, CLI recipes."""
-from pathlib import Path
 
-import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from _data import fixed_batch, write_mnist
 from torch.utils.data import DataLoader, TensorDataset
 
 import lebm_zoo
 from lebm_zoo import CheckpointError, CoopNets, LatentEBMPrior, ShortRunEBM
 from lebm_zoo.cli import main
 from lebm_zoo.samplers import LangevinSampler
-
-
-def fixed_batch(n=16, c=1, s=28, seed=0):
-    """Bright digit-like blobs: a data distribution the U[-1, 1] starting noise is far from."""
-    g = torch.Generator().manual_seed(seed)
-    x = -torch.ones(n, c, s, s)
-    x[:, :, s // 4: 3 * s // 4, s // 3: 2 * s // 3] = 0.8
-    return (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
 
 
 def fit(model, x, steps, tmp_path=None, bs=8, **kw):
@@ -229,20 +220,6 @@ def test_coopnets_generator_inference_option_runs_and_checkpoints(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ CLI recipes
-def write_mnist(root: Path, n: int = 24, seed: int = 0) -> None:
-    """MNIST's real on-disk format (IDX files) in torchvision's layout, ``MNIST/raw/``."""
-    rng = np.random.default_rng(seed)
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for prefix in ("train", "t10k"):
-        imgs = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
-            np.array([0x803, n, 28, 28], dtype=">i4").tobytes() + imgs.tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
-            np.array([0x801, n], dtype=">i4").tobytes() + labels.tobytes())
-
-
 @pytest.mark.parametrize("recipe,cls,overrides", [
     ("mnist_shortrun", ShortRunEBM, ["--model.n_steps", "3"]),
     ("mnist_coopnets", CoopNets, ["--model.n_chains", "10", "--model.descriptor_steps", "2"]),

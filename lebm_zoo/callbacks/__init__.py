@@ -3,10 +3,13 @@
 - :class:`FIDCallback`: FID of ``sample`` against real images (``val/fid``, ``test/fid``).
 - :class:`ReconstructionMSE`: per-pixel MSE of ``reconstruct`` on held-out images (``val/recon_mse``,
   ``test/recon_mse``) and a PNG of originals above reconstructions.
+- :class:`DensityPlot2D`: data, EBM and flow densities of a 2-D model side by side.
 - :class:`SampleGrid`: a PNG grid of ``sample`` with a fixed forked seed, also sent to image-capable loggers.
 """
+from lebm_zoo.callbacks.density import DensityPlot2D
 from lebm_zoo.callbacks.fid import FIDCallback, FIDWeightsNotFoundError, default_fid_weights
 from lebm_zoo.callbacks.reconstruction import ReconstructionMSE
 from lebm_zoo.callbacks.samples import SampleGrid
 
-__all__ = ["FIDCallback", "FIDWeightsNotFoundError", "ReconstructionMSE", "SampleGrid", "default_fid_weights"]
+__all__ = ["DensityPlot2D", "FIDCallback", "FIDWeightsNotFoundError", "ReconstructionMSE", "SampleGrid",
+           "default_fid_weights"]

@@ -1,7 +1,10 @@
 """Model families, one file each. Every model subclasses :class:`EBMModule`."""
 from lebm_zoo.models.base import EBMModule, TrainingDivergedError
 from lebm_zoo.models.coopnets import CoopNets
+from lebm_zoo.models.flow_contrastive import FlowContrastiveEBM
 from lebm_zoo.models.latent_prior import LatentEBMPrior
 from lebm_zoo.models.short_run import ShortRunEBM
+from lebm_zoo.models.triangle import DivergenceTriangle
 
-__all__ = ["CoopNets", "EBMModule", "LatentEBMPrior", "ShortRunEBM", "TrainingDivergedError"]
+__all__ = ["CoopNets", "DivergenceTriangle", "EBMModule", "FlowContrastiveEBM", "LatentEBMPrior", "ShortRunEBM",
+           "TrainingDivergedError"]

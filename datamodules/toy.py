@@ -1,0 +1,68 @@
+"""2-D toy data: the eight-Gaussian mixture of the flow-contrastive-estimation toy (``lifeitech/fce-2d``)."""
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+__all__ = ["EightGaussiansDataModule", "eight_gaussians", "eight_gaussian_centers"]
+
+
+def eight_gaussian_centers(radius: float = 2.0) -> torch.Tensor:
+    """The 8 mode centres ``(8, 2)``, evenly spaced on a circle of ``radius``."""
+    angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
+    return (radius * torch.stack([angles.cos(), angles.sin()], 1)).float()
+
+
+def eight_gaussians(n: int, radius: float = 2.0, std: float = 0.1, seed: int = 0) -> torch.Tensor:
+    """``n`` points ``(n, 2)`` from an equal mixture of N(centre, std^2 I) over :func:`eight_gaussian_centers`."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 8, (n,), generator=g)
+    return eight_gaussian_centers(radius)[idx] + std * torch.randn(n, 2, generator=g)
+
+
+class EightGaussiansDataModule(pl.LightningDataModule):
+    """Eight-Gaussian mixture in 2-D: train, val and test sets drawn once with fixed seeds. Batches are ``(x,)``,
+    ``x`` of shape ``(B, 2)``.
+
+    Args:
+        n_train: training points (fce-2d: 500,000).
+        n_val, n_test: held-out points.
+        radius: radius of the circle of modes.
+        std: standard deviation of each mode.
+        batch_size: points per batch (fce-2d: 1000).
+        seed: seed of the training set (val and test use ``seed + 1`` and ``seed + 2``).
+        num_workers: DataLoader workers (0 is best for in-memory tensors).
+
+    Raises:
+        ValueError: for non-positive sizes.
+    """
+
+    def __init__(self, n_train: int = 500_000, n_val: int = 5_000, n_test: int = 5_000, radius: float = 2.0,
+                 std: float = 0.1, batch_size: int = 1000, seed: int = 0, num_workers: int = 0):
+        super().__init__()
+        if min(n_train, n_val, n_test, batch_size) < 1 or std <= 0:
+            raise ValueError("n_train, n_val, n_test, batch_size and std must be positive")
+        self.save_hyperparameters()
+        self.dim = 2
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        self.train_set = TensorDataset(eight_gaussians(hp.n_train, hp.radius, hp.std, hp.seed))
+        self.val_set = TensorDataset(eight_gaussians(hp.n_val, hp.radius, hp.std, hp.seed + 1))
+        self.test_set = TensorDataset(eight_gaussians(hp.n_test, hp.radius, hp.std, hp.seed + 2))
+
+    def _loader(self, ds, shuffle):
+        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle,
+                          num_workers=self.hparams.num_workers)
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, False)
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, False)

@@ -1,0 +1,204 @@
+"""Flow contrastive estimation (Gao, Nijkamp, Kingma, Xu, Dai, Wu, "Flow Contrastive Estimation of Energy-Based
+Models", CVPR 2020).
+
+There is no official code; this follows the paper and the third-party 2-D code ``lifeitech/fce-2d`` (``families.md``
+§5). An EBM ``log p(x) = -f(x) - c`` with a learned log-normaliser c (initialised at 1) and a normalizing flow q(x)
+play a two-class game on the value
+
+    V = mean_{x ~ data} [log p(x) - logsumexp(log p(x), log q(x))]
+      + mean_{x ~ q}    [log q(x) - logsumexp(log p(x), log q(x))],
+
+the log-likelihood of classifying data against flow samples by ``sigmoid(log p - log q)``. The EBM step maximises V
+(noise-contrastive estimation with the flow as noise); the flow step minimises it. Each iteration takes one step:
+the flow's if the classification accuracy on the current batch exceeds ``accuracy_threshold`` (0.6), else the EBM's.
+No MCMC; samples come from the flow (optionally refined by Langevin on the EBM).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lebm_zoo.flows import Flow
+from lebm_zoo.models.base import DataShapeError, EBMModule
+from lebm_zoo.nets import TriangleEnergy
+from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
+from lebm_zoo.utils import images_from_batch
+
+__all__ = ["FlowContrastiveEBM"]
+
+
+class EnergyMLP2(nn.Module):
+    """The fce-2d energy f(x): MLP ``dim -> hidden -> hidden -> 1`` with LeakyReLU(0.2); ``(B, dim) -> (B,)``."""
+
+    def __init__(self, dim: int = 2, hidden: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden),
+                                 nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.flatten(1)).squeeze(-1)
+
+
+class FlowContrastiveEBM(EBMModule):
+    """An EBM with a learned normaliser, trained by noise-contrastive estimation against an adversarial flow.
+
+    Two data kinds: vectors (``dim`` set: the fce-2d toy; energy MLP dim-128-128-1, MAF of 5 blocks with hidden 100,
+    Adam 1e-3 / 7e-4, betas (0.9, 0.999), as ``lifeitech/fce-2d``) or images (``dim=None``: the divergence
+    triangle's conv energy and a RealNVP on flattened pixels, see :mod:`lebm_zoo.flows` for why; pixels are
+    uniformly dequantised by 1/128, one 8-bit level of [-1, 1], before both models see them).
+
+    Args:
+        dim: vector dimension; None for images.
+        img_size, channels: image shape (images only).
+        ndf: width of the image energy net.
+        energy_hidden: width of the vector energy MLP.
+        flow_kind: ``"maf"`` or ``"realnvp"`` (default: maf for vectors, realnvp for images).
+        flow_transforms, flow_hidden: flow blocks and conditioner width.
+        log_z_init: initial value of the learned log-normaliser c.
+        accuracy_threshold: train the flow when the classification accuracy exceeds this, else the EBM.
+        lr_ebm, lr_flow: Adam learning rates; ``betas`` for both.
+        dequantize: add U[0, 1/128) noise to image pixels (ignored for vectors).
+        refine_steps, refine_step_size: default Langevin refinement of flow samples on the EBM in :meth:`sample`.
+
+    Shapes: data ``(B, dim)`` or ``(B, channels, img_size, img_size)`` in [-1, 1].
+    """
+
+    def __init__(
+        self,
+        dim: int | None = None,
+        img_size: int = 32,
+        channels: int = 3,
+        ndf: int = 64,
+        energy_hidden: int = 128,
+        flow_kind: str | None = None,
+        flow_transforms: int = 5,
+        flow_hidden: int = 100,
+        log_z_init: float = 1.0,
+        accuracy_threshold: float = 0.6,
+        lr_ebm: float = 1e-3,
+        lr_flow: float = 7e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        dequantize: bool = True,
+        refine_steps: int = 0,
+        refine_step_size: float = 0.01,
+    ):
+        super().__init__()
+        if not 0.5 <= accuracy_threshold < 1.0:
+            raise ValueError(f"accuracy_threshold must be in [0.5, 1), got {accuracy_threshold}")
+        self.save_hyperparameters()
+        if dim is not None:
+            self.data_shape: tuple[int, ...] = (dim,)
+            self.energy_net = EnergyMLP2(dim, energy_hidden)
+        else:
+            self.data_shape = (channels, img_size, img_size)
+            self.energy_net = TriangleEnergy(channels=channels, img_size=img_size, nf=ndf)
+        kind = flow_kind or ("maf" if dim is not None else "realnvp")
+        self.flow = Flow(self.data_shape, kind=kind, transforms=flow_transforms, hidden=flow_hidden)
+        self.log_z = nn.Parameter(torch.tensor(float(log_z_init)))  # c in log p = -f - c
+        self.samplers = {"refine": LangevinSampler(refine_steps, refine_step_size)}
+
+    # ------------------------------------------------------------------------------------------------ densities
+    def energy(self, x: Tensor) -> Tensor:
+        """f(x), the EBM's energy (lower = more likely): ``(B, *data_shape) -> (B,)`` fp32."""
+        return self.energy_net(x).float()
+
+    def log_prob(self, x: Tensor, model: str = "ebm") -> Tensor:
+        """Log-density of ``x`` in nats, ``(B, *data_shape) -> (B,)``.
+
+        Args:
+            x: data in [-1, 1] (images) or vectors.
+            model: ``"ebm"``: ``-f(x) - c``, normalised by the learned constant (exactly normalised only at the
+                optimum of NCE); ``"flow"``: the flow's exact log q(x).
+
+        Raises:
+            ValueError: for another ``model``.
+        """
+        if model == "ebm":
+            return -self.energy(x) - self.log_z
+        if model == "flow":
+            return self.flow.log_prob(x)
+        raise ValueError(f"model must be 'ebm' or 'flow', got {model!r}")
+
+    # ------------------------------------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(self, n: int, refine_steps: int | None = None, refine_step_size: float | None = None) -> Tensor:
+        """Flow samples, optionally refined by Langevin on the EBM's ``-f(x)``.
+
+        Args:
+            n: number of samples.
+            refine_steps: Langevin steps (default: the ``refine_steps`` hyperparameter, 0).
+            refine_step_size: their step size (default: the ``refine_step_size`` hyperparameter).
+
+        Returns:
+            ``(n, *data_shape)`` on the model's device (images are clamped to [-1, 1]).
+        """
+        hp = self.hparams
+        x = self.flow.sample(n).to(self.device)
+        k = hp.refine_steps if refine_steps is None else int(refine_steps)
+        if k > 0:
+            sampler = LangevinSampler(k, hp.refine_step_size if refine_step_size is None else refine_step_size)
+            x = self.langevin(lambda xx: -self.energy(xx), x, sampler)
+        return x.clamp(-1, 1) if hp.dim is None else x
+
+    # ------------------------------------------------------------------------------------------------ training
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt_ebm = torch.optim.Adam([*self.energy_net.parameters(), self.log_z], lr=hp.lr_ebm, betas=tuple(hp.betas))
+        opt_flow = torch.optim.Adam(self.flow.parameters(), lr=hp.lr_flow, betas=tuple(hp.betas))
+        return [opt_ebm, opt_flow]
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.hparams.dim is not None:
+            return
+        for attr in ("channels", "img_size"):
+            have = getattr(dm, attr, None)
+            if have is not None and have != self.hparams[attr]:
+                raise DataShapeError(f"the datamodule yields {attr}={have} but the model has {attr}="
+                                     f"{self.hparams[attr]}: set --model.{attr} {have}.")
+
+    def value(self, x_data: Tensor, x_flow: Tensor) -> tuple[Tensor, Tensor]:
+        """The FCE value V and the classification accuracy, for data ``x_data`` and flow samples ``x_flow``.
+
+        Returns:
+            ``(V, accuracy)``: V (scalar, nats; the EBM maximises it, the flow minimises it) and the fraction of the
+            ``2B`` points that ``sigmoid(log p - log q)`` classifies correctly (scalar in [0, 1], no gradient).
+        """
+        lp_d, lq_d = self.log_prob(x_data), self.flow.log_prob(x_data)  # (B,), (B,)
+        lp_f, lq_f = self.log_prob(x_flow), self.flow.log_prob(x_flow)
+        v = (lp_d - torch.logaddexp(lp_d, lq_d)).mean() + (lq_f - torch.logaddexp(lp_f, lq_f)).mean()
+        correct = torch.cat([lp_d >= lq_d, lq_f > lp_f]).float()
+        return v, correct.mean().detach()
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        hp = self.hparams
+        x = images_from_batch(batch).float()
+        self.check_data_shape(x, self.data_shape, "Set --model.dim or --model.channels/--model.img_size.")
+        b = x.shape[0]
+        if hp.dim is None and hp.dequantize:
+            x = x + torch.rand_like(x) / 128.0
+        x_flow = self.flow.rsample(b)  # (B, *data_shape), differentiable w.r.t. the flow
+        v, acc = self.value(x, x_flow)
+        if not self.check_finite({"value": v}):
+            return
+        opt_ebm, opt_flow = self.optimizers()
+        train_flow = bool(acc > hp.accuracy_threshold)  # one sync per iteration: the alternation rule needs it
+        opt, loss = (opt_flow, v) if train_flow else (opt_ebm, -v)
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        opt.step()  # exactly one (counted) optimiser step per iteration
+        logs = {"value": v.detach(), "accuracy": acc, "log_z": self.log_z.detach(),
+                "flow_step": torch.tensor(float(train_flow))}
+        self.log_dict({f"train/{k}": val for k, val in logs.items()}, on_step=True, on_epoch=False, batch_size=b)
+        self.log_dict({"acc": acc, "V": v.detach()}, prog_bar=True, logger=False, batch_size=b)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        """Held-out mean log-density of the EBM and of the flow (``val/log_p_ebm``, ``val/log_q_flow``)."""
+        x = as_normal_tensor(images_from_batch(batch).float())
+        if self.hparams.dim is None and self.hparams.dequantize:
+            x = x + torch.rand_like(x) / 128.0
+        self.log_dict({"val/log_p_ebm": self.log_prob(x).mean(), "val/log_q_flow": self.flow.log_prob(x).mean()},
+                      batch_size=x.shape[0])
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        """Metric callbacks compute the test metrics (FID for images)."""
