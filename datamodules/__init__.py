@@ -1,4 +1,5 @@
 """LightningDataModules of lebm-zoo (import name ``datamodules``). Batches are ``(x, y)`` with x in [-1, 1]."""
+from datamodules.anomaly import MNISTAnomalyDataModule
 from datamodules.images import (
     CelebA64DataModule,
     CIFAR10DataModule,
@@ -18,6 +19,7 @@ __all__ = [
     "EightGaussiansDataModule",
     "ImageDataModule",
     "ImageFolderDataModule",
+    "MNISTAnomalyDataModule",
     "MNISTDataModule",
     "QuickstartMNISTDataModule",
     "SVHNDataModule",

@@ -1,15 +1,19 @@
-"""Metric and visualisation callbacks. They read models only through ``sample(n)`` and ``reconstruct(x)``.
+"""Metric and visualisation callbacks. They read models only through ``sample(n)``, ``reconstruct(x)`` and
+``anomaly_score(x)``.
 
+- :class:`AnomalyDetectionCallback`: AUPRC and AUROC of ``anomaly_score`` on labelled normal/anomalous images
+  (``test/auprc``, ``test/auroc``).
 - :class:`FIDCallback`: FID of ``sample`` against real images (``val/fid``, ``test/fid``).
 - :class:`ReconstructionMSE`: per-pixel MSE of ``reconstruct`` on held-out images (``val/recon_mse``,
   ``test/recon_mse``) and a PNG of originals above reconstructions.
 - :class:`DensityPlot2D`: data, EBM and flow densities of a 2-D model side by side.
 - :class:`SampleGrid`: a PNG grid of ``sample`` with a fixed forked seed, also sent to image-capable loggers.
 """
+from lebm_zoo.callbacks.anomaly import AnomalyDetectionCallback
 from lebm_zoo.callbacks.density import DensityPlot2D
 from lebm_zoo.callbacks.fid import FIDCallback, FIDWeightsNotFoundError, default_fid_weights
 from lebm_zoo.callbacks.reconstruction import ReconstructionMSE
 from lebm_zoo.callbacks.samples import SampleGrid
 
-__all__ = ["DensityPlot2D", "FIDCallback", "FIDWeightsNotFoundError", "ReconstructionMSE", "SampleGrid",
-           "default_fid_weights"]
+__all__ = ["AnomalyDetectionCallback", "DensityPlot2D", "FIDCallback", "FIDWeightsNotFoundError", "ReconstructionMSE",
+           "SampleGrid", "default_fid_weights"]

@@ -2,9 +2,11 @@
 from lebm_zoo.models.base import EBMModule, TrainingDivergedError
 from lebm_zoo.models.coopnets import CoopNets
 from lebm_zoo.models.flow_contrastive import FlowContrastiveEBM
+from lebm_zoo.models.joint_hierarchical import JointHierarchicalEBMPrior
 from lebm_zoo.models.latent_prior import LatentEBMPrior
 from lebm_zoo.models.short_run import ShortRunEBM
 from lebm_zoo.models.triangle import DivergenceTriangle
 
-__all__ = ["CoopNets", "DivergenceTriangle", "EBMModule", "FlowContrastiveEBM", "LatentEBMPrior", "ShortRunEBM",
+__all__ = ["CoopNets", "DivergenceTriangle", "EBMModule", "FlowContrastiveEBM", "JointHierarchicalEBMPrior",
+           "LatentEBMPrior", "ShortRunEBM",
            "TrainingDivergedError"]

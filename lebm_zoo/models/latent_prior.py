@@ -197,6 +197,29 @@ class LatentEBMPrior(EBMModule):
         """G(z) at z inferred by posterior Langevin: images ``(B, C, H, W)`` in [-1, 1] -> same shape and range."""
         return self.generate(self.infer_latent(x, n_steps=n_steps))
 
+    @torch.no_grad()
+    def anomaly_score(self, x: Tensor, n_steps: int | None = None) -> Tensor:
+        """Anomaly score: the negative unnormalised log-joint -log p(x, z) at z inferred by posterior Langevin.
+
+        The decision function of Pang et al. (2020), anomaly detection experiment (MNIST with one held-out digit)::
+
+            ||x - G(z)||^2 / (2 llhd_sigma^2) + E(z) + ||z||^2 / (2 sigma_p^2),   z = infer_latent(x)
+
+        z comes from a short-run chain started from fresh N(0, I) noise, so the score is random (seed the RNG to
+        repeat it). Used by :class:`~lebm_zoo.callbacks.AnomalyDetectionCallback`.
+
+        Args:
+            x: images ``(B, C, H, W)`` in [-1, 1].
+            n_steps: posterior chain length (default: ``posterior_steps``).
+
+        Returns:
+            ``(B,)`` float32 scores in nats, up to an additive constant (the Gaussian normalisers and log Z(a));
+            higher = more anomalous.
+        """
+        x = x.to(self.device)
+        z = self.infer_latent(x, n_steps=n_steps)
+        return -self.log_joint(x, z)
+
     # ------------------------------------------------------------------------------------------------ training
     def configure_optimizers(self):
         hp = self.hparams

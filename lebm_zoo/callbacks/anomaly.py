@@ -1,0 +1,181 @@
+"""Anomaly detection metrics, AUPRC and AUROC, of a model's anomaly score (Pang et al. 2020, anomaly detection)."""
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
+
+from lebm_zoo.samplers import as_normal_tensor
+from lebm_zoo.utils import images_from_batch
+
+__all__ = ["AnomalyDetectionCallback"]
+
+
+class _RawScores:
+    """Mixin for torchmetrics' exact binary curve metrics (``thresholds=None``): store the scores as given.
+
+    Their own ``update`` passes a batch through a sigmoid when any of its scores is outside [0, 1], which breaks the
+    ranking across batches (Lightning-AI/torchmetrics#2329) and ties large scores (sigmoid(20) == 1 in float32).
+    Anomaly scores are unbounded; ``compute`` ranks the stored scores without any transform.
+    """
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        self.preds.append(preds.flatten())
+        self.target.append(target.flatten())
+
+
+class _AUPRC(_RawScores, BinaryAveragePrecision):
+    """``BinaryAveragePrecision`` of raw scores."""
+
+
+class _AUROC(_RawScores, BinaryAUROC):
+    """``BinaryAUROC`` of raw scores."""
+
+
+class AnomalyDetectionCallback(pl.Callback):
+    """Area under the precision-recall curve (AUPRC) and under the ROC curve (AUROC) of ``pl_module.anomaly_score``.
+
+    Every image of the evaluated split is scored with ``pl_module.anomaly_score(x)`` (``x`` ``(B, C, H, W)`` in
+    [-1, 1] -> ``(B,)`` real scores, higher = more anomalous); its label is the batch's ``y`` (1 = anomaly, the
+    positive class; 0 = normal), e.g. the batches of :class:`~datamodules.MNISTAnomalyDataModule`. AUPRC is
+    torchmetrics ``BinaryAveragePrecision`` (exact, no thresholds binning; the same step-wise average precision as
+    scikit-learn's ``average_precision_score``) and AUROC ``BinaryAUROC``, both in [0, 1], of the raw scores (without
+    the sigmoid torchmetrics applies batch by batch to scores outside [0, 1]). The AUPRC of a random score is the
+    fraction of anomalies in the split; the AUROC of a random score is 0.5.
+
+    Scores are collected in ``on_test_batch_end`` (and ``on_validation_batch_end``; first dataloader only, never
+    during the sanity check) into the metric objects on every rank, and computed at epoch end on every rank
+    (torchmetrics gathers the scores of all ranks), then logged with ``sync_dist=True``. Under DDP, Lightning's
+    distributed sampler may repeat a few images to give every rank the same number of batches.
+
+    Validation is evaluated only at epochs where ``every_n_epochs`` says so, and only if the validation labels hold
+    both classes (a validation split of normal images only, as MNISTAnomalyDataModule's, is skipped with one warning).
+    The test split must hold both classes, otherwise the metrics are undefined: a warning is issued and nothing is
+    logged.
+
+    Args:
+        every_n_epochs: evaluate at the end of validation epochs where ``(epoch + 1) % every_n_epochs == 0`` (0:
+            never).
+        on_test: evaluate at test.
+        max_images: images scored per epoch, the first ones in loader order (under DDP ``ceil(max_images /
+            world_size)`` per rank); None: the whole split. MNISTAnomalyDataModule's test split lists its normal
+            images first, so a cap below their number scores no anomaly there.
+
+    Attributes:
+        last_auprc, last_auroc: the latest values as floats (NaN before the first evaluation).
+
+    Logs:
+        ``test/auprc``, ``test/auroc`` (and ``val/auprc``, ``val/auroc``); higher is better.
+
+    Raises:
+        ValueError: for ``every_n_epochs < 0`` or ``max_images < 1``; for labels other than 0 and 1, or scores of a
+            shape other than ``(B,)`` or not finite.
+        TypeError: at setup, if the model has no ``anomaly_score`` method.
+    """
+
+    def __init__(self, every_n_epochs: int = 0, on_test: bool = True, max_images: int | None = None):
+        if every_n_epochs < 0:
+            raise ValueError(f"every_n_epochs must be >= 0, got {every_n_epochs}")
+        if max_images is not None and max_images < 1:
+            raise ValueError(f"max_images must be >= 1 or None, got {max_images}")
+        self.every_n_epochs = every_n_epochs
+        self.on_test = on_test
+        self.max_images = max_images
+        self.auprc = _AUPRC()
+        self.auroc = _AUROC()
+        self.last_auprc = math.nan
+        self.last_auroc = math.nan
+        self._active = False
+        self._seen = 0
+        self._class_counts = torch.zeros(2, dtype=torch.long)  # normals, anomalies scored on this rank
+        self._warned_one_class = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not callable(getattr(pl_module, "anomaly_score", None)):
+            raise TypeError(f"AnomalyDetectionCallback needs a model with an anomaly_score(x) method (images (B, C, H, "
+                            f"W) -> (B,) scores, higher = more anomalous); {type(pl_module).__name__} has none.")
+
+    def _start(self, pl_module: pl.LightningModule, active: bool) -> None:
+        self._active = active
+        self._seen = 0
+        self._class_counts = torch.zeros(2, dtype=torch.long, device=pl_module.device)
+        with torch.inference_mode(False):
+            self.auprc = self.auprc.to(pl_module.device)
+            self.auroc = self.auroc.to(pl_module.device)
+            self.auprc.reset()
+            self.auroc.reset()
+
+    def _val_due(self, trainer: pl.Trainer) -> bool:
+        return (not trainer.sanity_checking and self.every_n_epochs > 0
+                and (trainer.current_epoch + 1) % self.every_n_epochs == 0)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(pl_module, self._val_due(trainer))
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(pl_module, self.on_test)
+
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, dataloader_idx: int) -> None:
+        if not self._active or dataloader_idx != 0:
+            return
+        cap = None if self.max_images is None else math.ceil(self.max_images / trainer.world_size)
+        if cap is not None and self._seen >= cap:
+            return
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not isinstance(batch[1], torch.Tensor):
+            raise ValueError("AnomalyDetectionCallback needs (x, y) batches with y = 1 for an anomaly, 0 for a normal "
+                             f"image; got a batch of type {type(batch).__name__} without labels")
+        x, y = images_from_batch(batch), batch[1]
+        if cap is not None:
+            x, y = x[: cap - self._seen], y[: cap - self._seen]
+        x, y = x.to(pl_module.device), y.to(pl_module.device).reshape(-1)
+        if not bool(((y == 0) | (y == 1)).all()):
+            raise ValueError(f"AnomalyDetectionCallback needs labels 0 (normal) and 1 (anomaly), got values "
+                             f"{sorted(set(y.tolist()))}")
+        y = y.long()
+        scores = pl_module.anomaly_score(x)
+        if scores.shape != (x.shape[0],):
+            raise ValueError(f"pl_module.anomaly_score returned shape {tuple(scores.shape)} for {x.shape[0]} images; "
+                             f"expected ({x.shape[0]},)")
+        if not bool(torch.isfinite(scores).all()):
+            raise ValueError("pl_module.anomaly_score returned non-finite scores (NaN or inf): AUPRC and AUROC need "
+                             "finite ones; check the model's weights and sampler settings")
+        with torch.inference_mode(False), torch.no_grad():
+            scores, y = as_normal_tensor(scores.detach().float()), as_normal_tensor(y)
+            self.auprc.update(scores, y)
+            self.auroc.update(scores, y)
+            self._class_counts = self._class_counts + torch.bincount(y, minlength=2)
+        self._seen += x.shape[0]
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._update(trainer, pl_module, batch, dataloader_idx)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._update(trainer, pl_module, batch, dataloader_idx)
+
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> None:
+        if not self._active:
+            return
+        self._active = False
+        counts = trainer.strategy.reduce(self._class_counts, reduce_op="sum")  # every rank: a collective under DDP
+        if not bool((counts > 0).all()):
+            if split == "test" or not self._warned_one_class:
+                rank_zero_warn(f"AnomalyDetectionCallback: the {split} split has {int(counts[0])} normal and "
+                               f"{int(counts[1])} anomalous images scored; AUPRC and AUROC need both, so "
+                               f"{split}/auprc and {split}/auroc are not logged.")
+            self._warned_one_class = self._warned_one_class or split == "val"
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            auprc, auroc = self.auprc.compute(), self.auroc.compute()  # every rank: gathers all ranks' scores
+        self.last_auprc, self.last_auroc = float(auprc), float(auroc)
+        pl_module.log(f"{split}/auprc", auprc, sync_dist=True)
+        pl_module.log(f"{split}/auroc", auroc, sync_dist=True)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish(trainer, pl_module, "test")
