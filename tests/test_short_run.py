@@ -241,3 +241,17 @@ def test_recipe_trains_through_the_cli_and_loads(recipe, cls, overrides, tmp_pat
     model = lebm_zoo.load_pretrained(tmp_path)
     assert isinstance(model, cls)
     assert model.sample(2).shape == (2, 1, 28, 28)
+
+
+def test_energy_l2_penalty_keeps_scores_small():
+    """The score-magnitude penalty (the stabiliser mnist_shortrun needs) bounds |f| where the plain loss lets it grow."""
+    mags = {}
+    for l2 in (0.0, 1.0):
+        torch.manual_seed(0)
+        m = shortrun(energy_l2=l2, lr=1e-2)
+        fit(m, fixed_batch(), steps=8)
+        with torch.no_grad():
+            mags[l2] = float(m.score(fixed_batch()).abs().mean())
+    assert mags[1.0] < 0.5 * mags[0.0]
+    with pytest.raises(ValueError, match="energy_l2"):
+        shortrun(energy_l2=-1.0)

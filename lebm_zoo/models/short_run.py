@@ -50,6 +50,8 @@ class ShortRunEBM(EBMModule):
         lr: Adam learning rate.
         betas: Adam betas.
         grad_clip: optional max norm of the score net's gradient (reference: off).
+        energy_l2: weight of the score-magnitude penalty ``energy_l2 * mean(f(x_data)^2 + f(x_q)^2)`` (Du and
+            Mordatch 2019; the stabiliser the EBM maintainers advise). Reference: 0 (off).
 
     Images are ``(B, channels, img_size, img_size)`` in [-1, 1].
 
@@ -74,6 +76,7 @@ class ShortRunEBM(EBMModule):
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
         grad_clip: float | None = None,
+        energy_l2: float = 0.0,
     ):
         super().__init__()
         if form not in _FORMS:
@@ -84,6 +87,8 @@ class ShortRunEBM(EBMModule):
             raise ValueError(f"buffer_size must be >= 1 for init='persistent', got {buffer_size}")
         if not 0.0 <= reinit_prob <= 1.0:
             raise ValueError(f"reinit_prob must be in [0, 1], got {reinit_prob}")
+        if energy_l2 < 0:
+            raise ValueError(f"energy_l2 must be >= 0, got {energy_l2}")
         if ref_sigma <= 0 or data_noise < 0:
             raise ValueError(f"ref_sigma must be > 0 and data_noise >= 0, got {ref_sigma}, {data_noise}")
         self.save_hyperparameters()
@@ -224,6 +229,8 @@ class ShortRunEBM(EBMModule):
 
         f_pos, f_neg = self.score(x), self.score(x_q)  # (B,), (B,)
         loss = f_neg.mean() - f_pos.mean()  # minimise -(mean f(data) - mean f(samples))
+        if hp.energy_l2 > 0:
+            loss = loss + hp.energy_l2 * (f_pos.pow(2).mean() + f_neg.pow(2).mean())
         if not self.check_finite({"loss": loss}):
             return
         opt = self.optimizers()
@@ -235,7 +242,7 @@ class ShortRunEBM(EBMModule):
                 "grad_norm": grad_norm}
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=b)
         # gap f(data) - f(samples): positive while the model still tells data from its samples
-        self.log("gap", -loss.detach(), prog_bar=True, logger=False, batch_size=b)
+        self.log("gap", (f_pos.mean() - f_neg.mean()).detach(), prog_bar=True, logger=False, batch_size=b)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         """No model-side validation loss: metric callbacks (FID, SampleGrid) do the evaluation."""
