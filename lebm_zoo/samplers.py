@@ -74,12 +74,15 @@ class LangevinSampler:
         step_size: step size s (> 0), in the units of x.
         noise_scale: multiplies the injected noise; 1.0 is the textbook sampler, 0 gives noise-free gradient ascent.
         grad_clip: if set, each chain's gradient is rescaled to L2 norm at most ``grad_clip`` before the step.
+        clamp: if set, ``(low, high)``: states are clipped to this box after every step (e.g. the data range of
+            images; off in the textbook sampler).
 
     Raises:
         ValueError: for a negative ``n_steps``, non-positive ``step_size``, negative ``noise_scale`` or ``grad_clip``.
     """
 
-    def __init__(self, n_steps: int, step_size: float, noise_scale: float = 1.0, grad_clip: float | None = None):
+    def __init__(self, n_steps: int, step_size: float, noise_scale: float = 1.0, grad_clip: float | None = None,
+                 clamp: tuple[float, float] | None = None):
         if n_steps < 0:
             raise ValueError(f"n_steps must be >= 0, got {n_steps}")
         if step_size <= 0:
@@ -92,19 +95,23 @@ class LangevinSampler:
         self.step_size = float(step_size)
         self.noise_scale = float(noise_scale)
         self.grad_clip = grad_clip
+        if clamp is not None and not clamp[0] < clamp[1]:
+            raise ValueError(f"clamp must be (low, high) with low < high, got {clamp}")
+        self.clamp = None if clamp is None else (float(clamp[0]), float(clamp[1]))
 
     @classmethod
-    def tempered(cls, n_steps: int, noise_std: float, grad_coef: float = 1.0) -> "LangevinSampler":
+    def tempered(cls, n_steps: int, noise_std: float, grad_coef: float = 1.0,
+                 clamp: tuple[float, float] | None = None) -> "LangevinSampler":
         """The short-run data-space update ``x <- x + grad_coef * grad f(x) + noise_std * eps`` (Nijkamp et al. 2019).
 
         It is the Langevin update with ``s^2/2 = grad_coef`` and ``noise_scale = noise_std / s``.
         """
         s = math.sqrt(2.0 * grad_coef)
-        return cls(n_steps, s, noise_scale=noise_std / s)
+        return cls(n_steps, s, noise_scale=noise_std / s, clamp=clamp)
 
     def __repr__(self) -> str:
         return (f"LangevinSampler(n_steps={self.n_steps}, step_size={self.step_size}, "
-                f"noise_scale={self.noise_scale}, grad_clip={self.grad_clip})")
+                f"noise_scale={self.noise_scale}, grad_clip={self.grad_clip}, clamp={self.clamp})")
 
     def step(self, log_prob: LogProb, x: Tensor) -> tuple[Tensor, Tensor]:
         """One Langevin step. Returns the new state (detached) and the per-chain log-prob at the old state ``(B,)``."""
@@ -119,6 +126,8 @@ class LangevinSampler:
             x.add_(grad.to(x.dtype), alpha=0.5 * s * s)
             if self.noise_scale > 0:
                 x.add_(torch.randn_like(x), alpha=s * self.noise_scale)
+            if self.clamp is not None:
+                x.clamp_(*self.clamp)
         return x, lp
 
     def __call__(self, log_prob: LogProb, x0: Tensor, *, return_trace: bool = False, n_steps: int | None = None):
@@ -180,6 +189,8 @@ class LangevinSampler:
                     grad = grad * (self.grad_clip / norm).clamp(max=1.0).view(-1, *([1] * (grad.dim() - 1)))
                 eps = torch.randn_like(x) if noise is None else noise[i]
                 x = x + (0.5 * s * s) * grad.to(x.dtype) + (s * self.noise_scale) * eps
+                if self.clamp is not None:
+                    x = x.clamp(*self.clamp)
         return x
 
 

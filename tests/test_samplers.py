@@ -155,3 +155,19 @@ def test_chains_run_under_inference_mode_as_lightning_uses_in_test():
         x = s(lambda x: -0.5 * (x ** 2).sum(1), x0)
         y = HMCSampler(2, 2, 0.1)(lambda x: -0.5 * (x ** 2).sum(1), x0)
     assert torch.allclose(x, torch.full((4, 2), 0.875 ** 3)) and y.shape == x0.shape
+
+
+def test_clamp_keeps_chains_in_the_box_and_rejects_bad_bounds():
+    # a target pulling far outside [-1, 1]: unclamped chains leave the box, clamped ones stay on its edge
+    def log_prob(x):
+        return -0.5 * (x - 5.0).pow(2).sum(1)
+
+    x0 = torch.zeros(64, 3)
+    free = LangevinSampler(50, 0.5)(log_prob, x0)
+    boxed = LangevinSampler(50, 0.5, clamp=(-1.0, 1.0))(log_prob, x0)
+    assert free.max() > 2 and boxed.min() >= -1 and boxed.max() <= 1
+    assert boxed.mean() > 0.9  # pushed against the upper edge
+    unrolled = LangevinSampler(5, 0.5, clamp=(-1.0, 1.0)).unroll(log_prob, x0.clone().requires_grad_(True))
+    assert unrolled.max() <= 1
+    with pytest.raises(ValueError, match="clamp"):
+        LangevinSampler(5, 0.1, clamp=(1.0, -1.0))

@@ -52,6 +52,8 @@ class ShortRunEBM(EBMModule):
         grad_clip: optional max norm of the score net's gradient (reference: off).
         energy_l2: weight of the score-magnitude penalty ``energy_l2 * mean(f(x_data)^2 + f(x_q)^2)`` (Du and
             Mordatch 2019; the stabiliser the EBM maintainers advise). Reference: 0 (off).
+        clamp_chains: clip chain states to [-1, 1] after every Langevin step (reference: off). Keeps chains in the
+            data range, which stops the overshoot-then-explode divergence we saw on MNIST.
 
     Images are ``(B, channels, img_size, img_size)`` in [-1, 1].
 
@@ -77,6 +79,7 @@ class ShortRunEBM(EBMModule):
         betas: tuple[float, float] = (0.9, 0.999),
         grad_clip: float | None = None,
         energy_l2: float = 0.0,
+        clamp_chains: bool = False,
     ):
         super().__init__()
         if form not in _FORMS:
@@ -100,9 +103,10 @@ class ShortRunEBM(EBMModule):
 
     def _make_sampler(self, n_steps: int, noise_std: float | None = None, step_size: float | None = None):
         hp = self.hparams
+        clamp = (-1.0, 1.0) if hp.clamp_chains else None
         if hp.form == "short_run":
-            return LangevinSampler.tempered(n_steps, hp.noise_std if noise_std is None else noise_std)
-        return LangevinSampler(n_steps, hp.step_size if step_size is None else step_size)
+            return LangevinSampler.tempered(n_steps, hp.noise_std if noise_std is None else noise_std, clamp=clamp)
+        return LangevinSampler(n_steps, hp.step_size if step_size is None else step_size, clamp=clamp)
 
     # ------------------------------------------------------------------------------------------------ densities
     def score(self, x: Tensor) -> Tensor:
