@@ -244,7 +244,7 @@ def test_recipe_trains_through_the_cli_and_loads(recipe, cls, overrides, tmp_pat
 
 
 def test_energy_l2_penalty_keeps_scores_small():
-    """The score-magnitude penalty (the stabiliser mnist_shortrun needs) bounds |f| where the plain loss lets it grow."""
+    """The score-magnitude penalty (a stabiliser mnist_shortrun uses) bounds |f| where the plain loss lets it grow."""
     mags = {}
     for l2 in (0.0, 1.0):
         torch.manual_seed(0)
