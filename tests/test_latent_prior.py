@@ -206,3 +206,13 @@ def test_prior_chain_trace_gives_the_energy_profile():
     z0 = torch.zeros(16, 8)  # at z = 0 the first entry is exactly -mean E(0)
     _, trace = m.sample_latent(16, z0=z0, return_trace=True)
     assert torch.allclose(trace["log_prob"][0], -m.energy(z0).mean(), atol=1e-6)
+
+
+def test_last_checkpoint_holds_the_final_step_when_training_stops_between_saves(tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    torch.manual_seed(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=3)
+    t = trainer(tmp_path, max_steps=5, enable_checkpointing=True, callbacks=[ckpt])
+    t.fit(tiny(), loader(n=20))
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 5

@@ -17,6 +17,7 @@ loaded weights-only), implement ``training_step`` and the public methods your ca
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -103,6 +104,19 @@ class EBMModule(SamplerMixin, pl.LightningModule):
         return False
 
     # ---------------------------------------------------------------------------------------------- plumbing
+    def on_train_end(self) -> None:
+        """Write the final weights to every ``ModelCheckpoint(save_last=True)``'s ``last.ckpt``.
+
+        Lightning saves ``last.ckpt`` only when a checkpoint is due, so a run stopped by ``max_time``, ``max_steps``
+        or the divergence guard between two saves would lose its latest steps.
+        """
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        for cb in self.trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath:
+                path = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+                self.trainer.save_checkpoint(path)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         from lebm_zoo import __version__
 
