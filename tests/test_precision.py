@@ -6,11 +6,19 @@ many elements' errors is bounded by the same 0.2% when the errors all align and 
 (s^2/2) * grad per step; a 0.2% gradient error over K1 = 20 steps of s = 0.1 moves z by well under 1e-2 (measured:
 5e-4 max over 5,000 coordinates), far below the chain's own noise s = 0.1 per step; we allow 5e-3.
 """
+import pytest
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lebm_zoo import LatentEBMPrior
+from lebm_zoo import (
+    CoopNets,
+    DivergenceTriangle,
+    FlowContrastiveEBM,
+    JointHierarchicalEBMPrior,
+    LatentEBMPrior,
+    ShortRunEBM,
+)
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
@@ -57,3 +65,24 @@ def test_bf16_mixed_training_keeps_fp32_parameters_and_optimizer_state_and_match
         losses[precision] = float(t.callback_metrics["train/loss_g"])
     rel = abs(losses["bf16-mixed"] - losses["32-true"]) / losses["32-true"]
     assert rel < 1e-2  # same seed, 3 steps: trajectories differ only by bf16 rounding
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ShortRunEBM(img_size=28, channels=1, nf=4, n_steps=3),
+    lambda: CoopNets(img_size=28, channels=1, nz=8, ngf=4, ndf=4, n_out=5, n_chains=6, descriptor_steps=2),
+    lambda: DivergenceTriangle(img_size=28, channels=1, nz=8, ngf=4, ndf=4, nif=4),
+    lambda: FlowContrastiveEBM(img_size=28, channels=1, ndf=4, flow_transforms=2, flow_hidden=16),
+    lambda: JointHierarchicalEBMPrior(img_size=28, channels=1, nz=(6, 4), ngf=4, cond_hidden=8, cond_layers=1,
+                                      energy_hidden=8, energy_layers=1, prior_steps=2, posterior_steps=2),
+], ids=["shortrun", "coopnets", "triangle", "fce", "hierarchical"])
+def test_every_family_trains_under_bf16_mixed_with_fp32_state(make):
+    torch.manual_seed(0)
+    m = make()
+    x = torch.rand(16, 1, 28, 28) * 2 - 1
+    t = pl.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=2, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False)
+    t.fit(m, DataLoader(TensorDataset(x, torch.zeros(16)), batch_size=8))
+    assert t.global_step == 2 and m.divergence is None
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in m.parameters())
+    s = m.sample(3)
+    assert s.dtype == torch.float32 and s.shape == (3, 1, 28, 28)
