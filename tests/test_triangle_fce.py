@@ -187,3 +187,22 @@ def test_toy2d_fce_recipe_plots_densities(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     assert list(tmp_path.rglob("density/final.png"))
     assert isinstance(lebm_zoo.load_pretrained(tmp_path), FlowContrastiveEBM)
+
+
+def test_fce_flow_pretraining_then_balanced_start():
+    torch.manual_seed(0)
+    m = FlowContrastiveEBM(img_size=28, channels=1, ndf=4, flow_transforms=2, flow_hidden=16, flow_pretrain_steps=3,
+                           lr_flow=1e-2)
+    x = fixed_batch()
+    with torch.no_grad():
+        nll0 = float(-m.flow.log_prob(x).mean())
+    ebm0 = [p.clone() for p in m.energy_net.parameters()]
+    t = fit(m, x, steps=3)
+    assert all(torch.equal(a, b) for a, b in zip(ebm0, m.energy_net.parameters()))  # only the flow trained
+    with torch.no_grad():
+        assert float(-m.flow.log_prob(x).mean()) < nll0  # maximum likelihood improved the flow
+    assert "train/flow_nll" in t.callback_metrics
+    fit(m, x, steps=4)  # iteration 3: the game starts with c set from the batch
+    assert float(m.log_z) != 1.0
+    with pytest.raises(ValueError, match="flow_pretrain_steps"):
+        FlowContrastiveEBM(dim=2, flow_pretrain_steps=-1)
