@@ -206,3 +206,17 @@ def test_fce_flow_pretraining_then_balanced_start():
     assert float(m.log_z) != 1.0
     with pytest.raises(ValueError, match="flow_pretrain_steps"):
         FlowContrastiveEBM(dim=2, flow_pretrain_steps=-1)
+
+
+def test_fce_flow_mle_term_is_added_to_the_flow_step():
+    """With the accuracy threshold at its minimum the flow trains whenever it is beaten; its loss is V + w * NLL."""
+    torch.manual_seed(0)
+    m = FlowContrastiveEBM(dim=2, flow_mle_weight=1.0, accuracy_threshold=0.5)
+    x = torch.randn(256, 2) * 0.3 + 2.0
+    with torch.no_grad():
+        nll0 = float(-m.flow.log_prob(x).mean())
+    fit(m, x, steps=30)
+    with torch.no_grad():
+        assert float(-m.flow.log_prob(x).mean()) < nll0
+    with pytest.raises(ValueError, match="flow_mle_weight"):
+        FlowContrastiveEBM(dim=2, flow_mle_weight=-1.0)

@@ -64,6 +64,8 @@ class FlowContrastiveEBM(EBMModule):
             the log-normaliser c is set so that the EBM's mean log-density on the batch equals the flow's, so the game
             starts balanced instead of hundreds of nats apart. Without it, on MNIST the EBM separated a randomly
             initialised flow perfectly within a few iterations and the flow's gradient vanished (README Results).
+        flow_mle_weight: the flow's step minimises ``V + flow_mle_weight * mean(-log q(x_data))``: maximum
+            likelihood keeps the flow covering the data while it plays the game (0: the pure FCE objective).
 
     Shapes: data ``(B, dim)`` or ``(B, channels, img_size, img_size)`` in [-1, 1].
     """
@@ -87,8 +89,11 @@ class FlowContrastiveEBM(EBMModule):
         refine_steps: int = 0,
         refine_step_size: float = 0.01,
         flow_pretrain_steps: int = 0,
+        flow_mle_weight: float = 0.0,
     ):
         super().__init__()
+        if flow_mle_weight < 0:
+            raise ValueError(f"flow_mle_weight must be >= 0, got {flow_mle_weight}")
         if flow_pretrain_steps < 0:
             raise ValueError(f"flow_pretrain_steps must be >= 0, got {flow_pretrain_steps}")
         if not 0.5 <= accuracy_threshold < 1.0:
@@ -205,6 +210,8 @@ class FlowContrastiveEBM(EBMModule):
             return
         train_flow = bool(acc > hp.accuracy_threshold)  # one sync per iteration: the alternation rule needs it
         opt, loss = (opt_flow, v) if train_flow else (opt_ebm, -v)
+        if train_flow and hp.flow_mle_weight > 0:
+            loss = loss - hp.flow_mle_weight * self.flow.log_prob(x).mean()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         opt.step()  # exactly one (counted) optimiser step per iteration
