@@ -124,6 +124,19 @@ class EBMModule(SamplerMixin, pl.LightningModule):
         checkpoint["lebm_zoo"] = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "version": __version__,
                                   "recipe": self.recipe}
 
+    def setup(self, stage: str) -> None:
+        """Refuse a datamodule whose ``channels`` / ``img_size`` differ from the model's hyperparameters of that name.
+
+        Raises:
+            DataShapeError: naming the attribute, both values and the ``--model.*`` flag that fixes it.
+        """
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        for attr in ("channels", "img_size"):
+            have, want = getattr(dm, attr, None), self.hparams.get(attr)
+            if have is not None and want is not None and have != want:
+                raise DataShapeError(f"the datamodule yields {attr}={have} but the model has {attr}={want}: set "
+                                     f"--model.{attr} {have} (or change the data's {attr}).")
+
     def check_data_shape(self, x: Tensor, expected: tuple[int, ...], hint: str = "") -> None:
         """Raise a clear :class:`DataShapeError` if a batch's per-item shape differs from ``expected``."""
         if tuple(x.shape[1:]) != tuple(expected):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lebm_zoo.models.base import DataShapeError, EBMModule
+from lebm_zoo.models.base import EBMModule
 from lebm_zoo.nets import CoopDescriptor, CoopGenerator
 from lebm_zoo.samplers import LangevinSampler
 from lebm_zoo.utils import images_from_batch
@@ -138,14 +138,6 @@ class CoopNets(EBMModule):
         opt_d = torch.optim.Adam(self.descriptor.parameters(), lr=hp.lr_d, betas=tuple(hp.betas))
         opt_g = torch.optim.Adam(self.generator.parameters(), lr=hp.lr_g, betas=tuple(hp.betas))
         return [opt_d, opt_g]
-
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        for attr in ("channels", "img_size"):
-            have = getattr(dm, attr, None)
-            if have is not None and have != self.hparams[attr]:
-                raise DataShapeError(f"the datamodule yields {attr}={have} but the model has {attr}="
-                                     f"{self.hparams[attr]}: set --model.{attr} {have}.")
 
     def training_step(self, batch, batch_idx: int) -> None:
         hp = self.hparams

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lebm_zoo.flows import Flow
-from lebm_zoo.models.base import DataShapeError, EBMModule
+from lebm_zoo.models.base import EBMModule
 from lebm_zoo.nets import TriangleEnergy
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
 from lebm_zoo.utils import images_from_batch
@@ -161,14 +161,8 @@ class FlowContrastiveEBM(EBMModule):
         return [opt_ebm, opt_flow]
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if self.hparams.dim is not None:
-            return
-        for attr in ("channels", "img_size"):
-            have = getattr(dm, attr, None)
-            if have is not None and have != self.hparams[attr]:
-                raise DataShapeError(f"the datamodule yields {attr}={have} but the model has {attr}="
-                                     f"{self.hparams[attr]}: set --model.{attr} {have}.")
+        if self.hparams.dim is None:  # vectors have no image shape to check
+            super().setup(stage)
 
     def value(self, x_data: Tensor, x_flow: Tensor) -> tuple[Tensor, Tensor]:
         """The FCE value V and the classification accuracy, for data ``x_data`` and flow samples ``x_flow``.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lebm_zoo.models.base import DataShapeError, EBMModule
+from lebm_zoo.models.base import EBMModule
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
 from lebm_zoo.utils import images_from_batch
 
@@ -275,14 +275,6 @@ class JointHierarchicalEBMPrior(EBMModule):
                                  betas=tuple(hp.betas))
         opt_e = torch.optim.Adam(self.energy_nets.parameters(), lr=hp.lr_e, betas=tuple(hp.betas))
         return [opt_g, opt_e]
-
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        for attr in ("channels", "img_size"):
-            have = getattr(dm, attr, None)
-            if have is not None and have != self.hparams[attr]:
-                raise DataShapeError(f"the datamodule yields {attr}={have} but the model has {attr}="
-                                     f"{self.hparams[attr]}: set --model.{attr} {have}.")
 
     def training_step(self, batch, batch_idx: int) -> None:
         hp = self.hparams

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lebm_zoo.models.base import DataShapeError, EBMModule
+from lebm_zoo.models.base import EBMModule
 from lebm_zoo.nets import ConvGenerator, EnergyMLP
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
 from lebm_zoo.utils import images_from_batch
@@ -230,15 +230,6 @@ class LatentEBMPrior(EBMModule):
         opt_e = torch.optim.Adam(self.energy_net.parameters(), lr=hp.lr_e, betas=tuple(hp.betas))
         sched_e = torch.optim.lr_scheduler.ExponentialLR(opt_e, gamma=hp.lr_decay)
         return [opt_g, opt_e], [sched_g, sched_e]
-
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        hp = self.hparams
-        for attr in ("channels", "img_size"):
-            have = getattr(dm, attr, None)
-            if have is not None and have != hp[attr]:
-                raise DataShapeError(f"the datamodule yields {attr}={have} but the model has {attr}={hp[attr]}: set "
-                                 f"--model.{attr} {have} (or change the data's {attr}).")
 
     def training_step(self, batch, batch_idx: int) -> None:
         hp = self.hparams

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lebm_zoo.models.base import DataShapeError, EBMModule
+from lebm_zoo.models.base import EBMModule
 from lebm_zoo.nets import ShortRunScoreNet
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
 from lebm_zoo.utils import images_from_batch
@@ -199,14 +199,6 @@ class ShortRunEBM(EBMModule):
     # ------------------------------------------------------------------------------------------------ training
     def configure_optimizers(self):
         return torch.optim.Adam(self.score_net.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas))
-
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        for attr in ("channels", "img_size"):
-            have = getattr(dm, attr, None)
-            if have is not None and have != self.hparams[attr]:
-                raise DataShapeError(f"the datamodule yields {attr}={have} but the model has {attr}="
-                                     f"{self.hparams[attr]}: set --model.{attr} {have}.")
 
     def _chain_init(self, x_data: Tensor) -> tuple[Tensor, Tensor | None]:
         """Initial chain states ``(B, C, H, W)`` and, for the persistent buffer, the buffer indices used."""

@@ -18,7 +18,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from lebm_zoo.models.base import DataShapeError, EBMModule
+from lebm_zoo.models.base import EBMModule
 from lebm_zoo.nets import TriangleEncoder, TriangleEnergy, TriangleGenerator
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
 from lebm_zoo.utils import images_from_batch
@@ -130,14 +130,6 @@ class DivergenceTriangle(EBMModule):
                                  weight_decay=hp.weight_decay_g)
         scheds = [torch.optim.lr_scheduler.ExponentialLR(o, gamma=hp.lr_decay) for o in (opt_e, opt_i, opt_g)]
         return [opt_e, opt_i, opt_g], scheds
-
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        for attr in ("channels", "img_size"):
-            have = getattr(dm, attr, None)
-            if have is not None and have != self.hparams[attr]:
-                raise DataShapeError(f"the datamodule yields {attr}={have} but the model has {attr}="
-                                     f"{self.hparams[attr]}: set --model.{attr} {have}.")
 
     def _recon_and_kl(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mu, logvar = self.encoder(x)
