@@ -10,6 +10,7 @@ from datamodules.images import (
     QuickstartMNISTDataModule,
     SVHNDataModule,
 )
+from datamodules.text import PTBDataModule, SequenceDataModule, Vocabulary
 from datamodules.toy import EightGaussiansDataModule
 
 __all__ = [
@@ -21,6 +22,9 @@ __all__ = [
     "ImageFolderDataModule",
     "MNISTAnomalyDataModule",
     "MNISTDataModule",
+    "PTBDataModule",
     "QuickstartMNISTDataModule",
+    "SequenceDataModule",
     "SVHNDataModule",
+    "Vocabulary",
 ]

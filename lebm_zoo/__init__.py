@@ -13,6 +13,8 @@ from lebm_zoo.models import (  # noqa: E402
     FlowContrastiveEBM,
     JointHierarchicalEBMPrior,
     LatentEBMPrior,
+    LSTMLanguageModel,
+    SequenceLatentEBMPrior,
     ShortRunEBM,
     TrainingDivergedError,
 )
@@ -30,7 +32,9 @@ __all__ = [
     "JointHierarchicalEBMPrior",
     "LangevinSampler",
     "LatentEBMPrior",
+    "LSTMLanguageModel",
     "SamplerMixin",
+    "SequenceLatentEBMPrior",
     "ShortRunEBM",
     "TrainingDivergedError",
     "list_pretrained",

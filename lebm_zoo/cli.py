@@ -19,7 +19,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningCLI
 
-from lebm_zoo.models.base import DataShapeError, EBMModule
+from lebm_zoo.models.base import DataShapeError
 from lebm_zoo.pretrained import CheckpointError, read_checkpoint
 
 __all__ = ["main", "list_recipes", "recipe_path", "RecipeError"]
@@ -158,7 +158,7 @@ class LebmCLI(LightningCLI):
     def _before(self) -> None:
         from lebm_zoo.pretrained import _model_class
 
-        if isinstance(self.model, EBMModule):
+        if hasattr(self.model, "recipe"):
             self.model.recipe = self.recipe
         ckpt = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt and Path(ckpt).is_file():
@@ -195,7 +195,7 @@ def main(args: list[str] | None = None) -> int:
         sys.argv = [saved_argv[0] if saved_argv else "lebm-zoo", *args]  # LightningCLI reads sys.argv
         try:
             cli = LebmCLI(
-                EBMModule,
+                pl.LightningModule,  # the zoo's models (EBMModule subclasses) and the LSTMLanguageModel of text metrics
                 pl.LightningDataModule,
                 subclass_mode_model=True,
                 subclass_mode_data=True,

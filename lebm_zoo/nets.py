@@ -5,10 +5,15 @@ bpucla/latent-space-EBM-prior (``train_svhn.py``) and its latent energy MLP.
 """
 from __future__ import annotations
 
+import math
+
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ConvGenerator", "CoopDescriptor", "CoopGenerator", "EnergyMLP", "ShortRunScoreNet", "TriangleEncoder",
-           "TriangleEnergy", "TriangleGenerator", "count_parameters", "down_trunk", "xavier_init_convs"]
+__all__ = ["ConvGenerator", "CoopDescriptor", "CoopGenerator", "EnergyMLP", "SequenceDecoder", "ShortRunScoreNet",
+           "TriangleEncoder", "TriangleEnergy", "TriangleGenerator", "count_parameters", "down_trunk",
+           "xavier_init_convs"]
 
 # (kernel, stride, padding) of each transposed convolution after the first (k4 s1 p0: 1 -> 4 px), per image size
 _UPSAMPLING = {
@@ -308,6 +313,126 @@ class CoopGenerator(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.net(z.view(z.shape[0], -1, 1, 1))
+
+
+class SequenceDecoder(nn.Module):
+    """Autoregressive LSTM decoder p(x | z) = prod_t p(x_t | x_<t, z) over token indices (words, SMILES tokens).
+
+    z enters twice (as in the LEBM text and molecule models): a linear map of z gives every layer's initial (h, c)
+    (through tanh), and z is concatenated to the token embedding at every step. With ``nz=0`` it is a plain LSTM
+    language model p(x) (no latent), which :class:`~lebm_zoo.models.LSTMLanguageModel` uses.
+
+    Args:
+        vocab_size: number of tokens V (index 0 is ``<pad>``).
+        nz: latent size (0: no latent).
+        emb_dim: token embedding size.
+        hidden: LSTM hidden size.
+        num_layers: stacked LSTM layers.
+        dropout: dropout on embeddings and LSTM outputs (training mode only).
+
+    Token rows are ``<bos> x_1 .. x_n <eos> <pad> ..`` with a mask True on ``<bos>`` .. ``<eos>`` (the layout of
+    :mod:`datamodules.text`); the likelihood scores ``x_1 .. <eos>`` given the tokens before each.
+    """
+
+    def __init__(self, vocab_size: int, nz: int = 32, emb_dim: int = 256, hidden: int = 256, num_layers: int = 1,
+                 dropout: float = 0.0):
+        super().__init__()
+        if vocab_size < 5:
+            raise ValueError(f"vocab_size must hold the 4 special tokens and at least one more, got {vocab_size}")
+        self.nz, self.hidden, self.num_layers = nz, hidden, num_layers
+        self.embedding = nn.Embedding(vocab_size, emb_dim, padding_idx=0)
+        self.init_state = nn.Linear(nz, 2 * num_layers * hidden) if nz > 0 else None
+        self.lstm = nn.LSTM(emb_dim + nz, hidden, num_layers, batch_first=True,
+                            dropout=dropout if num_layers > 1 else 0.0)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden, vocab_size)
+
+    def initial_state(self, z: Tensor | None, batch: int) -> tuple[Tensor, Tensor] | None:
+        """(h0, c0), each ``(num_layers, B, hidden)``, from z ``(B, nz)``; None (zeros) without a latent."""
+        if self.init_state is None:
+            return None
+        h, c = torch.tanh(self.init_state(z)).view(batch, 2, self.num_layers, self.hidden).permute(1, 2, 0, 3)
+        return h.contiguous(), c.contiguous()
+
+    def hidden_states(self, tokens: Tensor, z: Tensor | None = None, state=None) -> tuple[Tensor, tuple]:
+        """LSTM outputs ``(B, T, hidden)`` (after dropout) of input tokens ``(B, T)`` and the final state."""
+        b, t = tokens.shape
+        emb = self.drop(self.embedding(tokens))  # (B, T, E)
+        if self.nz > 0:
+            emb = torch.cat([emb, z.to(emb.dtype)[:, None, :].expand(b, t, self.nz)], dim=2)  # (B, T, E + nz)
+            state = self.initial_state(z, b) if state is None else state
+        out, state = self.lstm(emb, state)
+        return self.drop(out), state
+
+    def forward(self, tokens: Tensor, z: Tensor | None = None, state=None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Next-token logits.
+
+        Args:
+            tokens: input indices ``(B, T)``.
+            z: latents ``(B, nz)`` (None when ``nz=0``).
+            state: LSTM state to continue from (default: :meth:`initial_state` of z).
+
+        Returns:
+            logits ``(B, T, V)`` (position t predicts token t+1) and the final LSTM state.
+        """
+        out, state = self.hidden_states(tokens, z, state)
+        return self.out(out), state
+
+    def token_log_probs(self, tokens: Tensor, mask: Tensor, z: Tensor | None = None) -> Tensor:
+        """log p(x_t | x_<t, z) of every target token, ``(B, T-1)`` float32, 0 at padding (positions 1..T-1).
+
+        The output layer and softmax (most of the cost for a large vocabulary) run on the real tokens only.
+        """
+        out, _ = self.hidden_states(tokens[:, :-1], z)  # (B, T-1, H)
+        sel = mask[:, 1:]  # (B, T-1) bool: targets x_1 .. <eos>
+        logits = self.out(out[sel]).float()  # (N, V), N = number of target tokens
+        logp = torch.gather(F.log_softmax(logits, dim=-1), 1, tokens[:, 1:][sel][:, None]).squeeze(1)  # (N,)
+        return torch.zeros(sel.shape, dtype=logp.dtype, device=logp.device).masked_scatter(sel, logp)
+
+    def log_likelihood(self, tokens: Tensor, mask: Tensor, z: Tensor | None = None) -> Tensor:
+        """log p(x | z) of each sequence, ``(B,)`` in nats: the sum over ``x_1 .. <eos>`` (``<bos>`` is given)."""
+        return self.token_log_probs(tokens, mask, z).sum(1)
+
+    @torch.no_grad()
+    def generate(self, z: Tensor | None, n: int, max_length: int, bos: int = 1, eos: int = 2,
+                 temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+        """Decode ``n`` sequences token by token.
+
+        Args:
+            z: latents ``(n, nz)`` (None when ``nz=0``).
+            n: number of sequences.
+            max_length: most tokens generated per sequence (``<eos>`` included); a row without ``<eos>`` by then is cut.
+            bos, eos: the begin and end token indices.
+            temperature: 0 decodes greedily (argmax); > 0 samples from softmax(logits / temperature); 1 is the model.
+
+        Returns:
+            ``{"tokens", "mask"}``-style pair: tokens ``(n, L)`` int64 starting with ``<bos>`` (L <= max_length + 1,
+            padded with 0 after ``<eos>``) and mask ``(n, L)`` bool.
+        """
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        device = self.out.weight.device
+        tok = torch.full((n, 1), bos, dtype=torch.long, device=device)
+        rows, state = [tok], None
+        if self.nz > 0:
+            state = self.initial_state(z, n)
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        alive = [torch.ones(n, dtype=torch.bool, device=device)]
+        for _ in range(max_length):
+            logits, state = self(tok, z, state)
+            logits = logits[:, -1].float()
+            logits[:, 0] = -math.inf  # never <pad>
+            logits[:, bos] = -math.inf  # never <bos>
+            if temperature == 0:
+                tok = logits.argmax(-1, keepdim=True)
+            else:
+                tok = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1)
+            alive.append(~done)
+            rows.append(torch.where(done[:, None], torch.zeros_like(tok), tok))
+            done = done | (tok.squeeze(1) == eos)
+            if bool(done.all()):
+                break
+        return torch.cat(rows, 1), torch.stack(alive, 1)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -118,7 +118,9 @@ def _model_class(ckpt: dict, path: Path) -> type:
         cls = getattr(importlib.import_module(module_name), cls_name)
     except (ImportError, AttributeError) as e:
         raise CheckpointError(f"{path} holds a {meta['class_path']}, which cannot be imported here ({e}).") from None
-    if not (inspect.isclass(cls) and issubclass(cls, EBMModule)):
+    from lebm_zoo.models.language_model import LSTMLanguageModel
+
+    if not (inspect.isclass(cls) and issubclass(cls, (EBMModule, LSTMLanguageModel))):
         raise CheckpointError(f"{path} names {meta['class_path']}, which is not a lebm-zoo model.")
     return cls
 
@@ -134,7 +136,8 @@ def load_pretrained(name_or_path: str | os.PathLike, map_location: str | torch.d
         expected_class: if given, the checkpoint must hold this class or a subclass of it.
 
     Returns:
-        the model (an :class:`~lebm_zoo.models.EBMModule` subclass) in eval mode on ``map_location``.
+        the model (an :class:`~lebm_zoo.models.EBMModule` subclass, or the
+        :class:`~lebm_zoo.LSTMLanguageModel` used by the text metrics) in eval mode on ``map_location``.
 
     Raises:
         CheckpointError: missing file, corrupt file, not a lebm-zoo checkpoint, another model class than

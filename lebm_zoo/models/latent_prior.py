@@ -116,20 +116,51 @@ class LatentEBMPrior(EBMModule):
         """Unnormalised log p_a(z) = -E(z) - ||z||^2 / (2 sigma_p^2), ``(B, nz) -> (B,)`` in nats."""
         return -self.energy(z) - z.flatten(1).pow(2).sum(1) / (2 * self.hparams.prior_sigma ** 2)
 
-    def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
-        """Unnormalised log p(x, z) = -||x - G(z)||^2 / (2 llhd_sigma^2) - E(z) - ||z||^2 / (2 sigma_p^2).
-
-        The posterior Langevin target (eq. 8); also the anomaly score of the paper.
+    def log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
+        """log p(x | z) = -||x - G(z)||^2 / (2 llhd_sigma^2), up to the Gaussian normaliser: ``(B,)`` in nats.
 
         Args:
             x: images ``(B, C, H, W)`` in [-1, 1].
+            z: latents ``(B, nz)``.
+        """
+        rec = (x - self.generator(z)).flatten(1).float().pow(2).sum(1)
+        return -rec / (2 * self.hparams.llhd_sigma ** 2)
+
+    def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
+        """Unnormalised log p(x, z) = log p(x | z) - E(z) - ||z||^2 / (2 sigma_p^2).
+
+        For images, log p(x | z) = -||x - G(z)||^2 / (2 llhd_sigma^2). The posterior Langevin target (eq. 8); also the
+        anomaly score of the paper.
+
+        Args:
+            x: images ``(B, C, H, W)`` in [-1, 1] (a subclass's data, e.g. token batches).
             z: latents ``(B, nz)``.
 
         Returns:
             ``(B,)`` in nats, up to constants (the Gaussian normalisers and log Z(a)).
         """
-        rec = (x - self.generator(z)).flatten(1).float().pow(2).sum(1)
-        return -rec / (2 * self.hparams.llhd_sigma ** 2) + self.prior_log_prob(z)
+        return self.log_likelihood(x, z) + self.prior_log_prob(z)
+
+    def generator_loss(self, x: Tensor, z: Tensor) -> Tensor:
+        """The generator's loss at posterior latents: ``sum((G(z) - x)^2) / B`` (the reference's scale, without the
+        1/(2 sigma^2) factor)."""
+        return (self.generator(z).float() - x).pow(2).sum() / x.shape[0]
+
+    # ------------------------------------------------------------------------------------------------ data hooks
+    def data_from_batch(self, batch) -> Tensor:
+        """The model's data in a training batch (images ``(B, C, H, W)``), shape-checked."""
+        hp = self.hparams
+        x = images_from_batch(batch)
+        self.check_data_shape(x, (hp.channels, hp.img_size, hp.img_size), "Set --model.channels/--model.img_size.")
+        return x
+
+    def prepare_data_input(self, x):
+        """Move data given to a public method to the model's device, as a normal (not inference-mode) tensor."""
+        return as_normal_tensor(x.to(self.device))
+
+    @staticmethod
+    def data_batch_size(x) -> int:
+        return x.shape[0]
 
     # ------------------------------------------------------------------------------------------------ sampling
     def _noise(self, n: int) -> Tensor:
@@ -188,8 +219,8 @@ class LatentEBMPrior(EBMModule):
         Returns:
             ``(B, nz)`` latents.
         """
-        x = as_normal_tensor(x.to(self.device))  # a batch made under Lightning's inference mode
-        z0 = self._noise(x.shape[0]) if z0 is None else z0
+        x = self.prepare_data_input(x)  # also: a batch made under Lightning's inference mode becomes a normal tensor
+        z0 = self._noise(self.data_batch_size(x)) if z0 is None else z0
         return self.langevin(lambda z: self.log_joint(x, z), z0, "posterior", n_steps=n_steps)
 
     @torch.no_grad()
@@ -216,7 +247,7 @@ class LatentEBMPrior(EBMModule):
             ``(B,)`` float32 scores in nats, up to an additive constant (the Gaussian normalisers and log Z(a));
             higher = more anomalous.
         """
-        x = x.to(self.device)
+        x = self.prepare_data_input(x)
         z = self.infer_latent(x, n_steps=n_steps)
         return -self.log_joint(x, z)
 
@@ -233,15 +264,13 @@ class LatentEBMPrior(EBMModule):
 
     def training_step(self, batch, batch_idx: int) -> None:
         hp = self.hparams
-        x = images_from_batch(batch)  # (B, C, H, W) in [-1, 1]
-        self.check_data_shape(x, (hp.channels, hp.img_size, hp.img_size), "Set --model.channels/--model.img_size.")
-        b = x.shape[0]
+        x = self.data_from_batch(batch)  # (B, C, H, W) in [-1, 1]
+        b = self.data_batch_size(x)
         opts = self.optimizers()
         opt_g, opt_e = opts if self.is_ebm else (opts, None)
 
         z_pos = self.infer_latent(x)  # (B, nz) posterior samples, K1 steps from N(0, I)
-        x_hat = self.generator(z_pos)
-        loss_g = (x_hat.float() - x).pow(2).sum() / b  # reference: no 1/(2 sigma^2) factor
+        loss_g = self.generator_loss(x, z_pos)
         logs = {"loss_g": loss_g.detach()}
         if self.is_ebm:
             z_neg = self.sample_latent(b)  # (B, nz) prior samples, K0 steps from N(0, I)
@@ -251,7 +280,7 @@ class LatentEBMPrior(EBMModule):
                         energy_gap=loss_e.detach())
         losses = {"loss_g": loss_g, "loss_e": loss_e} if self.is_ebm else {"loss_g": loss_g}
         limits = None
-        if hp.loss_g_limit is not None and self.current_epoch > hp.loss_g_limit_after_epoch:
+        if hp.get("loss_g_limit") is not None and self.current_epoch > hp.loss_g_limit_after_epoch:
             limits = {"loss_g": hp.loss_g_limit}
         if not self.check_finite(losses, limits):
             return  # diverged: skip both updates; the trainer stops after this batch
