@@ -10,6 +10,7 @@ from datamodules.images import (
     QuickstartMNISTDataModule,
     SVHNDataModule,
 )
+from datamodules.molecules import ZINCDataModule
 from datamodules.text import PTBDataModule, SequenceDataModule, Vocabulary
 from datamodules.toy import EightGaussiansDataModule
 
@@ -27,4 +28,5 @@ __all__ = [
     "SequenceDataModule",
     "SVHNDataModule",
     "Vocabulary",
+    "ZINCDataModule",
 ]

@@ -4,6 +4,8 @@
 - :class:`AnomalyDetectionCallback`: AUPRC and AUROC of ``anomaly_score`` on labelled normal/anomalous images
   (``test/auprc``, ``test/auroc``).
 - :class:`FIDCallback`: FID of ``sample`` against real images (``val/fid``, ``test/fid``).
+- :class:`MoleculeMetricsCallback`: validity, uniqueness, novelty, diversity and property distances of sampled
+  SMILES (RDKit), with property histograms and a molecule grid.
 - :class:`PerplexityCallback`: forward/reverse perplexity of sampled text and the NLL of test sentences
   (``test/fppl``, ``test/rppl``, ``test/nll``).
 - :class:`ReconstructionMSE`: per-pixel MSE of ``reconstruct`` on held-out images (``val/recon_mse``,
@@ -14,10 +16,11 @@
 from lebm_zoo.callbacks.anomaly import AnomalyDetectionCallback
 from lebm_zoo.callbacks.density import DensityPlot2D
 from lebm_zoo.callbacks.fid import FIDCallback, FIDWeightsNotFoundError, default_fid_weights
+from lebm_zoo.callbacks.molecules import MoleculeMetricsCallback
 from lebm_zoo.callbacks.perplexity import PerplexityCallback
 from lebm_zoo.callbacks.reconstruction import ReconstructionMSE
 from lebm_zoo.callbacks.samples import SampleGrid
 
-__all__ = ["AnomalyDetectionCallback", "DensityPlot2D", "FIDCallback", "FIDWeightsNotFoundError", "PerplexityCallback",
-           "ReconstructionMSE",
+__all__ = ["AnomalyDetectionCallback", "DensityPlot2D", "FIDCallback", "FIDWeightsNotFoundError",
+           "MoleculeMetricsCallback", "PerplexityCallback", "ReconstructionMSE",
            "SampleGrid", "default_fid_weights"]

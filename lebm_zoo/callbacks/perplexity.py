@@ -127,8 +127,8 @@ class PerplexityCallback(pl.Callback):
             if found is not None:
                 return found
         raise CheckpointError(f"PerplexityCallback: lm_path {self.lm_path!r} is neither a file nor the name of a "
-                              f"recipe with a last.ckpt under {Path.cwd()}: train `lebm-zoo fit --recipe ptb_lm` first, or "
-                              "pass --trainer.callbacks.init_args.lm_path PATH")
+                              f"recipe with a last.ckpt under {Path.cwd()}: train `lebm-zoo fit --recipe ptb_lm` "
+                              "first, or pass --trainer.callbacks.init_args.lm_path PATH")
 
     def _load_lm(self, trainer, pl_module):
         from lebm_zoo import LSTMLanguageModel, load_pretrained

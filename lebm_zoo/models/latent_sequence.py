@@ -84,17 +84,19 @@ class VocabularyMixin:
     def encode(self, texts: list[str]) -> dict[str, Tensor]:
         """Tokenize strings into a batch ``{"tokens": (B, T), "mask": (B, T)}`` on the model's device.
 
-        Words are split on whitespace for ``sep=" "``; with another separator (SMILES: ``""``) the datamodule's
-        tokenizer must be used instead, so this raises ``ValueError`` there.
+        With ``sep=" "`` (text) words are split on whitespace; with ``sep=""`` (molecules) strings are SMILES, split by
+        :func:`datamodules.molecules.tokenize_smiles`. Unknown tokens become ``<unk>``.
+
+        Raises:
+            DataShapeError: the model has no vocabulary yet. ValueError: a string that is no SMILES (``sep=""``).
         """
+        from datamodules.molecules import tokenize_smiles
         from datamodules.text import pad_batch
 
         if self.vocab_obj is None:
             raise DataShapeError(f"{type(self).__name__} has no vocabulary yet")
-        if self.vocab_obj.sep != " ":
-            raise ValueError("encode() splits words on whitespace; tokenize SMILES with datamodules.molecules."
-                             "tokenize_smiles and pass token batches instead")
-        batch = pad_batch([self.vocab_obj.encode(t.split()) for t in texts])
+        split = str.split if self.vocab_obj.sep == " " else tokenize_smiles
+        batch = pad_batch([self.vocab_obj.encode(split(t)) for t in texts])
         return {k: v.to(self.device) for k, v in batch.items()}
 
 
@@ -102,7 +104,8 @@ class SequenceLatentEBMPrior(VocabularyMixin, LatentEBMPrior):
     """Latent EBM prior with an LSTM sequence decoder: the LEBM text model (PTB) and molecule model (SMILES).
 
     Data are token batches ``{"tokens": (B, T) int64, "mask": (B, T) bool}`` (:mod:`datamodules.text`); a list of
-    strings is also accepted by the public methods (whitespace-tokenized words). Latents are ``(B, nz)``.
+    strings (sentences, or SMILES when ``sep=""``) is also accepted by the public methods (see ``encode``). Latents are
+    ``(B, nz)``.
 
     Defaults are our CPU-sized choice, in the range of the public LEBM-style text code (bpucla/sri_text: LSTM 256,
     latent 32, 20-step posterior Langevin, Adam lr 1e-3, gradient clipping 5): nz 32, LSTM 256 with 256-d embeddings,
