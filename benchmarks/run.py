@@ -4,7 +4,8 @@
 1. One LEBM SVHN-recipe training iteration (batch 100, 32x32x3): the plain-PyTorch reference loop
    (``../shared/bench/reference_lebm_step.py``, run as a subprocess with the same thread count) against our
    ``LatentEBMPrior.training_step`` driven by a Lightning ``Trainer`` (framework overhead included) in fp32 and in
-   ``bf16-mixed`` precision. Seconds per iteration and the ratio to the reference.
+   ``bf16-mixed`` precision, each also with channels_last memory format. Seconds per iteration and the ratio to the
+   reference.
 2. The 60-step prior chain (batch 100, nz 100, s = 0.4) on the same energy MLP: our ``LangevinSampler``, torchebm's
    ``LangevinDynamics`` (if installed; ``pip install torchebm``) and a plain loop like the reference's.
 3. Sampling throughput (images/s of ``model.sample``: 60-step prior chain + G) and FID-evaluation throughput
@@ -60,16 +61,21 @@ class _Timer(pl.Callback):
             self.times.append(time.perf_counter() - self._t)
 
 
-def ours(batch: int, iters: int, warmup: int, precision: str, device: str) -> float:
-    """Seconds per SVHN-recipe iteration of LatentEBMPrior under a Lightning Trainer."""
+def ours(batch: int, iters: int, warmup: int, precision: str, device: str, channels_last: bool = False) -> float:
+    """Seconds per SVHN-recipe iteration of LatentEBMPrior under a Lightning Trainer (optionally with the generator's
+    weights and the images in channels_last memory format)."""
     torch.manual_seed(0)
     x = torch.rand(batch * (iters + warmup), 3, 32, 32) * 2 - 1
+    model = LatentEBMPrior()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)
     data = DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=batch)
     timer = _Timer(warmup)
     trainer = pl.Trainer(accelerator=device, devices=1, max_steps=iters + warmup, logger=False, precision=precision,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[timer])
-    trainer.fit(LatentEBMPrior(), data)
+    trainer.fit(model, data)
     return sum(timer.times) / len(timer.times)
 
 
@@ -189,6 +195,8 @@ def main() -> None:
     res["reference_s_per_iter"] = reference(a.batch, a.iters, a.warmup, a.threads) if dev == "cpu" else None
     res["fp32_s_per_iter"] = ours(a.batch, a.iters, a.warmup, "32-true", dev)
     res["bf16_s_per_iter"] = ours(a.batch, a.iters, a.warmup, "bf16-mixed", dev)
+    res["fp32_channels_last_s_per_iter"] = ours(a.batch, a.iters, a.warmup, "32-true", dev, channels_last=True)
+    res["bf16_channels_last_s_per_iter"] = ours(a.batch, a.iters, a.warmup, "bf16-mixed", dev, channels_last=True)
     res["prior_chain_s"] = prior_chains(dev, repeats=3)
     res["throughput_fp32"] = throughputs(dev, "32-true")
     res["throughput_bf16"] = throughputs(dev, "bf16-mixed")
@@ -200,7 +208,9 @@ def main() -> None:
     print(f"\n1. LEBM SVHN-recipe training iteration, batch {a.batch}")
     print(f"   {'':<30}{'s/iter':>9}{'x reference':>13}")
     rows = [("reference loop (plain PyTorch)", ref), ("lebm-zoo fp32 (Lightning)", res["fp32_s_per_iter"]),
-            ("lebm-zoo bf16-mixed (Lightning)", res["bf16_s_per_iter"])]
+            ("lebm-zoo bf16-mixed (Lightning)", res["bf16_s_per_iter"]),
+            ("  fp32 + channels_last", res["fp32_channels_last_s_per_iter"]),
+            ("  bf16-mixed + channels_last", res["bf16_channels_last_s_per_iter"])]
     for name, v in rows:
         if v is not None:
             ratio = f"{v / ref:>13.2f}" if ref else f"{'':>13}"
