@@ -216,3 +216,15 @@ def test_last_checkpoint_holds_the_final_step_when_training_stops_between_saves(
     t = trainer(tmp_path, max_steps=5, enable_checkpointing=True, callbacks=[ckpt])
     t.fit(tiny(), loader(n=20))
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 5
+
+
+def test_channels_last_is_the_same_model():
+    torch.manual_seed(0)
+    a = LatentEBMPrior(img_size=32, channels=3, ngf=8)
+    b = LatentEBMPrior(img_size=32, channels=3, ngf=8, channels_last=True)
+    b.load_state_dict(a.state_dict())
+    w = next(m.weight for m in b.generator.modules() if isinstance(m, torch.nn.ConvTranspose2d) and m.weight.ndim == 4)
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    x, z = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 100)
+    with torch.no_grad():
+        assert torch.allclose(a.log_joint(x, z), b.log_joint(x, z), rtol=1e-5)

@@ -51,6 +51,8 @@ class LatentEBMPrior(EBMModule):
         loss_g_limit: stop training (clean stop, last good weights kept) if the generator loss exceeds this after
             ``loss_g_limit_after_epoch`` epochs; the reference uses 300 after epoch 10 on SVHN. Non-finite losses
             always stop training.
+        channels_last: keep the generator's convolution weights in channels_last memory format (same math). On this
+            project's CPU it made an SVHN-recipe iteration 1.15x (bf16-mixed) to 1.2x (fp32) faster (README, Speed).
 
     Images are ``(B, channels, img_size, img_size)`` in [-1, 1]; latents ``(B, nz)``.
     """
@@ -78,6 +80,7 @@ class LatentEBMPrior(EBMModule):
         grad_clip_e: float | None = None,
         loss_g_limit: float | None = None,
         loss_g_limit_after_epoch: int = 10,
+        channels_last: bool = False,
     ):
         super().__init__()
         if prior not in ("ebm", "gaussian"):
@@ -88,6 +91,8 @@ class LatentEBMPrior(EBMModule):
             raise ValueError(f"llhd_sigma and prior_sigma must be > 0, got {llhd_sigma}, {prior_sigma}")
         self.save_hyperparameters()
         self.generator = ConvGenerator(nz=nz, ngf=ngf, img_size=img_size, channels=channels)
+        if channels_last:
+            self.generator.to(memory_format=torch.channels_last)
         self.energy_net = EnergyMLP(nz=nz, ndf=ndf, activation=e_activation) if prior == "ebm" else None
         self.samplers = {
             "prior": LangevinSampler(prior_steps, prior_step_size),
