@@ -68,8 +68,8 @@ class PerplexityCallback(pl.Callback):
 
     The samples are written to ``<log_dir>/samples.txt`` (one sentence per line), and the energy along one prior
     Langevin chain batch to ``<log_dir>/prior_chain_energy.png`` (the mean of ``E(z) + ||z||^2/2`` per step).
-    Random: seeded with ``seed``. Runs on rank zero's data under DDP only when ``devices=1`` is used; the metrics are
-    meant for a single device.
+    Random: seeded with ``seed``. Meant for a single device (under DDP every rank would compute the metrics on its own
+    share of the test split).
 
     Args:
         lm_path: the real-data language model: a checkpoint file, a run folder, or a recipe name (default
