@@ -93,10 +93,15 @@ class LatentEBMPrior(EBMModule):
         self.generator = ConvGenerator(nz=nz, ngf=ngf, img_size=img_size, channels=channels)
         if channels_last:
             self.generator.to(memory_format=torch.channels_last)
-        self.energy_net = EnergyMLP(nz=nz, ndf=ndf, activation=e_activation) if prior == "ebm" else None
+        self._build_prior()
+
+    def _build_prior(self) -> None:
+        """The energy net (``prior="ebm"``) and the prior and posterior samplers, from the hyperparameters."""
+        hp = self.hparams
+        self.energy_net = EnergyMLP(nz=hp.nz, ndf=hp.ndf, activation=hp.e_activation) if hp.prior == "ebm" else None
         self.samplers = {
-            "prior": LangevinSampler(prior_steps, prior_step_size),
-            "posterior": LangevinSampler(posterior_steps, posterior_step_size),
+            "prior": LangevinSampler(hp.prior_steps, hp.prior_step_size),
+            "posterior": LangevinSampler(hp.posterior_steps, hp.posterior_step_size),
         }
 
     # ------------------------------------------------------------------------------------------------ densities

@@ -20,8 +20,8 @@ from torch import Tensor
 
 from lebm_zoo.models.base import DataShapeError, EBMModule
 from lebm_zoo.models.latent_prior import LatentEBMPrior
-from lebm_zoo.nets import EnergyMLP, SequenceDecoder
-from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
+from lebm_zoo.nets import SequenceDecoder
+from lebm_zoo.samplers import as_normal_tensor
 
 __all__ = ["SequenceLatentEBMPrior", "VocabularyMixin", "log_mean_exp"]
 
@@ -60,10 +60,7 @@ class VocabularyMixin:
         """
         super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        dm_vocab = getattr(dm, "vocab", None)
-        if dm_vocab is None and dm is not None and hasattr(dm, "setup") and hasattr(dm, "vocab"):
-            dm.setup(stage)
-            dm_vocab = dm.vocab
+        dm_vocab = getattr(dm, "vocab", None)  # Lightning has run the datamodule's setup before this one
         if self.vocab_obj is None:
             if dm_vocab is None:
                 raise DataShapeError(f"{type(self).__name__} has no vocabulary: give it one (vocab=...) or train it "
@@ -164,11 +161,7 @@ class SequenceLatentEBMPrior(VocabularyMixin, LatentEBMPrior):
             raise ValueError(f"max_decode_length must be >= 1 and temperature >= 0, got {max_decode_length}, "
                              f"{temperature}")
         self.save_hyperparameters()
-        self.energy_net = EnergyMLP(nz=nz, ndf=ndf, activation=e_activation) if prior == "ebm" else None
-        self.samplers = {
-            "prior": LangevinSampler(prior_steps, prior_step_size),
-            "posterior": LangevinSampler(posterior_steps, posterior_step_size),
-        }
+        self._build_prior()
         self.generator: SequenceDecoder | None = None
         self._init_vocab()
 
