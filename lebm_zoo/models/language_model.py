@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.text import Perplexity
 
-from lebm_zoo.models.base import DataShapeError
+from lebm_zoo.models.base import DataShapeError, EBMModule
 from lebm_zoo.models.latent_sequence import VocabularyMixin
 from lebm_zoo.nets import SequenceDecoder
 
@@ -94,11 +94,8 @@ class LSTMLanguageModel(VocabularyMixin, pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        from lebm_zoo import __version__
-
-        checkpoint["lebm_zoo"] = {"class_path": f"{type(self).__module__}.{type(self).__qualname__}",
-                                  "version": __version__, "recipe": self.recipe}
+    # the same record as the zoo's models (class path, version, recipe), so load_pretrained and the CLI accept it
+    on_save_checkpoint = EBMModule.on_save_checkpoint
 
     @torch.no_grad()
     def perplexity(self, batches) -> float:
