@@ -102,12 +102,16 @@ class PerplexityCallback(pl.Callback):
         self._real: list[dict[str, Tensor]] = []
         self._nll_sum, self._nll_tokens, self._nll_count = 0.0, 0, 0
         self._log_z: Tensor | None = None
+        self._lm_file: Path | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for name in ("sample_tokens", "log_marginal"):
             if not callable(getattr(pl_module, name, None)):
                 raise TypeError(f"PerplexityCallback needs a sequence model with {name}() "
                                 f"(e.g. SequenceLatentEBMPrior); {type(pl_module).__name__} has none")
+        self._lm_file = None
+        if stage == "test" and self.lm_path is not None:
+            self._lm_file = self.resolve_lm_path(trainer)  # fail before the long test pass, not after it
 
     def resolve_lm_path(self, trainer: pl.Trainer) -> Path:
         """``lm_path`` as a file: itself if it exists, else the newest ``last.ckpt`` written by the recipe of that name
@@ -133,7 +137,7 @@ class PerplexityCallback(pl.Callback):
     def _load_lm(self, trainer, pl_module):
         from lebm_zoo import LSTMLanguageModel, load_pretrained
 
-        path = self.resolve_lm_path(trainer)
+        path = self._lm_file or self.resolve_lm_path(trainer)
         rank_zero_info(f"PerplexityCallback: real-data language model {path}")
         lm = load_pretrained(str(path), map_location=pl_module.device, expected_class=LSTMLanguageModel)
         if lm.vocab_obj != pl_module.vocab_obj:
