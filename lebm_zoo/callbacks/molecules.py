@@ -68,6 +68,12 @@ def molecule_metrics(samples: Sequence[str], train_smiles: set[str] | None = Non
     Returns:
         dict of floats; ratios are NaN when undefined (no valid sample).
     """
+    return _evaluate(samples, train_smiles, reference_smiles)[0]
+
+
+def _evaluate(samples, train_smiles, reference_smiles):
+    """:func:`molecule_metrics`, plus the valid sample molecules and the property arrays of samples and reference
+    (None without a reference or without a valid sample), so that plots do not parse and featurise again."""
     from rdkit import Chem
 
     n = len(samples)
@@ -79,12 +85,14 @@ def molecule_metrics(samples: Sequence[str], train_smiles: set[str] | None = Non
            "novelty": (sum(s not in train_smiles for s in unique) / len(unique)
                        if unique and train_smiles is not None else float("nan")),
            "int_div": internal_diversity(list(unique.values()))}
-    if reference_smiles is not None and valid:
-        ref = [m for m in (_mol(s) for s in reference_smiles) if m is not None]
-        ps, pr = molecular_properties(m for _, m in valid), molecular_properties(ref)
-        for k in PROPERTIES:
-            out[f"w_{k}"] = float(wasserstein_distance(ps[k], pr[k]))
-    return out
+    ps = pr = None
+    if reference_smiles is not None:
+        pr = molecular_properties(m for m in (_mol(s) for s in reference_smiles) if m is not None)
+        if valid:
+            ps = molecular_properties(m for _, m in valid)
+            for k in PROPERTIES:
+                out[f"w_{k}"] = float(wasserstein_distance(ps[k], pr[k]))
+    return out, [m for _, m in valid], ps, pr
 
 
 class MoleculeMetricsCallback(pl.Callback):
@@ -138,28 +146,25 @@ class MoleculeMetricsCallback(pl.Callback):
         samples = self.sample(pl_module)
         train = getattr(dm, "train_smiles", None)
         ref = getattr(dm, "test_smiles", None)
-        self.results = molecule_metrics(samples, set(train) if train else None, ref)
+        self.results, valid, ps, pr = _evaluate(samples, set(train) if train else None, ref)
         folder = Path(trainer.log_dir or ".") / "molecules"
         folder.mkdir(parents=True, exist_ok=True)
         stem = "test" if split == "test" else f"epoch={trainer.current_epoch:04d}"
         (folder / f"{stem}_samples.smi").write_text("\n".join(samples) + "\n")
-        self._plots(trainer, samples, ref, folder, stem)
+        self._plots(trainer, valid, ps, pr, folder, stem)
         for k, v in self.results.items():
             if not np.isnan(v):
                 pl_module.log(f"{split}/{k}", float(v))
         return self.results
 
-    def _plots(self, trainer, samples: list[str], ref, folder: Path, stem: str) -> None:
+    def _plots(self, trainer, valid: list, ps, pr, folder: Path, stem: str) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         from rdkit.Chem import Draw
 
-        valid = [m for m in (_mol(s) for s in samples) if m is not None and m.GetNumAtoms() > 0]
-        if ref:
-            ps = molecular_properties(valid) if valid else None
-            pr = molecular_properties(m for m in (_mol(s) for s in ref) if m is not None)
+        if pr is not None:
             fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
             for ax, k, label in zip(axes, PROPERTIES, ("QED", "logP", "molecular weight (g/mol)")):
                 bins = np.histogram_bin_edges(np.concatenate([pr[k], ps[k] if valid else []]), bins=40)
