@@ -2,24 +2,25 @@
 """Speed benchmarks (`make bench`), each measured back to back in one run on the same machine.
 
 1. One LEBM SVHN-recipe training iteration (batch 100, 32x32x3): the plain-PyTorch reference loop
-   (``../shared/bench/reference_lebm_step.py``, run as a subprocess with the same thread count) against our
-   ``LatentEBMPrior.training_step`` driven by a Lightning ``Trainer`` (framework overhead included) in fp32 and in
-   ``bf16-mixed`` precision, each also with channels_last memory format. Seconds per iteration and the ratio to the
-   reference.
+   (``../shared/bench/reference_lebm_step.py``) against our ``LatentEBMPrior.training_step`` driven by a Lightning
+   ``Trainer`` (framework overhead included) in fp32 and in ``bf16-mixed`` precision, with and without channels_last
+   memory format. Every row runs in a fresh process with the same thread count, with glibc's default allocator or
+   with the tuned one that ``lebm-zoo`` sets at start-up (``lebm_zoo.utils.tune_cpu_allocator``); the reference loop
+   is timed both ways too. Seconds per iteration, the ratio to the reference and the process's peak memory.
 2. The 60-step prior chain (batch 100, nz 100, s = 0.4) on the same energy MLP: our ``LangevinSampler``, torchebm's
    ``LangevinDynamics`` (if installed; ``pip install torchebm``) and a plain loop like the reference's.
 3. Sampling throughput (images/s of ``model.sample``: 60-step prior chain + G) and FID-evaluation throughput
    (images/s through the FID Inception network on 32x32 uint8 images, if its weights are built).
-4. Peak resident memory of a process running training iterations (fp32 and bf16-mixed), each in a fresh subprocess.
 
 Prints one table with the CPU model, thread count and torch version; writes ``benchmarks/results.json``.
-Usage: python benchmarks/run.py [--iters 3] [--warmup 1] [--threads N] [--device cpu|cuda]
+Usage: python benchmarks/run.py [--iters 5] [--warmup 1] [--rounds 3] [--threads N] [--device cpu|cuda]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -76,14 +77,52 @@ def ours(batch: int, iters: int, warmup: int, precision: str, device: str, chann
     return sum(timer.times) / len(timer.times)
 
 
-def reference(batch: int, iters: int, warmup: int, threads: int) -> float | None:
-    if not REFERENCE.exists():
+def _peak_memory_mib(device: str) -> float:
+    """Peak memory of this process so far: max RSS on CPU, max allocated on CUDA (MiB)."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+_CHILD = """
+import json, sys, torch
+from lebm_zoo.utils import tune_cpu_allocator
+a = json.loads(sys.argv[1])
+torch.set_num_threads(a["threads"])
+if a["tuned"]:
+    tune_cpu_allocator()
+if a["what"] == "reference":
+    import runpy
+    sys.argv = [a["script"], "--batch", str(a["batch"]), "--iters", str(a["iters"]), "--warmup", str(a["warmup"]),
+                "--threads", str(a["threads"])]
+    runpy.run_path(a["script"], run_name="__main__")  # prints its JSON line
+    import resource
+    print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+else:
+    sys.path.insert(0, a["bench_dir"])
+    from run import _peak_memory_mib, ours
+    s = ours(a["batch"], a["iters"], a["warmup"], a["precision"], a["device"], a["channels_last"])
+    print(json.dumps({"sec_per_iter": s, "peak_mib": _peak_memory_mib(a["device"])}))
+"""
+
+
+def training_row(what: str, batch: int, iters: int, warmup: int, threads: int, device: str, tuned: bool,
+                 precision: str = "32-true", channels_last: bool = False) -> dict | None:
+    """Seconds per iteration and peak memory (MiB) of ``what`` ("reference" or "ours") in a fresh process."""
+    if what == "reference" and not REFERENCE.exists():
         print(f"reference loop not found at {REFERENCE} (it ships in ../shared/bench); skipped", file=sys.stderr)
         return None
-    out = subprocess.run([sys.executable, str(REFERENCE), "--batch", str(batch), "--iters", str(iters),
-                          "--warmup", str(warmup), "--threads", str(threads)], capture_output=True, text=True,
-                         check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["sec_per_iter"]
+    args = dict(what=what, batch=batch, iters=iters, warmup=warmup, threads=threads, device=device, tuned=tuned,
+                precision=precision, channels_last=channels_last, script=str(REFERENCE),
+                bench_dir=str(ROOT / "benchmarks"))
+    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"benchmark row {what} {precision} failed:\n{out.stderr[-3000:]}")
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    merged = {k: v for d in lines for k, v in d.items()}
+    return {"s_per_iter": merged["sec_per_iter"], "peak_mib": merged["peak_mib"]}
 
 
 def _best_time(fn, repeats: int) -> float:
@@ -164,22 +203,11 @@ def throughputs(device: str, precision: str) -> dict[str, float | None]:
     return out
 
 
-def peak_memory_mb(precision: str, device: str, batch: int) -> float:
-    """Peak memory of 2 training iterations in a fresh process: max RSS on CPU, max allocated on CUDA (MiB)."""
-    code = (
-        "import sys, resource, torch; sys.path.insert(0, %r); from run import ours; "
-        "ours(%d, 1, 1, %r, %r); "
-        "print(torch.cuda.max_memory_allocated() / 2**20 if %r == 'cuda' else "
-        "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
-    ) % (str(ROOT / "benchmarks"), batch, precision, device, device)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return float(out.strip().splitlines()[-1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3, help="times each training-iteration row is run (median kept)")
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -189,29 +217,56 @@ def main() -> None:
     dev = a.device
     res: dict = {"cpu": cpu_model(), "threads": a.threads, "torch": torch.__version__, "device": dev,
                  "gpu": torch.cuda.get_device_name() if dev == "cuda" else None, "batch": a.batch}
-    res["reference_s_per_iter"] = reference(a.batch, a.iters, a.warmup, a.threads) if dev == "cpu" else None
-    res["fp32_s_per_iter"] = ours(a.batch, a.iters, a.warmup, "32-true", dev)
-    res["bf16_s_per_iter"] = ours(a.batch, a.iters, a.warmup, "bf16-mixed", dev)
-    res["fp32_channels_last_s_per_iter"] = ours(a.batch, a.iters, a.warmup, "32-true", dev, channels_last=True)
-    res["bf16_channels_last_s_per_iter"] = ours(a.batch, a.iters, a.warmup, "bf16-mixed", dev, channels_last=True)
+    rows = [  # (key, label, what, tuned allocator, precision, channels_last)
+        ("reference", "reference loop (plain PyTorch, fp32)", "reference", False, "32-true", False),
+        ("reference_tuned", "  same, tuned allocator", "reference", True, "32-true", False),
+        ("fp32", "lebm-zoo fp32 (Lightning)", "ours", False, "32-true", False),
+        ("fp32_tuned", "  fp32, tuned allocator", "ours", True, "32-true", False),
+        ("fp32_channels_last_tuned", "  fp32 + channels_last, tuned", "ours", True, "32-true", True),
+        ("bf16_tuned", "  bf16-mixed, tuned", "ours", True, "bf16-mixed", False),
+        ("bf16_channels_last_tuned", "  bf16-mixed + channels_last, tuned", "ours", True, "bf16-mixed", True),
+    ]
+    if dev != "cpu":  # the reference loop and the C allocator are CPU matters
+        rows = [r for r in rows if r[2] == "ours" and not r[3]] + [
+            ("bf16", "lebm-zoo bf16-mixed", "ours", False, "bf16-mixed", False),
+            ("bf16_channels_last", "lebm-zoo bf16-mixed + channels_last", "ours", False, "bf16-mixed", True)]
+    # Rounds: every row once per round, in the same order, so that a slow spell of this shared machine hits all rows
+    # alike; each row reports its median over the rounds.
+    runs: dict[str, list] = {key: [] for key, *_ in rows}
+    for r in range(a.rounds):
+        print(f"round {r + 1}/{a.rounds} of the training-iteration rows", file=sys.stderr, flush=True)
+        for key, _, what, tuned, precision, cl in rows:
+            runs[key].append(training_row(what, a.batch, a.iters, a.warmup, a.threads, dev, tuned, precision, cl))
+    res["rounds"] = a.rounds
+    res["training_iteration"] = {}
+    for key, rs in runs.items():
+        if rs[0] is None:
+            res["training_iteration"][key] = None
+            continue
+        res["training_iteration"][key] = {"s_per_iter": statistics.median(r["s_per_iter"] for r in rs),
+                                          "peak_mib": max(r["peak_mib"] for r in rs),
+                                          "rounds_s_per_iter": [r["s_per_iter"] for r in rs]}
     res["prior_chain_s"] = prior_chains(dev, repeats=3)
     res["throughput_fp32"] = throughputs(dev, "32-true")
     res["throughput_bf16"] = throughputs(dev, "bf16-mixed")
-    res["peak_memory_mib"] = {p: peak_memory_mb(p, dev, a.batch) for p in ("32-true", "bf16-mixed")}
 
-    ref = res["reference_s_per_iter"]
+    it = res["training_iteration"]
+    ref = (it.get("reference") or {}).get("s_per_iter")
+    ref_tuned = (it.get("reference_tuned") or {}).get("s_per_iter")
     print(f"lebm-zoo benchmarks on {res['cpu']}" + (f" + {res['gpu']}" if res["gpu"] else "")
           + f", {a.threads} threads, torch {torch.__version__}")
-    print(f"\n1. LEBM SVHN-recipe training iteration, batch {a.batch}")
-    print(f"   {'':<30}{'s/iter':>9}{'x reference':>13}")
-    rows = [("reference loop (plain PyTorch)", ref), ("lebm-zoo fp32 (Lightning)", res["fp32_s_per_iter"]),
-            ("lebm-zoo bf16-mixed (Lightning)", res["bf16_s_per_iter"]),
-            ("  fp32 + channels_last", res["fp32_channels_last_s_per_iter"]),
-            ("  bf16-mixed + channels_last", res["bf16_channels_last_s_per_iter"])]
-    for name, v in rows:
-        if v is not None:
-            ratio = f"{v / ref:>13.2f}" if ref else f"{'':>13}"
-            print(f"   {name:<30}{v:>9.3f}{ratio}")
+    mem = "max allocated" if dev == "cuda" else "peak RSS"
+    print(f"\n1. LEBM SVHN-recipe training iteration, batch {a.batch} (each row a fresh process; median of "
+          f"{a.rounds} rounds of {a.iters} iterations)")
+    print(f"   {'':<38}{'s/iter':>8}{'x faster than ref':>19}{'than tuned ref':>16}{mem + ' MiB':>16}")
+    for key, label, *_ in rows:
+        r = it[key]
+        if r is None:
+            continue
+        v = r["s_per_iter"]
+        f1 = f"{ref / v:>19.2f}" if ref else f"{'':>19}"
+        f2 = f"{ref_tuned / v:>16.2f}" if ref_tuned else f"{'':>16}"
+        print(f"   {label:<38}{v:>8.3f}{f1}{f2}{r['peak_mib']:>16.0f}")
     pc = res["prior_chain_s"]
     print("\n2. 60-step prior chain, batch 100, nz 100 (best of 3)")
     for name in ("ours", "torchebm", "plain_loop"):
@@ -222,9 +277,6 @@ def main() -> None:
         t = res[f"throughput_{p}"]
         fid = f"{t['fid_images_per_s']:.1f}" if t["fid_images_per_s"] else "n/a"
         print(f"   {p}: sampling {t['sample_images_per_s']:.1f}, FID Inception features {fid}")
-    print("\n4. Peak memory of training iterations (MiB, " + ("max allocated" if dev == "cuda" else "max RSS") + ")")
-    for p, v in res["peak_memory_mib"].items():
-        print(f"   {p:<12}{v:>9.0f}")
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
     print(f"\nwritten {a.out}")
 

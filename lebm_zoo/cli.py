@@ -9,9 +9,13 @@
 ``--recipe NAME`` stands for ``--config <the shipped recipes/NAME.yaml>`` (a path to a YAML file works too) and is
 placed before the other arguments, so overrides win. ``--ckpt_path last`` resolves to the newest ``last.ckpt`` of the
 same recipe under the run folder (``lightning_logs/`` by default), so a run can be resumed or tested.
+
+At start-up the command keeps freed CPU memory in the heap (:func:`lebm_zoo.utils.tune_cpu_allocator`), which makes
+the chains' steps faster on CPU; ``LEBM_ZOO_CPU_ALLOCATOR=default`` leaves the C allocator as it is.
 """
 from __future__ import annotations
 
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -21,6 +25,7 @@ from pytorch_lightning.cli import LightningCLI
 
 from lebm_zoo.models.base import DataShapeError
 from lebm_zoo.pretrained import CheckpointError, read_checkpoint
+from lebm_zoo.utils import tune_cpu_allocator
 
 __all__ = ["main", "list_recipes", "recipe_path", "RecipeError"]
 
@@ -186,6 +191,9 @@ def main(args: list[str] | None = None) -> int:
         return 0
     from datamodules import DatasetNotFoundError
     from lebm_zoo.callbacks import FIDWeightsNotFoundError
+
+    if os.environ.get("LEBM_ZOO_CPU_ALLOCATOR", "tuned") != "default":
+        tune_cpu_allocator()
 
     try:
         args, recipe = _expand_recipe(args)

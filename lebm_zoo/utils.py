@@ -28,3 +28,42 @@ def images_from_batch(batch) -> torch.Tensor:
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Map images in [-1, 1] (any float dtype) to uint8 in [0, 255], rounding to nearest."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def tune_cpu_allocator(threshold_bytes: int = 1 << 30) -> bool:
+    """Keep freed CPU memory in the process's heap instead of handing it back to the OS (glibc only).
+
+    A Langevin chain allocates and frees the same multi-megabyte activation buffers at every step. By default glibc
+    serves such buffers with ``mmap`` and returns them (and the top of the heap) to the OS on ``free``, so every step
+    page-faults and zero-fills hundreds of megabytes again. This raises glibc's ``M_MMAP_THRESHOLD`` and
+    ``M_TRIM_THRESHOLD`` so that those buffers are reused: on this project's CPU it made the SVHN-recipe posterior chain
+    1.2x faster in fp32 and 1.1x in bf16 (README, Speed). The math is untouched. The cost: the resident memory stays at
+    its high-water mark instead of shrinking between steps. It is the same fix as PyTorch's CPU tuning guide's advice to
+    preload jemalloc or tcmalloc, without the extra library. ``lebm-zoo`` calls it at start-up (set
+    ``LEBM_ZOO_CPU_ALLOCATOR=default`` to opt out); Python users call it once, before training.
+
+    Args:
+        threshold_bytes: allocations below this size come from the heap, and up to this much free memory is kept at
+            its top. If glibc refuses so large a value, its largest accepted one (32 MiB on 64-bit Linux) is used.
+
+    Returns:
+        True if the allocator was tuned; False where there is no glibc (macOS, Windows, musl): nothing is changed.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    value = min(int(threshold_bytes), 2**31 - 1)
+    if not mallopt(_M_MMAP_THRESHOLD, value):
+        value = 32 << 20
+        if not mallopt(_M_MMAP_THRESHOLD, value):
+            return False
+    return bool(mallopt(_M_TRIM_THRESHOLD, value))

@@ -135,3 +135,34 @@ def test_wheel_ships_recipes_datamodules_and_embedded_digits(tmp_path):
     assert "datamodules/__init__.py" in names and "lebm_zoo/cli.py" in names
     assert "lebm_zoo/assets/mnist-t10k-images-idx3-ubyte.gz" in names
     assert any(n.endswith("entry_points.txt") for n in names)
+
+
+_FAULTS = """
+import resource, sys, torch
+from lebm_zoo import LatentEBMPrior
+from lebm_zoo.utils import tune_cpu_allocator
+tuned = tune_cpu_allocator() if sys.argv[1] == "tuned" else None
+torch.manual_seed(0)
+m = LatentEBMPrior()
+x = torch.rand(100, 3, 32, 32) * 2 - 1
+m.infer_latent(x, n_steps=2)
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+m.infer_latent(x, n_steps=3)
+print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator (Linux) only")
+def test_tuned_allocator_reuses_chain_buffers_instead_of_page_faulting_them_back():
+    # The SVHN-recipe posterior chain frees and re-allocates megabyte activations every step; with glibc's defaults
+    # they go back to the OS and are page-faulted in again (about 19,000 faults per fp32 step measured); tuned, they
+    # are reused.
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True)
+        tuned, n = out.stdout.split()
+        return tuned, int(n)
+
+    tuned, n_tuned = faults("tuned")
+    _, n_default = faults("default")
+    assert tuned == "True"
+    assert n_default > 3000 and n_tuned < n_default / 10, (n_default, n_tuned)

@@ -228,3 +228,22 @@ def test_channels_last_is_the_same_model():
     x, z = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 100)
     with torch.no_grad():
         assert torch.allclose(a.log_joint(x, z), b.log_joint(x, z), rtol=1e-5)
+
+
+@pytest.mark.parametrize("img_size", [28, 32, 64])
+def test_generator_first_layer_as_a_matrix_product_is_the_transposed_convolution(img_size):
+    # ConvGenerator computes its first ConvTranspose2d (1x1 -> 4x4) as one GEMM; it must be the same function, with the
+    # gradient w.r.t. z (what the posterior chain uses) and w.r.t. the weights (what the generator update uses).
+    from lebm_zoo.nets import ConvGenerator
+
+    torch.manual_seed(0)
+    g = ConvGenerator(nz=10, ngf=4, img_size=img_size, channels=1)
+    z = torch.randn(5, 10, requires_grad=True)
+    out = g(z)
+    ref = g.net(z.view(5, 10, 1, 1))  # the layers applied as convolutions
+    assert out.shape == (5, 1, img_size, img_size)
+    assert torch.allclose(out, ref, atol=1e-6)
+    w = g.net[0].weight
+    gz, gw = torch.autograd.grad(out.pow(2).sum(), (z, w))
+    gz_ref, gw_ref = torch.autograd.grad(ref.pow(2).sum(), (z, w))
+    assert torch.allclose(gz, gz_ref, atol=1e-5) and torch.allclose(gw, gw_ref, atol=1e-5)
