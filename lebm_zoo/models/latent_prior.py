@@ -52,7 +52,8 @@ class LatentEBMPrior(EBMModule):
             ``loss_g_limit_after_epoch`` epochs; the reference uses 300 after epoch 10 on SVHN. Non-finite losses
             always stop training.
         channels_last: keep the generator's convolution weights in channels_last memory format (same math). On this
-            project's CPU it made an SVHN-recipe iteration 1.28x (fp32) and 1.36x (bf16-mixed) faster (README, Speed).
+            project's CPU it makes an fp32 SVHN-recipe iteration 1.13x faster, but a bf16-mixed one 3% slower (oneDNN's
+            bf16 kernels do better in their own blocked layout): use it with fp32 (README, Speed).
 
     Images are ``(B, channels, img_size, img_size)`` in [-1, 1]; latents ``(B, nz)``.
     """
