@@ -247,3 +247,31 @@ def test_generator_first_layer_as_a_matrix_product_is_the_transposed_convolution
     gz, gw = torch.autograd.grad(out.pow(2).sum(), (z, w))
     gz_ref, gw_ref = torch.autograd.grad(ref.pow(2).sum(), (z, w))
     assert torch.allclose(gz, gz_ref, atol=1e-5) and torch.allclose(gw, gw_ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_channels_last_generator_has_the_same_gradients(autocast):
+    # On CPU, ConvGenerator(channels_last=True) runs its transposed convolutions through a custom autograd function
+    # (forward in channels_last, gradients in the layout fastest per layer): same outputs and same gradients w.r.t. z
+    # (the posterior chain) and w.r.t. every parameter (the generator update). fp32: float rounding only (1e-5);
+    # bf16: both sides round the same bf16 weights and activations, only the kernels' summation order differs (1e-2).
+    from lebm_zoo.nets import ConvGenerator
+
+    torch.manual_seed(0)
+    plain = ConvGenerator(nz=16, ngf=16, img_size=32, channels=3)
+    split = ConvGenerator(nz=16, ngf=16, img_size=32, channels=3, channels_last=True)
+    split.load_state_dict(plain.state_dict())
+    x = torch.rand(6, 3, 32, 32) * 2 - 1
+
+    def outputs_and_grads(g):
+        z = torch.randn(6, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out = g(z)
+            loss = (out.float() - x).pow(2).sum()
+        grads = torch.autograd.grad(loss, [z, *g.parameters()])
+        return [out.float(), *grads]
+
+    tol = 1e-2 if autocast else 1e-5
+    for a, b in zip(outputs_and_grads(plain), outputs_and_grads(split)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert (a - b).norm() <= tol * a.norm(), ((a - b).norm() / a.norm()).item()

@@ -91,9 +91,8 @@ class LatentEBMPrior(EBMModule):
         if llhd_sigma <= 0 or prior_sigma <= 0:
             raise ValueError(f"llhd_sigma and prior_sigma must be > 0, got {llhd_sigma}, {prior_sigma}")
         self.save_hyperparameters()
-        self.generator = ConvGenerator(nz=nz, ngf=ngf, img_size=img_size, channels=channels)
-        if channels_last:
-            self.generator.to(memory_format=torch.channels_last)
+        self.generator = ConvGenerator(nz=nz, ngf=ngf, img_size=img_size, channels=channels,
+                                       channels_last=channels_last)
         self._build_prior()
 
     def _build_prior(self) -> None:
