@@ -6,6 +6,7 @@
    (``aten::_convolution`` and ``aten::convolution_backward``).
 3. Each transposed convolution of the generator alone: the forward and the input gradient (a convolution), in
    GFLOP/s, fp32 and bf16, NCHW and channels_last (the raw speed of oneDNN's kernels on this CPU).
+4. With ``--compile``: the posterior step with ``torch.compile`` (inductor) of the log-joint against eager.
 
 Runs under bf16 autocast with the tuned allocator, as ``lebm-zoo fit --trainer.precision bf16-mixed`` does.
 """
@@ -36,6 +37,11 @@ def _median_ms(fn, rounds: int = 5, n: int = 5) -> float:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd posterior step")
+    args = ap.parse_args()
     tune_cpu_allocator()
     torch.manual_seed(0)
     model = LatentEBMPrior()
@@ -63,6 +69,15 @@ def main() -> None:
                 row.append(f"{dname} {fname} {fwd:5.0f} / {bwd:5.0f}")
         print(f"   {c.in_channels:>3} -> {c.out_channels:>3}, {h:>2} px: " + " | ".join(row))
         h = (h - 1) * c.stride[0] - 2 * c.padding[0] + c.kernel_size[0]
+
+    if args.compile:
+        target = torch.compile(lambda z: model.log_joint(x, z), dynamic=False)
+        with torch.autocast("cpu", torch.bfloat16), model.frozen_for_sampling():
+            t = time.perf_counter()
+            step(target, z0)
+            print(f"4. torch.compile of the log-joint: {time.perf_counter() - t:.0f} s to compile; posterior step "
+                  f"{_median_ms(lambda: step(target, z0)):.1f} ms compiled, "
+                  f"{_median_ms(lambda: step(lambda z: model.log_joint(x, z), z0)):.1f} ms eager (bf16)")
 
 
 def _layer_gflops(c: torch.nn.ConvTranspose2d, h: int, dtype: torch.dtype, fmt) -> tuple[float, float]:

@@ -40,7 +40,7 @@ def tune_cpu_allocator(threshold_bytes: int = 1 << 30) -> bool:
     serves such buffers with ``mmap`` and returns them (and the top of the heap) to the OS on ``free``, so every step
     page-faults and zero-fills hundreds of megabytes again. This raises glibc's ``M_MMAP_THRESHOLD`` and
     ``M_TRIM_THRESHOLD`` so that those buffers are reused: on this project's CPU it makes an fp32 SVHN-recipe training
-    iteration 1.22x faster (the plain-PyTorch reference loop 1.23x; README, Speed). The math is untouched. The cost:
+    iteration 1.26x faster (the plain-PyTorch reference loop 1.27x; README, Speed). The math is untouched. The cost:
     the resident memory stays at its high-water mark instead of shrinking between steps (the peak is unchanged). It
     is the same fix as PyTorch's CPU tuning guide's advice to preload jemalloc or tcmalloc, without the extra library.
     ``lebm-zoo`` calls it at start-up (set ``LEBM_ZOO_CPU_ALLOCATOR=default`` to opt out); Python users call it once,

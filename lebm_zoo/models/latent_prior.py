@@ -51,9 +51,9 @@ class LatentEBMPrior(EBMModule):
         loss_g_limit: stop training (clean stop, last good weights kept) if the generator loss exceeds this after
             ``loss_g_limit_after_epoch`` epochs; the reference uses 300 after epoch 10 on SVHN. Non-finite losses
             always stop training.
-        channels_last: keep the generator's convolution weights in channels_last memory format (same math). On this
-            project's CPU it makes an fp32 SVHN-recipe iteration 1.13x faster, but a bf16-mixed one 3% slower (oneDNN's
-            bf16 kernels do better in their own blocked layout): use it with fp32 (README, Speed).
+        channels_last: run the generator's transposed convolutions in the fastest memory layouts (see
+            :class:`~lebm_zoo.nets.ConvGenerator`; same function and gradients). On this project's CPU it makes an
+            SVHN-recipe iteration 1.12x faster in fp32 and 1.09x under bf16-mixed (README, Speed).
 
     Images are ``(B, channels, img_size, img_size)`` in [-1, 1]; latents ``(B, nz)``.
     """
