@@ -249,8 +249,9 @@ def test_generator_first_layer_as_a_matrix_product_is_the_transposed_convolution
     assert torch.allclose(gz, gz_ref, atol=1e-5) and torch.allclose(gw, gw_ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("img_size", [28, 32, 64])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_channels_last_generator_has_the_same_gradients(autocast):
+def test_channels_last_generator_has_the_same_gradients(autocast, img_size):
     # On CPU, ConvGenerator(channels_last=True) runs its transposed convolutions through a custom autograd function
     # (forward in channels_last, gradients in the layout fastest per layer): same outputs and same gradients w.r.t. z
     # (the posterior chain) and w.r.t. every parameter (the generator update). fp32: float rounding only (1e-5);
@@ -258,10 +259,10 @@ def test_channels_last_generator_has_the_same_gradients(autocast):
     from lebm_zoo.nets import ConvGenerator
 
     torch.manual_seed(0)
-    plain = ConvGenerator(nz=16, ngf=16, img_size=32, channels=3)
-    split = ConvGenerator(nz=16, ngf=16, img_size=32, channels=3, channels_last=True)
+    plain = ConvGenerator(nz=16, ngf=8, img_size=img_size, channels=3)
+    split = ConvGenerator(nz=16, ngf=8, img_size=img_size, channels=3, channels_last=True)
     split.load_state_dict(plain.state_dict())
-    x = torch.rand(6, 3, 32, 32) * 2 - 1
+    x = torch.rand(6, 3, img_size, img_size) * 2 - 1
 
     def outputs_and_grads(g):
         z = torch.randn(6, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
