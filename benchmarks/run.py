@@ -267,6 +267,12 @@ def main() -> None:
         f1 = f"{ref / v:>19.2f}" if ref else f"{'':>19}"
         f2 = f"{ref_tuned / v:>16.2f}" if ref_tuned else f"{'':>16}"
         print(f"   {label:<38}{v:>8.3f}{f1}{f2}{r['peak_mib']:>16.0f}")
+    timed = {key: r["s_per_iter"] for key, r in it.items() if r is not None and not key.startswith("reference")}
+    fastest = min(timed, key=timed.get)
+    per_epoch = -(-73257 // a.batch)  # SVHN's training split in batches
+    res["svhn_epoch_min_fastest"] = timed[fastest] * per_epoch / 60
+    print(f"   implied SVHN epoch ({per_epoch} iterations) at the fastest row ({fastest}): "
+          f"{res['svhn_epoch_min_fastest']:.1f} min")
     pc = res["prior_chain_s"]
     print("\n2. 60-step prior chain, batch 100, nz 100 (best of 3)")
     for name in ("ours", "torchebm", "plain_loop"):
