@@ -118,7 +118,7 @@ class ConvGenerator(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         # The first layer maps the 1x1 latent to a k x k map: there a ConvTranspose2d is exactly one matrix product,
-        # (B, nz) @ (nz, C k k), which runs several times faster as a GEMM than as a convolution (same weights, same
+        # (B, nz) @ (nz, C k k), which oneDNN runs faster as a GEMM than as a convolution (same weights, same
         # function; README, Speed). The other layers are the transposed convolutions themselves.
         first = self.net[0]
         k = first.kernel_size[0] * first.kernel_size[1]

@@ -276,3 +276,15 @@ def test_channels_last_generator_has_the_same_gradients(autocast, img_size):
     for a, b in zip(outputs_and_grads(plain), outputs_and_grads(split)):
         assert a.shape == b.shape and a.dtype == b.dtype
         assert (a - b).norm() <= tol * a.norm(), ((a - b).norm() / a.norm()).item()
+
+
+@pytest.mark.parametrize("kw, match", [({"prior": "flow"}, "prior must be 'ebm' or 'gaussian'"),
+                                       ({"prior_sigma": 0.0}, "prior_sigma must be > 0"),
+                                       ({"llhd_sigma": -1.0}, "llhd_sigma must be > 0"),
+                                       ({"channels": 2}, "channels must be 1 or 3")])
+def test_bad_hyperparameters_are_clear_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        LatentEBMPrior(**kw)
+    if "llhd_sigma" not in kw and "channels" not in kw:  # the text/SMILES model shares the prior's checks
+        with pytest.raises(ValueError, match=match):
+            lebm_zoo.SequenceLatentEBMPrior(vocab=["<pad>", "<bos>", "<eos>", "<unk>", "a"], **kw)

@@ -84,16 +84,23 @@ class LatentEBMPrior(EBMModule):
         channels_last: bool = False,
     ):
         super().__init__()
-        if prior not in ("ebm", "gaussian"):
-            raise ValueError(f"prior must be 'ebm' or 'gaussian', got {prior!r}")
+        self._check_prior_args(prior, prior_sigma)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
-        if llhd_sigma <= 0 or prior_sigma <= 0:
-            raise ValueError(f"llhd_sigma and prior_sigma must be > 0, got {llhd_sigma}, {prior_sigma}")
+        if llhd_sigma <= 0:
+            raise ValueError(f"llhd_sigma must be > 0, got {llhd_sigma}")
         self.save_hyperparameters()
         self.generator = ConvGenerator(nz=nz, ngf=ngf, img_size=img_size, channels=channels,
                                        channels_last=channels_last)
         self._build_prior()
+
+    @staticmethod
+    def _check_prior_args(prior: str, prior_sigma: float) -> None:
+        """Raise ValueError for a ``prior`` other than "ebm" / "gaussian" or a non-positive ``prior_sigma``."""
+        if prior not in ("ebm", "gaussian"):
+            raise ValueError(f"prior must be 'ebm' or 'gaussian', got {prior!r}")
+        if prior_sigma <= 0:
+            raise ValueError(f"prior_sigma must be > 0, got {prior_sigma}")
 
     def _build_prior(self) -> None:
         """The energy net (``prior="ebm"``) and the prior and posterior samplers, from the hyperparameters."""

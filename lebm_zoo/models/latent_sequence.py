@@ -153,10 +153,7 @@ class SequenceLatentEBMPrior(VocabularyMixin, LatentEBMPrior):
         # Lightning's save_hyperparameters needs to find this constructor's arguments.
         __class__  # noqa: B018
         EBMModule.__init__(self)
-        if prior not in ("ebm", "gaussian"):
-            raise ValueError(f"prior must be 'ebm' or 'gaussian', got {prior!r}")
-        if prior_sigma <= 0:
-            raise ValueError(f"prior_sigma must be > 0, got {prior_sigma}")
+        self._check_prior_args(prior, prior_sigma)
         if max_decode_length < 1 or temperature < 0:
             raise ValueError(f"max_decode_length must be >= 1 and temperature >= 0, got {max_decode_length}, "
                              f"{temperature}")
