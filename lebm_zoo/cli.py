@@ -172,7 +172,41 @@ class LebmCLI(LightningCLI):
                 raise CheckpointError(f"--ckpt_path {ckpt} holds a {cls.__name__} checkpoint but the recipe builds a "
                                       f"{type(self.model).__name__}.")
 
-    before_fit = before_validate = before_test = before_predict = _before
+    def before_fit(self) -> None:
+        self._before()
+        from lebm_zoo.env import warn_if_emulated_bf16
+
+        msg = warn_if_emulated_bf16(str(self.trainer.precision), self.trainer.strategy.root_device.type, emit=False)
+        if msg and self.trainer.is_global_zero:
+            print(f"lebm-zoo: warning: {msg}", file=sys.stderr)
+
+    before_validate = before_test = before_predict = _before
+
+    def after_fit(self) -> None:
+        """Say where the run's samples and checkpoint are, and what to run next (rank zero, clean runs only)."""
+        trainer = self.trainer
+        if not trainer.is_global_zero or getattr(self.model, "divergence", None):
+            return
+        run = Path(trainer.log_dir or trainer.default_root_dir)
+        ckpt = next(iter(sorted(run.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)), None)
+        images = sorted((p for p in run.rglob("*.png")), key=lambda p: p.stat().st_mtime)
+        recipe = f"--recipe {self.recipe}" if self.recipe else "--config <your config>"
+        lines = [f"lebm-zoo: trained to step {trainer.global_step}; run folder {_pretty(run)}"]
+        if images:
+            lines.append(f"  samples and plots: {_pretty(images[-1].parent)}/ (newest: {images[-1].name})")
+        if ckpt is not None:
+            lines.append(f"  checkpoint: {_pretty(ckpt)}")
+            lines.append(f"  next: `lebm-zoo test {recipe} --ckpt_path last` for the test metrics, or "
+                         f"`lebm-zoo fit {recipe} --ckpt_path last` to train on")
+        print("\n".join(lines))
+
+
+def _pretty(path: Path) -> str:
+    """``path`` relative to the current folder when it is below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _print_recipes() -> None:
@@ -189,6 +223,14 @@ def main(args: list[str] | None = None) -> int:
     if args[:1] == ["recipes"]:
         _print_recipes()
         return 0
+    if args[:1] == ["env"]:
+        from lebm_zoo.env import main as env_main
+
+        return env_main(args[1:])
+    if args[:1] == ["fid-weights"]:
+        from lebm_zoo.fid_weights import main as fid_weights_main
+
+        return fid_weights_main(args[1:])
     from datamodules import DatasetNotFoundError
     from lebm_zoo.callbacks import FIDWeightsNotFoundError
 

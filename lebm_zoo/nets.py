@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lebm_zoo.env import native_bf16
+
 __all__ = ["ConvGenerator", "CoopDescriptor", "CoopGenerator", "EnergyMLP", "SequenceDecoder", "ShortRunScoreNet",
            "TriangleEncoder", "TriangleEnergy", "TriangleGenerator", "count_parameters", "down_trunk",
            "xavier_init_convs"]
@@ -421,7 +423,12 @@ class SequenceDecoder(nn.Module):
         if self.nz > 0:
             emb = torch.cat([emb, z.to(emb.dtype)[:, None, :].expand(b, t, self.nz)], dim=2)  # (B, T, E + nz)
             state = self.initial_state(z, b) if state is None else state
-        out, state = self.lstm(emb, state)
+        if emb.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not native_bf16():
+            # oneDNN has no bf16 LSTM where the CPU lacks bf16 units and fails to build one; ATen's LSTM runs it
+            with torch.backends.mkldnn.flags(enabled=False):
+                out, state = self.lstm(emb, state)
+        else:
+            out, state = self.lstm(emb, state)
         return self.drop(out), state
 
     def forward(self, tokens: Tensor, z: Tensor | None = None, state=None) -> tuple[Tensor, tuple[Tensor, Tensor]]:

@@ -1,8 +1,23 @@
-"""Small data the tests write themselves (shared by several test files)."""
+"""Small data the tests write themselves or read from ``tests/fixtures`` (shared by several test files), and where
+the real data copies are.
+
+``DATA_ROOT`` is the folder holding the real data sets (``mnist/``, ``ptb/``, ``zinc/``, ``cifar10/``, ``celeba/``):
+``$LEBM_ZOO_TEST_DATA`` if set, else ``../shared/data`` beside the checkout. Tests that read it carry
+``@pytest.mark.realdata("relative/path", ...)``; ``conftest.py`` skips them, naming the missing path, when it is not
+there (or fails them when ``LEBM_ZOO_REQUIRE_REAL_DATA=1``, as CI sets).
+"""
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+TESTS = Path(__file__).resolve().parent
+FIXTURES = TESTS / "fixtures"
+DATA_ROOT = Path(os.environ.get("LEBM_ZOO_TEST_DATA") or TESTS.parents[1] / "shared" / "data").absolute()
+#: the standard FID Inception weights where `lebm-zoo fid-weights` puts them by default
+FID_WEIGHTS = Path(os.environ.get("LEBM_ZOO_FID_WEIGHTS") or
+                   Path.home() / ".cache" / "lebm_zoo" / "weights-inception-2015-12-05-pool3-only.pth")
 
 
 def fixed_batch(n=16, c=1, s=28, seed=0):

@@ -1,12 +1,11 @@
 """Anomaly detection (issue 6): the MNIST held-out-digit split, AUPRC/AUROC callback, LatentEBMPrior.anomaly_score."""
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from _data import fixed_batch, write_mnist
+from _data import DATA_ROOT, fixed_batch, write_mnist
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -14,7 +13,7 @@ from datamodules import DatasetNotFoundError, MNISTAnomalyDataModule
 from lebm_zoo import EBMModule, LatentEBMPrior
 from lebm_zoo.callbacks import AnomalyDetectionCallback
 
-MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+MNIST_DIR = DATA_ROOT / "mnist"
 # fake MNIST: 60 train + 20 test images, every digit 8 times in all
 TRAIN_DIGITS, TEST_DIGITS = np.arange(60) % 10, np.arange(20) % 10
 
@@ -115,7 +114,7 @@ def test_missing_data_is_a_clear_error(tmp_path):
         MNISTAnomalyDataModule(str(tmp_path)).setup("test")
 
 
-@pytest.mark.skipif(not (MNIST_DIR / "MNIST" / "raw").is_dir(), reason="no real MNIST copy")
+@pytest.mark.realdata("mnist/MNIST/raw")
 def test_real_mnist_split_sizes():
     dm = setup(MNIST_DIR, heldout_digit=1)
     # 70,000 images, 7,877 ones: 62,123 normals -> floor(0.8 * 62,123) = 49,698 train, 12,425 + 7,877 test

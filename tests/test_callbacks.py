@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from _data import FID_WEIGHTS as WEIGHTS
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.loggers.logger import Logger
 from torch import nn
@@ -14,8 +15,6 @@ from torchvision.io import read_image
 
 from lebm_zoo.callbacks import FIDCallback, FIDWeightsNotFoundError, ReconstructionMSE, SampleGrid, default_fid_weights
 from lebm_zoo.utils import to_uint8
-
-WEIGHTS = Path.home() / ".cache" / "lebm_zoo" / "weights-inception-2015-12-05-pool3-only.pth"
 
 
 def images(n=32, c=1, s=8, seed=0, lo=-1.0, hi=1.0):
@@ -161,8 +160,7 @@ def test_fid_every_n_epochs_and_test_key(tmp_path):
     assert out["test/fid"] == pytest.approx(cb.last_value) and cb.last_value > 0
 
 
-@pytest.mark.skipif(not WEIGHTS.exists(), reason="FID Inception weights not built; run "
-                                                 "../shared/tools/fid_inception_weights.py")
+@pytest.mark.fid_weights
 def test_fid_matches_torchmetrics_with_inception_weights_on_grayscale(tmp_path):
     real, fake = images(8, c=1, s=28, seed=1), images(8, c=1, s=28, seed=2) * 0.5
     cb = FIDCallback(num_samples=8, weights_path=str(WEIGHTS), every_n_epochs=0, batch_size=8,
@@ -177,7 +175,7 @@ def test_fid_missing_weights_is_a_clear_error(tmp_path, monkeypatch):
     missing = tmp_path / "nope.pth"
     x = images(8)
     cb = FIDCallback(num_samples=8, weights_path=str(missing), cache_dir=str(tmp_path))
-    with pytest.raises(FIDWeightsNotFoundError, match="fid_inception_weights.py") as err:
+    with pytest.raises(FIDWeightsNotFoundError, match="lebm-zoo fid-weights") as err:
         trainer(tmp_path, [cb]).test(Toy(x), datamodule=Data(x), verbose=False)
     assert str(missing) in str(err.value) and "LEBM_ZOO_FID_WEIGHTS" in str(err.value)
 

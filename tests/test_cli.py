@@ -13,7 +13,6 @@ import lebm_zoo
 from lebm_zoo.cli import list_recipes, main
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = Path.home() / ".cache" / "lebm_zoo" / "weights-inception-2015-12-05-pool3-only.pth"
 RECIPES = {"quickstart", "svhn_prior", "cifar10_prior", "celeba64_prior", "mnist_prior"}
 FAST = ["--trainer.enable_progress_bar", "false"]
 
@@ -109,9 +108,7 @@ def write_svhn(root: Path, n: int, seed: int) -> None:
         scipy.io.savemat(root / f"{split}_32x32.mat", {"X": x, "y": y})
 
 
-@pytest.mark.skipif(not WEIGHTS.exists(), reason="FID Inception weights not built; run make fid-weights")
-def test_svhn_prior_recipe_trains_on_svhn_format_files(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("LEBM_ZOO_FID_WEIGHTS", str(WEIGHTS))
+def test_svhn_prior_recipe_trains_on_svhn_format_files(tmp_path, capsys, fid_weights_env):
     data = tmp_path / "svhn"
     data.mkdir()
     write_svhn(data, n=16, seed=0)

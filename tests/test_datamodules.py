@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+from _data import DATA_ROOT
 from PIL import Image
 from torch.utils.data import RandomSampler, SequentialSampler
 
@@ -21,10 +22,9 @@ from datamodules import (
     SVHNDataModule,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-MNIST_DIR = SHARED / "mnist"
-CIFAR_ZIP = SHARED / "cifar10" / "cifar10-jpeg.zip"
-CELEBA_ZIP = SHARED / "celeba" / "celeba-first10k-89x109-jpeg.zip"
+MNIST_DIR = DATA_ROOT / "mnist"
+CIFAR_ZIP = DATA_ROOT / "cifar10" / "cifar10-jpeg.zip"
+CELEBA_ZIP = DATA_ROOT / "celeba" / "celeba-first10k-89x109-jpeg.zip"
 
 
 @pytest.fixture(autouse=True)
@@ -155,7 +155,7 @@ def test_corrupt_svhn_files_are_clear_errors_naming_the_file(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------- MNIST
-@pytest.mark.skipif(not MNIST_DIR.exists(), reason=f"real MNIST copy not present at {MNIST_DIR}")
+@pytest.mark.realdata("mnist/MNIST/raw")
 def test_real_mnist_splits_shapes_and_padding():
     dm = fit_setup(MNISTDataModule(str(MNIST_DIR), batch_size=64, num_workers=0, val_size=1000))
     assert sizes(dm) == (59000, 1000, 10000) and (dm.img_size, dm.channels) == (28, 1)
@@ -236,7 +236,7 @@ def test_corrupt_image_is_a_clear_error_naming_the_file(tmp_path):
         next(iter(dm.test_dataloader()))
 
 
-@pytest.mark.skipif(not CIFAR_ZIP.exists(), reason=f"real CIFAR-10 zip not present at {CIFAR_ZIP}")
+@pytest.mark.realdata("cifar10/cifar10-jpeg.zip")
 def test_members_of_the_real_cifar10_zip_load(tmp_path):
     """A few members of the real zip (its exact layout and JPEG encoding) re-zipped: extracting all 60k is too slow."""
     mini = tmp_path / "cifar10-mini.zip"
@@ -292,7 +292,7 @@ def test_celeba64_torchvision_layout_uses_official_splits(tmp_path):
     assert x.shape == (3, 3, 64, 64) and y.tolist() == [0, 0, 0]
 
 
-@pytest.mark.skipif(not CELEBA_ZIP.exists(), reason=f"real CelebA zip not present at {CELEBA_ZIP}")
+@pytest.mark.realdata("celeba/celeba-first10k-89x109-jpeg.zip")
 def test_members_of_the_real_celeba_zip_load(tmp_path):
     mini = tmp_path / "celeba-mini.zip"
     with zipfile.ZipFile(CELEBA_ZIP) as src, zipfile.ZipFile(mini, "w") as dst:
@@ -340,7 +340,13 @@ def test_quickstart_digits_are_embedded_and_split_deterministically():
     assert padded.img_size == 32 and padded.train_set[0][0].shape == (1, 32, 32)
     with pytest.raises(ValueError, match="val_size"):
         QuickstartMNISTDataModule(val_size=0)
-    if MNIST_DIR.exists():  # the embedded digits are the real MNIST test set, scaled like ToTensor + Normalize
-        real = MNISTDataModule(str(MNIST_DIR), num_workers=0, val_size=0)
-        real.setup("test")
-        assert torch.equal(dm.train_set.dataset.tensors[0][:5], torch.stack([real.test_set[i][0] for i in range(5)]))
+
+
+@pytest.mark.realdata("mnist/MNIST/raw")
+def test_embedded_digits_are_the_real_mnist_test_set():
+    # scaled like ToTensor + Normalize, in the same order
+    dm = QuickstartMNISTDataModule()
+    dm.setup("fit")
+    real = MNISTDataModule(str(MNIST_DIR), num_workers=0, val_size=0)
+    real.setup("test")
+    assert torch.equal(dm.train_set.dataset.tensors[0][:5], torch.stack([real.test_set[i][0] for i in range(5)]))

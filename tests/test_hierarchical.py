@@ -104,7 +104,7 @@ def test_training_updates_signs_and_checkpoint_round_trip(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), loaded.state_dict().values()))
 
 
-def test_mnist_hierarchical_recipe_trains_through_the_cli(tmp_path, capsys):
+def test_mnist_hierarchical_recipe_trains_through_the_cli(tmp_path, capsys, fid_weights_env):
     data = tmp_path / "mnist"
     data.mkdir()
     write_mnist(data)

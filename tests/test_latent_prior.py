@@ -252,10 +252,22 @@ def test_generator_first_layer_as_a_matrix_product_is_the_transposed_convolution
 @pytest.mark.parametrize("img_size", [28, 32, 64])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_channels_last_generator_has_the_same_gradients(autocast, img_size):
-    # On CPU, ConvGenerator(channels_last=True) runs its transposed convolutions through a custom autograd function
-    # (forward in channels_last, gradients in the layout fastest per layer): same outputs and same gradients w.r.t. z
-    # (the posterior chain) and w.r.t. every parameter (the generator update). fp32: float rounding only (1e-5);
-    # bf16: both sides round the same bf16 weights and activations, only the kernels' summation order differs (1e-2).
+    """ConvGenerator(channels_last=True) runs its transposed convolutions on CPU through a custom autograd function
+    (forward in channels_last, gradients in the layout fastest per layer): the same outputs and gradients w.r.t. z (the
+    posterior chain) and every parameter (the generator update) as the plain layers.
+
+    fp32: both are the same sums in another order, so they agree to float rounding (1e-5 relative, in norm).
+
+    bf16 (autocast): each layer rounds its inputs, weights and outputs to 8 significant bits (2^-9 relative), and the
+    backward pass rounds every layer's incoming gradient again; with the cancellation in these sums the gradients of
+    the first layers end up 2-8% (in norm) from the exact ones, on either path. Where oneDNN runs bf16 natively (AMX or
+    AVX512-BF16) both paths give bit-identical results; where bf16 is emulated (AVX2-only CPUs: ATen's own kernels)
+    the two paths round at different points, so they differ from each other by about as much as each differs from
+    the exact gradient (measured: 2-6%). Their difference is therefore no measure of correctness; what must hold is
+    that the channels_last path is as accurate as the plain one: its error against the float64 gradients is at most
+    1.5x the plain path's (two independent roundings of the same sums, measured ratio <= 1.14) plus one bf16 unit
+    (2^-8). A layout bug (a transposed or permuted gradient) gives errors of order 1 and fails.
+    """
     from lebm_zoo.nets import ConvGenerator
 
     torch.manual_seed(0)
@@ -264,18 +276,29 @@ def test_channels_last_generator_has_the_same_gradients(autocast, img_size):
     split.load_state_dict(plain.state_dict())
     x = torch.rand(6, 3, img_size, img_size) * 2 - 1
 
-    def outputs_and_grads(g):
-        z = torch.randn(6, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
-        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+    def outputs_and_grads(g, dtype=torch.float32):
+        g = g.to(dtype)
+        z = torch.randn(6, 16, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast and dtype == torch.float32):
             out = g(z)
-            loss = (out.float() - x).pow(2).sum()
+            loss = (out.to(dtype) - x.to(dtype)).pow(2).sum()
         grads = torch.autograd.grad(loss, [z, *g.parameters()])
-        return [out.float(), *grads]
+        g.float()
+        return [out.to(dtype), *grads]
 
-    tol = 1e-2 if autocast else 1e-5
-    for a, b in zip(outputs_and_grads(plain), outputs_and_grads(split)):
-        assert a.shape == b.shape and a.dtype == b.dtype
-        assert (a - b).norm() <= tol * a.norm(), ((a - b).norm() / a.norm()).item()
+    a_all, b_all = outputs_and_grads(plain), outputs_and_grads(split)
+    if not autocast:
+        for a, b in zip(a_all, b_all):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert (a - b).norm() <= 1e-5 * a.norm(), ((a - b).norm() / a.norm()).item()
+        return
+    exact = outputs_and_grads(plain, torch.float64)
+    for a, b, e in zip(a_all, b_all, exact):
+        assert a.shape == b.shape == e.shape and a.dtype == b.dtype == torch.float32
+        err_plain = float((a.double() - e).norm() / e.norm())
+        err_split = float((b.double() - e).norm() / e.norm())
+        assert err_plain < 0.25  # bf16 really ran on a sensible network (a wrong network is off by order 1)
+        assert err_split <= 1.5 * err_plain + 2**-8, (err_split, err_plain)
 
 
 @pytest.mark.parametrize("kw, match", [({"prior": "flow"}, "prior must be 'ebm' or 'gaussian'"),

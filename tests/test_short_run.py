@@ -224,7 +224,7 @@ def test_coopnets_generator_inference_option_runs_and_checkpoints(tmp_path):
     ("mnist_shortrun", ShortRunEBM, ["--model.n_steps", "3"]),
     ("mnist_coopnets", CoopNets, ["--model.n_chains", "10", "--model.descriptor_steps", "2"]),
 ])
-def test_recipe_trains_through_the_cli_and_loads(recipe, cls, overrides, tmp_path, capsys):
+def test_recipe_trains_through_the_cli_and_loads(recipe, cls, overrides, tmp_path, capsys, fid_weights_env):
     data = tmp_path / "mnist"
     data.mkdir()
     write_mnist(data)
@@ -232,7 +232,7 @@ def test_recipe_trains_through_the_cli_and_loads(recipe, cls, overrides, tmp_pat
             "--data.val_size", "4", "--data.batch_size", "8", "--data.num_workers", "0",
             "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
             "--trainer.default_root_dir", str(tmp_path), *overrides]
-    # FID needs Inception weights; the recipe's FID callback runs at epoch ends only, which 2 steps do not reach
+    # the recipe's FID callback sets up (weights: fid_weights_env) but runs at epoch ends, which 2 steps do not reach
     code = main(args)
     err = capsys.readouterr().err
     assert code == 0, err

@@ -1,11 +1,11 @@
 """Text: PTB data, the LSTM sequence decoder, the latent EBM prior over sentences, the NLL estimator and the text
 metrics through the CLI."""
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _data import DATA_ROOT, FIXTURES
 
 import lebm_zoo
 from datamodules import DatasetNotFoundError, PTBDataModule, Vocabulary
@@ -14,12 +14,14 @@ from lebm_zoo.cli import main
 from lebm_zoo.models.base import DataShapeError
 from lebm_zoo.nets import SequenceDecoder
 
-PTB_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ptb"
+PTB_DIR = DATA_ROOT / "ptb"
+PTB_FIXTURE = FIXTURES / "ptb"  # the first 300 / 40 / 40 real lines of each split
 FAST = ["--trainer.enable_progress_bar", "false"]
 
 
-def real_lines(split="train", n=None):
-    lines = (PTB_DIR / f"ptb.{split}.txt").read_text().splitlines()
+def real_lines(split="train", n=None, folder=PTB_FIXTURE):
+    lines = (folder / f"ptb.{split}.txt").read_text().splitlines()
+    assert n is None or len(lines) >= n, f"{folder} holds fewer than {n} {split} lines"
     return lines if n is None else lines[:n]
 
 
@@ -34,12 +36,13 @@ def small_ptb(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------ data
+@pytest.mark.realdata("ptb/ptb.train.txt", "ptb/ptb.valid.txt", "ptb/ptb.test.txt")
 def test_real_ptb_sizes_and_roundtrip():
     dm = PTBDataModule(str(PTB_DIR))
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (42_068, 3_370, 3_761)
     assert len(dm.vocab) == 10_002 and dm.vocab.itos[:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
-    for line in real_lines("test", 500):  # every real test line comes back word for word
+    for line in real_lines("test", 500, folder=PTB_DIR):  # every real test line comes back word for word
         assert dm.vocab.decode(dm.vocab.encode(line.split())) == " ".join(line.split())
     batch = next(iter(dm.test_dataloader()))
     tokens, mask = batch["tokens"], batch["mask"]

@@ -164,7 +164,7 @@ def test_fce_image_model_trains_and_samples():
     ("mnist_triangle", DivergenceTriangle, ["--model.ngf", "4", "--model.ndf", "4", "--model.nif", "4"]),
     ("mnist_fce", FlowContrastiveEBM, ["--model.ndf", "4", "--model.flow_hidden", "16"]),
 ])
-def test_recipe_trains_through_the_cli_and_round_trips(recipe, cls, overrides, tmp_path, capsys):
+def test_recipe_trains_through_the_cli_and_round_trips(recipe, cls, overrides, tmp_path, capsys, fid_weights_env):
     data = tmp_path / "mnist"
     data.mkdir()
     write_mnist(data)

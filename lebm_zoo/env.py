@@ -1,0 +1,177 @@
+"""What this machine offers the zoo: ``lebm-zoo env``, the CPU's bf16 support, and the bf16-on-CPU warning of ``fit``.
+
+On a CPU, ``--trainer.precision bf16-mixed`` is fast only where the CPU computes in bf16 natively (AVX512-BF16 or
+AMX, which oneDNN uses). Elsewhere (an AVX2-only CPU, for instance) every bf16 operation is emulated and a training
+step can be tens of times slower than fp32. :func:`probe_precision` measures it on this machine; ``lebm-zoo env``
+prints it with the rest, and ``lebm-zoo fit`` warns once when bf16 is asked for on a CPU without native support.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+__all__ = ["cpu_info", "native_bf16", "probe_precision", "warn_if_emulated_bf16", "main"]
+
+_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    """(model name, flags) from ``/proc/cpuinfo`` (Linux); ('', empty) elsewhere."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor(), set()
+    model, flags = "", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+            model = value.strip()
+        elif key.strip() in ("flags", "Features") and not flags:
+            flags = set(value.split())
+    return model, flags
+
+
+@functools.lru_cache(maxsize=1)
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively as PyTorch's oneDNN sees it (AVX512-BF16 or AMX; ARM BF16).
+
+    False means bf16 on the CPU is emulated (converted to fp32 and back around every operation): correct, but slow.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: ATen's own kernels, emulated
+        return False
+
+
+def cpu_info() -> dict:
+    """The CPU as the zoo sees it.
+
+    Returns:
+        ``{"model": str, "capability": str, "flags": {flag: bool}, "native_bf16": bool}``: the model name, ATen's
+        vector capability (``torch.backends.cpu.get_cpu_capability()``: ``"AVX2"``, ``"AVX512"``, ...), the
+        relevant ``/proc/cpuinfo`` flags (avx2, avx512f, avx512_bf16, amx_tile, amx_bf16), and :func:`native_bf16`.
+    """
+    model, flags = _cpuinfo()
+    return {"model": model or platform.machine(), "capability": torch.backends.cpu.get_cpu_capability(),
+            "flags": {f: f in flags for f in _FLAGS}, "native_bf16": native_bf16()}
+
+
+def probe_precision(seconds: float = 10.0, batch: int = 100) -> dict:
+    """Time one generator step in fp32 and in bf16-mixed: the SVHN recipe's ConvGenerator, forward and backward to
+    z, as in each step of the posterior Langevin chain (the bulk of a latent-prior training iteration).
+
+    One warm-up step of each (allocations, kernel selection), then the two precisions alternate until ``seconds``
+    have passed (at least three steps of each); the medians are kept.
+
+    Args:
+        seconds: the time budget of the probe (wall clock, seconds), > 0.
+        batch: latent vectors per step.
+
+    Returns:
+        ``{"32-true": s, "bf16-mixed": s, "bf16_speedup": fp32 time / bf16 time, "fastest": precision}``: seconds
+        per step and the factor (> 1: bf16 is faster here).
+
+    Raises:
+        ValueError: for a non-positive budget or batch.
+    """
+    from lebm_zoo.nets import ConvGenerator
+
+    if seconds <= 0 or batch < 1:
+        raise ValueError(f"seconds must be > 0 and batch >= 1, got {seconds} and {batch}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        g = ConvGenerator(nz=100, ngf=64, img_size=32, channels=3)
+        z = torch.randn(batch, 100, requires_grad=True)
+
+    def step(precision: str) -> float:
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-mixed"):
+            out = g(z)
+        torch.autograd.grad(out.float().square().sum(), z)
+        return time.perf_counter() - t0
+
+    runs: dict[str, list[float]] = {"32-true": [], "bf16-mixed": []}
+    for precision in runs:
+        step(precision)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds or min(len(v) for v in runs.values()) < 3:
+        for precision, times in runs.items():
+            times.append(step(precision))
+    med = {p: statistics.median(v) for p, v in runs.items()}
+    speedup = med["32-true"] / med["bf16-mixed"]
+    return {**med, "bf16_speedup": speedup, "fastest": "bf16-mixed" if speedup > 1 else "32-true"}
+
+
+_warned = False
+
+
+def warn_if_emulated_bf16(precision: str, accelerator: str, probe_seconds: float = 3.0,
+                          emit: bool = True) -> str | None:
+    """Warn once per process when bf16 is asked for on a CPU that has no bf16 units.
+
+    Args:
+        precision: the trainer's precision (``"bf16-mixed"``, ``"bf16-true"``, ``"32-true"``...).
+        accelerator: ``"cpu"`` or another device type; only the CPU is checked.
+        probe_seconds: budget of the :func:`probe_precision` run that measures the slowdown (0: do not measure).
+        emit: issue the text as a ``UserWarning`` (False: only return it, for callers that print it themselves).
+
+    Returns:
+        the warning's text when one was issued, else None.
+    """
+    global _warned
+    if _warned or accelerator != "cpu" or "bf16" not in str(precision) or native_bf16():
+        return None
+    _warned = True
+    info = cpu_info()
+    where = f"{info['model']} ({info['capability']}, no AVX512-BF16/AMX)"
+    factor = ""
+    if probe_seconds > 0:
+        p = probe_precision(probe_seconds, batch=32)
+        factor = f": a generator step measured {1 / p['bf16_speedup']:.1f}x slower than in fp32 here"
+    msg = (f"--trainer.precision {precision} on a CPU without bf16 units, {where}. Every bf16 operation is "
+           f"emulated{factor}. Use --trainer.precision 32-true on this machine (`lebm-zoo env` measures both).")
+    if emit:
+        warnings.warn(msg, stacklevel=2)
+    return msg
+
+
+def main(argv: list[str]) -> int:
+    """``lebm-zoo env``: print the software, devices, CPU features and the fastest precision here. Returns 0."""
+    parser = argparse.ArgumentParser(prog="lebm-zoo env", description="What this machine offers lebm-zoo: torch, "
+                                     "CUDA devices, the CPU's vector units and bf16 support, and a measured "
+                                     "fp32 vs bf16-mixed generator step.")
+    parser.add_argument("--probe-seconds", type=float, default=10.0,
+                        help="time budget of the fp32 vs bf16-mixed probe (default 10; 0 skips it)")
+    args = parser.parse_args(argv)
+    import pytorch_lightning as pl
+
+    from lebm_zoo._version import __version__
+
+    print(f"lebm-zoo {__version__}, torch {torch.__version__}, pytorch_lightning {pl.__version__}, "
+          f"python {sys.version.split()[0]}")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    print(f"CUDA devices: {n}" + "".join(f"\n  cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(n)))
+    info = cpu_info()
+    flags = ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in info["flags"].items())
+    print(f"CPU: {info['model']}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}")
+    print(f"  vector capability (ATen): {info['capability']}; {flags}")
+    print(f"  native bf16 (oneDNN): {'yes' if info['native_bf16'] else 'no: bf16 is emulated, slow'}")
+    if args.probe_seconds > 0:
+        p = probe_precision(args.probe_seconds)
+        print(f"probe (SVHN-recipe generator, forward + backward to z at batch 100, median of "
+              f"{args.probe_seconds:g} s of alternating runs): fp32 {p['32-true'] * 1e3:.0f} ms, "
+              f"bf16-mixed {p['bf16-mixed'] * 1e3:.0f} ms ({p['bf16_speedup']:.2f}x)")
+        advice = ("--trainer.precision bf16-mixed (add --model.channels_last true for LatentEBMPrior)"
+                  if p["fastest"] == "bf16-mixed" else "--trainer.precision 32-true (the default)")
+        print(f"fastest precision on this CPU: {advice}")
+    if n:
+        print("on the GPU: --trainer.accelerator gpu --trainer.precision bf16-mixed where the GPU supports bf16")
+    return 0
