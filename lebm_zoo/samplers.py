@@ -22,6 +22,8 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+from lebm_zoo.utils import full_precision
+
 LogProb = Callable[[Tensor], Tensor]
 
 __all__ = ["LangevinSampler", "HMCSampler", "SamplerMixin", "LogProb", "as_normal_tensor", "grad_enabled"]
@@ -33,8 +35,8 @@ def _log_prob_and_grad(log_prob: LogProb, x: Tensor) -> tuple[Tensor, Tensor]:
     lp = log_prob(x)
     if lp.dim() != 1 or lp.shape[0] != x.shape[0]:
         raise ValueError(f"log_prob must return one value per chain, shape ({x.shape[0]},); got {tuple(lp.shape)}")
-    (grad,) = torch.autograd.grad(lp.float().sum(), x)
-    return lp.detach().float(), grad
+    (grad,) = torch.autograd.grad(full_precision(lp).sum(), x)
+    return full_precision(lp.detach()), grad
 
 
 @contextlib.contextmanager

@@ -25,6 +25,15 @@ def images_from_batch(batch) -> torch.Tensor:
     raise TypeError(f"expected a batch of images (a tensor or an (x, y) pair), got {type(batch).__name__}")
 
 
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in at least float32: bf16/fp16 (autocast outputs) become float32; float32 and float64 stay as they are.
+
+    Losses, energies and chain log-densities go through it, so that they are fp32 under bf16-mixed and keep float64
+    in float64 runs (the reference-equivalence tests).
+    """
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Map images in [-1, 1] (any float dtype) to uint8 in [0, 255], rounding to nearest."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -93,15 +93,23 @@ class EBMModule(SamplerMixin, pl.LightningModule):
             return True
         bound_txt = ", ".join(f"|{k}| <= {b:.3g}" for k, b in zip(losses, bounds.tolist()))
         vals = ", ".join(f"{k}={v:.4g}" for k, v in zip(losses, values.tolist()))
-        self.divergence = (
+        message = (
             f"{type(self).__name__} training diverged at epoch {self.current_epoch}, step {self.global_step}: "
             f"{vals} (expected finite values with {bound_txt}). The update was skipped and training stopped; the "
             "last good weights are in the last checkpoint. Try smaller learning rates or Langevin step sizes, gradient "
             "clipping, or fp32 precision.")
-        rank_zero_warn(self.divergence)
+        self.stop_training(message)
+        return False
+
+    def stop_training(self, message: str) -> None:
+        """Stop training cleanly after this batch: record ``message`` as :attr:`divergence` and warn.
+
+        The checkpoint callbacks then save the last weights; ``lebm-zoo fit`` prints the message and exits with 1.
+        """
+        self.divergence = message
+        rank_zero_warn(message)
         if self._trainer is not None:
             self.trainer.should_stop = True
-        return False
 
     # ---------------------------------------------------------------------------------------------- plumbing
     def on_train_end(self) -> None:

@@ -14,13 +14,15 @@ alternating back-propagation (Han et al., 2017), the ablation LEBM is measured a
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from lebm_zoo.models.base import EBMModule
 from lebm_zoo.nets import ConvGenerator, EnergyMLP
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
-from lebm_zoo.utils import images_from_batch
+from lebm_zoo.utils import full_precision, images_from_batch
 
 __all__ = ["LatentEBMPrior"]
 
@@ -30,7 +32,9 @@ class LatentEBMPrior(EBMModule):
 
     Defaults are the reference SVHN recipe: 32x32x3 images, ``nz=100``, ``ngf=64`` (G of 3,447,683 parameters),
     E an MLP 100-200-200-1 with GELU, K0=60 s0=0.4, K1=20 s1=0.1, ``llhd_sigma=0.3``, Adam lr 1e-4 (G) and 2e-5 (E)
-    with betas (0.5, 0.999), ExponentialLR gamma 0.998 stepped once per epoch.
+    with betas (0.5, 0.999), learning rates decayed by gamma 0.998 per epoch as the reference schedules them
+    (``lr_schedule="reference"``), and the reference's early stop (``loss_g_limit=300`` after epoch 10, checked at
+    epoch ends).
 
     Args:
         img_size: 28, 32 or 64 (pixels).
@@ -46,11 +50,18 @@ class LatentEBMPrior(EBMModule):
         llhd_sigma: sigma of the Gaussian likelihood, in units of [-1, 1] pixels (reference: 0.3).
         lr_g, lr_e: Adam learning rates of G and E.
         betas: Adam betas of both optimisers.
-        lr_decay: ExponentialLR gamma, stepped once per epoch.
+        lr_decay: the per-epoch learning-rate decay gamma.
+        lr_schedule: ``"reference"``: the reference calls ``ExponentialLR.step(epoch=e)`` after epoch e, so epochs
+            0, 1, 2, 3, ... train at lr x 1, 1, gamma, gamma^2, ...; ``"exponential"``: a plain ``ExponentialLR``
+            stepped after every epoch (lr x 1, gamma, gamma^2, ...: one epoch ahead of the reference).
         grad_clip_g, grad_clip_e: optional max gradient norm (reference: off).
-        loss_g_limit: stop training (clean stop, last good weights kept) if the generator loss exceeds this after
-            ``loss_g_limit_after_epoch`` epochs; the reference uses 300 after epoch 10 on SVHN. Non-finite losses
-            always stop training.
+        loss_g_limit: stop training (a clean stop, reported as a divergence) if the generator loss exceeds this in
+            an epoch later than ``loss_g_limit_after_epoch`` (reference: 300 after epoch 10); None: off. Non-finite
+            losses always stop training, before their update.
+        loss_g_limit_after_epoch: see ``loss_g_limit``.
+        loss_g_limit_check: ``"epoch_end"`` (reference): at the end of such an epoch, stop if the last batch's
+            generator loss (after that batch's update) exceeded the limit; ``"per_batch"`` (stricter): check every
+            batch of such an epoch and skip the offending update.
         channels_last: run the generator's transposed convolutions in the fastest memory layouts (see
             :class:`~lebm_zoo.nets.ConvGenerator`; same function and gradients). On this project's CPU it makes an
             SVHN-recipe iteration 1.12x faster in fp32 and 1.09x under bf16-mixed (README, Speed).
@@ -77,14 +88,20 @@ class LatentEBMPrior(EBMModule):
         lr_e: float = 2e-5,
         betas: tuple[float, float] = (0.5, 0.999),
         lr_decay: float = 0.998,
+        lr_schedule: str = "reference",
         grad_clip_g: float | None = None,
         grad_clip_e: float | None = None,
-        loss_g_limit: float | None = None,
+        loss_g_limit: float | None = 300.0,
         loss_g_limit_after_epoch: int = 10,
+        loss_g_limit_check: str = "epoch_end",
         channels_last: bool = False,
     ):
         super().__init__()
         self._check_prior_args(prior, prior_sigma)
+        if lr_schedule not in ("reference", "exponential"):
+            raise ValueError(f"lr_schedule must be 'reference' or 'exponential', got {lr_schedule!r}")
+        if loss_g_limit_check not in ("epoch_end", "per_batch"):
+            raise ValueError(f"loss_g_limit_check must be 'epoch_end' or 'per_batch', got {loss_g_limit_check!r}")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         if llhd_sigma <= 0:
@@ -127,7 +144,7 @@ class LatentEBMPrior(EBMModule):
         """
         if self.energy_net is None:
             return z.new_zeros(z.shape[0])
-        return self.energy_net(z).float()
+        return full_precision(self.energy_net(z))
 
     def prior_log_prob(self, z: Tensor) -> Tensor:
         """Unnormalised log p_a(z) = -E(z) - ||z||^2 / (2 sigma_p^2), ``(B, nz) -> (B,)`` in nats."""
@@ -140,7 +157,7 @@ class LatentEBMPrior(EBMModule):
             x: images ``(B, C, H, W)`` in [-1, 1].
             z: latents ``(B, nz)``.
         """
-        rec = (x - self.generator(z)).flatten(1).float().pow(2).sum(1)
+        rec = full_precision((x - self.generator(z)).flatten(1)).pow(2).sum(1)
         return -rec / (2 * self.hparams.llhd_sigma ** 2)
 
     def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
@@ -161,7 +178,7 @@ class LatentEBMPrior(EBMModule):
     def generator_loss(self, x: Tensor, z: Tensor) -> Tensor:
         """The generator's loss at posterior latents: ``sum((G(z) - x)^2) / B`` (the reference's scale, without the
         1/(2 sigma^2) factor)."""
-        return (self.generator(z).float() - x).pow(2).sum() / x.shape[0]
+        return (full_precision(self.generator(z)) - x).pow(2).sum() / x.shape[0]
 
     # ------------------------------------------------------------------------------------------------ data hooks
     def data_from_batch(self, batch) -> Tensor:
@@ -209,7 +226,7 @@ class LatentEBMPrior(EBMModule):
     @torch.no_grad()
     def generate(self, z: Tensor) -> Tensor:
         """G(z): latents ``(B, nz)`` to images ``(B, C, H, W)`` in [-1, 1] (the mean of p(x | z))."""
-        return self.generator(z).float()
+        return full_precision(self.generator(z))
 
     @torch.no_grad()
     def sample(self, n: int, n_steps: int | None = None) -> Tensor:
@@ -269,15 +286,21 @@ class LatentEBMPrior(EBMModule):
         return -self.log_joint(x, z)
 
     # ------------------------------------------------------------------------------------------------ training
+    def _scheduler(self, optimizer):
+        """The per-epoch learning-rate schedule of ``lr_schedule`` (stepped in :meth:`on_train_epoch_end`)."""
+        hp = self.hparams
+        if hp.get("lr_schedule", "exponential") == "reference":
+            factor = functools.partial(reference_lr_factor, gamma=hp.lr_decay)
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=hp.lr_decay)
+
     def configure_optimizers(self):
         hp = self.hparams
         opt_g = torch.optim.Adam(self.generator.parameters(), lr=hp.lr_g, betas=tuple(hp.betas))
-        sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=hp.lr_decay)
         if not self.is_ebm:
-            return [opt_g], [sched_g]
+            return [opt_g], [self._scheduler(opt_g)]
         opt_e = torch.optim.Adam(self.energy_net.parameters(), lr=hp.lr_e, betas=tuple(hp.betas))
-        sched_e = torch.optim.lr_scheduler.ExponentialLR(opt_e, gamma=hp.lr_decay)
-        return [opt_g, opt_e], [sched_g, sched_e]
+        return [opt_g, opt_e], [self._scheduler(opt_g), self._scheduler(opt_e)]
 
     def training_step(self, batch, batch_idx: int) -> None:
         hp = self.hparams
@@ -297,10 +320,11 @@ class LatentEBMPrior(EBMModule):
                         energy_gap=loss_e.detach())
         losses = {"loss_g": loss_g, "loss_e": loss_e} if self.is_ebm else {"loss_g": loss_g}
         limits = None
-        if hp.get("loss_g_limit") is not None and self.current_epoch > hp.loss_g_limit_after_epoch:
+        if self._loss_g_limit_applies("per_batch"):
             limits = {"loss_g": hp.loss_g_limit}
         if not self.check_finite(losses, limits):
             return  # diverged: skip both updates; the trainer stops after this batch
+        self._last_loss_g = loss_g.detach()
 
         # One backward for both updates: E does not depend on G's parameters and the chains' latents are detached, so
         # grad(loss_g + loss_e) gives G exactly grad(loss_g) and E exactly grad(loss_e), as two backward passes
@@ -320,8 +344,20 @@ class LatentEBMPrior(EBMModule):
             prog["gap"] = logs["energy_gap"]
         self.log_dict(prog, prog_bar=True, logger=False, batch_size=b)
 
+    def _loss_g_limit_applies(self, check: str) -> bool:
+        hp = self.hparams
+        return (hp.get("loss_g_limit") is not None and hp.get("loss_g_limit_check", "per_batch") == check
+                and self.current_epoch > hp.get("loss_g_limit_after_epoch", 10))
+
     def on_train_epoch_end(self) -> None:
         self.step_schedulers()
+        last = getattr(self, "_last_loss_g", None)
+        if self._loss_g_limit_applies("epoch_end") and last is not None and float(last) > self.hparams.loss_g_limit:
+            self.stop_training(
+                f"{type(self).__name__} stopped at the end of epoch {self.current_epoch} (step {self.global_step}): "
+                f"the last batch's generator loss {float(last):.4g} exceeds loss_g_limit={self.hparams.loss_g_limit:g} "
+                f"(the reference's early stop, after epoch {self.hparams.loss_g_limit_after_epoch}). The last "
+                "weights are in the last checkpoint. Try smaller learning rates or Langevin step sizes.")
 
     def validation_step(self, batch, batch_idx: int) -> None:
         """No model-side validation loss: metric callbacks (ReconstructionMSE, FID, SampleGrid) do the evaluation."""
@@ -333,3 +369,13 @@ class LatentEBMPrior(EBMModule):
         """Posterior latents and reconstructions of a batch: ``{"z": (B, nz), "x_rec": (B, C, H, W)}``."""
         z = self.infer_latent(images_from_batch(batch))
         return {"z": z, "x_rec": self.generate(z)}
+
+
+def reference_lr_factor(epoch: int, gamma: float) -> float:
+    """Learning-rate factor of the reference schedule at scheduler step ``epoch``: ``gamma ** max(epoch - 1, 0)``.
+
+    The reference calls ``ExponentialLR.step(epoch=e)`` after epoch e, which sets lr x gamma^e for epoch e + 1: epochs
+    0, 1, 2, 3, ... train at lr x 1, 1, gamma, gamma^2, ... A ``LambdaLR`` stepped after every epoch with this factor
+    gives the same learning rates (and the same scheduler state to checkpoint).
+    """
+    return gamma ** max(epoch - 1, 0)
