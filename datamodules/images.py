@@ -28,6 +28,8 @@ from torchvision import datasets, transforms
 from torchvision.datasets.celeba import CSV
 from torchvision.datasets.utils import check_integrity, download_url
 
+from datamodules.loaders import make_loader
+
 __all__ = [
     "CIFAR10DataModule",
     "CelebA64DataModule",
@@ -302,9 +304,9 @@ class ImageDataModule(pl.LightningDataModule):
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         if ds is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader")
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, drop_last=False,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
+        return make_loader(ds, batch_size=self.batch_size, shuffle=shuffle, drop_last=False,
+                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                           pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled batches of ``train_set`` (the last one may be smaller)."""

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.images import DATA_DIR_FIX, DatasetNotFoundError, _summary
+from datamodules.loaders import make_loader
 
 __all__ = ["PTBDataModule", "SequenceDataModule", "Vocabulary", "pad_batch"]
 
@@ -186,8 +187,8 @@ class SequenceDataModule(pl.LightningDataModule):
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         g = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, generator=g, num_workers=self.num_workers,
-                          collate_fn=self._collate, persistent_workers=self.num_workers > 0)
+        return make_loader(ds, batch_size=self.batch_size, shuffle=shuffle, generator=g, num_workers=self.num_workers,
+                           collate_fn=self._collate, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, True)

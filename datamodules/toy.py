@@ -5,7 +5,9 @@ import math
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from datamodules.loaders import make_loader
 
 __all__ = ["EightGaussiansDataModule", "eight_gaussians", "eight_gaussian_centers"]
 
@@ -55,8 +57,8 @@ class EightGaussiansDataModule(pl.LightningDataModule):
         self.test_set = TensorDataset(eight_gaussians(hp.n_test, hp.radius, hp.std, hp.seed + 2))
 
     def _loader(self, ds, shuffle):
-        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers)
+        return make_loader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle,
+                           num_workers=self.hparams.num_workers)
 
     def train_dataloader(self):
         return self._loader(self.train_set, True)

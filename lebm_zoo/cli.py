@@ -64,8 +64,11 @@ def recipe_path(name: str) -> Path:
     if name in files:
         return files[name]
     p = Path(name)
-    if p.suffix in (".yaml", ".yml") and p.is_file():
-        return p
+    if p.suffix in (".yaml", ".yml"):
+        if p.is_file():
+            return p
+        raise RecipeError(f"--recipe {name}: no such file ({p.expanduser().absolute()}); a recipe is a shipped name "
+                          f"({', '.join(sorted(files))}) or the path of a YAML file.")
     raise RecipeError(f"unknown recipe {name!r}. Valid recipes: {', '.join(sorted(files))} "
                       "(run `lebm-zoo recipes` for descriptions), or pass a path to a YAML file.")
 
@@ -155,13 +158,101 @@ def _preflight_checkpoint(args: list[str], recipe: str | None) -> list[str]:
     return args
 
 
+#: hyperparameters that may differ from a checkpoint's when training resumes from it: chains, step sizes, learning
+#: rates and schedules, clipping, loss weights and stops (names matched by these endings); every other hyperparameter
+#: (the architecture, the data layout) comes from the checkpoint.
+RESUME_OVERRIDABLE = ("_steps", "step_size", "step_sizes", "lr", "lr_e", "lr_g", "lr_i", "lr_d", "lr_ebm", "lr_flow",
+                      "lr_cond", "betas", "lr_decay", "lr_schedule", "grad_clip", "grad_clip_g", "grad_clip_e",
+                      "grad_clip_d", "loss_g_limit", "loss_g_limit_after_epoch", "loss_g_limit_check", "noise",
+                      "noise_std", "_weight", "temperature", "reinit_prob", "energy_l2", "refine_steps", "data_noise",
+                      "weight_decay_g")
+
+
+def _overridable(key: str) -> bool:
+    return key.startswith("lr_") or any(key == e or key.endswith(e) for e in RESUME_OVERRIDABLE)
+
+
+def _explicit_model_keys(args: list[str]) -> set[str]:
+    """The model hyperparameters given on the command line (``--model.K V``, ``--model.init_args.K=V``)."""
+    keys = set()
+    for a in args:
+        if a.startswith("--model.") and not a.startswith("--model.help"):
+            key = a[len("--model."):].split("=", 1)[0]
+            keys.add(key[len("init_args."):] if key.startswith("init_args.") else key)
+    return keys - {"class_path"}
+
+
 class LebmCLI(LightningCLI):
-    """LightningCLI that tags checkpoints with their recipe and refuses a checkpoint of another model class."""
+    """LightningCLI that tags checkpoints with their recipe, refuses a checkpoint of another model class, and merges a
+    checkpoint's hyperparameters with the command line's explicitly (see :meth:`_parse_ckpt_path`)."""
 
     recipe: str | None = None
+    explicit_model_keys: set[str] = set()
+
+    phase: str = "setup"  # "run" once the subcommand starts: errors before it are the user's input
+
+    def _instantiate_trainer(self, config, callbacks):
+        """The trainer, with :class:`~lebm_zoo.checkpoint.AtomicCheckpointIO` unless plugins were given."""
+        from lebm_zoo.checkpoint import AtomicCheckpointIO
+
+        if not config.get("plugins"):
+            config = {**config, "plugins": [AtomicCheckpointIO()]}
+        return super()._instantiate_trainer(config, callbacks)
+
+    def _parse_ckpt_path(self) -> None:
+        """With ``--ckpt_path``, build the model from the checkpoint's hyperparameters, except those given on the
+        command line that may change on resume (:data:`RESUME_OVERRIDABLE`: chains, step sizes, learning rates...).
+
+        Lightning's own version puts the checkpoint's values over the command line silently (and its class over the
+        recipe's); here a checkpoint of another model class is refused, naming both, and an explicit override of an
+        architectural hyperparameter is refused, naming the keys that come from the checkpoint.
+
+        Raises:
+            CheckpointError: another model class, or a command-line value for a hyperparameter fixed by the checkpoint.
+        """
+        from jsonargparse import Namespace
+
+        from lebm_zoo.pretrained import _model_class
+
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if not (ckpt_path and Path(ckpt_path).is_file()):
+            return
+        ckpt = read_checkpoint(ckpt_path)
+        cls = _model_class(ckpt, Path(ckpt_path))
+        model_cfg = self.config[sub]["model"]
+        want = _import_class(model_cfg["class_path"]) if isinstance(model_cfg, Namespace) else None
+        if want is not None and not (issubclass(cls, want) or issubclass(want, cls)):
+            what = f"recipe {self.recipe}" if self.recipe else "the configuration"
+            raise CheckpointError(f"--ckpt_path {ckpt_path} holds a {cls.__name__} checkpoint but {what} builds a "
+                                  f"{want.__name__}; pass a checkpoint of a {want.__name__} (or the matching recipe).")
+        stored = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
+        init_args = model_cfg.get("init_args") if isinstance(model_cfg, Namespace) else None
+        if init_args is None:
+            return
+        refused = []
+        for key, value in stored.items():
+            if key not in init_args:
+                continue
+            given = init_args[key]
+            if key in self.explicit_model_keys and _as_plain(given) != _as_plain(value):
+                if _overridable(key):
+                    print(f"lebm-zoo: resuming with --model.{key} {given} (the checkpoint has {value})",
+                          file=sys.stderr)
+                    continue
+                refused.append(f"{key} (checkpoint: {value}, command line: {given})")
+                continue
+            init_args[key] = value
+        if refused:
+            raise CheckpointError(f"--ckpt_path {ckpt_path}: these hyperparameters come from the checkpoint and cannot "
+                                  f"change when resuming: {'; '.join(refused)}. Drop those flags, or start a new run "
+                                  "without --ckpt_path. (Chain lengths, step sizes, learning rates, schedules, "
+                                  "clipping and loss weights may change.)")
 
     def _before(self) -> None:
         from lebm_zoo.pretrained import _model_class
+
+        LebmCLI.phase = "run"
 
         if hasattr(self.model, "recipe"):
             self.model.recipe = self.recipe
@@ -209,6 +300,64 @@ def _pretty(path: Path) -> str:
         return str(path)
 
 
+def _import_class(path: str) -> type:
+    """The class named by a dotted ``class_path`` (``lebm_zoo.LatentEBMPrior``)."""
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one line. A model's or datamodule's own message (e.g. ``llhd_sigma must be > 0, got -1.0``)
+    is taken out of jsonargparse's wrapping, which lists every subtype it tried, and named by its class."""
+    import re
+
+    text = " ".join(str(e).split())
+    if "Errors: - " in text:
+        cause = text.split("Errors: - ", 1)[1].split(" - Expected a", 1)[0].strip()
+        cls = re.search(r"class_path='([^']+)'", text)
+        return f"{cls.group(1).rsplit('.', 1)[-1]}: {cause}" if cls else cause
+    return f"{type(e).__name__}: {text}" if isinstance(e, OSError) else text
+
+
+def _preflight_root_dir(args: list[str]) -> Path:
+    """The run folder (``--trainer.default_root_dir``, default the current folder), checked to be a writable folder.
+
+    Raises:
+        RecipeError: it is a file, or cannot be created or written.
+    """
+    hit = _option(args, "--trainer.default_root_dir")
+    root = Path(hit[1]).expanduser() if hit else Path(".")
+    if root.exists() and not root.is_dir():
+        raise RecipeError(f"--trainer.default_root_dir {root}: a file, not a folder.")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RecipeError(f"--trainer.default_root_dir {root}: cannot create it ({e.strerror}).") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise RecipeError(f"--trainer.default_root_dir {root}: not writable; pick a folder you can write to.")
+    return root
+
+
+def _version_dirs(root: Path | None) -> set[Path]:
+    return set((root / "lightning_logs").glob("version_*")) if root is not None else set()
+
+
+def _remove_empty_runs(root: Path | None, before: set[Path]) -> None:
+    """Remove the ``lightning_logs/version_N`` folders a failed start created that hold no file."""
+    import shutil
+
+    for d in _version_dirs(root) - before:
+        if d.is_dir() and not any(p.is_file() for p in d.rglob("*")):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _as_plain(v):
+    """A hyperparameter value in a comparable form (tuples and lists alike)."""
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
 def _print_recipes() -> None:
     recipes = list_recipes()
     width = max(map(len, recipes), default=0)
@@ -237,10 +386,15 @@ def main(args: list[str] | None = None) -> int:
     if os.environ.get("LEBM_ZOO_CPU_ALLOCATOR", "tuned") != "default":
         tune_cpu_allocator()
 
+    root = None
     try:
         args, recipe = _expand_recipe(args)
+        root = _preflight_root_dir(args)
+        before = _version_dirs(root)
         args = _preflight_checkpoint(args, recipe)
         LebmCLI.recipe = recipe
+        LebmCLI.explicit_model_keys = _explicit_model_keys(args)
+        LebmCLI.phase = "setup"
         saved_argv = sys.argv
         sys.argv = [saved_argv[0] if saved_argv else "lebm-zoo", *args]  # LightningCLI reads sys.argv
         try:
@@ -256,7 +410,14 @@ def main(args: list[str] | None = None) -> int:
         finally:
             sys.argv = saved_argv
     except (RecipeError, CheckpointError, DatasetNotFoundError, DataShapeError, FIDWeightsNotFoundError) as e:
+        _remove_empty_runs(root, before if root is not None else set())
         print(f"lebm-zoo: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, OSError) as e:
+        if LebmCLI.phase != "setup":  # raised while training: not an input error, keep the traceback
+            raise
+        _remove_empty_runs(root, before if root is not None else set())
+        print(f"lebm-zoo: error: {_one_line(e)}", file=sys.stderr)
         return 2
     model = getattr(cli, "model", None)
     if getattr(model, "divergence", None):

@@ -1,7 +1,9 @@
 """Networks shared by the families: plain ``nn.Module`` s, no Lightning.
 
-Architectures follow the reference code (``families.md`` §1): the SVHN generator of
-bpucla/latent-space-EBM-prior (``train_svhn.py``) and its latent energy MLP.
+Architectures follow the reference code: the SVHN generator of bpucla/latent-space-EBM-prior (``train_svhn.py``) and
+its latent energy MLP. The divergence triangle's networks live in :mod:`lebm_zoo.models.triangle`; importing
+``TriangleGenerator``, ``TriangleEnergy`` or ``TriangleEncoder`` from here still works but is deprecated.
+CoopNets' ``CoopDescriptor`` and ``CoopGenerator`` live in :mod:`lebm_zoo.models.coopnets` (same deprecation).
 """
 from __future__ import annotations
 
@@ -13,9 +15,26 @@ from torch import Tensor, nn
 
 from lebm_zoo.env import native_bf16
 
-__all__ = ["ConvGenerator", "CoopDescriptor", "CoopGenerator", "EnergyMLP", "SequenceDecoder", "ShortRunScoreNet",
-           "TriangleEncoder", "TriangleEnergy", "TriangleGenerator", "count_parameters", "down_trunk",
+__all__ = ["ConvGenerator", "EnergyMLP", "SequenceDecoder", "ShortRunScoreNet", "count_parameters", "down_trunk",
            "xavier_init_convs"]
+
+#: names that moved to their family's file: name -> module (deprecated re-exports, resolved lazily by __getattr__)
+_MOVED = {"TriangleEncoder": "lebm_zoo.models.triangle", "TriangleEnergy": "lebm_zoo.models.triangle",
+          "TriangleGenerator": "lebm_zoo.models.triangle",
+          "CoopDescriptor": "lebm_zoo.models.coopnets", "CoopGenerator": "lebm_zoo.models.coopnets"}
+
+
+def __getattr__(name: str):
+    """Deprecated re-exports of networks that moved to their family's file (imported lazily: those files import
+    this module)."""
+    if name in _MOVED:
+        import importlib
+        import warnings
+
+        warnings.warn(f"lebm_zoo.nets.{name} is deprecated and will be removed in the next release; import it from "
+                      f"{_MOVED[name]}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # (kernel, stride, padding) of each transposed convolution after the first (k4 s1 p0: 1 -> 4 px), per image size
 _UPSAMPLING = {
@@ -161,16 +180,18 @@ class EnergyMLP(nn.Module):
         return self.net(z.flatten(1)).squeeze(-1)
 
 
-def down_trunk(channels: int, img_size: int, widths: list[int], leak: float = 0.2) -> tuple[nn.Sequential, int]:
+def down_trunk(channels: int, img_size: int, widths: list[int], leak: float = 0.2,
+               bias: bool = True) -> tuple[nn.Sequential, int]:
     """The data-space ConvNet trunk of the short-run EBM and the divergence triangle's E and I.
 
-    Conv(channels -> widths[0], k3 s1 p1), then Conv k4 s2 p1 to each further width, LeakyReLU after every conv.
-    Returns the trunk and its output's spatial size (32 px with four widths: 32 -> 16 -> 8 -> 4).
+    Conv(channels -> widths[0], k3 s1 p1), then Conv k4 s2 p1 to each further width, LeakyReLU after every conv;
+    ``bias=False`` builds the convs without bias (the triangle's). Returns the trunk and its output's spatial size
+    (32 px with four widths: 32 -> 16 -> 8 -> 4).
     """
-    layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 3, 1, 1), nn.LeakyReLU(leak)]
+    layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 3, 1, 1, bias=bias), nn.LeakyReLU(leak)]
     size = img_size
     for cin, cout in zip(widths, widths[1:]):
-        layers += [nn.Conv2d(cin, cout, 4, 2, 1), nn.LeakyReLU(leak)]
+        layers += [nn.Conv2d(cin, cout, 4, 2, 1, bias=bias), nn.LeakyReLU(leak)]
         size //= 2
     return nn.Sequential(*layers), size
 
@@ -209,172 +230,6 @@ class ShortRunScoreNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x).flatten()
-
-
-def _normal_init(module: nn.Module, std: float = 0.02) -> None:
-    """The triangle's init: conv weights N(0, std), BatchNorm weights N(1, std), biases 0."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.normal_(m.weight, 0.0, std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.normal_(m.weight, 1.0, std)
-            nn.init.zeros_(m.bias)
-
-
-class TriangleGenerator(nn.Module):
-    """Divergence-triangle generator G(z) (``enijkamp/triangle`` ``train_cifar10.py``).
-
-    ConvT(nz -> 8ngf, k4 s1 p0) -> BN -> ReLU, then ConvT k4 s2 p1 to 8ngf, 4ngf, 2ngf (each BN + ReLU;
-    4 -> 8 -> 16 -> 32 px; at 28 px the first is k3 so 4 -> 7 -> 14 -> 28; at 64 px one more to ngf), then
-    ConvT(-> channels, k3 s1 p1) -> Tanh. Init N(0, 0.02), BN weights N(1, 0.02).
-
-    Shapes: ``z`` ``(B, nz)`` -> ``(B, channels, img_size, img_size)`` in [-1, 1].
-    """
-
-    def __init__(self, nz: int = 100, ngf: int = 64, img_size: int = 32, channels: int = 3):
-        super().__init__()
-        _check_size(img_size)
-        widths = [8 * ngf, 8 * ngf, 4 * ngf, 2 * ngf] + ([ngf] if img_size == 64 else [])
-        layers: list[nn.Module] = [nn.ConvTranspose2d(nz, widths[0], 4, 1, 0), nn.BatchNorm2d(widths[0]), nn.ReLU()]
-        for i, (cin, cout) in enumerate(zip(widths, widths[1:])):
-            k = 3 if (img_size == 28 and i == 0) else 4
-            layers += [nn.ConvTranspose2d(cin, cout, k, 2, 1), nn.BatchNorm2d(cout), nn.ReLU()]
-        layers += [nn.ConvTranspose2d(widths[-1], channels, 3, 1, 1), nn.Tanh()]
-        self.net = nn.Sequential(*layers)
-        self.nz = nz
-        _normal_init(self)
-
-    def forward(self, z: Tensor) -> Tensor:
-        return self.net(z.view(z.shape[0], -1, 1, 1))
-
-
-class TriangleEnergy(nn.Module):
-    """Divergence-triangle energy E(x) (lower = more likely): Conv3x3 (nf), Conv4x4 s2 (2nf, 4nf, 4nf), LeakyReLU(0.2),
-    then a valid conv over the remaining map to 1 (reference: nf = 64). Init N(0, 0.02).
-
-    Shapes: ``x`` ``(B, channels, img_size, img_size)`` -> ``(B,)``.
-    """
-
-    def __init__(self, channels: int = 3, img_size: int = 32, nf: int = 64):
-        super().__init__()
-        _check_size(img_size)
-        widths = [nf, 2 * nf, 4 * nf, 4 * nf] + ([4 * nf] if img_size == 64 else [])
-        trunk, size = down_trunk(channels, img_size, widths)
-        self.net = nn.Sequential(*trunk, nn.Conv2d(widths[-1], 1, size, 1, 0))
-        _normal_init(self)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x).flatten()
-
-
-class TriangleEncoder(nn.Module):
-    """Divergence-triangle inference network I(x) = (mu, log sigma^2) of a diagonal Gaussian q(z | x).
-
-    Conv3x3 (nf), Conv4x4 s2 (2nf, 4nf, 8nf), LeakyReLU(0.2), then two valid-conv heads (8nf -> nz) for mu and
-    log sigma^2 (reference: nf = 64, nz = 100). Init N(0, 0.02).
-
-    Shapes: ``x`` ``(B, channels, img_size, img_size)`` -> ``(mu, logvar)``, each ``(B, nz)``.
-    """
-
-    def __init__(self, channels: int = 3, img_size: int = 32, nz: int = 100, nf: int = 64):
-        super().__init__()
-        _check_size(img_size)
-        widths = [nf, 2 * nf, 4 * nf, 8 * nf] + ([8 * nf] if img_size == 64 else [])
-        self.trunk, size = down_trunk(channels, img_size, widths)
-        self.mu = nn.Conv2d(widths[-1], nz, size, 1, 0)
-        self.logvar = nn.Conv2d(widths[-1], nz, size, 1, 0)
-        _normal_init(self)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.trunk(x)
-        return self.mu(h).flatten(1), self.logvar(h).flatten(1)
-
-
-class CoopDescriptor(nn.Module):
-    """CoopNets descriptor f(Y): a score (higher = more likely), the sum of ``n_out`` linear outputs (Xie et al.).
-
-    28/32 px (the official MNIST variant): three Conv k4 s2 p1 layers (ndf, 2ndf, 4ndf), LeakyReLU(0.2), then a
-    fully-connected layer to ``n_out`` units. 64 px (the official "scene" net): Conv k5 s2 (ndf), Conv k3 s2
-    (2ndf), Conv k3 s1 (4ndf), then the fully-connected layer. Weights N(0, 0.01), biases 0, as the TF reference.
-
-    Args:
-        channels: image channels, 1 or 3.
-        img_size: 28, 32 or 64.
-        ndf: width (reference: 64).
-        n_out: outputs of the last layer, summed into the score (reference: 100).
-
-    Shapes:
-        ``x`` ``(B, channels, img_size, img_size)`` in [-1, 1] -> score ``(B,)``.
-    """
-
-    def __init__(self, channels: int = 3, img_size: int = 32, ndf: int = 64, n_out: int = 100):
-        super().__init__()
-        if img_size not in (28, 32, 64):
-            raise ValueError(f"img_size must be 28, 32 or 64, got {img_size}")
-        if img_size == 64:
-            convs = [(channels, ndf, 5, 2, 2), (ndf, 2 * ndf, 3, 2, 1), (2 * ndf, 4 * ndf, 3, 1, 1)]
-        else:
-            convs = [(channels, ndf, 4, 2, 1), (ndf, 2 * ndf, 4, 2, 1), (2 * ndf, 4 * ndf, 4, 2, 1)]
-        layers: list[nn.Module] = []
-        size = img_size
-        for cin, cout, k, s, p in convs:
-            layers += [nn.Conv2d(cin, cout, k, s, p), nn.LeakyReLU(0.2)]
-            size = (size + 2 * p - k) // s + 1
-        layers += [nn.Flatten(), nn.Linear(4 * ndf * size * size, n_out)]
-        self.net = nn.Sequential(*layers)
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x).sum(1)
-
-
-class CoopGenerator(nn.Module):
-    """CoopNets generator g(z) (Xie et al., official TF): ConvT k4 valid to 4 px, then ConvT k5 s2 up-samplings,
-    BatchNorm + LeakyReLU(0.2) after every layer but the last, Tanh output.
-
-    Widths ``8ngf`` (4 px), then ``4ngf, 2ngf, ngf`` halving per up-sampling; 28 px: 4 -> 7 -> 14 -> 28, 32 px: 4 -> 8
-    -> 16 -> 32, 64 px: 4 -> 8 -> 16 -> 32 -> 64. BatchNorm always uses batch statistics (TF ``is_training=True``
-    in training and sampling, as the reference), so it keeps no running averages. Init N(0, 0.005) for ConvT
-    weights, biases 0.
-
-    Args:
-        nz: latent size (reference: 100).
-        ngf: width (reference: 64).
-        img_size: 28, 32 or 64.
-        channels: output channels.
-
-    Shapes:
-        ``z`` ``(B, nz)`` -> images ``(B, channels, img_size, img_size)`` in [-1, 1].
-    """
-
-    def __init__(self, nz: int = 100, ngf: int = 64, img_size: int = 32, channels: int = 3):
-        super().__init__()
-        n_up = {28: 3, 32: 3, 64: 4}.get(img_size)
-        if n_up is None:
-            raise ValueError(f"img_size must be 28, 32 or 64, got {img_size}")
-        widths = [ngf * 2 ** (n_up - i) for i in range(n_up)]  # e.g. [512, 256, 128] at 32 px with ngf 64
-        layers: list[nn.Module] = [nn.ConvTranspose2d(nz, widths[0], 4, 1, 0)]
-        size = 4
-        for cin, cout in zip(widths, widths[1:] + [channels]):
-            layers += [nn.BatchNorm2d(cin, track_running_stats=False), nn.LeakyReLU(0.2)]
-            out_pad = 0 if size == 4 and img_size == 28 else 1  # 4 -> 7 at 28 px, else doubling
-            layers.append(nn.ConvTranspose2d(cin, cout, 5, 2, 2, output_padding=out_pad))
-            size = (size - 1) * 2 - 4 + 5 + out_pad
-        layers.append(nn.Tanh())
-        self.net = nn.Sequential(*layers)
-        self.nz = nz
-        for m in self.modules():
-            if isinstance(m, nn.ConvTranspose2d):
-                nn.init.normal_(m.weight, 0.0, 0.005)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, z: Tensor) -> Tensor:
-        return self.net(z.view(z.shape[0], -1, 1, 1))
 
 
 class SequenceDecoder(nn.Module):

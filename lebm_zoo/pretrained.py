@@ -13,6 +13,7 @@ import inspect
 import os
 import pickle
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -82,16 +83,32 @@ def _resolve(name_or_path: str | os.PathLike) -> Path:
                           f"{str(name_or_path)!r} (published: {names}).")
 
 
+def _check_crcs(path: Path) -> None:
+    """Refuse a zip archive with a member whose data does not match its stored CRC-32 (torch itself does not check
+    them, so a flipped bit in a weight would load silently). Reads the whole file once."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if bad is not None:
+        raise CheckpointError(f"{path} is corrupt: the data of archive member {bad!r} does not match its CRC-32 "
+                              "checksum (a damaged copy?); copy or download the checkpoint again.")
+
+
 def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read a checkpoint file with torch's weights-only loader.
+    """Read a checkpoint file with torch's weights-only loader, after checking every archive member's CRC-32.
 
     Raises:
-        CheckpointError: if the file is corrupt/truncated, not a torch checkpoint, or holds non-plain objects.
+        CheckpointError: if the file is corrupt/truncated (including a member whose data fail its CRC check: the
+            message names it), not a torch checkpoint, or holds non-plain objects.
     """
     path = Path(path)
     if not zipfile.is_zipfile(path):  # every checkpoint torch >= 1.6 writes is a zip archive
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): not a torch "
                               "zip archive.")
+    _check_crcs(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

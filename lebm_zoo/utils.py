@@ -39,6 +39,40 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def get_rng_state() -> dict:
+    """The RNG states training draws from (torch CPU and CUDA, NumPy, Python), as plain tensors and lists that a
+    weights-only checkpoint can hold."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                        int(has_gauss), float(cached)],
+             "python": list(random.getstate()[1]) + [random.getstate()[0]]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore the states saved by :func:`get_rng_state` (missing entries are left as they are)."""
+    import random
+
+    import numpy as np
+
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    if "numpy" in state:
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "python" in state:
+        *internal, version = state["python"]
+        random.setstate((version, tuple(internal), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
@@ -77,3 +111,215 @@ def tune_cpu_allocator(threshold_bytes: int = 1 << 30) -> bool:
         if not mallopt(_M_MMAP_THRESHOLD, value):
             return False
     return bool(mallopt(_M_TRIM_THRESHOLD, value))
+
+
+# ------------------------------------------------------------------------------------------- input validation
+# The public methods of every family check what users give them with these (issue 15): wrong shapes, dtypes, scales
+# and non-finite values raise :class:`lebm_zoo.models.base.DataShapeError` (a ValueError) naming the method, what was
+# expected and how to fix it, instead of broadcasting into wrong results. A check costs at most one host-device
+# synchronisation: one fused ``torch.aminmax`` reduction, whose min and max are NaN if any value is NaN and +-inf if
+# any is infinite, so it also tells whether every value is finite. Shapes and counts cost none.
+
+#: values this far outside [-1, 1] are still accepted (float rounding of scaled pixels)
+RANGE_TOLERANCE = 1e-3
+
+
+def _data_shape_error(message: str) -> ValueError:
+    from lebm_zoo.models.base import DataShapeError  # lazily: lebm_zoo.models.base imports this module
+
+    return DataShapeError(message)
+
+
+def _at(where: str) -> str:
+    return f"{where}: " if where else ""
+
+
+def in_training_loop(module) -> bool:
+    """True while ``module``'s trainer runs the training loop (``fit``'s training stage; not its validation loop or
+    sanity check, and not after ``fit``).
+
+    The public methods that training steps call (``infer_latent``, ``sample_latent``, ``revise``) skip their data checks
+    then: the datamodule's batches are checked by ``data_from_batch`` / ``check_data_shape``, and the steps stay free of
+    the checks' host synchronisations.
+    """
+    trainer = getattr(module, "_trainer", None)
+    return trainer is not None and bool(getattr(trainer, "training", False))
+
+
+def check_count(n, name: str = "n", *, where: str = "", minimum: int = 1) -> int:
+    """``n`` as an int, if it is an integer >= ``minimum`` (Python or NumPy ints, 0-dim integer tensors).
+
+    Raises:
+        ValueError: naming ``name`` and the value, for a non-integer (a float, a bool, None...) or one below
+            ``minimum``.
+    """
+    import operator
+
+    try:
+        value = None if isinstance(n, bool) else operator.index(n)
+    except TypeError:
+        value = None
+    if value is None:
+        raise ValueError(f"{_at(where)}{name} must be an integer >= {minimum}, got {name}={n!r} ({type(n).__name__})")
+    if value < minimum:
+        raise ValueError(f"{_at(where)}{name} must be >= {minimum}, got {name}={value}")
+    return value
+
+
+def _value_range(tensors: list[torch.Tensor]) -> tuple[float, float]:
+    """(min, max) over all ``tensors`` with one host synchronisation; NaN if any value is NaN, +-inf if infinite."""
+    import functools
+
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+    stats = torch.stack([torch.stack(torch.aminmax(t.detach().reshape(-1))).to(dtype) for t in tensors])
+    lo, hi = stats.cpu().unbind(1)  # the one synchronisation
+    if lo.isnan().any() or hi.isnan().any():
+        return float("nan"), float("nan")
+    return float(lo.min()), float(hi.max())
+
+
+def _check_finite_values(tensors: list[torch.Tensor], name: str, where: str) -> tuple[float, float]:
+    import math
+
+    lo, hi = _value_range(tensors)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        nan = sum(int(t.isnan().sum()) for t in tensors)
+        inf = sum(int(t.isinf().sum()) for t in tensors)
+        total = sum(t.numel() for t in tensors)
+        raise _data_shape_error(f"{_at(where)}{name} has non-finite values: {nan} NaN and {inf} inf of {total} "
+                                "values. Remove or replace them (e.g. torch.nan_to_num) first.")
+    return lo, hi
+
+
+def _float_dtype(x: torch.Tensor, name: str, where: str, what: str, hint: str) -> None:
+    if not x.is_floating_point():
+        raise _data_shape_error(f"{_at(where)}{name} has dtype {x.dtype}, but {what} must be floating-point. {hint}")
+
+
+def check_images(x, channels: int, img_size: int, *, name: str = "x", where: str = "", batch: int | None = None,
+                 value_range: tuple[float, float] | None = (-1.0, 1.0), tol: float = RANGE_TOLERANCE) -> torch.Tensor:
+    """Check images given to a public method: shape ``(B, channels, img_size, img_size)``, B >= 1 (or ``batch``), a
+    floating-point dtype, finite values within ``value_range`` (with tolerance ``tol``; None: any finite value, for
+    chain states).
+
+    One host synchronisation. Returns ``x`` unchanged.
+
+    Raises:
+        DataShapeError: naming ``where`` and ``name``, the expected and the given shape / dtype / values, and the fix
+            (``x.unsqueeze(1)``, ``x.permute(0, 3, 1, 2)``, ``x.float() / 127.5 - 1``...).
+    """
+    expected = (channels, img_size, img_size)
+    layout = f"(B, C, H, W) = (B, {channels}, {img_size}, {img_size})"
+    if not isinstance(x, torch.Tensor):
+        raise _data_shape_error(f"{_at(where)}{name} must be a torch.Tensor of images {layout}, got "
+                                f"{type(x).__name__}")
+    shape = tuple(x.shape)
+    if x.ndim != 4 or shape[1:] != expected:
+        hint = ""
+        if x.ndim == 3 and shape[1:] == (img_size, img_size) and channels == 1:
+            hint = " Add the channel dimension: x.unsqueeze(1)."
+        elif x.ndim == 3 and shape == expected:
+            hint = " A single image: add the batch dimension, x.unsqueeze(0)."
+        elif x.ndim == 4 and shape[1:] == (img_size, img_size, channels):
+            hint = " The images look channels-last: x.permute(0, 3, 1, 2)."
+        elif x.ndim == 4 and shape[2:] == (img_size, img_size):
+            hint = (f" The model has channels={channels} but the images have {shape[1]}: convert them, or use a model "
+                    f"built with channels={shape[1]}.")
+        elif x.ndim == 4 and shape[1] == channels:
+            hint = (f" The model has img_size={img_size} but the images are {shape[2]}x{shape[3]}: resize them, or "
+                    "use a model built for that size.")
+        raise _data_shape_error(f"{_at(where)}{name} must be images of shape {layout}, got shape {shape}.{hint}")
+    if batch is not None and shape[0] != batch:
+        raise _data_shape_error(f"{_at(where)}{name} must hold {batch} images, {layout} with B = {batch}, got shape "
+                                f"{shape}")
+    if shape[0] == 0:
+        raise _data_shape_error(f"{_at(where)}{name} is an empty batch, shape {shape}: give at least one image")
+    _float_dtype(x, name, where, "images", "Convert 0..255 pixels to floats in [-1, 1] with x.float() / 127.5 - 1.")
+    lo, hi = _check_finite_values([x], name, where)
+    if value_range is not None:
+        a, b = value_range
+        if lo < a - tol or hi > b + tol:
+            if hi > 1.5 and lo >= -tol:
+                hint = "This looks like 0..255 pixels: scale to [-1, 1] with x / 127.5 - 1."
+            else:
+                hint = "Scale the images to [-1, 1] (x / 127.5 - 1 for 0..255 pixels, 2 * x - 1 for 0..1 pixels)."
+            raise _data_shape_error(f"{_at(where)}{name} has values in [{lo:.4g}, {hi:.4g}], but images must be in "
+                                    f"[{a:g}, {b:g}]. {hint}")
+    return x
+
+
+def check_latents(z, nz, *, name: str = "z", where: str = "", batch: int | None = None):
+    """Check latents given to a public method: ``(B, nz)`` floating-point with finite values, B >= 1 (or ``batch``).
+
+    ``nz`` a sequence of layer sizes (hierarchical models): ``z`` is a list of ``(B, nz_l)`` tensors, one per layer,
+    bottom first, or all of them packed in one ``(B, sum nz)`` tensor. One host synchronisation. Returns ``z``.
+
+    Raises:
+        DataShapeError: naming ``where`` and ``name``, the expected and the given shapes, dtype or values.
+    """
+    sizes = [int(nz)] if isinstance(nz, int) else [int(n) for n in nz]
+    layers = len(sizes) > 1 or not isinstance(nz, int)
+    if isinstance(z, torch.Tensor) or not layers:
+        parts, wanted = [z], [sum(sizes)]
+        layout = f"(B, nz) = (B, {sum(sizes)})" if not layers else (
+            f"(B, sum nz) = (B, {sum(sizes)}) (packed layers of sizes {sizes}), or a list of (B, nz_l) tensors")
+    else:
+        parts, wanted = list(z), sizes
+        layout = f"a list of {len(sizes)} tensors (B, nz_l) with nz = {sizes}, or one packed (B, {sum(sizes)})"
+        if len(parts) != len(sizes):
+            raise _data_shape_error(f"{_at(where)}{name} must be {layout}, got a list of {len(parts)}")
+    for part, size in zip(parts, wanted):
+        if not isinstance(part, torch.Tensor):
+            raise _data_shape_error(f"{_at(where)}{name} must be latents {layout}, got {type(part).__name__}")
+        if part.ndim != 2 or part.shape[1] != size:
+            got = [tuple(p.shape) for p in parts] if len(parts) > 1 else tuple(part.shape)
+            raise _data_shape_error(f"{_at(where)}{name} must be latents {layout}, got shape {got}")
+    rows = {p.shape[0] for p in parts}
+    if len(rows) > 1:
+        raise _data_shape_error(f"{_at(where)}{name}: every layer needs the same batch size B, got shapes "
+                                f"{[tuple(p.shape) for p in parts]}")
+    (b,) = rows
+    if batch is not None and b != batch:
+        raise _data_shape_error(f"{_at(where)}{name} must have B = {batch} rows (one per chain or item), got "
+                                f"{[tuple(p.shape) for p in parts] if len(parts) > 1 else tuple(parts[0].shape)}")
+    if b == 0:
+        raise _data_shape_error(f"{_at(where)}{name} is an empty batch (B = 0): give at least one latent")
+    for part in parts:
+        _float_dtype(part, name, where, "latents", "Convert them with z.float().")
+    _check_finite_values(parts, name, where)
+    return z
+
+
+def check_tokens(tokens, vocab_size: int, mask=None, *, name: str = "tokens", where: str = "") -> torch.Tensor:
+    """Check a token batch given to a public method: ``tokens`` ``(B, T)`` integer indices in ``[0, vocab_size)``,
+    B, T >= 1, and ``mask`` (if given) a bool tensor of the same shape.
+
+    One host synchronisation. Returns ``tokens``.
+
+    Raises:
+        DataShapeError: naming ``where`` and ``name``, the expected and the given shape, dtype or values.
+    """
+    layout = "{'tokens': (B, T) int64, 'mask': (B, T) bool}"
+    if not isinstance(tokens, torch.Tensor):
+        raise _data_shape_error(f"{_at(where)}{name} must be a (B, T) tensor of token indices (a batch {layout}, "
+                                f"or a list of strings), got {type(tokens).__name__}")
+    if tokens.ndim != 2 or 0 in tokens.shape:
+        raise _data_shape_error(f"{_at(where)}{name} must be token indices of shape (B, T) with B, T >= 1 (a batch "
+                                f"{layout}), got shape {tuple(tokens.shape)}")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise _data_shape_error(f"{_at(where)}{name} has dtype {tokens.dtype}, but token indices must be integers "
+                                "(torch.long): encode strings with model.encode(texts), or convert with tokens.long().")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(tokens.shape):
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise _data_shape_error(f"{_at(where)}the mask must have the tokens' shape {tuple(tokens.shape)}, got "
+                                    f"{got}")
+        if mask.dtype != torch.bool:
+            raise _data_shape_error(f"{_at(where)}the mask has dtype {mask.dtype}, but must be torch.bool (True on "
+                                    "real tokens): convert it with mask.bool()")
+    lo, hi = (int(v) for v in torch.stack(torch.aminmax(tokens.detach().reshape(-1))).cpu())
+    if lo < 0 or hi >= vocab_size:
+        raise _data_shape_error(f"{_at(where)}{name} must be indices in [0, {vocab_size}) of the model's "
+                                f"{vocab_size}-token vocabulary, got values in [{lo}, {hi}]: were they encoded with "
+                                "another vocabulary? Encode strings with model.encode(texts).")
+    return tokens

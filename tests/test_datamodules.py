@@ -11,6 +11,8 @@ import torch
 from _data import DATA_ROOT
 from PIL import Image
 from torch.utils.data import RandomSampler, SequentialSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRandomSampler
 
 from datamodules import (
     CelebA64DataModule,
@@ -91,7 +93,9 @@ def test_loaders_shuffle_train_only_and_workers_persist(tmp_path):
     write_svhn(tmp_path)
     dm = fit_setup(SVHNDataModule(str(tmp_path), batch_size=7, num_workers=1, val_size=5))
     train, val, test = dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()
-    assert isinstance(train.sampler, RandomSampler) and not train.drop_last and len(train) == 4  # 25 = 3 * 7 + 4
+    # resumable loaders (torchdata's StatefulDataLoader and its stateful RandomSampler)
+    assert isinstance(train, StatefulDataLoader) and isinstance(train.sampler, (RandomSampler, StatefulRandomSampler))
+    assert not train.drop_last and len(train) == 4  # 25 = 3 * 7 + 4
     assert isinstance(val.sampler, SequentialSampler) and isinstance(test.sampler, SequentialSampler)
     assert train.persistent_workers and train.pin_memory == torch.cuda.is_available()
 

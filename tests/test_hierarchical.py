@@ -24,7 +24,14 @@ def test_defaults_are_the_reference_joint_training_ones():
     hp = m.hparams
     assert tuple(hp.nz) == (128, 100) and hp.llhd_sigma == 0.3
     assert (hp.prior_steps, hp.prior_step_size, hp.posterior_steps, hp.posterior_step_size) == (60, 0.4, 40, 0.1)
-    assert (hp.lr_e, hp.lr_g, tuple(hp.betas)) == (2e-5, 1e-4, (0.9, 0.999))
+    assert (hp.lr_e, hp.lr_g, hp.lr_cond, tuple(hp.betas)) == (2e-5, 1e-4, 1e-4, (0.9, 0.999))
+    assert hp.top_prior_sigma == 1.01 and hp.min_sigma == 0.01  # the reference's N(0, (exp(0) + 0.01)^2) top
+    opt_g, opt_e = m.configure_optimizers()  # the reference's four Adams as parameter groups
+    assert [g["lr"] for g in opt_g.param_groups] == [1e-4, 1e-4] and [g["lr"] for g in opt_e.param_groups] == [2e-5] * 2
+    assert all(g["betas"] == (0.9, 0.999) and g["eps"] == 1e-8 and g["weight_decay"] == 0
+               for g in opt_g.param_groups + opt_e.param_groups)
+    assert [len(g["params"]) for g in opt_g.param_groups] == [8, 10]
+    assert [len(g["params"]) for g in opt_e.param_groups] == [8, 6]
     cond = [mod for mod in m.conditionals[0] if isinstance(mod, torch.nn.Linear)]
     assert [(c.in_features, c.out_features) for c in cond] == [(100, 200)] + [(200, 200)] * 3 + [(200, 256)]
     f1 = [mod.out_features for mod in m.energy_nets[0] if isinstance(mod, torch.nn.Linear)]
@@ -56,11 +63,33 @@ def test_log_joint_matches_a_hand_computation():
         sigma = log_sigma.exp() + 0.01
         f = m.energy_nets[0](z1).squeeze(-1) + m.energy_nets[1](z2).squeeze(-1)
         expected = (-(x - m.generator(z1)).flatten(1).pow(2).sum(1) / (2 * 0.09) + f
-                    - 0.5 * z2.pow(2).sum(1) + (-0.5 * ((z1 - mu) / sigma).pow(2) - sigma.log()).sum(1))
+                    - 0.5 * (z2 / 1.01).pow(2).sum(1) + (-0.5 * ((z1 - mu) / sigma).pow(2) - sigma.log()).sum(1))
         got = m.log_joint(x, [z1, z2])
         packed = m.log_joint(x, torch.cat([z1, z2], 1))
     assert torch.allclose(got, expected, atol=1e-4) and torch.allclose(got, packed)
     assert math.isfinite(float(got.sum()))
+
+
+def test_per_layer_learning_rates_and_top_sigma_option():
+    m = tiny(nz=(6, 4, 3), lr_e=(1e-3, 2e-3, 3e-3), lr_g=4e-3, lr_cond=(5e-3, 6e-3))
+    opt_g, opt_e = m.configure_optimizers()
+    assert [g["lr"] for g in opt_g.param_groups] == [4e-3, 5e-3, 6e-3]
+    assert [g["lr"] for g in opt_e.param_groups] == [1e-3, 2e-3, 3e-3]
+    groups = [{id(p) for p in g["params"]} for g in opt_g.param_groups + opt_e.param_groups]
+    nets = [m.generator, *m.conditionals, *m.energy_nets]
+    assert groups == [{id(p) for p in net.parameters()} for net in nets]
+    with pytest.raises(ValueError, match="lr_e needs one entry per layer"):
+        tiny(lr_e=(1e-3,))
+    with pytest.raises(ValueError, match="lr_cond needs one entry per conditional"):
+        tiny(lr_cond=(1e-3, 1e-3))
+    with pytest.raises(ValueError, match="top_prior_sigma"):
+        tiny(top_prior_sigma=0.0)
+    z = [torch.randn(2, 6), torch.randn(2, 4)]
+    unit, ref = tiny(top_prior_sigma=1.0), tiny()
+    ref.load_state_dict(unit.state_dict())
+    with torch.no_grad():  # only the top layer's Gaussian term differs
+        diff = ref.prior_log_prob(z) - unit.prior_log_prob(z)
+    assert torch.allclose(diff, 0.5 * z[1].pow(2).sum(1) * (1 - 1 / 1.01 ** 2), atol=1e-5)
 
 
 def test_resample_below_keeps_the_layers_above():

@@ -162,6 +162,7 @@ def test_coopnets_defaults_are_the_official_tf_ones():
     assert (hp.generator_steps, hp.generator_sigma, hp.lr_d, hp.lr_g, tuple(hp.betas)) == \
         (0, 0.3, 0.007, 1e-4, (0.5, 0.999))
     assert hp.descriptor_noise and m.samplers["descriptor"].noise_scale == 1.0
+    assert (hp.adam, hp.generator_langevin_grad, hp.data_scaling) == ("tf", "batch_mean", "reference")
     assert m.descriptor.net[-1].out_features == 100
 
 

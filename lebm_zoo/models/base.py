@@ -16,17 +16,22 @@ loaded weights-only), implement ``training_step`` and the public methods your ca
 """
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from pytorch_lightning.trainer.states import TrainerStatus
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from lebm_zoo.samplers import SamplerMixin
+from lebm_zoo.utils import get_rng_state, set_rng_state
 
-__all__ = ["DataShapeError", "EBMModule", "TrainingDivergedError"]
+__all__ = ["DataShapeError", "EBMModule", "StopCheckpoint", "TrainingDivergedError"]
 
 
 class DataShapeError(ValueError):
@@ -54,6 +59,27 @@ class EBMModule(SamplerMixin, pl.LightningModule):
         self.samplers = {}
         self.divergence: str | None = None
         self.recipe: str | None = None  # set by `lebm-zoo` to the recipe name; stored in checkpoints
+        self.register_state_dict_post_hook(_divergence_to_main_process)
+        self.register_load_state_dict_pre_hook(_divergence_from_worker)
+
+    #: hyperparameters that are layer sizes: each must be an integer >= 1 (checked by :meth:`save_hyperparameters`)
+    SIZE_HPARAMS = ("nz", "ngf", "ndf", "nf", "nif", "hidden", "emb_dim", "num_layers", "n_chains", "flow_hidden",
+                    "flow_transforms", "energy_hidden")
+
+    def save_hyperparameters(self, *args, **kwargs) -> None:
+        """Lightning's ``save_hyperparameters``, then a check that the layer sizes are integers >= 1, so that a bad
+        size is a clear ``ValueError`` before any network is built (not a ``ZeroDivisionError`` from inside one).
+
+        Raises:
+            ValueError: naming the hyperparameter and its value.
+        """
+        kwargs.setdefault("frame", inspect.currentframe().f_back)
+        super().save_hyperparameters(*args, **kwargs)
+        for key in self.SIZE_HPARAMS:
+            value = self.hparams.get(key)
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                    raise ValueError(f"{key} must be >= 1 (a layer size), got {value!r}")
 
     # ----------------------------------------------------------------------------------------------- public API
     def sample(self, n: int) -> Tensor:  # pragma: no cover - abstract
@@ -80,24 +106,46 @@ class EBMModule(SamplerMixin, pl.LightningModule):
         good weights) and warns; ``lebm-zoo fit`` turns it into an error message and a non-zero exit.
         One host-device synchronisation per call.
 
+        Under DDP (``world_size > 1``) the decision is collective: the ranks' losses are all-gathered (one collective
+        per call, so every rank must call it at the same point of its step, as the families do), and if any rank's
+        losses fail, every rank returns False, skips the update and stops after this batch, with a message naming
+        the rank(s) that diverged and their losses. With ``ddp_spawn`` the message also comes back to the module of
+        the main process (see :func:`_divergence_to_main_process`).
+
         Args:
             losses: scalar tensors by name.
             limits: optional bound on some losses' magnitude, by name; every loss is also bounded by
                 :attr:`explode_threshold`.
         """
         limits = limits or {}
-        values = torch.stack([v.detach().float().reshape(()) for v in losses.values()]).cpu()  # one sync
-        bounds = torch.tensor([min(limits.get(k, math.inf), self.explode_threshold) for k in losses])
-        ok = bool((values.isfinite() & (values.abs() <= bounds)).all())
-        if ok:
+        names = list(losses)
+        values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:  # one collective: every rank sees every rank's losses and takes the same decision
+            values = _all_gather(self.trainer, values)
+        values = values.reshape(-1, len(names)).cpu()  # (ranks, losses); the one host-device sync
+        bounds = torch.tensor([min(limits.get(k, math.inf), self.explode_threshold) for k in names])
+        bad = ~(values.isfinite() & (values.abs() <= bounds)).all(dim=1)  # (ranks,)
+        if not bad.any():
             return True
-        bound_txt = ", ".join(f"|{k}| <= {b:.3g}" for k, b in zip(losses, bounds.tolist()))
-        vals = ", ".join(f"{k}={v:.4g}" for k, v in zip(losses, values.tolist()))
+        bound_txt = ", ".join(f"|{k}| <= {b:.3g}" for k, b in zip(names, bounds.tolist()))
+
+        def vals(row: Tensor) -> str:
+            return ", ".join(f"{k}={v:.4g}" for k, v in zip(names, row.tolist()))
+
+        where = f"epoch {self.current_epoch}, step {self.global_step}"
+        if world > 1:
+            ranks = bad.nonzero().flatten().tolist()
+            which = f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+            head = (f"{type(self).__name__} training diverged on {which} (of {world}) at {where}: "
+                    f"{'; '.join(f'rank {r}: {vals(values[r])}' for r in ranks)}")
+            skipped = "Every rank skipped the update and stopped"
+        else:
+            head = f"{type(self).__name__} training diverged at {where}: {vals(values[0])}"
+            skipped = "The update was skipped and training stopped"
         message = (
-            f"{type(self).__name__} training diverged at epoch {self.current_epoch}, step {self.global_step}: "
-            f"{vals} (expected finite values with {bound_txt}). The update was skipped and training stopped; the "
-            "last good weights are in the last checkpoint. Try smaller learning rates or Langevin step sizes, gradient "
-            "clipping, or fp32 precision.")
+            f"{head} (expected finite values with {bound_txt}). {skipped}; the last good weights are in the last "
+            "checkpoint. Try smaller learning rates or Langevin step sizes, gradient clipping, or fp32 precision.")
         self.stop_training(message)
         return False
 
@@ -112,25 +160,71 @@ class EBMModule(SamplerMixin, pl.LightningModule):
             self.trainer.should_stop = True
 
     # ---------------------------------------------------------------------------------------------- plumbing
-    def on_train_end(self) -> None:
-        """Write the final weights to every ``ModelCheckpoint(save_last=True)``'s ``last.ckpt``.
+    def configure_callbacks(self):
+        """The zoo's stop checkpoint (see :class:`StopCheckpoint`), added to the trainer's callbacks."""
+        return [StopCheckpoint()]
 
-        Lightning saves ``last.ckpt`` only when a checkpoint is due, so a run stopped by ``max_time``, ``max_steps``
-        or the divergence guard between two saves would lose its latest steps.
-        """
-        from pytorch_lightning.callbacks import ModelCheckpoint
+    def on_train_epoch_start(self) -> None:
+        """After a resume from a checkpoint written at an epoch's end, put back its RNG states before this epoch's
+        data iterator is created (the uninterrupted run created it from that state too)."""
+        state = getattr(self, "_resume_rng", None)
+        if state is not None and state.get("at") == "epoch_end":
+            self._resume_rng = None
+            set_rng_state(state)
 
-        for cb in self.trainer.checkpoint_callbacks:
-            if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath:
-                path = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
-                self.trainer.save_checkpoint(path)
+    @property
+    def replaying_epoch_end(self) -> bool:
+        """True in ``on_train_epoch_end`` when Lightning replays the end of the epoch a checkpoint was written at
+        (a resume from an epoch-end checkpoint runs that hook again before any batch): its work is in the checkpoint."""
+        return self._trainer is not None and self.trainer.fit_loop.restarting and not getattr(self, "_fit_batches", 0)
+
+    def on_train_start(self) -> None:
+        self._fit_batches = 0  # training batches run by this fit call
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """After a resume from a checkpoint written inside an epoch, put back the RNG states the chains drew from when
+        it was written: here, at the first training batch, after the sanity-check validation and the data iterator's
+        creation, which the uninterrupted run did not do at this point."""
+        self._fit_batches = getattr(self, "_fit_batches", 0) + 1
+        state = getattr(self, "_resume_rng", None)
+        if state is not None:
+            self._resume_rng = None
+            set_rng_state(state)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         from lebm_zoo._version import __version__
 
         cls = type(self)
+        rng = {**get_rng_state(), "at": "epoch_end" if getattr(self, "_saving_at_epoch_end", False) else "batch"}
         checkpoint["lebm_zoo"] = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "version": __version__,
-                                  "recipe": self.recipe}
+                                  "recipe": self.recipe, "rng": rng}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the checkpoint's RNG states, to put back when training resumes (see :meth:`on_train_batch_start`),
+        and, when this module's learning rates differ from the checkpoint's (``--model.lr_* ...`` on resume), put
+        them into the stored optimiser and scheduler states, which Lightning restores after this hook."""
+        self._resume_rng = checkpoint.get("lebm_zoo", {}).get("rng")
+        if self._trainer is not None:
+            self._apply_new_learning_rates(checkpoint)
+
+    def _apply_new_learning_rates(self, checkpoint: dict) -> None:
+        stored = checkpoint.get("hyper_parameters", {})
+        keys = [k for k in self.hparams if (k == "lr" or k.startswith("lr_")) and k not in ("lr_decay", "lr_schedule")]
+        if not any(k in stored and stored[k] != self.hparams[k] for k in keys) or "optimizer_states" not in checkpoint:
+            return
+        fresh = self.configure_optimizers()
+        opts = fresh[0] if isinstance(fresh, tuple) else fresh
+        opts = opts if isinstance(opts, (list, tuple)) else [opts]
+        states, scheds = checkpoint["optimizer_states"], checkpoint.get("lr_schedulers", [])
+        for i, (opt, state) in enumerate(zip(opts, states)):
+            new_lrs = []
+            for group, saved in zip(opt.param_groups, state["param_groups"]):
+                factor = saved["lr"] / saved["initial_lr"] if saved.get("initial_lr") else 1.0  # schedule so far
+                saved["initial_lr"], saved["lr"] = group["lr"], group["lr"] * factor
+                new_lrs.append(saved["lr"])
+            if i < len(scheds) and "base_lrs" in scheds[i]:
+                scheds[i]["base_lrs"] = [g["lr"] for g in opt.param_groups]
+                scheds[i]["_last_lr"] = new_lrs
 
     def setup(self, stage: str) -> None:
         """Refuse a datamodule whose ``channels`` / ``img_size`` differ from the model's hyperparameters of that name.
@@ -167,9 +261,101 @@ class EBMModule(SamplerMixin, pl.LightningModule):
         self.trainer.strategy.optimizer_step(opt, closure=lambda: None)
 
     def step_schedulers(self) -> None:
-        """Step every LR scheduler once (manual optimisation: call at epoch end)."""
+        """Step every LR scheduler once (manual optimisation: call at epoch end). Nothing happens when the run stopped
+        inside the epoch (as Lightning does for its own epoch schedulers), diverged, or replays the end of the epoch
+        a checkpoint was written at (resume)."""
         scheds = self.lr_schedulers()
-        if scheds is None or self.divergence:
+        if scheds is None or self.divergence or not epoch_completed(self.trainer) or self.replaying_epoch_end:
             return
         for s in scheds if isinstance(scheds, list) else [scheds]:
             s.step()
+
+
+def _all_gather(trainer: pl.Trainer, t: Tensor) -> Tensor:
+    """``(world_size, *t.shape)``: ``t`` of every rank, in one collective. ``torch.distributed.all_gather`` directly
+    when a process group is up (the strategy's ``all_gather`` goes through a deprecated autograd wrapper that warns
+    on every run), the strategy's otherwise."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, t.contiguous())
+        return torch.stack(parts)
+    return trainer.strategy.all_gather(t)
+
+
+_DIVERGENCE_KEY = "_lebm_zoo_divergence"
+
+
+def _divergence_to_main_process(module: EBMModule, state_dict: dict, prefix: str, local_metadata) -> None:
+    """State-dict hook: under ``ddp_spawn`` (and ``ddp_fork`` / ``ddp_notebook``) the main process gets back only the
+    weights (the state dict a worker saves at the end of ``fit``, which Lightning loads there with ``strict=False``),
+    not the module's attributes, so its :attr:`~EBMModule.divergence` would stay None and ``lebm-zoo fit`` would exit
+    0. This adds the message to that one state dict: a spawned worker's, after ``fit`` has finished. Checkpoints,
+    written while the trainer runs, and every other state dict never hold it."""
+    trainer = module._trainer
+    if not module.divergence or trainer is None or trainer.state.status != TrainerStatus.FINISHED:
+        return
+    if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+        state_dict[prefix + _DIVERGENCE_KEY] = module.divergence
+
+
+def _divergence_from_worker(module: EBMModule, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: take the message :func:`_divergence_to_main_process` added out of the state dict
+    (so that no loading sees an unexpected key) into :attr:`~EBMModule.divergence`."""
+    message = state_dict.pop(prefix + _DIVERGENCE_KEY, None)
+    if message is not None:
+        module.divergence = message
+
+
+def epoch_completed(trainer: pl.Trainer) -> bool:
+    """Whether the current training epoch ran all its batches (False when the run stopped inside it)."""
+    loop = trainer.fit_loop.epoch_loop
+    return bool(loop._num_ready_batches_reached()) if hasattr(loop, "_num_ready_batches_reached") else bool(
+        loop.batch_progress.is_last_batch)
+
+
+class StopCheckpoint(Checkpoint):
+    """Writes ``last.ckpt`` (of every ``ModelCheckpoint(save_last=True)``) where a run stops, so that resuming from it
+    continues exactly where the run stopped: the true epoch and batch position, the data loader's position, the
+    schedulers and the RNG states (Lightning itself saves ``last.ckpt`` only when a checkpoint is due, and once
+    ``fit`` has ended it has closed the epoch, which a resume would count again).
+
+    * a stop inside an epoch (``max_steps``, ``max_time``, a divergence): after that batch;
+    * a stop at an epoch's end (its last batch, ``max_epochs``, an early stop decided at the epoch's end): after the
+      module's ``on_train_epoch_end`` (schedulers stepped), before Lightning closes the epoch.
+
+    :meth:`EBMModule.configure_callbacks` adds it; being a ``Checkpoint``, Lightning runs it after the other callbacks
+    (the ``Timer`` of ``max_time`` decides first) and its epoch-end hook after the module's.
+    """
+
+    @staticmethod
+    def _stopping(trainer: pl.Trainer) -> bool:
+        max_steps = trainer.max_steps
+        return bool(trainer.should_stop) or (max_steps is not None and 0 < max_steps <= trainer.global_step)
+
+    @staticmethod
+    def save_last(trainer: pl.Trainer) -> None:
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath:
+                path = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+                trainer.save_checkpoint(path)
+                cb.last_model_path = str(path)  # its own file: a later save replaces it instead of writing last-v1
+        trainer.lightning_module._saved_at_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._stopping(trainer) and not epoch_completed(trainer):
+            self.save_last(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
+        if epoch_completed(trainer) and (self._stopping(trainer) or last_epoch):
+            pl_module._saving_at_epoch_end = True
+            try:
+                self.save_last(trainer)
+            finally:
+                pl_module._saving_at_epoch_end = False
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if getattr(pl_module, "_saved_at_step", None) != trainer.global_step:  # a stop neither hook saw
+            self.save_last(trainer)

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 
 from lebm_zoo.flows import Flow
 from lebm_zoo.models.base import EBMModule
-from lebm_zoo.nets import TriangleEnergy
+from lebm_zoo.models.triangle import TriangleEnergy
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
-from lebm_zoo.utils import images_from_batch
+from lebm_zoo.utils import check_count, images_from_batch
 
 __all__ = ["FlowContrastiveEBM"]
 
@@ -144,7 +144,11 @@ class FlowContrastiveEBM(EBMModule):
 
         Returns:
             ``(n, *data_shape)`` on the model's device (images are clamped to [-1, 1]).
+
+        Raises:
+            ValueError: for ``n`` < 1 or not an integer.
         """
+        n = check_count(n, where=f"{type(self).__name__}.sample")
         hp = self.hparams
         x = self.flow.sample(n).to(self.device)
         k = hp.refine_steps if refine_steps is None else int(refine_steps)

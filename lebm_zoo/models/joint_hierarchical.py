@@ -1,18 +1,58 @@
 """Joint latent EBM prior for multi-layer generators (Cui, Wu, Han, "Learning Joint Latent Space EBM Prior Model for
-Multi-layer Generator", CVPR 2023), following ``jcui1224/hierarchical-joint-ebm`` ``joint-training`` (``families.md``
-§6), generalised from two latent layers to L.
+Multi-layer Generator", CVPR 2023), following the authors' joint-training code: ``jcui1224/hierarchical-joint-ebm``
+at commit 26aeb1f, files ``joint-training/train_cifar10.py`` (the training loop, chains, losses, optimisers and
+defaults) and ``joint-training/nets.py`` (the networks), generalised from their two latent layers to L.
 
 Model, layers numbered from the bottom (z_1 feeds the image generator) to the top (z_L)::
 
-    p(z_1..z_L) ∝ exp(sum_l f_l(z_l)) N(z_L; 0, I) prod_{l<L} N(z_l; mu_l(z_{l+1}), sigma_l(z_{l+1})^2)
+    p(z_1..z_L) ∝ exp(sum_l f_l(z_l)) N(z_L; 0, top_prior_sigma^2 I) prod_{l<L} N(z_l; mu_l(z_{l+1}), sigma_l^2)
+    sigma_l = exp(log_sigma_l(z_{l+1})) + min_sigma
     x = G(z_1) + eps,   eps ~ N(0, llhd_sigma^2 I)
 
-f_l output **scores** (negative energies). Training step, in order: posterior Langevin on all layers jointly (40 steps,
-s = 0.1) from N(0, I); prior Langevin on the same target without the likelihood (60 steps, s = 0.4); then the
-generator update ``mean_batch sum (x - G(z_1+))^2 / (2 sigma^2)``, the conditional-prior update
-``mean log p(z_l- | z_{l+1}-) - mean log p(z_l+ | z_{l+1}+)`` (contrastive) and the energy update
-``mean f_l(z-) - mean f_l(z+)``, all from the same chains. Adam betas (0.9, 0.999), lr 1e-4 (generators) and 2e-5
-(energies). The reference's N(z_L; 0, 1.01^2) (a +0.01 applied to the top layer's unit sigma) is not copied.
+The f_l output **scores** (log-density terms, negative energies), as the reference's energy nets do: its chains
+ascend ``sum f_l`` and its energy losses are ``mean f(z-) - mean f(z+)``.
+
+One training iteration, as the reference's ``train_step`` does it:
+
+1. posterior Langevin on all layers jointly, from fresh N(0, I) noise (40 steps, s = 0.1) on log p(x, z):
+   ``z <- z + (s^2/2) grad_z [log p(x | z_1) + log p(z) + sum_l f_l(z_l)] + s eps``, the gradients of the
+   batch-summed terms (so per-chain gradients);
+2. prior Langevin from fresh N(0, I) noise on the same target without the likelihood (60 steps, s = 0.4);
+3. with both chains (detached, run with the parameters from before the updates): the generator loss
+   ``mean_batch sum_pixels (x - G(z_1+))^2 / (2 llhd_sigma^2)``; for each conditional the contrastive loss
+   ``mean log p(z_l- | z_{l+1}-) - mean log p(z_l+ | z_{l+1}+)``; for each layer the energy loss
+   ``mean f_l(z_l-) - mean f_l(z_l+)``; one Adam step each.
+
+The reference steps four Adams in turn (G, the conditional, f_1, f_2), each on its own loss; every loss depends only
+on its own network's parameters, so one backward of their sum followed by our two Adams (parameter groups: G and each
+conditional; each f_l) gives the same gradients and the same per-parameter updates.
+
+Identical to the reference (2 layers, CIFAR-10 defaults; checked one iteration at float64 in
+``tests/test_reference_hierarchical.py``):
+
+* the networks: G is ConvT(nz_1 -> 1024, k8) - ConvT k4 s2 p1 (512) - ConvT k4 s2 p1 (256) - ConvT(-> 3, k3 s1 p1)
+  - Tanh with LeakyReLU(0.2) between (our ``ngf=128`` with widths 8/4/2 ngf is the reference's hard-coded 64 with
+  16/8/4); each conditional an MLP of ``cond_layers`` Linear(200)-LeakyReLU(0.2) blocks and a Linear to
+  (mu, log sigma) (chunked in that order); f_1 and f_2 MLPs of 3 x 200 and 2 x 100 Linear-LeakyReLU(0.2) blocks and
+  a Linear to 1; every layer with bias and PyTorch's default init;
+* the top prior N(0, 1.01^2): the reference evaluates log p(z_2) with the same Gaussian class as its conditionals,
+  whose sigma is ``exp(log_sigma) + 0.01``, at log_sigma = 0, so sigma = 1.01 (``top_prior_sigma``; 1.0, an
+  option, gives N(0, I));
+* the chains (initial noise, step sizes, lengths, injected noise, per-chain gradients) and their order;
+* the losses and their reductions, and the update order (all updates from the same chains);
+* Adam with PyTorch's defaults (betas (0.9, 0.999), eps 1e-8, no weight decay), learning rates 1e-4 (G and the
+  conditional) and 2e-5 (each f_l), no schedule, no gradient clipping; the CIFAR-10 recipe's seed 1224, batch 100
+  and 101 epochs.
+
+Deviations:
+
+* ``top_prior_sigma=1.0`` (option; default 1.01 as the reference);
+* L != 2 layers, image sizes other than 32 px (the first kernel is img_size / 4) and 1-channel images: the
+  reference's G is 32 x 32 x 3 only; these are generalisations, and the 2-layer 32 x 32 x 3 model is the reference's;
+* the divergence guard (all families): a non-finite loss, or one above 1e8 in magnitude, stops training *before*
+  its update (the last weights stay finite); the reference checks only f_1's scores for NaN, after the updates;
+* the random streams: our chains draw the initial states and each step's noise for all layers in one
+  ``(B, sum nz)`` tensor, the reference one per layer (same distribution; the test feeds both the same draws).
 """
 from __future__ import annotations
 
@@ -21,12 +61,14 @@ from torch import Tensor, nn
 
 from lebm_zoo.models.base import EBMModule
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
-from lebm_zoo.utils import images_from_batch
+from lebm_zoo.utils import check_count, check_images, check_latents, full_precision, images_from_batch, in_training_loop
 
 __all__ = ["JointHierarchicalEBMPrior"]
 
 
 def _mlp(n_in: int, hidden: int, n_hidden: int, n_out: int) -> nn.Sequential:
+    """``n_hidden`` blocks Linear(hidden)-LeakyReLU(0.2), then Linear(n_out): the reference's energy and conditional
+    MLPs (PyTorch's default init)."""
     layers: list[nn.Module] = []
     for i in range(n_hidden):
         layers += [nn.Linear(n_in if i == 0 else hidden, hidden), nn.LeakyReLU(0.2)]
@@ -34,9 +76,18 @@ def _mlp(n_in: int, hidden: int, n_hidden: int, n_out: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _per_layer(value, n: int, name: str, what: str) -> list[float]:
+    """A float for every one of ``n`` entries, or a sequence of exactly ``n`` floats, as a list."""
+    values = [float(value)] * n if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(values) != n:
+        raise ValueError(f"{name} needs one entry per {what} ({n}), got {list(value)}")
+    return values
+
+
 class HierarchicalGenerator(nn.Module):
     """G(z_1) of the joint-training reference: ConvT(nz_1 -> 8ngf, k = img_size/4) -> ConvT k4 s2 p1 (4ngf) -> ConvT k4
-    s2 p1 (2ngf) -> ConvT(-> channels, k3 s1 p1) -> Tanh, LeakyReLU(0.2) between (reference: nz_1 128, ngf 128).
+    s2 p1 (2ngf) -> ConvT(-> channels, k3 s1 p1) -> Tanh, LeakyReLU(0.2) between, biases, PyTorch's default init
+    (reference: nz_1 128, ngf 128, i.e. widths 1024/512/256, which its code writes as 16/8/4 x 64; 32 px only).
 
     Shapes: ``(B, nz_1)`` -> ``(B, channels, img_size, img_size)`` in [-1, 1].
     """
@@ -62,22 +113,29 @@ class JointHierarchicalEBMPrior(EBMModule):
         img_size: a multiple of 4 (28, 32, 64...).
         channels: 1 or 3.
         nz: latent sizes from the bottom layer z_1 (the generator's input) to the top z_L (reference: [128, 100]).
-        ngf: generator width.
+        ngf: generator width: G's layers have 8, 4 and 2 x ngf channels (reference: 128, i.e. 1024/512/256).
         cond_hidden, cond_layers: width and number of hidden layers of each conditional MLP z_{l+1} -> (mu, log sigma)
             of z_l (reference: 200, 4).
         energy_hidden, energy_layers: width and hidden layers of each f_l, one entry per layer (reference: (200, 100),
             (3, 2)); a single int applies to all layers.
         min_sigma: added to exp(log sigma) of the conditionals (reference: 0.01).
+        top_prior_sigma: sigma of the top layer's Gaussian N(0, top_prior_sigma^2 I). Reference: 1.01, because it
+            evaluates that Gaussian with its conditionals' class at log sigma = 0 (exp(0) + 0.01); 1.0 (an option)
+            gives N(0, I).
         llhd_sigma: sigma of the Gaussian likelihood p(x | z_1), in [-1, 1] pixel units (reference: 0.3).
         prior_steps, prior_step_size, posterior_steps, posterior_step_size: the chains (reference: 60, 0.4, 40, 0.1).
-        lr_e, lr_g: Adam learning rates of the energies and of the generators (G and the conditionals).
-        betas: Adam betas.
+        lr_e: Adam learning rate of each f_l, one entry per layer, bottom first (reference: e1_lr = e2_lr = 2e-5); a
+            single float applies to all layers.
+        lr_g: Adam learning rate of the image generator G (reference: g1_lr = 1e-4).
+        lr_cond: Adam learning rate of each conditional p(z_l | z_{l+1}), one entry per conditional, bottom first
+            (reference: g2_lr = 1e-4); a single float applies to all.
+        betas: Adam betas of every group (reference: PyTorch's defaults (0.9, 0.999)).
         anomaly_k: default ``k`` of :meth:`anomaly_score` (None: ``-log p(x, z)``; k: the LLR^{>k} score).
 
     Latents travel as a list ``[z_1, ..., z_L]`` of ``(B, nz_l)`` tensors; images ``(B, C, H, W)`` in [-1, 1].
 
     Raises:
-        ValueError: for fewer than one layer or mismatched per-layer settings.
+        ValueError: for fewer than one layer, mismatched per-layer settings or non-positive sigmas.
     """
 
     def __init__(
@@ -91,13 +149,15 @@ class JointHierarchicalEBMPrior(EBMModule):
         energy_hidden: int | tuple[int, ...] = (200, 100),
         energy_layers: int | tuple[int, ...] = (3, 2),
         min_sigma: float = 0.01,
+        top_prior_sigma: float = 1.01,
         llhd_sigma: float = 0.3,
         prior_steps: int = 60,
         prior_step_size: float = 0.4,
         posterior_steps: int = 40,
         posterior_step_size: float = 0.1,
-        lr_e: float = 2e-5,
+        lr_e: float | tuple[float, ...] = 2e-5,
         lr_g: float = 1e-4,
+        lr_cond: float | tuple[float, ...] = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
         anomaly_k: int | None = None,
     ):
@@ -110,8 +170,11 @@ class JointHierarchicalEBMPrior(EBMModule):
         el = [energy_layers] * n_layers if isinstance(energy_layers, int) else list(energy_layers)
         if len(eh) != n_layers or len(el) != n_layers:
             raise ValueError(f"energy_hidden and energy_layers need one entry per layer ({n_layers}), got {eh}, {el}")
-        if llhd_sigma <= 0 or min_sigma < 0:
-            raise ValueError(f"llhd_sigma must be > 0 and min_sigma >= 0, got {llhd_sigma}, {min_sigma}")
+        if llhd_sigma <= 0 or min_sigma < 0 or top_prior_sigma <= 0:
+            raise ValueError(f"llhd_sigma and top_prior_sigma must be > 0 and min_sigma >= 0, got {llhd_sigma}, "
+                             f"{top_prior_sigma}, {min_sigma}")
+        self.lr_e = _per_layer(lr_e, n_layers, "lr_e", "layer")
+        self.lr_cond = _per_layer(lr_cond, n_layers - 1, "lr_cond", "conditional")
         self.save_hyperparameters()
         self.nz = nz
         self.generator = HierarchicalGenerator(nz[0], ngf, img_size, channels)
@@ -140,7 +203,7 @@ class JointHierarchicalEBMPrior(EBMModule):
     # ------------------------------------------------------------------------------------------------ densities
     def conditional(self, level: int, z_above: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and sigma of p(z_level | z_{level+1}) (0-based ``level`` < L-1), each ``(B, nz_level)``."""
-        mu, log_sigma = self.conditionals[level](z_above).float().chunk(2, dim=1)
+        mu, log_sigma = full_precision(self.conditionals[level](z_above)).chunk(2, dim=1)
         return mu, log_sigma.exp() + self.hparams.min_sigma
 
     def conditional_log_prob(self, level: int, z: Tensor, z_above: Tensor) -> Tensor:
@@ -149,29 +212,34 @@ class JointHierarchicalEBMPrior(EBMModule):
         return (-0.5 * ((z - mu) / sigma).pow(2) - sigma.log()).sum(1)
 
     def scores(self, z) -> list[Tensor]:
-        """The per-layer scores ``[f_1(z_1), ..., f_L(z_L)]`` (negative energies), each ``(B,)`` fp32."""
-        return [net(zl).float().squeeze(-1) for net, zl in zip(self.energy_nets, self._as_list(z))]
+        """The per-layer scores ``[f_1(z_1), ..., f_L(z_L)]`` (negative energies), each ``(B,)``, at least fp32."""
+        return [full_precision(net(zl)).squeeze(-1) for net, zl in zip(self.energy_nets, self._as_list(z))]
 
     def energy(self, z) -> Tensor:
         """Total prior energy ``-sum_l f_l(z_l)`` (lower = more likely), ``(B,)``; ``z`` packed or a list."""
         return -torch.stack(self.scores(z)).sum(0)
 
     def prior_log_prob(self, z, levels: range | None = None) -> Tensor:
-        """Unnormalised log p(z_1..z_L): energies, conditionals and the N(0, I) top, ``(B,)`` in nats.
+        """Unnormalised log p(z_1..z_L): scores, conditionals and the N(0, top_prior_sigma^2 I) top, ``(B,)`` in nats
+        (without the Gaussians' 2 pi and the top's log sigma constants).
 
         Args:
             z: packed ``(B, sum nz)`` or a list of layers.
             levels: only the terms of these 0-based layers (their energy and their conditional given the layer above;
-                the top layer's N(0, I)); default all. Used by :meth:`resample_below`.
+                the top layer's Gaussian); default all. Used by :meth:`resample_below`.
         """
         zs = self._as_list(z)
         top = len(zs) - 1
         levels = range(len(zs)) if levels is None else levels
+        s_top = self.hparams.top_prior_sigma
         scores = self.scores(zs)
         lp = zs[0].new_zeros(zs[0].shape[0])
         for i in levels:
             lp = lp + scores[i]
-            lp = lp + (-0.5 * zs[i].pow(2).sum(1) if i == top else self.conditional_log_prob(i, zs[i], zs[i + 1]))
+            if i == top:
+                lp = lp - 0.5 * (zs[i] / s_top).pow(2).sum(1)
+            else:
+                lp = lp + self.conditional_log_prob(i, zs[i], zs[i + 1])
         return lp
 
     def log_joint(self, x: Tensor, z) -> Tensor:
@@ -182,7 +250,7 @@ class JointHierarchicalEBMPrior(EBMModule):
             z: packed ``(B, sum nz)`` or ``[z_1, ..., z_L]``.
         """
         zs = self._as_list(z)
-        rec = (x - self.generator(zs[0]).float()).flatten(1).pow(2).sum(1)
+        rec = (x - full_precision(self.generator(zs[0]))).flatten(1).pow(2).sum(1)
         return -rec / (2 * self.hparams.llhd_sigma ** 2) + self.prior_log_prob(zs)
 
     # ------------------------------------------------------------------------------------------------ sampling
@@ -191,30 +259,73 @@ class JointHierarchicalEBMPrior(EBMModule):
 
     @torch.no_grad()
     def sample_latent(self, n: int, n_steps: int | None = None) -> list[Tensor]:
-        """``n`` joint prior samples by short-run Langevin from N(0, I): ``[z_1 (n, nz_1), ..., z_L]``."""
+        """``n`` joint prior samples by short-run Langevin from N(0, I): ``[z_1 (n, nz_1), ..., z_L]``.
+
+        Raises:
+            ValueError: for ``n`` < 1 or not an integer.
+        """
+        n = check_count(n, where=f"{type(self).__name__}.sample_latent")
         return self.split(self.langevin(self.prior_log_prob, self._noise(n), "prior", n_steps=n_steps))
 
     @torch.no_grad()
     def generate(self, z) -> Tensor:
-        """G(z_1): images ``(B, C, H, W)`` in [-1, 1] from latents (packed or a list)."""
-        return self.generator(self._as_list(z)[0]).float()
+        """G(z_1): images ``(B, C, H, W)`` in [-1, 1] from latents (packed ``(B, sum nz)`` or a list).
+
+        Raises:
+            DataShapeError: for latents of other shapes, or not finite floats.
+        """
+        return self._generate(check_latents(z, self.nz, where=f"{type(self).__name__}.generate"))
+
+    def _generate(self, z) -> Tensor:
+        """:meth:`generate` of latents the model made (unchecked)."""
+        return full_precision(self.generator(self._as_list(z)[0]))
 
     @torch.no_grad()
     def sample(self, n: int, n_steps: int | None = None) -> Tensor:
-        """Draw ``n`` images ``(n, C, H, W)`` in [-1, 1]: joint prior Langevin, then G(z_1)."""
-        return self.generate(self.sample_latent(n, n_steps))
+        """Draw ``n`` images ``(n, C, H, W)`` in [-1, 1]: joint prior Langevin, then G(z_1).
+
+        Raises:
+            ValueError: for ``n`` < 1 or not an integer.
+        """
+        n = check_count(n, where=f"{type(self).__name__}.sample")
+        return self._generate(self.sample_latent(n, n_steps))
+
+    def prepare_data_input(self, x: Tensor, where: str = "") -> Tensor:
+        """Check images given to a public method (named ``where`` in the error) and move them to the model's device.
+
+        The check (:func:`~lebm_zoo.utils.check_images`: shape, dtype, finite values in [-1, 1]; one host sync) is
+        skipped in the training loop, whose batches ``training_step`` has checked.
+
+        Raises:
+            DataShapeError: for images of another shape, an integer dtype, values outside [-1, 1] or non-finite ones.
+        """
+        if not in_training_loop(self):
+            check_images(x, self.hparams.channels, self.hparams.img_size, where=where)
+        return as_normal_tensor(x.to(self.device))
 
     @torch.no_grad()
     def infer_latent(self, x: Tensor, n_steps: int | None = None) -> list[Tensor]:
-        """Joint posterior Langevin on log p(x, z) from N(0, I): images ``(B, C, H, W)`` -> ``[z_1, ..., z_L]``."""
-        x = as_normal_tensor(x.to(self.device))
+        """Joint posterior Langevin on log p(x, z) from N(0, I): images ``(B, C, H, W)`` -> ``[z_1, ..., z_L]``.
+
+        Raises:
+            DataShapeError: for bad images (see :meth:`prepare_data_input`).
+        """
+        return self._infer_latent(self.prepare_data_input(x, f"{type(self).__name__}.infer_latent"), n_steps)
+
+    def _infer_latent(self, x: Tensor, n_steps: int | None = None) -> list[Tensor]:
+        """:meth:`infer_latent` of images :meth:`prepare_data_input` has checked and moved."""
         z = self.langevin(lambda zz: self.log_joint(x, zz), self._noise(x.shape[0]), "posterior", n_steps=n_steps)
         return self.split(z)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, n_steps: int | None = None) -> Tensor:
-        """G(z_1) at the inferred posterior: images -> same shape and range."""
-        return self.generate(self.infer_latent(x, n_steps))
+        """G(z_1) at the inferred posterior: images -> same shape and range.
+
+        Raises:
+            DataShapeError: for bad images (see :meth:`prepare_data_input`).
+        """
+        x = self.prepare_data_input(x, f"{type(self).__name__}.reconstruct")
+        return self._generate(self._infer_latent(x, n_steps))
 
     @torch.no_grad()
     def resample_below(self, z, k: int, n_steps: int | None = None) -> list[Tensor]:
@@ -232,12 +343,17 @@ class JointHierarchicalEBMPrior(EBMModule):
             ``[z_1, ..., z_L]`` with layers ``> k`` unchanged.
 
         Raises:
-            ValueError: for ``k`` outside ``0..L``.
+            ValueError: for ``k`` outside ``0..L``. DataShapeError: for latents of other shapes, or not finite floats.
         """
-        zs = [t.to(self.device) for t in self._as_list(z)]
-        n_layers = len(zs)
+        n_layers = len(self.nz)
         if not 0 <= k <= n_layers:
             raise ValueError(f"k must be in 0..{n_layers}, got {k}")
+        return self._resample_below(check_latents(z, self.nz, where=f"{type(self).__name__}.resample_below"), k,
+                                    n_steps)
+
+    def _resample_below(self, z, k: int, n_steps: int | None = None) -> list[Tensor]:
+        """:meth:`resample_below` of latents the model made (unchecked), ``0 <= k <= L``."""
+        zs = [t.to(self.device) for t in self._as_list(z)]
         if k == 0:
             return zs
         upper = zs[k:]
@@ -261,20 +377,26 @@ class JointHierarchicalEBMPrior(EBMModule):
         ``anomaly_k`` hyperparameter.
         """
         k = self.hparams.anomaly_k if k == -1 else k
-        x = as_normal_tensor(x.to(self.device))
-        z = self.infer_latent(x, n_steps)
+        if k is not None and not 0 <= k <= len(self.nz):
+            raise ValueError(f"k must be in 0..{len(self.nz)}, got {k}")
+        x = self.prepare_data_input(x, f"{type(self).__name__}.anomaly_score")
+        z = self._infer_latent(x, n_steps)
         full = self.log_joint(x, z)
         if k is None:
             return -full
-        return full - self.log_joint(x, self.resample_below(z, k))
+        return full - self.log_joint(x, self._resample_below(z, k))
 
     # ------------------------------------------------------------------------------------------------ training
     def configure_optimizers(self):
+        """Two Adams, one parameter group per reference optimiser: G (``lr_g``) and each conditional (``lr_cond``);
+        each f_l (``lr_e``). Adam is per-parameter, so this is the reference's four Adams."""
         hp = self.hparams
-        opt_g = torch.optim.Adam([*self.generator.parameters(), *self.conditionals.parameters()], lr=hp.lr_g,
-                                 betas=tuple(hp.betas))
-        opt_e = torch.optim.Adam(self.energy_nets.parameters(), lr=hp.lr_e, betas=tuple(hp.betas))
-        return [opt_g, opt_e]
+        betas = tuple(hp.betas)
+        groups_g = [{"params": list(self.generator.parameters()), "lr": hp.lr_g}]
+        groups_g += [{"params": list(net.parameters()), "lr": lr} for net, lr in zip(self.conditionals, self.lr_cond)]
+        groups_e = [{"params": list(net.parameters()), "lr": lr} for net, lr in zip(self.energy_nets, self.lr_e)]
+        return [torch.optim.Adam(groups_g, lr=hp.lr_g, betas=betas),
+                torch.optim.Adam(groups_e, lr=self.lr_e[0], betas=betas)]
 
     def training_step(self, batch, batch_idx: int) -> None:
         hp = self.hparams
@@ -285,24 +407,29 @@ class JointHierarchicalEBMPrior(EBMModule):
         z_pos = self.infer_latent(x)  # [z_l+], posterior
         z_neg = self.sample_latent(b)  # [z_l-], prior
 
-        loss_g = (self.generator(z_pos[0]).float() - x).flatten(1).pow(2).sum(1).mean() / (2 * hp.llhd_sigma ** 2)
-        loss_cond = x.new_zeros(())
-        for i in range(len(self.nz) - 1):  # contrastive update of each conditional prior
-            loss_cond = loss_cond + (self.conditional_log_prob(i, z_neg[i], z_neg[i + 1]).mean()
-                                     - self.conditional_log_prob(i, z_pos[i], z_pos[i + 1]).mean())
+        rec = (full_precision(self.generator(z_pos[0])) - x).flatten(1).pow(2).sum(1)  # (B,)
+        loss_g = rec.mean() / (2 * hp.llhd_sigma ** 2)
+        # contrastive update of each conditional prior; the energy update of each layer
+        loss_conds = [self.conditional_log_prob(i, z_neg[i], z_neg[i + 1]).mean()
+                      - self.conditional_log_prob(i, z_pos[i], z_pos[i + 1]).mean() for i in range(len(self.nz) - 1)]
         s_pos, s_neg = self.scores(z_pos), self.scores(z_neg)
-        loss_e = sum(sn.mean() - sp.mean() for sp, sn in zip(s_pos, s_neg))
+        loss_es = [sn.mean() - sp.mean() for sp, sn in zip(s_pos, s_neg)]
+        loss_cond = sum(loss_conds, x.new_zeros(()))
+        loss_e = sum(loss_es[1:], loss_es[0])
         if not self.check_finite({"loss_g": loss_g, "loss_cond": loss_cond, "loss_e": loss_e}):
             return
         opt_g.zero_grad(set_to_none=True)
         opt_e.zero_grad(set_to_none=True)
-        # disjoint parameter sets (G; conditionals; energies) and detached chains: one backward gives each its own
+        # disjoint parameter sets (G; each conditional; each f_l) and detached chains: one backward of the sum gives
+        # each network the gradient of its own loss, as the reference's separate backward passes do
         self.manual_backward(loss_g + loss_cond + loss_e)
         opt_g.step()
         self.step_uncounted(opt_e)
         logs = {"loss_g": loss_g, "loss_cond": loss_cond, "loss_e": loss_e}
-        for i, (sp, sn) in enumerate(zip(s_pos, s_neg)):
-            logs[f"score_pos_{i + 1}"], logs[f"score_neg_{i + 1}"] = sp.mean(), sn.mean()
+        for i, lc in enumerate(loss_conds):
+            logs[f"loss_cond_{i + 1}"] = lc
+        for i, (le, sp, sn) in enumerate(zip(loss_es, s_pos, s_neg)):
+            logs[f"loss_e_{i + 1}"], logs[f"score_pos_{i + 1}"], logs[f"score_neg_{i + 1}"] = le, sp.mean(), sn.mean()
         self.log_dict({f"train/{k}": v.detach() for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=b)
         self.log_dict({"loss_g": loss_g.detach(), "gap": -loss_e.detach()}, prog_bar=True, logger=False,
                       batch_size=b)

@@ -17,6 +17,7 @@ from torchmetrics.text import Perplexity
 from lebm_zoo.models.base import DataShapeError, EBMModule
 from lebm_zoo.models.latent_sequence import VocabularyMixin
 from lebm_zoo.nets import SequenceDecoder
+from lebm_zoo.utils import check_tokens
 
 __all__ = ["LSTMLanguageModel"]
 
@@ -61,10 +62,22 @@ class LSTMLanguageModel(VocabularyMixin, pl.LightningModule):
         return self.decoder(tokens)[0]
 
     def log_prob(self, batch) -> Tensor:
-        """log p(x) of each sequence, ``(B,)`` nats (``x_1 .. <eos>`` given ``<bos>``); strings are accepted."""
+        """log p(x) of each sequence, ``(B,)`` nats (``x_1 .. <eos>`` given ``<bos>``); strings are accepted.
+
+        Raises:
+            DataShapeError: no vocabulary yet, or a token batch that is not ``{"tokens": (B, T) integers in
+                [0, vocabulary size), "mask": (B, T) bool}`` (:func:`~lebm_zoo.utils.check_tokens`; one host sync).
+        """
+        where = f"{type(self).__name__}.log_prob"
+        if self.vocab_obj is None:
+            raise DataShapeError(f"{where}: the model has no vocabulary yet: build it with vocab=... or train it first")
         if isinstance(batch, (list, tuple)):
+            if not batch:
+                raise DataShapeError(f"{where}: got an empty list of strings: give at least one")
             batch = self.encode(list(batch))
-        batch = self._check(batch)
+        else:
+            batch = self._check(batch)
+            check_tokens(batch["tokens"], len(self.vocab_obj), batch["mask"], where=where)
         return self.decoder.log_likelihood(batch["tokens"].to(self.device), batch["mask"].to(self.device))
 
     def _loss(self, batch) -> Tensor:

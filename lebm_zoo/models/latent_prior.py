@@ -19,10 +19,10 @@ import functools
 import torch
 from torch import Tensor
 
-from lebm_zoo.models.base import EBMModule
+from lebm_zoo.models.base import EBMModule, epoch_completed
 from lebm_zoo.nets import ConvGenerator, EnergyMLP
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
-from lebm_zoo.utils import full_precision, images_from_batch
+from lebm_zoo.utils import check_count, check_images, check_latents, full_precision, images_from_batch, in_training_loop
 
 __all__ = ["LatentEBMPrior"]
 
@@ -188,8 +188,19 @@ class LatentEBMPrior(EBMModule):
         self.check_data_shape(x, (hp.channels, hp.img_size, hp.img_size), "Set --model.channels/--model.img_size.")
         return x
 
-    def prepare_data_input(self, x):
-        """Move data given to a public method to the model's device, as a normal (not inference-mode) tensor."""
+    def prepare_data_input(self, x, where: str = ""):
+        """Check data given to a public method (named ``where`` in the error) and move it to the model's device, as a
+        normal (not inference-mode) tensor.
+
+        The check (:func:`~lebm_zoo.utils.check_images`: shape, dtype, finite values in [-1, 1]; one host sync) is
+        skipped in the training loop, whose batches :meth:`data_from_batch` has checked.
+
+        Raises:
+            DataShapeError: for images of another shape, an integer dtype, values outside [-1, 1] or non-finite ones.
+        """
+        if not in_training_loop(self):
+            hp = self.hparams
+            check_images(x, hp.channels, hp.img_size, where=where)
         return as_normal_tensor(x.to(self.device))
 
     @staticmethod
@@ -216,8 +227,14 @@ class LatentEBMPrior(EBMModule):
 
         Returns:
             ``(n, nz)`` latents, or ``(latents, trace)``.
+
+        Raises:
+            ValueError: for ``n`` < 1 or not an integer. DataShapeError: for a ``z0`` that is not ``(n, nz)`` finite
+                floats.
         """
-        z0 = self._noise(n) if z0 is None else z0
+        where = f"{type(self).__name__}.sample_latent"
+        n = check_count(n, where=where)
+        z0 = self._noise(n) if z0 is None else check_latents(z0, self.hparams.nz, name="z0", batch=n, where=where)
         if not self.is_ebm:
             z = z0 * self.hparams.prior_sigma
             return (z, {"log_prob": z.new_zeros(0)}) if return_trace else z
@@ -225,7 +242,15 @@ class LatentEBMPrior(EBMModule):
 
     @torch.no_grad()
     def generate(self, z: Tensor) -> Tensor:
-        """G(z): latents ``(B, nz)`` to images ``(B, C, H, W)`` in [-1, 1] (the mean of p(x | z))."""
+        """G(z): latents ``(B, nz)`` to images ``(B, C, H, W)`` in [-1, 1] (the mean of p(x | z)).
+
+        Raises:
+            DataShapeError: for latents that are not ``(B, nz)`` finite floats.
+        """
+        return self._generate(check_latents(z, self.hparams.nz, where=f"{type(self).__name__}.generate"))
+
+    def _generate(self, z: Tensor) -> Tensor:
+        """:meth:`generate` of latents the model made (unchecked)."""
         return full_precision(self.generator(z))
 
     @torch.no_grad()
@@ -238,8 +263,12 @@ class LatentEBMPrior(EBMModule):
 
         Returns:
             ``(n, C, H, W)`` images in [-1, 1] on the model's device.
+
+        Raises:
+            ValueError: for ``n`` < 1 or not an integer.
         """
-        return self.generate(self.sample_latent(n, n_steps=n_steps))
+        n = check_count(n, where=f"{type(self).__name__}.sample")
+        return self._generate(self.sample_latent(n, n_steps=n_steps))
 
     @torch.no_grad()
     def infer_latent(self, x: Tensor, z0: Tensor | None = None, n_steps: int | None = None) -> Tensor:
@@ -252,15 +281,31 @@ class LatentEBMPrior(EBMModule):
 
         Returns:
             ``(B, nz)`` latents.
+
+        Raises:
+            DataShapeError: for images of another shape, an integer dtype, values outside [-1, 1] or non-finite ones
+                (see :meth:`prepare_data_input`), or a ``z0`` that is not ``(B, nz)`` finite floats.
         """
-        x = self.prepare_data_input(x)  # also: a batch made under Lightning's inference mode becomes a normal tensor
+        where = f"{type(self).__name__}.infer_latent"
+        x = self.prepare_data_input(x, where)  # also: a batch made under Lightning's inference mode becomes normal
+        if z0 is not None:
+            z0 = check_latents(z0, self.hparams.nz, name="z0", batch=self.data_batch_size(x), where=where)
+        return self._infer_latent(x, z0, n_steps)
+
+    def _infer_latent(self, x, z0: Tensor | None = None, n_steps: int | None = None) -> Tensor:
+        """:meth:`infer_latent` of data :meth:`prepare_data_input` has checked and moved."""
         z0 = self._noise(self.data_batch_size(x)) if z0 is None else z0
         return self.langevin(lambda z: self.log_joint(x, z), z0, "posterior", n_steps=n_steps)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, n_steps: int | None = None) -> Tensor:
-        """G(z) at z inferred by posterior Langevin: images ``(B, C, H, W)`` in [-1, 1] -> same shape and range."""
-        return self.generate(self.infer_latent(x, n_steps=n_steps))
+        """G(z) at z inferred by posterior Langevin: images ``(B, C, H, W)`` in [-1, 1] -> same shape and range.
+
+        Raises:
+            DataShapeError: for bad images, as :meth:`infer_latent`.
+        """
+        x = self.prepare_data_input(x, f"{type(self).__name__}.reconstruct")
+        return self._generate(self._infer_latent(x, n_steps=n_steps))
 
     @torch.no_grad()
     def anomaly_score(self, x: Tensor, n_steps: int | None = None) -> Tensor:
@@ -280,9 +325,12 @@ class LatentEBMPrior(EBMModule):
         Returns:
             ``(B,)`` float32 scores in nats, up to an additive constant (the Gaussian normalisers and log Z(a));
             higher = more anomalous.
+
+        Raises:
+            DataShapeError: for bad images, as :meth:`infer_latent`.
         """
-        x = self.prepare_data_input(x)
-        z = self.infer_latent(x, n_steps=n_steps)
+        x = self.prepare_data_input(x, f"{type(self).__name__}.anomaly_score")
+        z = self._infer_latent(x, n_steps=n_steps)
         return -self.log_joint(x, z)
 
     # ------------------------------------------------------------------------------------------------ training
@@ -352,7 +400,8 @@ class LatentEBMPrior(EBMModule):
     def on_train_epoch_end(self) -> None:
         self.step_schedulers()
         last = getattr(self, "_last_loss_g", None)
-        if self._loss_g_limit_applies("epoch_end") and last is not None and float(last) > self.hparams.loss_g_limit:
+        if (self._loss_g_limit_applies("epoch_end") and last is not None and epoch_completed(self.trainer)
+                and not self.replaying_epoch_end and float(last) > self.hparams.loss_g_limit):
             self.stop_training(
                 f"{type(self).__name__} stopped at the end of epoch {self.current_epoch} (step {self.global_step}): "
                 f"the last batch's generator loss {float(last):.4g} exceeds loss_g_limit={self.hparams.loss_g_limit:g} "

@@ -22,6 +22,7 @@ from lebm_zoo.models.base import DataShapeError, EBMModule
 from lebm_zoo.models.latent_prior import LatentEBMPrior
 from lebm_zoo.nets import SequenceDecoder
 from lebm_zoo.samplers import as_normal_tensor
+from lebm_zoo.utils import check_count, check_latents, check_tokens, in_training_loop
 
 __all__ = ["SequenceLatentEBMPrior", "VocabularyMixin", "log_mean_exp"]
 
@@ -176,10 +177,28 @@ class SequenceLatentEBMPrior(VocabularyMixin, LatentEBMPrior):
                                  f"{tuple(batch['mask'].shape)}")
         return batch
 
-    def prepare_data_input(self, x) -> dict[str, Tensor]:
+    def prepare_data_input(self, x, where: str = "") -> dict[str, Tensor]:
+        """Check data given to a public method (named ``where`` in the error) and move it to the model's device.
+
+        Strings are encoded (their tokens are valid by construction). A token batch must be ``{"tokens": (B, T)
+        integers in [0, vocabulary size), "mask": (B, T) bool}`` (:func:`~lebm_zoo.utils.check_tokens`; one host
+        sync; its values are not checked in the training loop, whose batches :meth:`data_from_batch` has checked).
+
+        Raises:
+            DataShapeError: no vocabulary yet, no token batch, or tokens of another shape, dtype or vocabulary.
+        """
+        at = f"{where}: " if where else ""
+        if self.vocab_obj is None:
+            raise DataShapeError(f"{at}{type(self).__name__} has no vocabulary yet: build it with vocab=... or train "
+                                 "it on a token-sequence datamodule first")
         if isinstance(x, (list, tuple)) and all(isinstance(t, str) for t in x):
+            if not x:
+                raise DataShapeError(f"{at}got an empty list of strings: give at least one")
             x = self.encode(list(x))
-        x = self.data_from_batch(x)
+        else:
+            x = self.data_from_batch(x)
+            if not in_training_loop(self):
+                check_tokens(x["tokens"], len(self.vocab_obj), x["mask"], where=where)
         return {k: as_normal_tensor(x[k].to(self.device)) for k in ("tokens", "mask")}
 
     @staticmethod
@@ -204,31 +223,62 @@ class SequenceLatentEBMPrior(VocabularyMixin, LatentEBMPrior):
     # ------------------------------------------------------------------------------------------------ sampling
     @torch.no_grad()
     def generate(self, z: Tensor, temperature: float | None = None) -> dict[str, Tensor]:
-        """Decode latents ``(B, nz)`` to token batches ``{"tokens": (B, L), "mask": (B, L)}`` (``<bos>`` first)."""
+        """Decode latents ``(B, nz)`` to token batches ``{"tokens": (B, L), "mask": (B, L)}`` (``<bos>`` first).
+
+        Raises:
+            DataShapeError: for latents that are not ``(B, nz)`` finite floats.
+        """
+        z = check_latents(z, self.hparams.nz, where=f"{type(self).__name__}.generate")
+        return self._generate(z, temperature)
+
+    def _generate(self, z: Tensor, temperature: float | None = None) -> dict[str, Tensor]:
+        """:meth:`generate` of latents the model made (unchecked)."""
         t = self.hparams.temperature if temperature is None else temperature
         tokens, mask = self.generator.generate(z, z.shape[0], self.hparams.max_decode_length, temperature=t)
         return {"tokens": tokens, "mask": mask}
 
     @torch.no_grad()
     def sample_tokens(self, n: int, temperature: float | None = None, n_steps: int | None = None) -> dict[str, Tensor]:
-        """``n`` token sequences: prior Langevin for z (K0 steps), then decoding (see :meth:`generate`)."""
-        return self.generate(self.sample_latent(n, n_steps=n_steps), temperature)
+        """``n`` token sequences: prior Langevin for z (K0 steps), then decoding (see :meth:`generate`).
+
+        Raises:
+            ValueError: for ``n`` < 1 or not an integer.
+        """
+        n = check_count(n, where=f"{type(self).__name__}.sample_tokens")
+        return self._generate(self.sample_latent(n, n_steps=n_steps), temperature)
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float | None = None, n_steps: int | None = None) -> list[str]:
         """Draw ``n`` texts: z by prior Langevin, then decoding at ``temperature`` (default: the hyperparameter;
-        0 = greedy). Returns a list of ``n`` strings (tokens joined with ``sep``, without ``<bos>``/``<eos>``)."""
-        return self.decode(self.sample_tokens(n, temperature, n_steps)["tokens"])
+        0 = greedy). Returns a list of ``n`` strings (tokens joined with ``sep``, without ``<bos>``/``<eos>``).
+
+        Raises:
+            ValueError: for ``n`` < 1 or not an integer.
+        """
+        n = check_count(n, where=f"{type(self).__name__}.sample")
+        return self.vocab_obj.decode_batch(self.sample_tokens(n, temperature, n_steps)["tokens"])
 
     def decode(self, tokens: Tensor) -> list[str]:
-        """Strings of a ``(B, T)`` token tensor (stops at ``<eos>``)."""
+        """Strings of a ``(B, T)`` token tensor (stops at ``<eos>``).
+
+        Raises:
+            DataShapeError: for tokens that are not ``(B, T)`` integers in [0, vocabulary size).
+        """
+        if self.vocab_obj is None:
+            raise DataShapeError(f"{type(self).__name__} has no vocabulary yet")
+        check_tokens(tokens, len(self.vocab_obj), where=f"{type(self).__name__}.decode")
         return self.vocab_obj.decode_batch(tokens)
 
     @torch.no_grad()
     def reconstruct(self, x, n_steps: int | None = None, temperature: float = 0.0) -> list[str]:
-        """Greedy decoding (by default) of z inferred by posterior Langevin: texts in, texts out."""
-        z = self.infer_latent(x, n_steps=n_steps)
-        return self.decode(self.generate(z, temperature)["tokens"])
+        """Greedy decoding (by default) of z inferred by posterior Langevin: texts in, texts out.
+
+        Raises:
+            DataShapeError: for a bad token batch (see :meth:`prepare_data_input`).
+        """
+        x = self.prepare_data_input(x, f"{type(self).__name__}.reconstruct")
+        z = self._infer_latent(x, n_steps=n_steps)
+        return self.vocab_obj.decode_batch(self._generate(z, temperature)["tokens"])
 
     # ------------------------------------------------------------------------------------------------ likelihood
     @torch.no_grad()
@@ -237,7 +287,13 @@ class SequenceLatentEBMPrior(VocabularyMixin, LatentEBMPrior):
 
         Consistent (and biased low by Jensen's inequality, by about Var / 2 of the weights; negligible when
         ``n_samples`` is large against that variance).
+
+        Raises:
+            ValueError: for ``n_samples`` or ``batch_size`` < 1 or not an integer.
         """
+        where = f"{type(self).__name__}.log_normalizer"
+        n_samples = check_count(n_samples, "n_samples", where=where)
+        batch_size = check_count(batch_size, "batch_size", where=where)
         if not self.is_ebm:
             return torch.zeros((), device=self.device)
         vals = []
@@ -268,13 +324,20 @@ class SequenceLatentEBMPrior(VocabularyMixin, LatentEBMPrior):
             n_chains: C posterior chains per sequence (K1 steps each).
             proposal_std: std of the Gaussians around the chains' samples.
             log_z: a precomputed log Z(a).
+
+        Raises:
+            DataShapeError: for a bad token batch (see :meth:`prepare_data_input`). ValueError: for ``n_samples`` or
+                ``n_chains`` < 1 or not an integer.
         """
-        x = self.prepare_data_input(x)
+        where = f"{type(self).__name__}.log_marginal"
+        n_samples = check_count(n_samples, "n_samples", where=where)
+        n_chains = check_count(n_chains, "n_chains", where=where)
+        x = self.prepare_data_input(x, where)
         hp = self.hparams
         b, nz, sp = self.data_batch_size(x), hp.nz, hp.prior_sigma
         log_z = self.log_normalizer() if log_z is None else log_z
         rep = {k: v.repeat_interleave(n_chains, 0) for k, v in x.items()}
-        centers = self.infer_latent(rep).view(b, n_chains, nz)  # (B, C, nz)
+        centers = self._infer_latent(rep).view(b, n_chains, nz)  # (B, C, nz)
         from_ref = torch.rand(b, n_samples, device=self.device) < 0.5
         comp = torch.randint(n_chains, (b, n_samples), device=self.device)
         around = torch.gather(centers, 1, comp[..., None].expand(b, n_samples, nz)) \

@@ -1,11 +1,32 @@
 """Short-run data-space EBM (Nijkamp, Hill, Zhu, Wu, "Learning Non-Convergent Non-Persistent Short-Run MCMC Toward
-Energy-Based Model", NeurIPS 2019), following ``enijkamp/short_run`` ``train_cifar10_minimal.py``; the Generative
-ConvNet of Xie et al. (ICML 2016) as an option.
+Energy-Based Model", NeurIPS 2019), following the authors' ``train_cifar10_minimal.py`` in ``enijkamp/short_run`` at
+commit d779e9a; the Generative ConvNet of Xie et al. (ICML 2016) as an option.
 
-Model: a ConvNet score f(x) (negative energy). Training step (``families.md`` §2): perturb the data batch with
-N(0, 0.03^2) noise; run K=100 steps of ``x <- x + grad f(x) + 0.01 eps`` from U[-1, 1] noise (the reference's
-tempered update: gradient coefficient 1, so the learned density is exp(f / (s^2/2)) for s = 0.01 -- intentional,
-see point0bar1/ebm-anatomy#1); minimise ``mean f(x_q) - mean f(x_data)`` with Adam 1e-4, betas (0.9, 0.999).
+Model: a ConvNet score f(x) (negative energy). One training iteration, as the reference's loop does it: perturb the
+data batch with N(0, 0.03^2) noise; run K = 100 steps of ``x <- x + grad_x sum_batch f(x) + 0.01 eps`` from fresh
+U[-1, 1] noise (the reference's tempered update: gradient coefficient 1, so the learned density is
+exp(f / (s^2/2)) for s = 0.01 -- intentional, as its authors explain in point0bar1/ebm-anatomy issue 1); one Adam
+step (lr 1e-4, betas (0.9, 0.999), eps 1e-8) on ``mean f(x_q) - mean f(x_data)`` (the reference backpropagates
+``-(mean f(x_data) - mean f(x_q))``, the same loss).
+
+Identical to the reference (checked one iteration at float64 in ``tests/test_reference_short_run.py``): the score
+net at 32 px with ``nf=64`` (Conv k3 s1 p1 to nf, Conv k4 s2 p1 to 2, 4, 8 nf, LeakyReLU(0.2) after each, Conv k4
+to 1, biases, PyTorch's default init), the data noise, the chain (initial U[-1, 1] noise, K, gradient coefficient,
+noise), the loss and its reductions, Adam and its settings, no gradient clipping, no schedule; the CIFAR-10 recipe's
+seed 1, batch 64 and 100,000 iterations.
+
+Deviations, all options off by default (= the reference) unless said otherwise:
+
+* ``clamp_chains`` (clip chain states to [-1, 1] after every step) and ``energy_l2`` (a score-magnitude penalty):
+  the MNIST recipe turns both on, because a run without them diverged there;
+* ``grad_clip``, ``init="data"`` / ``"persistent"``, ``form="gaussian_reference"``: alternatives the reference does
+  not have;
+* other image sizes: 28 px (final kernel 3) and 64 px (one more stride-2 conv, 8nf -> 8nf) are generalisations;
+* data batches (not an option, the datamodules' choice): the reference draws each batch of 64 with replacement from
+  the whole training set; ours are shuffled epochs without replacement (with a smaller last batch when the set
+  size is not a multiple of the batch size);
+* the divergence guard (all families; always on): a non-finite loss, or one above 1e8 in magnitude, stops training
+  before its update; the reference has no guard.
 """
 from __future__ import annotations
 
@@ -15,7 +36,7 @@ from torch import Tensor
 from lebm_zoo.models.base import EBMModule
 from lebm_zoo.nets import ShortRunScoreNet
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
-from lebm_zoo.utils import images_from_batch
+from lebm_zoo.utils import check_count, check_images, full_precision, images_from_batch
 
 __all__ = ["ShortRunEBM"]
 
@@ -40,8 +61,8 @@ class ShortRunEBM(EBMModule):
         noise_std: ``short_run`` form: the standard deviation of the noise added per step (reference: 0.01).
         step_size: ``gaussian_reference`` form: the Langevin step size delta (default 0.002, CoopNets' descriptor).
         ref_sigma: ``gaussian_reference`` form: sigma of the Gaussian reference (default 0.016, CoopNets').
-        data_noise: std of the N(0, data_noise^2) noise added to each data batch (reference: 0.03; smaller values
-            destabilise training, per the reference's comment).
+        data_noise: std of the N(0, data_noise^2) noise added to each data batch (reference: 0.03, with the comment
+            to decrease it until training becomes unstable).
         init: chain initialisation in training: ``"uniform"`` (U[-1, 1], fresh each iteration: the paper),
             ``"data"`` (from the noisy data batch, contrastive-divergence style) or ``"persistent"`` (a replay buffer
             of past samples; each chain restarts from U[-1, 1] with probability ``reinit_prob``).
@@ -110,8 +131,9 @@ class ShortRunEBM(EBMModule):
 
     # ------------------------------------------------------------------------------------------------ densities
     def score(self, x: Tensor) -> Tensor:
-        """The score f(x) (negative energy, higher = more likely): ``(B, C, H, W)`` in [-1, 1] -> ``(B,)`` fp32."""
-        return self.score_net(x).float()
+        """The score f(x) (negative energy, higher = more likely): ``(B, C, H, W)`` in [-1, 1] -> ``(B,)``, at least
+        fp32 (float64 in float64 runs)."""
+        return full_precision(self.score_net(x))
 
     def energy(self, x: Tensor) -> Tensor:
         """Energy ``-f(x)`` (lower = more likely), ``(B, C, H, W) -> (B,)``, up to the unknown log-normaliser.
@@ -126,7 +148,7 @@ class ShortRunEBM(EBMModule):
         """Unnormalised log-density the chains target: f(x), or f(x) - ||x||^2/(2 ref_sigma^2); ``(B,)``."""
         lp = self.score(x)
         if self.hparams.form == "gaussian_reference":
-            lp = lp - x.flatten(1).float().pow(2).sum(1) / (2 * self.hparams.ref_sigma ** 2)
+            lp = lp - full_precision(x.flatten(1)).pow(2).sum(1) / (2 * self.hparams.ref_sigma ** 2)
         return lp
 
     # ------------------------------------------------------------------------------------------------ sampling
@@ -150,7 +172,15 @@ class ShortRunEBM(EBMModule):
         Returns:
             ``(n, C, H, W)`` images on the model's device (not clamped: the chains may leave [-1, 1] slightly), or
             ``(images, trace)``.
+
+        Raises:
+            ValueError: for ``n`` < 1 or not an integer. DataShapeError: for an ``x0`` that is not ``(n, C, H, W)``
+                finite floats (chain states: any finite values).
         """
+        hp, where = self.hparams, f"{type(self).__name__}.sample"
+        n = check_count(n, where=where)
+        if x0 is not None:
+            check_images(x0, hp.channels, hp.img_size, name="x0", batch=n, value_range=None, where=where)
         k = self.hparams.n_steps if n_steps is None else int(n_steps)
         x0 = self._uniform(n) if x0 is None else as_normal_tensor(x0.to(self.device))
         return self.langevin(self.log_prob, x0, self._make_sampler(k, noise_std, step_size),
@@ -174,9 +204,14 @@ class ShortRunEBM(EBMModule):
 
         Returns:
             ``(B, C, H, W)`` reconstructions ``M(x0*)``, detached, on the model's device.
+
+        Raises:
+            DataShapeError: for images of another shape, an integer dtype, values outside [-1, 1] or non-finite ones.
         """
         from tqdm.auto import tqdm
 
+        hp = self.hparams
+        check_images(x, hp.channels, hp.img_size, where=f"{type(self).__name__}.reconstruct")
         x = as_normal_tensor(x.to(self.device)).float()
         gen = torch.Generator(device=x.device)
         if seed is not None:
@@ -220,8 +255,10 @@ class ShortRunEBM(EBMModule):
         x = x + hp.data_noise * torch.randn_like(x)  # reference: N(0, 0.03^2) data noise
         x0, idx = self._chain_init(x)
         x_q = self.langevin(self.log_prob, x0, "train")  # (B, C, H, W), K steps
-        if idx is not None:
-            self.replay_buffer[idx] = x_q.to(self.replay_buffer.dtype)
+        if idx is not None:  # chains that drew the same slot: the last one is written (deterministic, unlike idx_put)
+            slots, inverse = torch.unique(idx, return_inverse=True)
+            last = torch.full_like(slots, -1).scatter_reduce_(0, inverse, torch.arange(b, device=idx.device), "amax")
+            self.replay_buffer[slots] = x_q[last].to(self.replay_buffer.dtype)
 
         f_pos, f_neg = self.score(x), self.score(x_q)  # (B,), (B,)
         loss = f_neg.mean() - f_pos.mean()  # minimise -(mean f(data) - mean f(samples))

@@ -1,0 +1,75 @@
+"""A checkpoint with a flipped bit in a weight (zip structure intact, CRC-32 wrong) is refused, naming the member."""
+import shutil
+import struct
+import zipfile
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import lebm_zoo
+from lebm_zoo.cli import main
+from lebm_zoo.pretrained import CheckpointError, read_checkpoint
+
+
+@pytest.fixture(scope="module")
+def intact(tmp_path_factory):
+    """A one-step LatentEBMPrior checkpoint written by a Trainer."""
+    root = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    model = lebm_zoo.LatentEBMPrior(img_size=28, channels=1, nz=8, ngf=4, ndf=16, prior_steps=2, posterior_steps=2)
+    data = DataLoader(TensorDataset(torch.rand(4, 1, 28, 28) * 2 - 1, torch.zeros(4)), batch_size=4)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+    trainer.fit(model, data)
+    path = root / "model.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def flip_a_weight_byte(src, dst) -> str:
+    """Copy ``src`` to ``dst`` with one byte flipped inside the stored data of its largest tensor member
+    (``<archive>/data/N``); the zip directory and headers are untouched. Returns the member's name."""
+    shutil.copyfile(src, dst)
+    with zipfile.ZipFile(dst) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename and i.filename.split("/")[-1].isdigit()),
+                   key=lambda i: i.file_size)
+    assert info.compress_type == zipfile.ZIP_STORED  # torch stores tensors uncompressed
+    raw = bytearray(dst.read_bytes())
+    h = info.header_offset
+    assert raw[h:h + 4] == b"PK\x03\x04"
+    name_len, extra_len = struct.unpack("<HH", raw[h + 26:h + 30])
+    raw[h + 30 + name_len + extra_len + info.compress_size // 2] ^= 0x10
+    dst.write_bytes(bytes(raw))
+    with zipfile.ZipFile(dst) as z:  # still a well-formed archive: only the member's CRC fails
+        assert z.testzip() == info.filename
+    return info.filename
+
+
+def test_damaged_weight_is_refused_naming_the_member(intact, tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    member = flip_a_weight_byte(intact, bad)
+    for load in (read_checkpoint, lebm_zoo.load_pretrained):
+        with pytest.raises(CheckpointError) as e:
+            load(bad)
+        assert member in str(e.value) and "CRC" in str(e.value) and str(bad) in str(e.value)
+
+
+def test_cli_preflight_refuses_the_damaged_checkpoint(intact, tmp_path, capsys):
+    bad = tmp_path / "bad.ckpt"
+    member = flip_a_weight_byte(intact, bad)
+    code = main(["fit", "--recipe", "quickstart", "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps",
+                 "1", "--trainer.enable_progress_bar", "false", "--ckpt_path", str(bad)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert member in err and "CRC" in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("last.ckpt")), "training ran from the damaged checkpoint"
+
+
+def test_intact_checkpoint_still_loads(intact):
+    ckpt = read_checkpoint(intact)
+    model = lebm_zoo.load_pretrained(intact)
+    assert isinstance(model, lebm_zoo.LatentEBMPrior)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["state_dict"][k]), k

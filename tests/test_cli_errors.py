@@ -1,0 +1,119 @@
+"""The command line: resuming with overrides, foreign checkpoints, user errors as one line with exit code 2, no empty
+run folders, and checkpoint writes that leave no temporary files."""
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+from lebm_zoo.checkpoint import AtomicCheckpointIO
+from lebm_zoo.cli import main
+
+FAST = ["--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0"]
+
+
+def quick(root, *extra, steps=2):
+    return ["fit", "--recipe", "quickstart", "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(steps),
+            "--model.prior_steps", "2", "--model.posterior_steps", "2", *FAST, *extra]
+
+
+def newest_last(root):
+    return max(root.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    assert main(quick(root)) == 0
+    return root
+
+
+def test_resume_applies_chain_step_size_and_lr_overrides(trained, capsys, tmp_path):
+    root = tmp_path / "r"
+    root.mkdir()
+    src = newest_last(trained)
+    code = main(quick(root, "--ckpt_path", str(src), "--model.prior_steps", "7", "--model.posterior_step_size", "0.05",
+                      "--model.lr_g", "0.001", steps=3))
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "resuming with --model.prior_steps 7" in err and "--model.lr_g 0.001" in err
+    ckpt = torch.load(newest_last(root), weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    assert (hp["prior_steps"], hp["posterior_step_size"], hp["lr_g"]) == (7, 0.05, 0.001)
+    assert hp["posterior_steps"] == 2 and ckpt["global_step"] == 3  # the rest from the checkpoint; one more step
+    group = ckpt["optimizer_states"][0]["param_groups"][0]
+    assert group["lr"] == pytest.approx(1e-3) and group["initial_lr"] == pytest.approx(1e-3)
+    assert ckpt["lr_schedulers"][0]["base_lrs"] == [pytest.approx(1e-3)]
+
+
+def test_resume_refuses_an_architecture_override_naming_the_checkpoint_keys(trained, capsys, tmp_path):
+    code = main(quick(tmp_path, "--ckpt_path", str(newest_last(trained)), "--model.nz", "8", "--model.ngf", "4"))
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "come from the checkpoint" in err and "nz (checkpoint: 32, command line: 8)" in err and "ngf" in err
+
+
+def test_a_checkpoint_of_another_family_is_refused_naming_both(trained, capsys, tmp_path):
+    code = main(["fit", "--recipe", "toy2d_fce", "--trainer.default_root_dir", str(tmp_path), *FAST,
+                 "--ckpt_path", str(newest_last(trained))])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "holds a LatentEBMPrior checkpoint" in err and "FlowContrastiveEBM" in err and "toy2d_fce" in err
+    code = main(["test", "--recipe", "toy2d_fce", "--trainer.default_root_dir", str(tmp_path), *FAST,
+                 "--ckpt_path", str(newest_last(trained))])
+    assert code == 2 and "holds a LatentEBMPrior checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model.llhd_sigma", "-1"], "LatentEBMPrior: llhd_sigma must be > 0, got -1.0"),
+    (["--data.batch_size", "0"], "QuickstartMNISTDataModule: batch_size must be >= 1, got 0"),
+    (["--model.nz", "0"], "nz must be >= 1"),
+    (["--model.ngf", "0"], "ngf must be >= 1"),
+])
+def test_bad_values_are_one_line_errors_with_exit_code_2_and_leave_no_run_folder(tmp_path, capsys, extra, message):
+    code = main(quick(tmp_path, *extra))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("lebm-zoo: error:")]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
+    assert not list((tmp_path / "lightning_logs").glob("version_*"))
+
+
+def test_bad_run_folders_and_recipe_files_are_one_line_errors(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for root, message in ((afile, "a file, not a folder"), (afile / "sub", "cannot create it")):
+        assert main(quick(root)) == 2
+        assert message in capsys.readouterr().err
+    assert main(["fit", "--recipe", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "no such file" in err and "unknown recipe" not in err
+
+
+def test_checkpoint_writes_leave_no_temporary_files(tmp_path, monkeypatch):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    assert main(quick(tmp_path / "run")) == 0
+    (ckpt_dir,) = {p.parent for p in (tmp_path / "run").rglob("last.ckpt")}
+    assert not [p for p in ckpt_dir.iterdir() if ".tmp-" in p.name]
+    assert not list(tmp.iterdir())  # nothing written through the system's temp folder (Lightning's default would)
+    # what a run killed while writing leaves: a temporary of a process that no longer exists; the next save removes it
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = ckpt_dir / f".last.ckpt.tmp-{int(dead.stdout)}"
+    stale.write_bytes(b"half a checkpoint")
+    mine = ckpt_dir / f".last.ckpt.tmp-{os.getppid()}"  # a live process's write in progress is left alone
+    mine.write_bytes(b"in progress")
+    AtomicCheckpointIO().save_checkpoint({"w": torch.ones(1)}, ckpt_dir / "other.ckpt")
+    assert not stale.exists() and mine.exists()
+
+
+def test_atomic_checkpoint_io_replaces_the_file_in_place(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "a" / "x.ckpt"
+    io.save_checkpoint({"w": torch.ones(2)}, path)
+    io.save_checkpoint({"w": torch.zeros(2)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.zeros(2))
+    assert os.listdir(path.parent) == ["x.ckpt"]
