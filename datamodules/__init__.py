@@ -1,16 +1,12 @@
 """LightningDataModules of lebm-zoo (import name ``datamodules``). Batches are ``(x, y)`` with x in [-1, 1]."""
 from datamodules.anomaly import MNISTAnomalyDataModule
-from datamodules.images import (
-    CelebA64DataModule,
-    CIFAR10DataModule,
-    DatasetNotFoundError,
-    ImageDataModule,
-    ImageFolderDataModule,
-    MNISTDataModule,
-    QuickstartMNISTDataModule,
-    SVHNDataModule,
-)
+from datamodules.base import DatasetNotFoundError, ImageDataModule
+from datamodules.celeba import CelebA64DataModule
+from datamodules.cifar10 import CIFAR10DataModule
+from datamodules.image_folder import ImageFolderDataModule
+from datamodules.mnist import MNISTDataModule, QuickstartMNISTDataModule
 from datamodules.molecules import ZINCDataModule
+from datamodules.svhn import SVHNDataModule
 from datamodules.text import PTBDataModule, SequenceDataModule, Vocabulary
 from datamodules.toy import EightGaussiansDataModule
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 
-from datamodules.images import MNISTDataModule
+from datamodules.mnist import MNISTDataModule
 
 __all__ = ["MNISTAnomalyDataModule"]
 

@@ -24,7 +24,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
-from datamodules.images import DATA_DIR_FIX, _summary
+from datamodules.base import DATA_DIR_FIX, summary
 from datamodules.text import SequenceDataModule, Vocabulary
 
 __all__ = ["SMILES_REGEX", "ZINCDataModule", "canonical_smiles", "default_molecules_cache_dir", "tokenize_smiles"]
@@ -210,7 +210,7 @@ class ZINCDataModule(SequenceDataModule):
             raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
             text = raw.decode("utf-8")
         except (OSError, EOFError, UnicodeDecodeError) as e:
-            raise self._not_found(path, f"is not readable ({_summary(e)})") from None
+            raise self._not_found(path, f"is not readable ({summary(e)})") from None
         if self.source == "smiles_file":
             lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
             return lines[1:] if lines and lines[0] in header_names else lines
@@ -296,7 +296,7 @@ class ZINCDataModule(SequenceDataModule):
             try:
                 digests[role] = {"name": path.name, "sha256": _sha256(path)}
             except OSError as e:
-                raise self._not_found(path, f"is not readable ({_summary(e)})") from None
+                raise self._not_found(path, f"is not readable ({summary(e)})") from None
         fields = {"cache_version": CACHE_VERSION, "source": self.source, "files": digests, "seed": self.seed,
                   "val_size": self.val_size, "train_size": self.train_size, "test_size": self.test_size,
                   "rdkit": rdkit.__version__, "torch": torch.__version__.split("+")[0]}
@@ -328,7 +328,7 @@ class ZINCDataModule(SequenceDataModule):
                 doc = json.loads(f.read())
             problem = self._cache_problem(doc, key)
         except (OSError, EOFError, zlib.error, ValueError, RecursionError) as e:
-            problem = f"unreadable: {_summary(e)}"
+            problem = f"unreadable: {summary(e)}"
         if problem:
             warnings.warn(f"{self.dataset_name}: ignoring the prepared-splits cache {path} ({problem}); preparing "
                           "the splits again", stacklevel=3)
@@ -354,7 +354,7 @@ class ZINCDataModule(SequenceDataModule):
             tmp = None
             rank_zero_info(f"{self._label}: wrote prepared splits to {path}")
         except OSError as e:
-            warnings.warn(f"{self.dataset_name}: could not write the prepared-splits cache {path} ({_summary(e)}); "
+            warnings.warn(f"{self.dataset_name}: could not write the prepared-splits cache {path} ({summary(e)}); "
                           "the next run prepares the splits again", stacklevel=3)
         finally:
             if tmp is not None:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.images import DATA_DIR_FIX, DatasetNotFoundError, _summary
+from datamodules.base import DATA_DIR_FIX, DatasetNotFoundError, summary
 from datamodules.loaders import make_loader
 
 __all__ = ["PTBDataModule", "SequenceDataModule", "Vocabulary", "pad_batch"]
@@ -258,7 +258,7 @@ class PTBDataModule(SequenceDataModule):
             try:
                 download_url(self.URL.format(split=split), str(self.data_dir), path.name, md5)
             except Exception as e:
-                raise self._not_found(path, f"could not be downloaded ({_summary(e)})",
+                raise self._not_found(path, f"could not be downloaded ({summary(e)})",
                                       f"check the network connection and retry, or {DATA_DIR_FIX}") from None
 
     def read_split(self, split: str) -> list[list[str]]:
@@ -269,5 +269,5 @@ class PTBDataModule(SequenceDataModule):
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except (UnicodeDecodeError, OSError) as e:
-            raise self._not_found(path, f"is not readable UTF-8 text ({_summary(e)})") from None
+            raise self._not_found(path, f"is not readable UTF-8 text ({summary(e)})") from None
         return [line.split() for line in lines if line.strip()]

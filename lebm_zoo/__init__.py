@@ -7,6 +7,7 @@
 from lebm_zoo._version import __version__
 from lebm_zoo.models import (  # noqa: E402
     CoopNets,
+    DataShapeError,
     DivergenceTriangle,
     EBMModule,
     FlowContrastiveEBM,
@@ -24,6 +25,7 @@ __all__ = [
     "__version__",
     "CheckpointError",
     "CoopNets",
+    "DataShapeError",
     "DivergenceTriangle",
     "EBMModule",
     "FlowContrastiveEBM",

@@ -1,17 +1,130 @@
-"""Writing checkpoints safely: :class:`AtomicCheckpointIO`, the checkpoint I/O of ``lebm-zoo`` runs."""
+"""What a zoo checkpoint is, in one place: its lebm-zoo record (written by :func:`write_record`), reading and checking
+one (:func:`read_checkpoint`, :func:`model_class`), finding a run's newest one (:func:`find_last_checkpoint`), and
+writing them safely (:class:`AtomicCheckpointIO`, the checkpoint I/O of ``lebm-zoo`` runs).
+
+A checkpoint written by ``lebm-zoo fit`` is a Lightning ``.ckpt`` holding plain hyperparameters, the state dict and a
+``"lebm_zoo"`` entry (class path, lebm-zoo version, recipe, RNG states), so it loads with torch's weights-only
+unpickler (the default since torch 2.6) and can be rebuilt without the recipe.
+"""
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
+import pickle
+import zipfile
+import zlib
 from pathlib import Path
 
 import torch
 from lightning_fabric.utilities.cloud_io import get_filesystem
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "TMP_PREFIX"]
+__all__ = ["AtomicCheckpointIO", "CheckpointError", "TMP_PREFIX", "find_last_checkpoint", "model_class",
+           "read_checkpoint", "write_record"]
 
 #: name prefix of a checkpoint being written (``.<name>.tmp-<pid>`` beside the target file)
 TMP_PREFIX = "."
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used: missing, corrupt, not from lebm-zoo, or of another model class."""
+
+
+def _check_crcs(path: Path) -> None:
+    """Refuse a zip archive with a member whose data does not match its stored CRC-32 (torch itself does not check
+    them, so a flipped bit in a weight would load silently). Reads the whole file once."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if bad is not None:
+        raise CheckpointError(f"{path} is corrupt: the data of archive member {bad!r} does not match its CRC-32 "
+                              "checksum (a damaged copy?); copy or download the checkpoint again.")
+
+
+def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Read a checkpoint file with torch's weights-only loader, after checking every archive member's CRC-32.
+
+    Raises:
+        CheckpointError: if the file is corrupt/truncated (including a member whose data fail its CRC check: the
+            message names it), not a torch checkpoint, or holds non-plain objects.
+    """
+    path = Path(path)
+    if not zipfile.is_zipfile(path):  # every checkpoint torch >= 1.6 writes is a zip archive
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): not a torch "
+                              "zip archive.")
+    _check_crcs(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds objects that torch's weights-only loader refuses ({str(e).splitlines()[0]}"
+                              "); lebm-zoo checkpoints hold plain values only. Was it written by another program?"
+                              ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is a torch file but not a Lightning checkpoint (no 'state_dict').")
+    return ckpt
+
+
+def model_class(ckpt: dict, path: Path) -> type:
+    """The model class a checkpoint's lebm-zoo record names (an EBMModule subclass or the LSTMLanguageModel).
+
+    Raises:
+        CheckpointError: no lebm-zoo record, a class that cannot be imported, or one that is not a zoo model.
+    """
+    from lebm_zoo.models.base import EBMModule
+
+    meta = ckpt.get("lebm_zoo")
+    if not isinstance(meta, dict) or "class_path" not in meta:
+        raise CheckpointError(f"{path} is a Lightning checkpoint but was not written by a lebm-zoo model "
+                              "(no 'lebm_zoo' entry).")
+    module_name, _, cls_name = meta["class_path"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError) as e:
+        raise CheckpointError(f"{path} holds a {meta['class_path']}, which cannot be imported here ({e}).") from None
+    from lebm_zoo.models.language_model import LSTMLanguageModel
+
+    if not (inspect.isclass(cls) and issubclass(cls, (EBMModule, LSTMLanguageModel))):
+        raise CheckpointError(f"{path} names {meta['class_path']}, which is not a lebm-zoo model.")
+    return cls
+
+
+def write_record(checkpoint: dict, module) -> None:
+    """Add the lebm-zoo record to a checkpoint being saved (``on_save_checkpoint`` of every zoo model): the class
+    path, the lebm-zoo version, the recipe (set by ``lebm-zoo``) and the RNG states (for an exact resume; ``"at"``
+    says whether it was written inside an epoch or at its end)."""
+    from lebm_zoo._version import __version__
+    from lebm_zoo.utils import get_rng_state
+
+    cls = type(module)
+    at = "epoch_end" if getattr(module, "_saving_at_epoch_end", False) else "batch"
+    checkpoint["lebm_zoo"] = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "version": __version__,
+                              "recipe": getattr(module, "recipe", None), "rng": {**get_rng_state(), "at": at}}
+
+
+def find_last_checkpoint(root: str | os.PathLike, recipe: str | None = None) -> Path | None:
+    """The newest ``last*.ckpt`` below ``root`` (by modification time), written by ``recipe`` when one is given.
+
+    Unreadable checkpoints are passed over. Returns None when there is none.
+    """
+    root = Path(root)
+    found = sorted(root.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True) if root.is_dir() else []
+    for p in found:
+        if recipe is None:
+            return p
+        try:
+            meta = read_checkpoint(p).get("lebm_zoo", {})
+        except CheckpointError:
+            continue
+        if meta.get("recipe") == recipe:
+            return p
+    return None
 
 
 def _alive(pid: int) -> bool:

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningCLI
 
+from lebm_zoo.checkpoint import CheckpointError, find_last_checkpoint, model_class, read_checkpoint
 from lebm_zoo.models.base import DataShapeError
-from lebm_zoo.pretrained import CheckpointError, read_checkpoint
 from lebm_zoo.utils import tune_cpu_allocator
 
 __all__ = ["main", "list_recipes", "recipe_path", "RecipeError"]
@@ -95,21 +95,6 @@ def _expand_recipe(args: list[str]) -> tuple[list[str], str | None]:
     return out[:at] + ["--config", str(path)] + out[at:], Path(name).stem
 
 
-def _last_checkpoint(root: Path, recipe: str | None) -> Path | None:
-    """Newest ``last*.ckpt`` below ``root``, written by the same recipe when one is given."""
-    found = sorted(root.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True) if root.is_dir() else []
-    for p in found:
-        if recipe is None:
-            return p
-        try:
-            meta = read_checkpoint(p).get("lebm_zoo", {})
-        except CheckpointError:
-            continue
-        if meta.get("recipe") == recipe:
-            return p
-    return None
-
-
 def _option(args: list[str], name: str) -> tuple[int, str] | None:
     """Index and value of ``--name VALUE`` / ``--name=VALUE`` in ``args`` (the last one wins)."""
     hit = None
@@ -130,8 +115,6 @@ def _preflight_checkpoint(args: list[str], recipe: str | None) -> list[str]:
     Raises:
         CheckpointError: missing, corrupt or foreign checkpoint.
     """
-    from lebm_zoo.pretrained import _model_class
-
     hit = _option(args, "--ckpt_path")
     if hit is None or hit[1] in ("", "null", "None", "best", "hpc"):
         return args
@@ -140,7 +123,7 @@ def _preflight_checkpoint(args: list[str], recipe: str | None) -> list[str]:
     if value == "last":
         root_opt = _option(args, "--trainer.default_root_dir")
         root = Path(root_opt[1] if root_opt else ".").resolve()
-        found = _last_checkpoint(root, recipe)
+        found = find_last_checkpoint(root, recipe)
         if found is None:
             msg = f"--ckpt_path last: no last.ckpt{' of recipe ' + recipe if recipe else ''} under {root}"
             if args[:1] != ["fit"]:
@@ -154,7 +137,7 @@ def _preflight_checkpoint(args: list[str], recipe: str | None) -> list[str]:
     path = Path(value)
     if not path.is_file():
         raise CheckpointError(f"--ckpt_path {value}: no such file.")
-    _model_class(read_checkpoint(path), path)
+    model_class(read_checkpoint(path), path)
     return args
 
 
@@ -212,14 +195,12 @@ class LebmCLI(LightningCLI):
         """
         from jsonargparse import Namespace
 
-        from lebm_zoo.pretrained import _model_class
-
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if not (ckpt_path and Path(ckpt_path).is_file()):
             return
         ckpt = read_checkpoint(ckpt_path)
-        cls = _model_class(ckpt, Path(ckpt_path))
+        cls = model_class(ckpt, Path(ckpt_path))
         model_cfg = self.config[sub]["model"]
         want = _import_class(model_cfg["class_path"]) if isinstance(model_cfg, Namespace) else None
         if want is not None and not (issubclass(cls, want) or issubclass(want, cls)):
@@ -250,15 +231,13 @@ class LebmCLI(LightningCLI):
                                   "clipping and loss weights may change.)")
 
     def _before(self) -> None:
-        from lebm_zoo.pretrained import _model_class
-
         LebmCLI.phase = "run"
 
         if hasattr(self.model, "recipe"):
             self.model.recipe = self.recipe
         ckpt = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt and Path(ckpt).is_file():
-            cls = _model_class(read_checkpoint(ckpt), Path(ckpt))
+            cls = model_class(read_checkpoint(ckpt), Path(ckpt))
             if not (issubclass(cls, type(self.model)) or issubclass(type(self.model), cls)):
                 raise CheckpointError(f"--ckpt_path {ckpt} holds a {cls.__name__} checkpoint but the recipe builds a "
                                       f"{type(self.model).__name__}.")
@@ -275,10 +254,14 @@ class LebmCLI(LightningCLI):
 
     def after_fit(self) -> None:
         """Say where the run's samples and checkpoint are, and what to run next (rank zero, clean runs only)."""
+        from lebm_zoo.callbacks.reconstruction import _run_dir
+
         trainer = self.trainer
-        if not trainer.is_global_zero or getattr(self.model, "divergence", None):
+        if getattr(self.model, "divergence", None):
             return
-        run = Path(trainer.log_dir or trainer.default_root_dir)
+        run = _run_dir(trainer)  # every rank asks: a collective under DDP
+        if not trainer.is_global_zero:
+            return
         ckpt = next(iter(sorted(run.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)), None)
         images = sorted((p for p in run.rglob("*.png")), key=lambda p: p.stat().st_mtime)
         recipe = f"--recipe {self.recipe}" if self.recipe else "--config <your config>"

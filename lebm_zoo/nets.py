@@ -110,7 +110,7 @@ class ConvGenerator(nn.Module):
         leak: LeakyReLU slope (the reference uses 0.2).
         channels_last: keep the weights in channels_last memory format; on CPU the transposed convolutions then run
             their forward in channels_last and, under bf16, the input gradient of the 4x4-input layer in NCHW, the
-            fastest layouts measured on this project's CPU (README, Speed). Same function either way.
+            fastest layouts measured (README, Speed). Same function either way.
 
     Shapes:
         ``z`` ``(B, nz)`` or ``(B, nz, 1, 1)`` -> images ``(B, channels, img_size, img_size)`` in [-1, 1].

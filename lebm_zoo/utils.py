@@ -82,10 +82,10 @@ def tune_cpu_allocator(threshold_bytes: int = 1 << 30) -> bool:
     A Langevin chain allocates and frees the same multi-megabyte activation buffers at every step. By default glibc
     serves such buffers with ``mmap`` and returns them (and the top of the heap) to the OS on ``free``, so every step
     page-faults and zero-fills hundreds of megabytes again. This raises glibc's ``M_MMAP_THRESHOLD`` and
-    ``M_TRIM_THRESHOLD`` so that those buffers are reused: on this project's CPU it makes an fp32 SVHN-recipe training
-    iteration 1.26x faster (the plain-PyTorch reference loop 1.27x; README, Speed). The math is untouched. The cost:
-    the resident memory stays at its high-water mark instead of shrinking between steps (the peak is unchanged). It
-    is the same fix as PyTorch's CPU tuning guide's advice to preload jemalloc or tcmalloc, without the extra library.
+    ``M_TRIM_THRESHOLD`` so that those buffers are reused (the speed-up is measured in README, Speed). The math is
+    untouched. The cost: the resident memory stays at its high-water mark instead of shrinking between steps (the
+    peak is unchanged). It is the same fix as PyTorch's CPU tuning guide's advice to preload jemalloc or tcmalloc,
+    without the extra library.
     ``lebm-zoo`` calls it at start-up (set ``LEBM_ZOO_CPU_ALLOCATOR=default`` to opt out); Python users call it once,
     before training.
 
@@ -138,9 +138,10 @@ def in_training_loop(module) -> bool:
     """True while ``module``'s trainer runs the training loop (``fit``'s training stage; not its validation loop or
     sanity check, and not after ``fit``).
 
-    The public methods that training steps call (``infer_latent``, ``sample_latent``, ``revise``) skip their data checks
-    then: the datamodule's batches are checked by ``data_from_batch`` / ``check_data_shape``, and the steps stay free of
-    the checks' host synchronisations.
+    The public methods that training steps call with data (``infer_latent`` of the latent-prior families, CoopNets'
+    ``revise``) skip their data checks then: the batches were checked by ``data_from_batch`` / ``check_data_shape``
+    (or made by the model), and the steps stay free of the checks' host synchronisations. Counts are always checked
+    (they cost no synchronisation), and so is data in the validation, test and predict loops (metric callbacks).
     """
     trainer = getattr(module, "_trainer", None)
     return trainer is not None and bool(getattr(trainer, "training", False))

@@ -117,3 +117,14 @@ def test_atomic_checkpoint_io_replaces_the_file_in_place(tmp_path):
     io.save_checkpoint({"w": torch.zeros(2)}, path)
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.zeros(2))
     assert os.listdir(path.parent) == ["x.ckpt"]
+
+
+def test_public_errors_are_exported_and_raised(tmp_path):
+    import lebm_zoo
+
+    assert {"DataShapeError", "TrainingDivergedError", "CheckpointError"} <= set(lebm_zoo.__all__)
+    m = lebm_zoo.LatentEBMPrior(img_size=28, channels=1, nz=4, ngf=2, ndf=8)
+    m.raise_if_diverged()  # healthy: nothing
+    m.stop_training("diverged at step 3")
+    with pytest.raises(lebm_zoo.TrainingDivergedError, match="diverged at step 3"):
+        m.raise_if_diverged()

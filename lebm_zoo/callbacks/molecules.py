@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger
 from scipy.stats import wasserstein_distance
 from tqdm.auto import tqdm
+
+from lebm_zoo.callbacks.reconstruction import _run_dir
+from lebm_zoo.callbacks.samples import _log_image
 
 __all__ = ["MoleculeMetricsCallback", "molecule_metrics", "molecular_properties"]
 
@@ -102,9 +104,10 @@ class MoleculeMetricsCallback(pl.Callback):
     tokens: prior Langevin, then decoding; no validity check or correction) and computes :func:`molecule_metrics`
     against the datamodule's training set (``train_smiles``, for novelty) and test split (``test_smiles``, the
     property reference), as ``test/validity``, ``test/uniqueness``, ``test/novelty``, ``test/int_div``,
-    ``test/w_qed``, ``test/w_logp``, ``test/w_mw``. Also writes to ``<log_dir>/molecules/``: ``samples.smi`` (every
-    sample), ``properties.png`` (QED, logP and weight histograms of samples vs data, as in the paper's figure) and
-    ``grid.png`` (the first ``grid_size`` valid samples drawn by RDKit), the grid also sent to a TensorBoard logger.
+    ``test/w_qed``, ``test/w_logp``, ``test/w_mw``. Also writes to ``<run folder>/molecules/`` (the run folder as for
+    :class:`~lebm_zoo.callbacks.SampleGrid`): ``samples.smi`` (every sample), ``properties.png`` (QED, logP and weight
+    histograms of samples vs data, as in the paper's figure) and ``grid.png`` (the first ``grid_size`` valid samples
+    drawn by RDKit), the grid also sent to the loggers that take images (TensorBoard, W&B as uint8 pixels).
     Seeded with ``seed``. Meant for a single device.
 
     Args:
@@ -147,7 +150,7 @@ class MoleculeMetricsCallback(pl.Callback):
         train = getattr(dm, "train_smiles", None)
         ref = getattr(dm, "test_smiles", None)
         self.results, valid, ps, pr = _evaluate(samples, set(train) if train else None, ref)
-        folder = Path(trainer.log_dir or ".") / "molecules"
+        folder = _run_dir(trainer) / "molecules"
         folder.mkdir(parents=True, exist_ok=True)
         stem = "test" if split == "test" else f"epoch={trainer.current_epoch:04d}"
         (folder / f"{stem}_samples.smi").write_text("\n".join(samples) + "\n")
@@ -181,10 +184,8 @@ class MoleculeMetricsCallback(pl.Callback):
         if self.grid_size and valid:
             img = Draw.MolsToGridImage(valid[: self.grid_size], molsPerRow=6, subImgSize=(200, 200))
             img.save(folder / f"{stem}_grid.png")
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    arr = torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1)
-                    logger.experiment.add_image("molecules/grid", arr, trainer.global_step)
+            arr = torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+            _log_image(trainer, "molecules/grid", arr)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:

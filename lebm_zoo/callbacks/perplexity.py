@@ -120,14 +120,13 @@ class PerplexityCallback(pl.Callback):
         Raises:
             lebm_zoo.CheckpointError: nothing found.
         """
-        from lebm_zoo.cli import _last_checkpoint
-        from lebm_zoo.pretrained import CheckpointError
+        from lebm_zoo.checkpoint import CheckpointError, find_last_checkpoint
 
         path = Path(self.lm_path).expanduser()
         if path.exists():
             return path
         for root in dict.fromkeys([Path(trainer.default_root_dir).resolve(), Path.cwd()]):
-            found = _last_checkpoint(root, self.lm_path)
+            found = find_last_checkpoint(root, self.lm_path)
             if found is not None:
                 return found
         raise CheckpointError(f"PerplexityCallback: lm_path {self.lm_path!r} is neither a file nor the name of a "

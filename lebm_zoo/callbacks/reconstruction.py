@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torchmetrics import MeanSquaredError
 from torchvision.utils import make_grid, save_image
 
@@ -28,8 +30,24 @@ def _epoch_stem(trainer: pl.Trainer, used: set[str]) -> str:
 
 
 def _run_dir(trainer: pl.Trainer) -> Path:
-    """``trainer.log_dir`` (``default_root_dir`` when the logger has none). Collective under DDP: call on all ranks."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """The run's own folder, where the callbacks write their files. Collective under DDP: call on all ranks.
+
+    * first logger a ``TensorBoardLogger`` or ``CSVLogger``: its ``log_dir`` (``<save_dir>/<name>/version_N``), i.e.
+      ``trainer.log_dir``;
+    * another logger (``WandbLogger``, ``MLFlowLogger``, ...): ``<save_dir>/<name>/<version>`` (``save_dir``:
+      ``default_root_dir`` when the logger has none), e.g. ``<save_dir>/<project>/<run id>/`` for W&B: the folder
+      where ``ModelCheckpoint`` puts its ``checkpoints/`` for such a logger. (``trainer.log_dir`` is the logger's
+      ``save_dir`` there, shared by every run, so a second run would overwrite the first one's files.)
+    * no logger: ``default_root_dir`` (no run to tell apart; give the callbacks a ``dirpath`` to separate runs).
+    """
+    if not trainer.loggers or isinstance(trainer.loggers[0], (TensorBoardLogger, CSVLogger)):
+        return Path(trainer.log_dir or trainer.default_root_dir)
+    logger = trainer.loggers[0]
+    if logger.version is None and trainer.is_global_zero:
+        logger.experiment  # noqa: B018 - a logger that starts its run lazily (W&B) gets its id here
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    path = os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
+    return Path(trainer.strategy.broadcast(path))
 
 
 class ReconstructionMSE(pl.Callback):
@@ -48,9 +66,10 @@ class ReconstructionMSE(pl.Callback):
     from every rank with the same value.
 
     Also writes a PNG of the first validation/test batch: up to 32 originals (top rows) above their reconstructions
-    (bottom rows), 8 per row, to ``<trainer.log_dir>/reconstructions/epoch=NNNN.png`` during fit
+    (bottom rows), 8 per row, to ``<run folder>/reconstructions/epoch=NNNN.png`` during fit
     (``epoch=NNNN-step=S.png`` for further validations in the same epoch) and ``.../reconstructions/test.png`` at
-    test; only rank zero writes. ``self.last_path`` is the latest PNG.
+    test (the run folder: ``trainer.log_dir`` with a TensorBoard or CSV logger, ``<save_dir>/<name>/<version>`` with
+    another logger such as W&B; see ``_run_dir``); only rank zero writes. ``self.last_path`` is the latest PNG.
 
     Args:
         max_images: images reconstructed per validation/test epoch (None: the whole split).

@@ -5,9 +5,10 @@ import contextlib
 import inspect
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torchvision.utils import make_grid, save_image
 
 from lebm_zoo.callbacks.reconstruction import _epoch_stem, _run_dir
@@ -31,6 +32,34 @@ def _seeded(seed: int, device: torch.device):
             yield
 
 
+def _hwc_uint8(image: torch.Tensor) -> np.ndarray:
+    """``(3, H, W)`` float in [0, 1] (or uint8) -> ``(H, W, 3)`` uint8 numpy, rounded as ``save_image`` rounds, so
+    the logged image has the PNG's pixels."""
+    if image.dtype != torch.uint8:
+        image = image.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+    return image.permute(1, 2, 0).cpu().numpy()
+
+
+def _log_image(trainer: pl.Trainer, tag: str, image: torch.Tensor) -> None:
+    """Send a ``(3, H, W)`` image (float in [0, 1], or uint8) to the trainer's loggers that take images.
+
+    * ``TensorBoardLogger``: ``experiment.add_image(tag, image, global_step)`` (TensorBoard scales floats itself);
+    * ``WandbLogger``: ``log_image(key=tag, images=[(H, W, 3) uint8 array], step=global_step)``; W&B renders a float
+      tensor in [0, 1] as a black image;
+    * another logger with a ``log_image`` method: ``log_image(key=tag, images=[image])`` (with ``step`` when it takes
+      one);
+    * others are ignored.
+    """
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(tag, image, trainer.global_step)
+        elif isinstance(logger, WandbLogger):
+            logger.log_image(key=tag, images=[_hwc_uint8(image)], step=trainer.global_step)
+        elif callable(getattr(logger, "log_image", None)):
+            kwargs = {"step": trainer.global_step} if "step" in inspect.signature(logger.log_image).parameters else {}
+            logger.log_image(key=tag, images=[image], **kwargs)
+
+
 class SampleGrid(pl.Callback):
     """Save a grid of ``pl_module.sample(num_samples)`` after validation epochs and at test.
 
@@ -42,10 +71,13 @@ class SampleGrid(pl.Callback):
     The grid (``torchvision.utils.make_grid``, ``nrow`` images per row, 2-pixel padding, [-1, 1] mapped to [0, 1];
     grayscale becomes 3 identical channels) is saved as a PNG at ``<dirpath>/epoch=NNNN.png`` during fit
     (``epoch=NNNN-step=S.png`` for further validations within the same epoch) and ``<dirpath>/test.png`` at test,
-    where ``dirpath`` defaults to ``<trainer.log_dir>/samples``. It is also sent to the loggers that take images:
-    a ``TensorBoardLogger`` gets ``experiment.add_image(tag, grid, global_step)``, a logger with a ``log_image``
-    method (e.g. ``WandbLogger``) gets ``log_image(key=tag, images=[grid])``; others are ignored. Tags:
-    ``val/samples`` and ``test/samples``.
+    where ``dirpath`` defaults to ``<run folder>/samples``: the run's own folder, ``trainer.log_dir``
+    (``lightning_logs/version_N/``) with a TensorBoard or CSV logger, ``<save_dir>/<name>/<version>/`` with another
+    logger (W&B: ``<save_dir>/<project>/<run id>/``, beside the run's ``checkpoints/``), ``default_root_dir`` without
+    a logger. It is also sent to the loggers that take images (see :func:`_log_image`): a ``TensorBoardLogger`` gets
+    ``experiment.add_image(tag, grid, global_step)``, a ``WandbLogger`` the grid as an ``(H, W, 3)`` uint8 array
+    with the PNG's pixels, another logger with a ``log_image`` method ``log_image(key=tag, images=[grid])``; others
+    are ignored. Tags: ``val/samples`` and ``test/samples``.
 
     Args:
         num_samples: images in the grid.
@@ -53,7 +85,7 @@ class SampleGrid(pl.Callback):
         every_n_epochs: draw at the end of validation epochs where ``(epoch + 1) % every_n_epochs == 0`` (0: never
             during fit); never during the sanity check.
         seed: seed of the forked RNG the samples are drawn with.
-        dirpath: folder of the PNGs (default ``<trainer.log_dir>/samples``).
+        dirpath: folder of the PNGs (default ``<run folder>/samples``, as above).
 
     Attributes:
         last_path: the latest PNG written (None before the first).
@@ -96,13 +128,7 @@ class SampleGrid(pl.Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, path)
         self.last_path, self.last_grid = path, grid
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image(tag, grid, trainer.global_step)
-            elif callable(getattr(logger, "log_image", None)):
-                kwargs = {"step": trainer.global_step} if "step" in inspect.signature(logger.log_image).parameters \
-                    else {}
-                logger.log_image(key=tag, images=[grid], **kwargs)
+        _log_image(trainer, tag, grid)
         return path
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,5 +1,5 @@
 """Model families, one file each. Every model subclasses :class:`EBMModule`."""
-from lebm_zoo.models.base import EBMModule, TrainingDivergedError
+from lebm_zoo.models.base import DataShapeError, EBMModule, TrainingDivergedError
 from lebm_zoo.models.coopnets import CoopNets
 from lebm_zoo.models.flow_contrastive import FlowContrastiveEBM
 from lebm_zoo.models.joint_hierarchical import JointHierarchicalEBMPrior
@@ -9,6 +9,6 @@ from lebm_zoo.models.latent_sequence import SequenceLatentEBMPrior
 from lebm_zoo.models.short_run import ShortRunEBM
 from lebm_zoo.models.triangle import DivergenceTriangle
 
-__all__ = ["CoopNets", "DivergenceTriangle", "EBMModule", "FlowContrastiveEBM", "JointHierarchicalEBMPrior",
-           "LatentEBMPrior", "LSTMLanguageModel", "SequenceLatentEBMPrior", "ShortRunEBM",
+__all__ = ["CoopNets", "DataShapeError", "DivergenceTriangle", "EBMModule", "FlowContrastiveEBM",
+           "JointHierarchicalEBMPrior", "LatentEBMPrior", "LSTMLanguageModel", "SequenceLatentEBMPrior", "ShortRunEBM",
            "TrainingDivergedError"]

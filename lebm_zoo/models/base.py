@@ -28,8 +28,9 @@ from pytorch_lightning.trainer.states import TrainerStatus
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from lebm_zoo.checkpoint import write_record
 from lebm_zoo.samplers import SamplerMixin
-from lebm_zoo.utils import get_rng_state, set_rng_state
+from lebm_zoo.utils import set_rng_state
 
 __all__ = ["DataShapeError", "EBMModule", "StopCheckpoint", "TrainingDivergedError"]
 
@@ -97,6 +98,28 @@ class EBMModule(SamplerMixin, pl.LightningModule):
 
         return load_pretrained(name_or_path, map_location=map_location, expected_class=cls)
 
+    def save_pretrained(self, folder, *, recipe: str | None = None, data: str | None = None,
+                        training_steps: int | None = None, metrics: dict | None = None, license: str = "MIT"):
+        """Write this model as a published folder, ``config.json`` + ``model.safetensors`` (fp32 weights and buffers,
+        no optimiser state), that :func:`lebm_zoo.load_pretrained` loads; see
+        :func:`lebm_zoo.pretrained.save_pretrained` for the arguments.
+
+        Returns:
+            the folder (a ``Path``).
+        """
+        from lebm_zoo.pretrained import save_pretrained
+
+        return save_pretrained(self, folder, recipe=recipe, data=data, training_steps=training_steps,
+                               metrics=metrics, license=license)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Publish this model on the Hugging Face Hub (``save_pretrained`` into a temporary folder, then
+        ``HfApi().upload_folder``); it loads back with ``lebm_zoo.load_pretrained("hf://<repo_id>")``. See
+        :func:`lebm_zoo.pretrained.push_to_hub` for the arguments."""
+        from lebm_zoo.pretrained import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     # ----------------------------------------------------------------------------------------- divergence guard
     def check_finite(self, losses: dict[str, Tensor], limits: dict[str, float] | None = None) -> bool:
         """Return True if every loss is finite and within bounds; otherwise stop training cleanly.
@@ -149,6 +172,16 @@ class EBMModule(SamplerMixin, pl.LightningModule):
         self.stop_training(message)
         return False
 
+    def raise_if_diverged(self) -> None:
+        """For Python training loops that want an exception: after ``trainer.fit``, raise if training was stopped by
+        the divergence guard or an early stop (``lebm-zoo fit`` exits with code 1 instead).
+
+        Raises:
+            TrainingDivergedError: with the message of the stop (:attr:`divergence`).
+        """
+        if self.divergence:
+            raise TrainingDivergedError(self.divergence)
+
     def stop_training(self, message: str) -> None:
         """Stop training cleanly after this batch: record ``message`` as :attr:`divergence` and warn.
 
@@ -192,12 +225,7 @@ class EBMModule(SamplerMixin, pl.LightningModule):
             set_rng_state(state)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        from lebm_zoo._version import __version__
-
-        cls = type(self)
-        rng = {**get_rng_state(), "at": "epoch_end" if getattr(self, "_saving_at_epoch_end", False) else "batch"}
-        checkpoint["lebm_zoo"] = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "version": __version__,
-                                  "recipe": self.recipe, "rng": rng}
+        write_record(checkpoint, self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Keep the checkpoint's RNG states, to put back when training resumes (see :meth:`on_train_batch_start`),

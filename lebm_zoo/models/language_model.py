@@ -109,6 +109,10 @@ class LSTMLanguageModel(VocabularyMixin, pl.LightningModule):
 
     # the same record as the zoo's models (class path, version, recipe), so load_pretrained and the CLI accept it
     on_save_checkpoint = EBMModule.on_save_checkpoint
+    # and the same published format (save_pretrained / push_to_hub / load_pretrained)
+    save_pretrained = EBMModule.save_pretrained
+    push_to_hub = EBMModule.push_to_hub
+    load_pretrained = classmethod(EBMModule.load_pretrained.__func__)
 
     @torch.no_grad()
     def perplexity(self, batches) -> float:

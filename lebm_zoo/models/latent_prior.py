@@ -63,8 +63,8 @@ class LatentEBMPrior(EBMModule):
             generator loss (after that batch's update) exceeded the limit; ``"per_batch"`` (stricter): check every
             batch of such an epoch and skip the offending update.
         channels_last: run the generator's transposed convolutions in the fastest memory layouts (see
-            :class:`~lebm_zoo.nets.ConvGenerator`; same function and gradients). On this project's CPU it makes an
-            SVHN-recipe iteration 1.12x faster in fp32 and 1.09x under bf16-mixed (README, Speed).
+            :class:`~lebm_zoo.nets.ConvGenerator`; same function and gradients). How much faster depends on the
+            CPU (README, Speed).
 
     Images are ``(B, channels, img_size, img_size)`` in [-1, 1]; latents ``(B, nz)``.
     """
@@ -400,11 +400,18 @@ class LatentEBMPrior(EBMModule):
     def on_train_epoch_end(self) -> None:
         self.step_schedulers()
         last = getattr(self, "_last_loss_g", None)
-        if (self._loss_g_limit_applies("epoch_end") and last is not None and epoch_completed(self.trainer)
-                and not self.replaying_epoch_end and float(last) > self.hparams.loss_g_limit):
+        if not (self._loss_g_limit_applies("epoch_end") and epoch_completed(self.trainer)
+                and not self.replaying_epoch_end):
+            return
+        exceeds = last is not None and float(last) > self.hparams.loss_g_limit
+        if self.trainer.world_size > 1:  # every rank stops together (each sees its own last batch)
+            exceeds = self.trainer.strategy.reduce_boolean_decision(exceeds, all=False)
+        if exceeds:
+            last = float("nan") if last is None else last
             self.stop_training(
                 f"{type(self).__name__} stopped at the end of epoch {self.current_epoch} (step {self.global_step}): "
-                f"the last batch's generator loss {float(last):.4g} exceeds loss_g_limit={self.hparams.loss_g_limit:g} "
+                f"the last batch's generator loss (this rank: {float(last):.4g}) exceeds "
+                f"loss_g_limit={self.hparams.loss_g_limit:g} "
                 f"(the reference's early stop, after epoch {self.hparams.loss_g_limit_after_epoch}). The last "
                 "weights are in the last checkpoint. Try smaller learning rates or Langevin step sizes.")
 
