@@ -11,10 +11,9 @@ generator loss, the conditional's contrastive loss, the two energy losses, and f
 import math
 
 import pytest
-import pytorch_lightning as pl
 import torch
+from _reference import fit_one_float64_step
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lebm_zoo import JointHierarchicalEBMPrior
 
@@ -24,27 +23,6 @@ E_H, E_L = (8, 5), (3, 2)  # the reference's 3 and 2 hidden layers
 K_POST, S_POST, K_PRIOR, S_PRIOR, SIGMA = 3, 0.1, 2, 0.4, 0.3
 LR_G, LR_COND, LR_E = 1e-3, 2e-3, (3e-3, 4e-3)  # distinct, to check which rate each network gets
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which the reference uses
-
-
-class Recorder:
-    """Wraps torch.randn / torch.randn_like: records every draw our step makes, in order."""
-
-    def __init__(self, monkeypatch):
-        self.draws = []
-        randn, randn_like = torch.randn, torch.randn_like
-
-        def rec_randn(*a, **k):
-            t = randn(*a, **k)
-            self.draws.append(t.detach().clone())
-            return t
-
-        def rec_like(x, *a, **k):
-            t = randn_like(x, *a, **k)
-            self.draws.append(t.detach().clone())
-            return t
-
-        monkeypatch.setattr(torch, "randn", rec_randn)
-        monkeypatch.setattr(torch, "randn_like", rec_like)
 
 
 class RefNormal:
@@ -151,11 +129,6 @@ def reference_iteration(nets, x, zg0, post_noise, ze0, prior_noise, top_sigma):
     return losses, grads, new, z_g, z_e
 
 
-class KeepMetrics(pl.Callback):
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-
-
 @pytest.mark.parametrize("top_sigma", [None, 1.0], ids=["reference_top_1.01", "option_top_1.0"])
 def test_one_iteration_matches_the_reference_equations_in_float64(monkeypatch, tmp_path, top_sigma):
     torch.manual_seed(0)
@@ -167,16 +140,10 @@ def test_one_iteration_matches_the_reference_equations_in_float64(monkeypatch, t
     x = (torch.rand(B, 3, 32, 32) * 2 - 1).double()  # exactly representable in float32: the loader may cast
     nets = reference_nets(model)
     before = [p.detach().clone() for p in model.parameters()]
-    rec = Recorder(monkeypatch)
-    keep = KeepMetrics()
-    t = pl.Trainer(accelerator="cpu", precision="64-true", max_steps=1, logger=False, enable_progress_bar=False,
-                   enable_model_summary=False, enable_checkpointing=False, callbacks=[keep],
-                   default_root_dir=tmp_path)
-    t.fit(model, DataLoader(TensorDataset(x.float()), batch_size=B))
-    monkeypatch.undo()
+    draws, metrics = fit_one_float64_step(model, x, tmp_path, monkeypatch)
 
     # our draws, in our order: posterior init, K_POST step noises, prior init, K_PRIOR step noises, each (B, nz1+nz2)
-    d = rec.draws
+    d = draws
     assert len(d) == 2 + K_POST + K_PRIOR and all(v.dtype == torch.float64 and v.shape == (B, NZ1 + NZ2) for v in d)
 
     def layers(v):  # the reference draws one tensor per layer: hand it the same numbers
@@ -186,7 +153,7 @@ def test_one_iteration_matches_the_reference_equations_in_float64(monkeypatch, t
     ze0, prior_noise = layers(d[1 + K_POST]), [layers(v) for v in d[2 + K_POST:]]
     losses, grads, new, z_g, z_e = reference_iteration(nets, x, zg0, post_noise, ze0, prior_noise, top_sigma)
 
-    m = keep.metrics
+    m = metrics
     for name, value in losses.items():
         assert m[f"train/{name}"] == pytest.approx(float(value.detach()), rel=1e-10, abs=1e-13), name
     assert m["train/loss_e"] == pytest.approx(float(losses["loss_e_1"] + losses["loss_e_2"]), rel=1e-10, abs=1e-13)

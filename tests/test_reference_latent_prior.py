@@ -11,6 +11,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from _reference import fit_one_float64_step
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -19,27 +20,6 @@ from lebm_zoo import LatentEBMPrior
 NZ, NGF, NDF, B = 6, 4, 8, 4
 K0, S0, K1, S1, SIGMA, PRIOR_SIG = 3, 0.4, 2, 0.1, 0.3, 1.0
 LR_G, LR_E, BETAS, EPS = 1e-3, 5e-4, (0.5, 0.999), 1e-8
-
-
-class Recorder:
-    """Wraps torch.randn / torch.randn_like: records every draw our step makes, in order."""
-
-    def __init__(self, monkeypatch):
-        self.draws = []
-        randn, randn_like = torch.randn, torch.randn_like
-
-        def rec_randn(*a, **k):
-            t = randn(*a, **k)
-            self.draws.append(t.detach().clone())
-            return t
-
-        def rec_like(x, *a, **k):
-            t = randn_like(x, *a, **k)
-            self.draws.append(t.detach().clone())
-            return t
-
-        monkeypatch.setattr(torch, "randn", rec_randn)
-        monkeypatch.setattr(torch, "randn_like", rec_like)
 
 
 def reference_nets(model):
@@ -107,11 +87,6 @@ def reference_iteration(g, e, x, z_g_0, z_e_0, post_noise, prior_noise):
     return {"loss_g": loss_g, "loss_e": loss_e, "z_pos": z_pos, "z_neg": z_neg, "g": new_g, "e": new_e}
 
 
-class KeepChains(pl.Callback):
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-
-
 def test_one_iteration_matches_the_reference_equations_in_float64(monkeypatch, tmp_path):
     torch.manual_seed(0)
     model = LatentEBMPrior(img_size=32, channels=3, nz=NZ, ngf=NGF, ndf=NDF, prior_steps=K0, prior_step_size=S0,
@@ -120,23 +95,17 @@ def test_one_iteration_matches_the_reference_equations_in_float64(monkeypatch, t
     x = (torch.rand(B, 3, 32, 32) * 2 - 1).double()  # exactly representable in float32: the loader may cast
     g_ref, e_ref = reference_nets(model)
     before = [p.detach().clone() for p in model.parameters()]
-    rec = Recorder(monkeypatch)
-    keep = KeepChains()
-    t = pl.Trainer(accelerator="cpu", precision="64-true", max_steps=1, logger=False, enable_progress_bar=False,
-                   enable_model_summary=False, enable_checkpointing=False, callbacks=[keep],
-                   default_root_dir=tmp_path)
-    t.fit(model, DataLoader(TensorDataset(x.float()), batch_size=B))
-    monkeypatch.undo()
+    draws, metrics = fit_one_float64_step(model, x, tmp_path, monkeypatch)
 
     # our draws, in our order: posterior init, K1 noises, prior init, K0 noises
-    d = rec.draws
+    d = draws
     assert len(d) == 2 + K0 + K1 and all(v.dtype == torch.float64 for v in d)
     z_g_0, post_noise = d[0], d[1:1 + K1]
     z_e_0, prior_noise = d[1 + K1], d[2 + K1:]
     ref = reference_iteration(g_ref, e_ref, x, z_g_0, z_e_0, post_noise, prior_noise)
 
-    assert keep.metrics["train/loss_g"] == pytest.approx(float(ref["loss_g"]), rel=1e-12)
-    assert keep.metrics["train/energy_gap"] == pytest.approx(float(ref["loss_e"]), rel=1e-10, abs=1e-14)
+    assert metrics["train/loss_g"] == pytest.approx(float(ref["loss_g"]), rel=1e-12)
+    assert metrics["train/energy_gap"] == pytest.approx(float(ref["loss_e"]), rel=1e-10, abs=1e-14)
     params = [*model.generator.parameters(), *model.energy_net.parameters()]
     for i, (ours, theirs, old) in enumerate(zip(params, [*ref["g"], *ref["e"]], before)):
         # every tensor was updated, but E's output bias: d(mean E(z+) - mean E(z-))/d bias = 1 - 1 = 0
