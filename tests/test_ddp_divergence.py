@@ -96,7 +96,10 @@ if __name__ == "__main__":
 
 def run_guarded(cmd, tmp_path, **kwargs):
     """Run ``cmd`` in its own session; on timeout kill the whole process group (the stuck rank ignores SIGTERM)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+    # a fresh process's environment: without the PL_GLOBAL_SEED that earlier in-process CLI tests leave set, which
+    # Lightning passes to the ranks (it seeds their samplers, so the NaN items would land on other ranks)
+    inherited = {k: v for k, v in os.environ.items() if k not in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    env = {**inherited, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "LEBM_ZOO_TEST_OUT": str(tmp_path)}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **kwargs)

@@ -120,6 +120,13 @@ class EBMModule(SamplerMixin, pl.LightningModule):
 
         return push_to_hub(self, repo_id, **kwargs)
 
+    def validation_step(self, batch, batch_idx: int) -> None:
+        """No model-side validation loss by default: the metric callbacks (FID, ReconstructionMSE, SampleGrid, ...)
+        evaluate through the public methods. Override it to log a validation loss."""
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        """No model-side test loss by default: the recipe's metric callbacks compute the paper's test metrics."""
+
     # ----------------------------------------------------------------------------------------- divergence guard
     def check_finite(self, losses: dict[str, Tensor], limits: dict[str, float] | None = None) -> bool:
         """Return True if every loss is finite and within bounds; otherwise stop training cleanly.

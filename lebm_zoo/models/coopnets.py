@@ -432,9 +432,3 @@ class CoopNets(EBMModule):
         self.step_uncounted(opt_g)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=b)
         self.log_dict({"loss_g": logs["loss_g"], "gap": -logs["loss_d"]}, prog_bar=True, logger=False, batch_size=b)
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        """No model-side validation loss: metric callbacks (FID, SampleGrid) do the evaluation."""
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        """No model-side test loss: metric callbacks compute the paper's test metrics."""

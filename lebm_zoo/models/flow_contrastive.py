@@ -225,6 +225,3 @@ class FlowContrastiveEBM(EBMModule):
             x = x + torch.rand_like(x) / 128.0
         self.log_dict({"val/log_p_ebm": self.log_prob(x).mean(), "val/log_q_flow": self.flow.log_prob(x).mean()},
                       batch_size=x.shape[0])
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        """Metric callbacks compute the test metrics (FID for images)."""

@@ -433,10 +433,3 @@ class JointHierarchicalEBMPrior(EBMModule):
         self.log_dict({f"train/{k}": v.detach() for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=b)
         self.log_dict({"loss_g": loss_g.detach(), "gap": -loss_e.detach()}, prog_bar=True, logger=False,
                       batch_size=b)
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        """No model-side validation loss: metric callbacks evaluate."""
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        """No model-side test loss: metric callbacks evaluate."""
-

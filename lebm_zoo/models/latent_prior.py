@@ -415,12 +415,6 @@ class LatentEBMPrior(EBMModule):
                 f"(the reference's early stop, after epoch {self.hparams.loss_g_limit_after_epoch}). The last "
                 "weights are in the last checkpoint. Try smaller learning rates or Langevin step sizes.")
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        """No model-side validation loss: metric callbacks (ReconstructionMSE, FID, SampleGrid) do the evaluation."""
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        """No model-side test loss: metric callbacks compute the paper's test metrics."""
-
     def predict_step(self, batch, batch_idx: int) -> dict:
         """Posterior latents and reconstructions of a batch: ``{"z": (B, nz), "x_rec": (B, C, H, W)}``."""
         z = self.infer_latent(images_from_batch(batch))

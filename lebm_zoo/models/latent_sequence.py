@@ -336,7 +336,7 @@ class SequenceLatentEBMPrior(VocabularyMixin, LatentEBMPrior):
         hp = self.hparams
         b, nz, sp = self.data_batch_size(x), hp.nz, hp.prior_sigma
         log_z = self.log_normalizer() if log_z is None else log_z
-        rep = {k: v.repeat_interleave(n_chains, 0) for k, v in x.items()}
+        rep = {k: as_normal_tensor(v.repeat_interleave(n_chains, 0)) for k, v in x.items()}  # not inference-mode
         centers = self._infer_latent(rep).view(b, n_chains, nz)  # (B, C, nz)
         from_ref = torch.rand(b, n_samples, device=self.device) < 0.5
         comp = torch.randint(n_chains, (b, n_samples), device=self.device)

@@ -276,9 +276,3 @@ class ShortRunEBM(EBMModule):
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=b)
         # gap f(data) - f(samples): positive while the model still tells data from its samples
         self.log("gap", (f_pos.mean() - f_neg.mean()).detach(), prog_bar=True, logger=False, batch_size=b)
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        """No model-side validation loss: metric callbacks (FID, SampleGrid) do the evaluation."""
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        """No model-side test loss: metric callbacks compute the paper's test metrics."""

@@ -365,9 +365,3 @@ class DivergenceTriangle(EBMModule):
             for s in scheds if isinstance(scheds, list) else [scheds]:
                 while s.last_epoch < self.current_epoch + 1:
                     s.step()
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        """No model-side validation loss: metric callbacks (FID, ReconstructionMSE, SampleGrid) evaluate."""
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        """No model-side test loss: metric callbacks compute the paper's test metrics."""
