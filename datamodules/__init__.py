@@ -7,8 +7,9 @@ from datamodules.image_folder import ImageFolderDataModule
 from datamodules.mnist import MNISTDataModule, QuickstartMNISTDataModule
 from datamodules.molecules import ZINCDataModule
 from datamodules.svhn import SVHNDataModule
-from datamodules.text import PTBDataModule, SequenceDataModule, Vocabulary
+from datamodules.text import PTBDataModule, SequenceDataModule
 from datamodules.toy import EightGaussiansDataModule
+from lebm_zoo.text import Vocabulary  # the models' vocabulary (stored in checkpoints)
 
 __all__ = [
     "CelebA64DataModule",

@@ -1,7 +1,8 @@
 """Molecules as SMILES token sequences: MOSES, ZINC250k or any SMILES file, canonicalized with RDKit.
 
 Batches are those of :mod:`datamodules.text` (``{"tokens": (B, T), "mask": (B, T)}``); tokens are atom-level SMILES
-tokens and join back into a SMILES string with ``""``.
+tokens and join back into a SMILES string with ``""``. The SMILES tokenizer is the models' (:mod:`lebm_zoo.text`);
+``SMILES_REGEX`` and ``tokenize_smiles`` are re-exported here.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import io
 import json
 import multiprocessing
 import os
-import re
 import tempfile
 import warnings
 import zlib
@@ -25,7 +25,8 @@ from pytorch_lightning.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
 from datamodules.base import DATA_DIR_FIX, summary
-from datamodules.text import SequenceDataModule, Vocabulary
+from datamodules.text import SequenceDataModule
+from lebm_zoo.text import SMILES_REGEX, Vocabulary, tokenize_smiles
 
 __all__ = ["SMILES_REGEX", "ZINCDataModule", "canonical_smiles", "default_molecules_cache_dir", "tokenize_smiles"]
 
@@ -34,23 +35,6 @@ CACHE_VERSION = 1
 _CACHE_FORMAT = "lebm_zoo.molecules.prepared_splits"
 _SPLITS = ("train", "valid", "test")
 _LABELS = {"moses": "MOSES", "zinc250k": "ZINC250k", "smiles_file": "SMILES file"}
-
-#: Atom-level SMILES tokens (Schwaller et al. 2019, "Molecular Transformer"): bracket atoms as one token, two-letter
-#: organic-subset atoms (Br, Cl), bonds, branches, ring closures including two-digit ``%nn``.
-SMILES_REGEX = re.compile(
-    r"(\[[^\]]+]|Br?|Cl?|N|O|S|P|F|I|b|c|n|o|s|p|\(|\)|\.|=|#|-|\+|\\|/|:|~|@|\?|>|\*|\$|%[0-9]{2}|[0-9])")
-
-
-def tokenize_smiles(smiles: str) -> list[str]:
-    """Split a SMILES string into atom-level tokens.
-
-    Raises:
-        ValueError: if the tokens do not spell the whole string (a character no SMILES token covers).
-    """
-    tokens = SMILES_REGEX.findall(smiles)
-    if "".join(tokens) != smiles:
-        raise ValueError(f"cannot tokenize SMILES {smiles!r}: characters outside the SMILES alphabet")
-    return tokens
 
 
 def canonical_smiles(smiles: str) -> str | None:

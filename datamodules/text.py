@@ -1,13 +1,14 @@
-"""Token-sequence data: a vocabulary, padded batches with masks, and the Penn Treebank (Mikolov's LM version).
+"""Token-sequence data: the sequence datamodule base and the Penn Treebank (Mikolov's LM version).
 
 Batches are dicts ``{"tokens": (B, T) int64, "mask": (B, T) bool}``: each row is ``<bos> w_1 ... w_n <eos>`` followed
 by ``<pad>``; ``mask`` is True on ``<bos>`` .. ``<eos>``. ``T`` is the longest row of the batch. The same layout
 serves SMILES strings (:mod:`datamodules.molecules`): only the tokenizer and the separator used to join tokens differ.
+
+The vocabulary, the padding and the tokenizers are the models' (they are stored in checkpoints): they live in
+:mod:`lebm_zoo.text`; ``Vocabulary``, ``pad_batch`` and the special tokens are re-exported here.
 """
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -17,93 +18,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import DATA_DIR_FIX, DatasetNotFoundError, summary
 from datamodules.loaders import make_loader
+from lebm_zoo.text import BOS, EOS, PAD, SPECIALS, UNK, Vocabulary, pad_batch
 
-__all__ = ["PTBDataModule", "SequenceDataModule", "Vocabulary", "pad_batch"]
-
-PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
-SPECIALS = (PAD, BOS, EOS, UNK)
-
-
-class Vocabulary:
-    """Token <-> index map with the special tokens ``<pad>`` = 0, ``<bos>`` = 1, ``<eos>`` = 2, ``<unk>`` = 3.
-
-    Args:
-        tokens: the ordinary tokens, in index order (they get indices 4, 5, ...); duplicates and specials are dropped.
-        sep: the string that joins tokens back into text (``" "`` for words, ``""`` for SMILES).
-
-    A vocabulary is stored in model checkpoints as the plain list :meth:`to_list` plus ``sep``; ``Vocabulary(list[4:],
-    sep)`` or :meth:`from_list` rebuilds it.
-    """
-
-    def __init__(self, tokens: Iterable[str], sep: str = " "):
-        self.itos: list[str] = list(SPECIALS)
-        seen = set(SPECIALS)
-        for t in tokens:
-            if t not in seen:
-                seen.add(t)
-                self.itos.append(t)
-        self.stoi = {t: i for i, t in enumerate(self.itos)}
-        self.sep = sep
-
-    pad_index, bos_index, eos_index, unk_index = 0, 1, 2, 3
-
-    @classmethod
-    def build(cls, sequences: Iterable[Sequence[str]], sep: str = " ", min_count: int = 1) -> Vocabulary:
-        """The vocabulary of ``sequences``: tokens seen at least ``min_count`` times, most frequent first (ties in
-        order of first appearance)."""
-        counts = Counter(t for s in sequences for t in s)
-        return cls([t for t, c in counts.most_common() if c >= min_count], sep)
-
-    @classmethod
-    def from_list(cls, itos: Sequence[str], sep: str = " ") -> Vocabulary:
-        """Rebuild from :meth:`to_list` (which starts with the four specials).
-
-        Raises:
-            ValueError: if ``itos`` does not start with ``<pad> <bos> <eos> <unk>``.
-        """
-        if tuple(itos[:4]) != SPECIALS:
-            raise ValueError(f"a stored vocabulary starts with {SPECIALS}, got {tuple(itos[:4])}")
-        return cls(itos[4:], sep)
-
-    def to_list(self) -> list[str]:
-        return list(self.itos)
-
-    def __len__(self) -> int:
-        return len(self.itos)
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Vocabulary) and self.itos == other.itos and self.sep == other.sep
-
-    def encode(self, tokens: Sequence[str]) -> list[int]:
-        """``<bos>`` + token indices (unknown tokens -> ``<unk>``) + ``<eos>``."""
-        return [self.bos_index, *(self.stoi.get(t, self.unk_index) for t in tokens), self.eos_index]
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of one row of indices: skips ``<bos>``/``<pad>``, stops at the first ``<eos>``, joins with ``sep``."""
-        out = []
-        for i in ids:
-            i = int(i)
-            if i == self.eos_index:
-                break
-            if i in (self.pad_index, self.bos_index):
-                continue
-            out.append(self.itos[i] if 0 <= i < len(self.itos) else UNK)
-        return self.sep.join(out)
-
-    def decode_batch(self, tokens: Tensor) -> list[str]:
-        """:meth:`decode` of every row of a ``(B, T)`` index tensor."""
-        return [self.decode(row) for row in tokens.tolist()]
-
-
-def pad_batch(rows: Sequence[Sequence[int]], pad_index: int = 0) -> dict[str, Tensor]:
-    """Pad index rows to the longest: ``{"tokens": (B, T) int64, "mask": (B, T) bool}`` (True on real tokens)."""
-    t = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), t), pad_index, dtype=torch.long)
-    mask = torch.zeros(len(rows), t, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        tokens[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = True
-    return {"tokens": tokens, "mask": mask}
+__all__ = ["BOS", "EOS", "PAD", "PTBDataModule", "SPECIALS", "SequenceDataModule", "UNK", "Vocabulary", "pad_batch"]
 
 
 class _Rows(Dataset):
@@ -213,7 +130,7 @@ class PTBDataModule(SequenceDataModule):
     Files ``ptb.train.txt``, ``ptb.valid.txt``, ``ptb.test.txt`` in ``data_dir`` (42,068 / 3,370 / 3,761 lines; lower
     case, ``N`` for numbers, ``<unk>`` for rare words). Each line is split on whitespace; empty lines are skipped.
     The vocabulary is the 9,999 distinct words of the training file (``<unk>`` among them) plus ``<pad>``, ``<bos>``,
-    ``<eos>``: 10,002 entries. Batches as in :mod:`datamodules.text`.
+    ``<eos>``: 10,002 entries. Batches as in :mod:`lebm_zoo.text`.
 
     Args:
         data_dir: folder with the three files; ``~`` is expanded.

@@ -5,20 +5,21 @@
 >>> x = model.sample(64)  # (64, C, H, W) in [-1, 1]                                     # doctest: +SKIP
 """
 from lebm_zoo._version import __version__
+from lebm_zoo.checkpoint import CheckpointError  # noqa: E402
 from lebm_zoo.models import (  # noqa: E402
     CoopNets,
-    DataShapeError,
     DivergenceTriangle,
     EBMModule,
     FlowContrastiveEBM,
     JointHierarchicalEBMPrior,
     LatentEBMPrior,
+    LatentPriorBase,
     LSTMLanguageModel,
     SequenceLatentEBMPrior,
     ShortRunEBM,
-    TrainingDivergedError,
 )
-from lebm_zoo.pretrained import CheckpointError, list_pretrained, load_pretrained  # noqa: E402
+from lebm_zoo.models.base import DataShapeError, TrainingDivergedError  # noqa: E402  (the errors' owner)
+from lebm_zoo.pretrained import list_pretrained, load_pretrained  # noqa: E402
 from lebm_zoo.samplers import HMCSampler, LangevinSampler, SamplerMixin  # noqa: E402
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "JointHierarchicalEBMPrior",
     "LangevinSampler",
     "LatentEBMPrior",
+    "LatentPriorBase",
     "LSTMLanguageModel",
     "SamplerMixin",
     "SequenceLatentEBMPrior",

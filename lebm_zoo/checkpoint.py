@@ -20,8 +20,8 @@ import torch
 from lightning_fabric.utilities.cloud_io import get_filesystem
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "CheckpointError", "TMP_PREFIX", "find_last_checkpoint", "model_class",
-           "read_checkpoint", "write_record"]
+__all__ = ["AtomicCheckpointIO", "CheckpointError", "TMP_PREFIX", "class_path", "find_last_checkpoint", "model_class",
+           "read_checkpoint", "write_record", "zoo_model_types"]
 
 #: name prefix of a checkpoint being written (``.<name>.tmp-<pid>`` beside the target file)
 TMP_PREFIX = "."
@@ -71,14 +71,27 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return ckpt
 
 
+def class_path(cls: type) -> str:
+    """The name a record (and a published ``config.json``) gives a model class: ``"<module>.<qualname>"``."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def zoo_model_types() -> tuple[type, ...]:
+    """The classes whose subclasses are zoo models, i.e. may write and load lebm-zoo checkpoints:
+    :class:`~lebm_zoo.EBMModule` and :class:`~lebm_zoo.LSTMLanguageModel` (imported lazily: both import this
+    module)."""
+    from lebm_zoo.models.base import EBMModule
+    from lebm_zoo.models.language_model import LSTMLanguageModel
+
+    return EBMModule, LSTMLanguageModel
+
+
 def model_class(ckpt: dict, path: Path) -> type:
     """The model class a checkpoint's lebm-zoo record names (an EBMModule subclass or the LSTMLanguageModel).
 
     Raises:
         CheckpointError: no lebm-zoo record, a class that cannot be imported, or one that is not a zoo model.
     """
-    from lebm_zoo.models.base import EBMModule
-
     meta = ckpt.get("lebm_zoo")
     if not isinstance(meta, dict) or "class_path" not in meta:
         raise CheckpointError(f"{path} is a Lightning checkpoint but was not written by a lebm-zoo model "
@@ -88,9 +101,7 @@ def model_class(ckpt: dict, path: Path) -> type:
         cls = getattr(importlib.import_module(module_name), cls_name)
     except (ImportError, AttributeError) as e:
         raise CheckpointError(f"{path} holds a {meta['class_path']}, which cannot be imported here ({e}).") from None
-    from lebm_zoo.models.language_model import LSTMLanguageModel
-
-    if not (inspect.isclass(cls) and issubclass(cls, (EBMModule, LSTMLanguageModel))):
+    if not (inspect.isclass(cls) and issubclass(cls, zoo_model_types())):
         raise CheckpointError(f"{path} names {meta['class_path']}, which is not a lebm-zoo model.")
     return cls
 
@@ -102,16 +113,18 @@ def write_record(checkpoint: dict, module) -> None:
     from lebm_zoo._version import __version__
     from lebm_zoo.utils import get_rng_state
 
-    cls = type(module)
     at = "epoch_end" if getattr(module, "_saving_at_epoch_end", False) else "batch"
-    checkpoint["lebm_zoo"] = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "version": __version__,
+    checkpoint["lebm_zoo"] = {"class_path": class_path(type(module)), "version": __version__,
                               "recipe": getattr(module, "recipe", None), "rng": {**get_rng_state(), "at": at}}
 
 
 def find_last_checkpoint(root: str | os.PathLike, recipe: str | None = None) -> Path | None:
-    """The newest ``last*.ckpt`` below ``root`` (by modification time), written by ``recipe`` when one is given.
+    """The newest ``last*.ckpt`` below ``root`` (by modification time), written by ``recipe`` when one is given
+    (the ``"recipe"`` of its lebm-zoo record, see :func:`write_record`).
 
-    Unreadable checkpoints are passed over. Returns None when there is none.
+    Public: ``lebm-zoo``'s ``--ckpt_path last`` and :class:`~lebm_zoo.callbacks.PerplexityCallback`'s ``lm_path``
+    (a recipe name) both find checkpoints with it. Unreadable checkpoints are passed over (only when ``recipe`` is
+    given: the record must be read). Returns None when there is none.
     """
     root = Path(root)
     found = sorted(root.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True) if root.is_dir() else []

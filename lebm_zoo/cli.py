@@ -254,7 +254,7 @@ class LebmCLI(LightningCLI):
 
     def after_fit(self) -> None:
         """Say where the run's samples and checkpoint are, and what to run next (rank zero, clean runs only)."""
-        from lebm_zoo.callbacks.reconstruction import _run_dir
+        from lebm_zoo.callbacks._common import _run_dir
 
         trainer = self.trainer
         if getattr(self.model, "divergence", None):

@@ -3,7 +3,9 @@
 Architectures follow the reference code: the SVHN generator of bpucla/latent-space-EBM-prior (``train_svhn.py``) and
 its latent energy MLP. The divergence triangle's networks live in :mod:`lebm_zoo.models.triangle`; importing
 ``TriangleGenerator``, ``TriangleEnergy`` or ``TriangleEncoder`` from here still works but is deprecated.
-CoopNets' ``CoopDescriptor`` and ``CoopGenerator`` live in :mod:`lebm_zoo.models.coopnets` (same deprecation).
+CoopNets' ``CoopDescriptor`` and ``CoopGenerator`` live in :mod:`lebm_zoo.models.coopnets` (same deprecation), and
+the short-run EBM's network, renamed ``ShortRunNegEnergyNet``, in :mod:`lebm_zoo.models.short_run` (importing it
+from here as ``ShortRunScoreNet`` still works, deprecated).
 """
 from __future__ import annotations
 
@@ -15,13 +17,15 @@ from torch import Tensor, nn
 
 from lebm_zoo.env import native_bf16
 
-__all__ = ["ConvGenerator", "EnergyMLP", "SequenceDecoder", "ShortRunScoreNet", "count_parameters", "down_trunk",
-           "xavier_init_convs"]
+__all__ = ["ConvGenerator", "EnergyMLP", "SequenceDecoder", "count_parameters", "down_trunk", "xavier_init_convs"]
 
 #: names that moved to their family's file: name -> module (deprecated re-exports, resolved lazily by __getattr__)
 _MOVED = {"TriangleEncoder": "lebm_zoo.models.triangle", "TriangleEnergy": "lebm_zoo.models.triangle",
           "TriangleGenerator": "lebm_zoo.models.triangle",
-          "CoopDescriptor": "lebm_zoo.models.coopnets", "CoopGenerator": "lebm_zoo.models.coopnets"}
+          "CoopDescriptor": "lebm_zoo.models.coopnets", "CoopGenerator": "lebm_zoo.models.coopnets",
+          "ShortRunScoreNet": "lebm_zoo.models.short_run"}
+#: the moved names that were also renamed: old name -> name in the new module
+_RENAMED = {"ShortRunScoreNet": "ShortRunNegEnergyNet"}
 
 
 def __getattr__(name: str):
@@ -31,9 +35,11 @@ def __getattr__(name: str):
         import importlib
         import warnings
 
-        warnings.warn(f"lebm_zoo.nets.{name} is deprecated and will be removed in the next release; import it from "
+        new = _RENAMED.get(name, name)
+        what = "it" if new == name else new
+        warnings.warn(f"lebm_zoo.nets.{name} is deprecated and will be removed in the next release; import {what} from "
                       f"{_MOVED[name]}", DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module(_MOVED[name]), name)
+        return getattr(importlib.import_module(_MOVED[name]), new)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # (kernel, stride, padding) of each transposed convolution after the first (k4 s1 p0: 1 -> 4 px), per image size
@@ -199,37 +205,6 @@ def down_trunk(channels: int, img_size: int, widths: list[int], leak: float = 0.
 def _check_size(img_size: int) -> None:
     if img_size not in (28, 32, 64):
         raise ValueError(f"img_size must be 28, 32 or 64, got {img_size}")
-
-
-class ShortRunScoreNet(nn.Module):
-    """Score f(x) (negative energy, higher = more likely) of the short-run EBM (Nijkamp et al. 2019).
-
-    At 32 px with ``nf=64`` it is exactly ``train_cifar10_minimal.py``'s net: Conv(C->nf, k3 s1 p1), then
-    Conv k4 s2 p1 to 2nf, 4nf, 8nf (32 -> 16 -> 8 -> 4 px), LeakyReLU(0.2) after each, and a final Conv(8nf -> 1)
-    whose kernel covers the remaining map (k4 at 32 px, k3 at 28 px); at 64 px a fourth k4 s2 layer (8nf -> 8nf) is
-    added. No normalisation, PyTorch's default init.
-
-    Args:
-        channels: image channels, 1 or 3.
-        img_size: 28, 32 or 64.
-        nf: width (reference: 64).
-
-    Shapes:
-        ``x`` ``(B, channels, img_size, img_size)`` in [-1, 1] -> score ``(B,)``.
-
-    Raises:
-        ValueError: for an unsupported ``img_size``.
-    """
-
-    def __init__(self, channels: int = 3, img_size: int = 32, nf: int = 64):
-        super().__init__()
-        _check_size(img_size)
-        widths = [nf, 2 * nf, 4 * nf, 8 * nf] + ([8 * nf] if img_size == 64 else [])
-        trunk, size = down_trunk(channels, img_size, widths)
-        self.net = nn.Sequential(*trunk, nn.Conv2d(widths[-1], 1, size, 1, 0))  # (B, 1, 1, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x).flatten()
 
 
 class SequenceDecoder(nn.Module):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from lebm_zoo.checkpoint import CheckpointError, model_class, read_checkpoint
+from lebm_zoo.checkpoint import CheckpointError, class_path, model_class, read_checkpoint, zoo_model_types
 
 _model_class = model_class  # the name this module used before lebm_zoo.checkpoint existed
 
@@ -233,10 +233,8 @@ def save_pretrained(model, folder: str | os.PathLike, *, recipe: str | None = No
     from safetensors.torch import save_file
 
     from lebm_zoo._version import __version__
-    from lebm_zoo.models.base import EBMModule
-    from lebm_zoo.models.language_model import LSTMLanguageModel
 
-    if not isinstance(model, (EBMModule, LSTMLanguageModel)):
+    if not isinstance(model, zoo_model_types()):
         raise ValueError(f"save_pretrained writes lebm-zoo models, not a {type(model).__name__}")
     cls = type(model)
     hparams = dict(model.hparams)
@@ -249,7 +247,7 @@ def save_pretrained(model, folder: str | os.PathLike, *, recipe: str | None = No
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "class_path": f"{cls.__module__}.{cls.__qualname__}",
+        "class_path": class_path(cls),
         "family": cls.__name__,
         "lebm_zoo_version": __version__,
         "hyperparameters": _plain(hparams, "hyperparameters"),

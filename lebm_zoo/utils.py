@@ -114,7 +114,7 @@ def tune_cpu_allocator(threshold_bytes: int = 1 << 30) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- input validation
-# The public methods of every family check what users give them with these (issue 15): wrong shapes, dtypes, scales
+# The public methods of every family check what users give them with these: wrong shapes, dtypes, scales
 # and non-finite values raise :class:`lebm_zoo.models.base.DataShapeError` (a ValueError) naming the method, what was
 # expected and how to fix it, instead of broadcasting into wrong results. A check costs at most one host-device
 # synchronisation: one fused ``torch.aminmax`` reduction, whose min and max are NaN if any value is NaN and +-inf if

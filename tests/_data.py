@@ -1,5 +1,11 @@
-"""Small data the tests write themselves or read from ``tests/fixtures`` (shared by several test files), and where
-the real data copies are.
+"""Helpers shared by several test files: small data the tests write themselves or read from ``tests/fixtures``, where
+the real data copies are, and the tiny CPU trainer the training tests use.
+
+* Data: :func:`fixed_batch` (digit-like blobs), :func:`uniform_images` (U[lo, hi] noise), :func:`tensor_loader`
+  ((x, label) batches of a tensor), :func:`write_mnist` (MNIST's IDX files; ``conftest.py``'s ``fake_mnist_dir``
+  fixture writes them into a fresh folder).
+* Training: :func:`tiny_trainer` (a quiet CPU ``pl.Trainer``) and :func:`fit_steps` (fit it for some steps).
+* The CLI: :func:`recipe_fit_args` (``lebm-zoo fit --recipe ...`` on fake MNIST for two steps).
 
 ``DATA_ROOT`` is the folder holding the real data sets (``mnist/``, ``ptb/``, ``zinc/``, ``cifar10/``, ``celeba/``):
 ``$LEBM_ZOO_TEST_DATA`` if set, else ``../shared/data`` beside the checkout. Tests that read it carry
@@ -10,7 +16,9 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 TESTS = Path(__file__).resolve().parent
 FIXTURES = TESTS / "fixtures"
@@ -26,6 +34,53 @@ def fixed_batch(n=16, c=1, s=28, seed=0):
     x = -torch.ones(n, c, s, s)
     x[:, :, s // 4: 3 * s // 4, s // 3: 2 * s // 3] = 0.8
     return (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+
+
+def uniform_images(n=32, c=1, s=28, seed=0, lo=-1.0, hi=1.0):
+    """``n`` images of ``c`` x ``s`` x ``s`` pixels, uniform in [lo, hi], from their own seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    return lo + (hi - lo) * torch.rand(n, c, s, s, generator=g)
+
+
+def tensor_loader(x, batch_size=8, shuffle=False, labels=None) -> DataLoader:
+    """A DataLoader of ``(x[i], labels[i])`` pairs; ``labels`` defaults to float zeros (the families ignore them)."""
+    labels = torch.zeros(len(x)) if labels is None else labels
+    return DataLoader(TensorDataset(x, labels), batch_size=batch_size, shuffle=shuffle)
+
+
+def tiny_trainer(tmp_path=None, callbacks=(), *, progress_bar=False, **kw) -> pl.Trainer:
+    """A quiet CPU ``pl.Trainer`` for tests: one CPU device, no logger, no checkpointing, no model summary, and no
+    progress bar unless ``progress_bar``; ``default_root_dir`` is ``tmp_path`` when given (else Lightning's default,
+    the working directory). ``kw`` goes to ``pl.Trainer`` and overrides any of these (``max_steps``, ``logger=...``,
+    ``enable_checkpointing=True``, ``devices=2``, ...); ``callbacks`` is copied, not appended to."""
+    cfg = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=progress_bar,
+               enable_model_summary=False, callbacks=list(callbacks))
+    if tmp_path is not None:
+        cfg["default_root_dir"] = tmp_path
+    cfg.update(kw)
+    return pl.Trainer(**cfg)
+
+
+def fit_steps(model, data, steps, tmp_path=None, *, batch_size=8, shuffle=True, callbacks=(), **kw) -> pl.Trainer:
+    """Fit ``model`` for ``steps`` optimisation steps (``max_steps``) on a :func:`tiny_trainer` and return the trainer.
+
+    ``data``: an image tensor (served by :func:`tensor_loader` in batches of ``batch_size``, shuffled unless
+    ``shuffle=False``), or anything ``Trainer.fit`` takes second (a DataLoader, a LightningDataModule). ``kw`` goes to
+    :func:`tiny_trainer`."""
+    t = tiny_trainer(tmp_path, callbacks, max_steps=steps, **kw)
+    if isinstance(data, torch.Tensor):
+        data = tensor_loader(data, batch_size, shuffle=shuffle)
+    t.fit(model, data)
+    return t
+
+
+def recipe_fit_args(recipe: str, data_dir: Path, root: Path, *overrides: str) -> list[str]:
+    """``lebm-zoo fit`` arguments: ``recipe`` on the (fake) MNIST in ``data_dir`` (4 validation images, batches of 8,
+    no workers), two steps with one validation batch, no progress bar, outputs below ``root``; then ``overrides``."""
+    return ["fit", "--recipe", recipe, "--data.data_dir", str(data_dir), "--data.download", "false",
+            "--data.val_size", "4", "--data.batch_size", "8", "--data.num_workers", "0",
+            "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(root), *overrides]
 
 
 def write_mnist(root: Path, n: int = 24, seed: int = 0, labels=None) -> None:

@@ -1,4 +1,7 @@
-"""Shared test set-up: real-data and FID-weights markers, their summary line, and stand-in FID weights.
+"""Shared test set-up: real-data and FID-weights markers, their summary line, stand-in FID weights, fake MNIST files.
+
+Plain helpers (the tiny trainer ``tiny_trainer`` / ``fit_steps``, ``fixed_batch``, ``uniform_images``,
+``tensor_loader``, ``write_mnist``, ``recipe_fit_args``) live in ``_data.py``; test files import them from there.
 
 * ``@pytest.mark.realdata("mnist/MNIST/raw", ...)``: the test reads these paths below ``_data.DATA_ROOT`` (the real
   data copies). Missing: the test is skipped with a reason naming the path, or fails when
@@ -9,6 +12,8 @@
 * ``fid_weights_file``: a weights file in torch-fidelity's layout for tests that only need the recipes' FID callback
   to set up: the real weights when built, else the same network with seeded random values (so FID values computed
   from it are meaningless; no test reads one).
+* ``fake_mnist_dir``: a fresh folder holding fake MNIST files (``_data.write_mnist``: 24 random images per split) in
+  torchvision's layout, for recipes trained through the CLI.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from _data import DATA_ROOT, FID_WEIGHTS
+from _data import DATA_ROOT, FID_WEIGHTS, write_mnist
 
 _RUN: dict[str, list[str]] = {"realdata": [], "fid_weights": []}
 _SKIPPED: dict[str, dict[str, str]] = {"realdata": {}, "fid_weights": {}}  # nodeid -> missing path
@@ -103,3 +108,12 @@ def fid_weights_env(fid_weights_file, monkeypatch) -> Path:
     """``LEBM_ZOO_FID_WEIGHTS`` pointed at :func:`fid_weights_file`, for recipes whose FID callback sets up."""
     monkeypatch.setenv("LEBM_ZOO_FID_WEIGHTS", str(fid_weights_file))
     return fid_weights_file
+
+
+@pytest.fixture
+def fake_mnist_dir(tmp_path) -> Path:
+    """``tmp_path / "mnist"`` holding fake MNIST files (:func:`_data.write_mnist`'s defaults)."""
+    data = tmp_path / "mnist"
+    data.mkdir()
+    write_mnist(data)
+    return data

@@ -3,9 +3,8 @@ import math
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
-from _data import DATA_ROOT, fixed_batch, write_mnist
+from _data import DATA_ROOT, fixed_batch, tensor_loader, tiny_trainer, write_mnist
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -16,13 +15,6 @@ from lebm_zoo.callbacks import AnomalyDetectionCallback
 MNIST_DIR = DATA_ROOT / "mnist"
 # fake MNIST: 60 train + 20 test images, every digit 8 times in all
 TRAIN_DIGITS, TEST_DIGITS = np.arange(60) % 10, np.arange(20) % 10
-
-
-def trainer(tmp_path, callbacks, **kw):
-    cfg = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-               enable_checkpointing=False, default_root_dir=tmp_path, callbacks=callbacks)
-    cfg.update(kw)
-    return pl.Trainer(**cfg)
 
 
 # ------------------------------------------------------------------------------------------------------ datamodule
@@ -97,7 +89,7 @@ def test_validation_split_comes_from_the_training_normals(fake_mnist):
 
 def test_no_validation_split_trains_in_lightning(fake_mnist, tmp_path):
     model = LatentEBMPrior(img_size=28, channels=1, nz=4, ngf=4, ndf=8, prior_steps=1, posterior_steps=1)
-    t = trainer(tmp_path / "run", [], max_steps=1)
+    t = tiny_trainer(tmp_path / "run", [], max_steps=1)
     t.fit(model, datamodule=MNISTAnomalyDataModule(str(fake_mnist), batch_size=8))
     assert t.global_step == 1
 
@@ -155,7 +147,7 @@ def test_callback_matches_sklearn(tmp_path, scale, shift):
     # ties, and batches of 5 with and without scores outside [0, 1] (torchmetrics would sigmoid those batches only)
     scores = SCORES * scale + shift
     cb = AnomalyDetectionCallback()
-    out = trainer(tmp_path, [cb]).test(KnownScores(), scored_loader(scores))[0]
+    out = tiny_trainer(tmp_path, [cb]).test(KnownScores(), scored_loader(scores))[0]
     auprc, auroc = average_precision_score(LABELS, scores), roc_auc_score(LABELS, scores)
     assert isinstance(cb.last_auprc, float) and isinstance(cb.last_auroc, float)
     assert cb.last_auprc == pytest.approx(auprc, abs=1e-6) and cb.last_auroc == pytest.approx(auroc, abs=1e-6)
@@ -164,23 +156,23 @@ def test_callback_matches_sklearn(tmp_path, scale, shift):
 
 def test_callback_caps_images(tmp_path):
     capped = AnomalyDetectionCallback(max_images=7)
-    trainer(tmp_path, [capped]).test(KnownScores(), scored_loader())
+    tiny_trainer(tmp_path, [capped]).test(KnownScores(), scored_loader())
     assert capped.last_auprc == pytest.approx(average_precision_score(LABELS[:7], SCORES[:7]), abs=1e-6)
 
 
 def test_callback_validation_needs_both_classes(tmp_path):
     train = scored_loader()
     cb = AnomalyDetectionCallback(every_n_epochs=1, on_test=False)
-    t = trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1)
+    t = tiny_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1)
     t.fit(KnownScores(), train, scored_loader())
     assert t.callback_metrics["val/auprc"] == pytest.approx(average_precision_score(LABELS, SCORES), abs=1e-6)
-    assert "test/auprc" not in trainer(tmp_path, [cb]).test(KnownScores(), scored_loader())[0]
+    assert "test/auprc" not in tiny_trainer(tmp_path, [cb]).test(KnownScores(), scored_loader())[0]
     one_class = AnomalyDetectionCallback(every_n_epochs=1)
-    t = trainer(tmp_path, [one_class], max_epochs=1, limit_train_batches=1)
+    t = tiny_trainer(tmp_path, [one_class], max_epochs=1, limit_train_batches=1)
     with pytest.warns(UserWarning, match="need both"):
         t.fit(KnownScores(), train, scored_loader(labels=torch.zeros_like(LABELS)))
     assert "val/auprc" not in t.callback_metrics and math.isnan(one_class.last_auprc)
-    t = trainer(tmp_path, [AnomalyDetectionCallback(every_n_epochs=2)], max_epochs=1, limit_train_batches=1)
+    t = tiny_trainer(tmp_path, [AnomalyDetectionCallback(every_n_epochs=2)], max_epochs=1, limit_train_batches=1)
     t.fit(KnownScores(), train, scored_loader())
     assert "val/auprc" not in t.callback_metrics  # epoch 1 of every 2: not due
 
@@ -190,11 +182,11 @@ def test_callback_errors(tmp_path):
         anomaly_score = None
 
     with pytest.raises(TypeError, match="anomaly_score"):
-        trainer(tmp_path, [AnomalyDetectionCallback()]).test(NoScore(), scored_loader())
+        tiny_trainer(tmp_path, [AnomalyDetectionCallback()]).test(NoScore(), scored_loader())
     with pytest.raises(ValueError, match="labels 0 .normal. and 1 .anomaly."):
-        trainer(tmp_path, [AnomalyDetectionCallback()]).test(KnownScores(), scored_loader(labels=LABELS * 3))
+        tiny_trainer(tmp_path, [AnomalyDetectionCallback()]).test(KnownScores(), scored_loader(labels=LABELS * 3))
     with pytest.raises(ValueError, match="non-finite"):
-        trainer(tmp_path, [AnomalyDetectionCallback()]).test(KnownScores(), scored_loader(SCORES / 0))
+        tiny_trainer(tmp_path, [AnomalyDetectionCallback()]).test(KnownScores(), scored_loader(SCORES / 0))
     with pytest.raises(ValueError, match="max_images"):
         AnomalyDetectionCallback(max_images=0)
 
@@ -225,12 +217,12 @@ def test_trained_model_scores_another_pattern_higher(tmp_path):
     torch.manual_seed(0)
     x = fixed_batch(32, seed=0)  # one digit-like pattern: a vertical bright bar
     m = tiny(lr_g=2e-3, lr_e=1e-3)
-    trainer(tmp_path, [], max_steps=30).fit(m, DataLoader(TensorDataset(x, torch.zeros(32, dtype=torch.long)),
-                                                          batch_size=16, shuffle=True))
+    tiny_trainer(tmp_path, max_steps=30).fit(m, tensor_loader(x, 16, shuffle=True,
+                                                             labels=torch.zeros(32, dtype=torch.long)))
     normal, odd = fixed_batch(16, seed=1), fixed_batch(16, seed=2).transpose(-1, -2)  # odd: a horizontal bar
     torch.manual_seed(1)
     assert m.anomaly_score(odd).mean() > m.anomaly_score(normal).mean()
     cb = AnomalyDetectionCallback()
     test = DataLoader(TensorDataset(torch.cat([normal, odd]), torch.arange(32) // 16), batch_size=8)
-    trainer(tmp_path, [cb]).test(m, test)
+    tiny_trainer(tmp_path, [cb]).test(m, test)
     assert cb.last_auroc > 0.9 and cb.last_auprc > 0.9

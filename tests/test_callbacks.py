@@ -1,25 +1,23 @@
 """Metric callbacks: FID (vs itself, vs torchmetrics, cached real statistics, DDP), reconstruction MSE, sample grids."""
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from _data import FID_WEIGHTS as WEIGHTS
+from _data import tensor_loader, tiny_trainer, uniform_images
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.loggers.logger import Logger
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchvision.io import read_image
 
 from lebm_zoo.callbacks import FIDCallback, FIDWeightsNotFoundError, ReconstructionMSE, SampleGrid, default_fid_weights
 from lebm_zoo.utils import to_uint8
 
-
-def images(n=32, c=1, s=8, seed=0, lo=-1.0, hi=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return lo + (hi - lo) * torch.rand(n, c, s, s, generator=g)
+images = partial(uniform_images, s=8)  # 8-pixel images unless asked
 
 
 class Data(pl.LightningDataModule):
@@ -33,8 +31,7 @@ class Data(pl.LightningDataModule):
 
     def _loader(self, split):
         self.loads[split] += 1
-        return DataLoader(TensorDataset(self.x, torch.zeros(len(self.x))), batch_size=self.batch_size,
-                          shuffle=split == "train")
+        return tensor_loader(self.x, self.batch_size, shuffle=split == "train")
 
     def train_dataloader(self):
         return self._loader("train")
@@ -99,12 +96,8 @@ class TinyFeature(nn.Module):
         return nn.functional.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1) @ self.proj
 
 
-def trainer(tmp_path, callbacks, **kw):
-    cfg = {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 2,
-           "logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
-           "default_root_dir": tmp_path, "callbacks": callbacks}
-    cfg.update(kw)
-    return pl.Trainer(**cfg)
+#: the tiny_trainer arguments of these tests: one epoch of 2 training and 2 validation batches
+SHORT_EPOCH = {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 2}
 
 
 def reference_fid(real, fake, **kw):
@@ -123,7 +116,7 @@ def test_fid_custom_feature_self_shift_and_real_statistics_cache(tmp_path):
 
     dm = Data(x)
     cb = FIDCallback(feature=TinyFeature(), **kw)
-    t = trainer(tmp_path, [cb])
+    t = tiny_trainer(tmp_path, [cb], **SHORT_EPOCH)
     t.fit(Toy(x), datamodule=dm)
     same = float(t.callback_metrics["val/fid"])
     assert dm.loads["test"] == 1 and not cb.real_stats_from_cache
@@ -133,7 +126,7 @@ def test_fid_custom_feature_self_shift_and_real_statistics_cache(tmp_path):
 
     dm = Data(x)
     cb = FIDCallback(feature=TinyFeature(), **kw)  # a new but identical feature module: same cache key
-    t = trainer(tmp_path, [cb])
+    t = tiny_trainer(tmp_path, [cb], **SHORT_EPOCH)
     t.fit(Toy(x, shift=0.3), datamodule=dm)
     shifted = float(t.callback_metrics["val/fid"])
     assert dm.loads["test"] == 0 and cb.real_stats_from_cache  # real images not read again
@@ -142,7 +135,7 @@ def test_fid_custom_feature_self_shift_and_real_statistics_cache(tmp_path):
 
     dm = Data(x)
     cb = FIDCallback(feature=TinyFeature(), num_real=16, **kw)
-    t = trainer(tmp_path, [cb])
+    t = tiny_trainer(tmp_path, [cb], **SHORT_EPOCH)
     t.fit(Toy(x), datamodule=dm)
     assert dm.loads["test"] == 1 and not cb.real_stats_from_cache  # another num_real: another key, recomputed
     assert len(list(cache.glob("*.pt"))) == 2 and cb.cache_path(t) not in files
@@ -153,7 +146,7 @@ def test_fid_every_n_epochs_and_test_key(tmp_path):
     x = images(16)
     cb = FIDCallback(feature=TinyFeature(), num_samples=16, batch_size=16, every_n_epochs=2,
                      cache_dir=str(tmp_path))
-    t = trainer(tmp_path, [cb])
+    t = tiny_trainer(tmp_path, [cb], **SHORT_EPOCH)
     t.fit(Toy(x), datamodule=Data(x))  # epoch 0 only: (0 + 1) % 2 != 0
     assert "val/fid" not in t.callback_metrics and cb.last_value is None
     out = t.test(Toy(x, shift=0.5), datamodule=Data(x), verbose=False)[0]
@@ -165,7 +158,8 @@ def test_fid_matches_torchmetrics_with_inception_weights_on_grayscale(tmp_path):
     real, fake = images(8, c=1, s=28, seed=1), images(8, c=1, s=28, seed=2) * 0.5
     cb = FIDCallback(num_samples=8, weights_path=str(WEIGHTS), every_n_epochs=0, batch_size=8,
                      cache_dir=str(tmp_path))
-    ours = trainer(tmp_path, [cb]).test(Toy(fake), datamodule=Data(real), verbose=False)[0]["test/fid"]
+    ours = tiny_trainer(tmp_path, [cb], **SHORT_EPOCH).test(Toy(fake), datamodule=Data(real), verbose=False)
+    ours = ours[0]["test/fid"]
     ref = reference_fid(real, fake, feature=2048, antialias=False, feature_extractor_weights_path=str(WEIGHTS))
     assert ours == pytest.approx(ref, rel=1e-4) and ref > 1
 
@@ -176,7 +170,7 @@ def test_fid_missing_weights_is_a_clear_error(tmp_path, monkeypatch):
     x = images(8)
     cb = FIDCallback(num_samples=8, weights_path=str(missing), cache_dir=str(tmp_path))
     with pytest.raises(FIDWeightsNotFoundError, match="lebm-zoo fid-weights") as err:
-        trainer(tmp_path, [cb]).test(Toy(x), datamodule=Data(x), verbose=False)
+        tiny_trainer(tmp_path, [cb], **SHORT_EPOCH).test(Toy(x), datamodule=Data(x), verbose=False)
     assert str(missing) in str(err.value) and "LEBM_ZOO_FID_WEIGHTS" in str(err.value)
 
     # resolution order: argument, then $LEBM_ZOO_FID_WEIGHTS, then ~/.cache/lebm_zoo/...
@@ -195,13 +189,13 @@ def test_fid_missing_weights_is_a_clear_error(tmp_path, monkeypatch):
 def test_reconstruction_mse_identity_shift_cap_and_png(tmp_path):
     x = images(24, lo=-0.8, hi=0.8)  # x + 0.2 never clamps
     cb = ReconstructionMSE(max_images=None)
-    t = trainer(tmp_path, [cb])
+    t = tiny_trainer(tmp_path, [cb], **SHORT_EPOCH)
     t.fit(Toy(x), datamodule=Data(x))
     assert float(t.callback_metrics["val/recon_mse"]) == 0.0
 
     model = Toy(x, offset=0.2)
     cb = ReconstructionMSE(max_images=12)
-    t = trainer(tmp_path / "shift", [cb], val_check_interval=1)  # two validations in epoch 0
+    t = tiny_trainer(tmp_path / "shift", [cb], **SHORT_EPOCH, val_check_interval=1)  # two validations in epoch 0
     t.fit(model, datamodule=Data(x))
     assert float(t.callback_metrics["val/recon_mse"]) == pytest.approx(0.01, rel=1e-5)  # 0.2/2 = 0.1 in [0, 1]
     assert model.reconstructed == 2 * 12  # 8 + 4 images per validation (sanity check skipped)
@@ -215,7 +209,7 @@ def test_reconstruction_mse_identity_shift_cap_and_png(tmp_path):
     x = images(24, seed=3)
     model = Toy(x, offset=0.2)
     cb = ReconstructionMSE(max_images=12)
-    out = trainer(tmp_path / "test", [cb]).test(model, datamodule=Data(x), verbose=False)[0]
+    out = tiny_trainer(tmp_path / "test", [cb], **SHORT_EPOCH).test(model, datamodule=Data(x), verbose=False)[0]
 
     def mse(v):
         return float((((v + 0.2).clamp(-1, 1) + 1) / 2 - (v + 1) / 2).pow(2).mean())
@@ -272,7 +266,8 @@ def test_sample_grid_png_size_loggers_rng_and_reproducibility(tmp_path, monkeypa
     monkeypatch.setattr(tb.experiment, "add_image", lambda tag, img, step: added.append((tag, img.shape, step)))
     cb = RNGProbe(num_samples=12, nrow=4)
     every2 = SampleGrid(num_samples=4, every_n_epochs=2, dirpath=str(tmp_path / "every2"))
-    t = trainer(tmp_path, [cb, every2], max_epochs=2, logger=[tb, rec])
+    t = tiny_trainer(tmp_path, [cb, every2], max_epochs=2, limit_train_batches=2, limit_val_batches=2,
+                     logger=[tb, rec])
     t.fit(model, datamodule=Data(x))
 
     folder = Path(tb.log_dir) / "samples"
@@ -298,8 +293,8 @@ def test_callbacks_under_ddp_spawn_on_two_cpu_processes(tmp_path):
     """Sharded real statistics and samples give the single-process FID; no rank-zero-only collective hangs."""
     x = images(32, lo=-0.8, hi=0.8)
     fid = FIDCallback(feature=TinyFeature(), num_samples=32, batch_size=8, on_test=False, cache_dir=str(tmp_path))
-    t = trainer(tmp_path, [fid, ReconstructionMSE(max_images=None), SampleGrid(num_samples=4)], devices=2,
-                strategy="ddp_spawn")
+    t = tiny_trainer(tmp_path, [fid, ReconstructionMSE(max_images=None), SampleGrid(num_samples=4)], **SHORT_EPOCH,
+                     devices=2, strategy="ddp_spawn")
     t.fit(Toy(x, shift=0.3, offset=0.2, rank_offset=16), datamodule=Data(x))
     expected = reference_fid(x, (x + 0.3).clamp(-1, 1), feature=TinyFeature())
     assert float(t.callback_metrics["val/fid"]) == pytest.approx(expected, rel=1e-4)

@@ -4,9 +4,8 @@ import struct
 import zipfile
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from _data import fit_steps
 
 import lebm_zoo
 from lebm_zoo.cli import main
@@ -19,10 +18,7 @@ def intact(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
     model = lebm_zoo.LatentEBMPrior(img_size=28, channels=1, nz=8, ngf=4, ndf=16, prior_steps=2, posterior_steps=2)
-    data = DataLoader(TensorDataset(torch.rand(4, 1, 28, 28) * 2 - 1, torch.zeros(4)), batch_size=4)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
-    trainer.fit(model, data)
+    trainer = fit_steps(model, torch.rand(4, 1, 28, 28) * 2 - 1, 1, root, batch_size=4, shuffle=False)
     path = root / "model.ckpt"
     trainer.save_checkpoint(path)
     return path

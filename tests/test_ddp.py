@@ -1,7 +1,6 @@
 """One multi-process test: LatentEBMPrior trains two steps with ddp_spawn on 2 CPU processes."""
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from _data import fit_steps
 
 from lebm_zoo import LatentEBMPrior
 
@@ -11,11 +10,7 @@ def test_two_steps_with_ddp_spawn_on_two_cpu_processes(tmp_path):
     model = LatentEBMPrior(img_size=28, channels=1, nz=8, ngf=4, ndf=16, prior_steps=3, posterior_steps=3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.rand(16, 1, 28, 28) * 2 - 1
-    data = DataLoader(TensorDataset(x, torch.zeros(16)), batch_size=4)
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp_path)
-    trainer.fit(model, data)
+    trainer = fit_steps(model, x, 2, tmp_path, batch_size=4, shuffle=False, devices=2, strategy="ddp_spawn")
     assert trainer.state.finished
     # the spawned processes' weights come back to this process: both nets were updated
     after = model.state_dict()

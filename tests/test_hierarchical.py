@@ -2,10 +2,8 @@
 import math
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from _data import fixed_batch, write_mnist
-from torch.utils.data import DataLoader, TensorDataset
+from _data import fit_steps, fixed_batch, recipe_fit_args
 
 import lebm_zoo
 from lebm_zoo import JointHierarchicalEBMPrior
@@ -121,9 +119,7 @@ def test_training_updates_signs_and_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     m = tiny(lr_e=1e-2)
     x = fixed_batch()
-    t = pl.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
-                   enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False)
-    t.fit(m, DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=8))
+    t = fit_steps(m, x, 4, tmp_path, shuffle=False)
     assert t.global_step == 4
     mets = t.callback_metrics
     assert {"train/loss_g", "train/loss_cond", "train/loss_e", "train/score_pos_1", "train/score_neg_2"} <= set(mets)
@@ -133,14 +129,8 @@ def test_training_updates_signs_and_checkpoint_round_trip(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), loaded.state_dict().values()))
 
 
-def test_mnist_hierarchical_recipe_trains_through_the_cli(tmp_path, capsys, fid_weights_env):
-    data = tmp_path / "mnist"
-    data.mkdir()
-    write_mnist(data)
-    code = main(["fit", "--recipe", "mnist_hierarchical", "--data.data_dir", str(data), "--data.download", "false",
-                 "--data.val_size", "4", "--data.batch_size", "8", "--data.num_workers", "0",
-                 "--model.ngf", "4", "--model.prior_steps", "2", "--model.posterior_steps", "2",
-                 "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
-                 "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)])
+def test_mnist_hierarchical_recipe_trains_through_the_cli(tmp_path, capsys, fid_weights_env, fake_mnist_dir):
+    code = main(recipe_fit_args("mnist_hierarchical", fake_mnist_dir, tmp_path,
+                                "--model.ngf", "4", "--model.prior_steps", "2", "--model.posterior_steps", "2"))
     assert code == 0, capsys.readouterr().err
     assert isinstance(lebm_zoo.load_pretrained(tmp_path), JointHierarchicalEBMPrior)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from _data import tiny_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 import lebm_zoo.models.coopnets as coopnets_mod
@@ -335,9 +336,7 @@ def test_training_steps_skip_the_checks_which_run_again_after_fit(family, module
     m = BUILDERS[family]()
     x = images(8)
     rec = _Recorder()
-    trainer = pl.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                         default_root_dir=tmp_path, callbacks=[rec])
+    trainer = tiny_trainer(tmp_path, [rec], max_steps=3, limit_val_batches=1, num_sanity_val_steps=0)
     trainer.fit(m, DataLoader(TensorDataset(x), batch_size=4), DataLoader(TensorDataset(x), batch_size=4))
     assert calls == []
     assert ("train", True) in rec.seen and ("val", False) in rec.seen
@@ -353,8 +352,7 @@ def test_sequence_training_skips_the_token_check(monkeypatch, tmp_path):
     torch.manual_seed(0)
     m = BUILDERS["SequenceLatentEBMPrior"]()
     batch = m.encode(["a b c", "c b a", "a a", "b"])
-    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer = tiny_trainer(tmp_path, max_steps=2)
     trainer.fit(m, DataLoader([batch], batch_size=None))
     assert calls == []
     m.infer_latent(batch)

@@ -1,8 +1,7 @@
 """LatentEBMPrior: architecture, public methods, loss signs, divergence guard, checkpoints."""
 import pytest
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from _data import tensor_loader, tiny_trainer, uniform_images
 
 import lebm_zoo
 from lebm_zoo import CheckpointError, LatentEBMPrior
@@ -16,18 +15,7 @@ def tiny(**kw):
 
 
 def loader(n=8, c=1, s=28, bs=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, c, s, s, generator=g) * 2 - 1
-    return DataLoader(TensorDataset(x, torch.zeros(n, dtype=torch.long)), batch_size=bs)
-
-
-def trainer(tmp_path=None, **kw):
-    cfg = dict(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
-               enable_checkpointing=False)
-    if tmp_path is not None:
-        cfg.update(default_root_dir=tmp_path)
-    cfg.update(kw)
-    return pl.Trainer(**cfg)
+    return tensor_loader(uniform_images(n, c, s, seed), bs, labels=torch.zeros(n, dtype=torch.long))
 
 
 def test_svhn_defaults_are_the_reference_ones():
@@ -102,7 +90,7 @@ def test_update_signs_energy_down_on_posterior_up_on_prior_and_generator_fits_da
     with torch.no_grad():
         gap0 = m.energy(m.z_pos).mean() - m.energy(m.z_neg).mean()
         rec0 = ((m.generator(m.z_pos) - x) ** 2).sum()
-    trainer(max_steps=20).fit(m, data)
+    tiny_trainer(max_steps=20).fit(m, data)
     with torch.no_grad():
         gap = m.energy(m.z_pos).mean() - m.energy(m.z_neg).mean()
         rec = ((m.generator(m.z_pos) - x) ** 2).sum()
@@ -116,14 +104,14 @@ def test_gaussian_prior_ablation_trains_generator_only():
     assert len(m.configure_optimizers()[0]) == 1
     z = m.sample_latent(4000)
     assert abs(z.std().item() - 1.0) < 0.02
-    t = trainer(max_steps=2)
+    t = tiny_trainer(max_steps=2)
     t.fit(m, loader())
     assert t.global_step == 2 and "train/loss_e" not in t.callback_metrics
 
 
 def test_global_step_counts_iterations_and_logs_the_paper_quantities():
     m = tiny()
-    t = trainer(max_steps=3)
+    t = tiny_trainer(max_steps=3)
     t.fit(m, loader(n=16))
     assert t.global_step == 3
     for k in ("loss_g", "energy_pos", "energy_neg", "energy_gap", "grad_norm_g", "grad_norm_e"):
@@ -134,7 +122,7 @@ def test_nan_stops_training_cleanly_and_keeps_weights():
     torch.manual_seed(0)
     m = tiny(llhd_sigma=1e-30)  # the posterior gradient overflows: z and losses become non-finite
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    t = trainer(max_steps=5)
+    t = tiny_trainer(max_steps=5)
     with pytest.warns(UserWarning, match="diverged"):
         t.fit(m, loader())
     assert m.divergence is not None and "loss_g" in m.divergence and "diverged" in m.divergence
@@ -145,13 +133,13 @@ def test_nan_stops_training_cleanly_and_keeps_weights():
 def test_wrong_data_shape_is_a_clear_error():
     m = tiny(channels=3, img_size=32)
     with pytest.raises(ValueError, match=r"expects items of shape \(3, 32, 32\).*\(1, 28, 28\)"):
-        trainer().fit(m, loader())
+        tiny_trainer(max_steps=2).fit(m, loader())
 
 
 def test_checkpoint_round_trip_and_clear_errors(tmp_path):
     torch.manual_seed(0)
     m = tiny()
-    t = trainer(tmp_path, max_steps=2, enable_checkpointing=True)
+    t = tiny_trainer(tmp_path, max_steps=2, enable_checkpointing=True)
     t.fit(m, loader())
     ckpt = tmp_path / "model.ckpt"
     t.save_checkpoint(ckpt)
@@ -213,7 +201,7 @@ def test_last_checkpoint_holds_the_final_step_when_training_stops_between_saves(
 
     torch.manual_seed(0)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=3)
-    t = trainer(tmp_path, max_steps=5, enable_checkpointing=True, callbacks=[ckpt])
+    t = tiny_trainer(tmp_path, max_steps=5, enable_checkpointing=True, callbacks=[ckpt])
     t.fit(tiny(), loader(n=20))
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 5
 

@@ -7,9 +7,8 @@ many elements' errors is bounded by the same 0.2% when the errors all align and 
 5e-4 max over 5,000 coordinates), far below the chain's own noise s = 0.1 per step; we allow 5e-3.
 """
 import pytest
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from _data import fit_steps
 
 from lebm_zoo import (
     CoopNets,
@@ -55,9 +54,7 @@ def test_bf16_mixed_training_keeps_fp32_parameters_and_optimizer_state_and_match
     for precision in ("32-true", "bf16-mixed"):
         m, x = model_and_data()
         torch.manual_seed(2)
-        t = pl.Trainer(accelerator="cpu", precision=precision, max_steps=3, logger=False, enable_progress_bar=False,
-                       enable_model_summary=False, enable_checkpointing=False)
-        t.fit(m, DataLoader(TensorDataset(x, torch.zeros(50)), batch_size=25))
+        t = fit_steps(m, x, 3, batch_size=25, shuffle=False, precision=precision)
         assert all(p.dtype == torch.float32 for p in m.parameters())
         for opt in t.optimizers:
             states = [v for s in opt.state.values() for v in s.values() if v.is_floating_point()]
@@ -79,9 +76,7 @@ def test_every_family_trains_under_bf16_mixed_with_fp32_state(make):
     torch.manual_seed(0)
     m = make()
     x = torch.rand(16, 1, 28, 28) * 2 - 1
-    t = pl.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=2, logger=False, enable_progress_bar=False,
-                   enable_model_summary=False, enable_checkpointing=False)
-    t.fit(m, DataLoader(TensorDataset(x, torch.zeros(16)), batch_size=8))
+    t = fit_steps(m, x, 2, batch_size=8, shuffle=False, precision="bf16-mixed")
     assert t.global_step == 2 and m.divergence is None
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in m.parameters())
     s = m.sample(3)

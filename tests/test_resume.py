@@ -6,7 +6,7 @@ import shutil
 import pytest
 import pytorch_lightning as pl
 import torch
-from _data import FIXTURES, write_mnist
+from _data import FIXTURES, tiny_trainer, write_mnist
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from datamodules import MNISTDataModule, PTBDataModule
@@ -30,9 +30,8 @@ def run(folder, make_model, make_data, max_steps, ckpt=None):
     """``fit`` to ``max_steps`` (resuming from ``ckpt``); returns the model and the trainer."""
     pl.seed_everything(0)
     model = make_model()
-    t = pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
-                   enable_model_summary=False, limit_val_batches=0, default_root_dir=folder,
-                   callbacks=[ModelCheckpoint(dirpath=str(folder), save_last=True)])
+    t = tiny_trainer(folder, [ModelCheckpoint(dirpath=str(folder), save_last=True)], max_steps=max_steps,
+                     limit_val_batches=0, enable_checkpointing=True)
     t.fit(model, make_data(), ckpt_path=ckpt)
     return model, t
 

@@ -1,24 +1,13 @@
 """ShortRunEBM and CoopNets: shapes, update signs, the replay buffer in checkpoints, reconstruction, CLI recipes."""
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from _data import fixed_batch, write_mnist
-from torch.utils.data import DataLoader, TensorDataset
+from _data import fit_steps, fixed_batch, recipe_fit_args
 
 import lebm_zoo
 from lebm_zoo import CheckpointError, CoopNets, LatentEBMPrior, ShortRunEBM
 from lebm_zoo.cli import main
 from lebm_zoo.samplers import LangevinSampler
-
-
-def fit(model, x, steps, tmp_path=None, bs=8, **kw):
-    cfg = dict(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
-               enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
-    cfg.update(kw)
-    t = pl.Trainer(**cfg)
-    t.fit(model, DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=bs, shuffle=True))
-    return t
 
 
 def shortrun(**kw):
@@ -91,7 +80,7 @@ def test_shortrun_update_sign_raises_data_scores_relative_to_samples():
             return float(m.score(x).mean() - m.score(x_q).mean())
 
     before = gap()
-    fit(m, x, steps=5)
+    fit_steps(m, x, steps=5)
     assert gap() > before + 1e-3
 
 
@@ -99,7 +88,7 @@ def test_persistent_buffer_is_updated_and_survives_a_checkpoint_round_trip(tmp_p
     torch.manual_seed(0)
     m = shortrun(init="persistent", buffer_size=20, reinit_prob=0.0)
     start = m.replay_buffer.clone()
-    t = fit(m, fixed_batch(), steps=2, tmp_path=tmp_path)
+    t = fit_steps(m, fixed_batch(), steps=2, tmp_path=tmp_path)
     assert not torch.equal(m.replay_buffer, start)  # chains were written back
     ckpt = tmp_path / "m.ckpt"
     t.save_checkpoint(ckpt)
@@ -145,7 +134,7 @@ def test_unrolled_chain_matches_the_sampler_and_is_differentiable():
 def test_reconstruction_by_optimising_the_initial_noise_beats_a_fresh_chain():
     torch.manual_seed(0)
     m = shortrun(n_steps=5)
-    fit(m, fixed_batch(), steps=3)
+    fit_steps(m, fixed_batch(), steps=3)
     x = fixed_batch(4, seed=1)
     rec = m.reconstruct(x, n_iters=30, lr=0.1, progress=False)
     assert rec.shape == x.shape
@@ -203,7 +192,7 @@ def test_coopnets_updates_raise_data_scores_and_pull_the_generator_to_the_revisi
             return float(m.score(x).mean() - m.score(y).mean()), float((y - m.generator(z)).pow(2).mean())
 
     gap0, _ = state()
-    t = fit(m, x, steps=5)
+    t = fit_steps(m, x, steps=5)
     gap1, _ = state()
     assert gap1 > gap0  # descriptor: observed data up relative to revised samples
     assert t.global_step == 5  # one step per iteration although two optimisers step
@@ -213,7 +202,7 @@ def test_coopnets_updates_raise_data_scores_and_pull_the_generator_to_the_revisi
 def test_coopnets_generator_inference_option_runs_and_checkpoints(tmp_path):
     torch.manual_seed(0)
     m = coop(generator_steps=2)
-    t = fit(m, fixed_batch(), steps=2, tmp_path=tmp_path)
+    t = fit_steps(m, fixed_batch(), steps=2, tmp_path=tmp_path)
     t.save_checkpoint(tmp_path / "c.ckpt")
     loaded = lebm_zoo.load_pretrained(tmp_path / "c.ckpt")
     assert isinstance(loaded, CoopNets) and loaded.hparams.generator_steps == 2
@@ -225,14 +214,9 @@ def test_coopnets_generator_inference_option_runs_and_checkpoints(tmp_path):
     ("mnist_shortrun", ShortRunEBM, ["--model.n_steps", "3"]),
     ("mnist_coopnets", CoopNets, ["--model.n_chains", "10", "--model.descriptor_steps", "2"]),
 ])
-def test_recipe_trains_through_the_cli_and_loads(recipe, cls, overrides, tmp_path, capsys, fid_weights_env):
-    data = tmp_path / "mnist"
-    data.mkdir()
-    write_mnist(data)
-    args = ["fit", "--recipe", recipe, "--data.data_dir", str(data), "--data.download", "false",
-            "--data.val_size", "4", "--data.batch_size", "8", "--data.num_workers", "0",
-            "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
-            "--trainer.default_root_dir", str(tmp_path), *overrides]
+def test_recipe_trains_through_the_cli_and_loads(recipe, cls, overrides, tmp_path, capsys, fid_weights_env,
+                                                 fake_mnist_dir):
+    args = recipe_fit_args(recipe, fake_mnist_dir, tmp_path, *overrides)
     # the recipe's FID callback sets up (weights: fid_weights_env) but runs at epoch ends, which 2 steps do not reach
     code = main(args)
     err = capsys.readouterr().err
@@ -250,7 +234,7 @@ def test_energy_l2_penalty_keeps_scores_small():
     for l2 in (0.0, 1.0):
         torch.manual_seed(0)
         m = shortrun(energy_l2=l2, lr=1e-2)
-        fit(m, fixed_batch(), steps=8)
+        fit_steps(m, fixed_batch(), steps=8)
         with torch.no_grad():
             mags[l2] = float(m.score(fixed_batch()).abs().mean())
     assert mags[1.0] < 0.5 * mags[0.0]

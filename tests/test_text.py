@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _data import DATA_ROOT, FIXTURES
+from _data import DATA_ROOT, FIXTURES, tiny_trainer
 
 import lebm_zoo
 from datamodules import DatasetNotFoundError, PTBDataModule, Vocabulary
@@ -232,14 +232,10 @@ def test_bf16_mixed_trains_with_fp32_state_and_matches_fp32_likelihood(small_ptb
     """bf16 rounds logits to 8 significant bits (relative 2^-9 each); over a sentence's ~20 token log-probabilities
     of ~-9 nats the errors partly cancel, so a 1e-2 relative bound on log p(x | z) is loose but still catches a
     network that silently runs in the wrong precision or a chain state kept in bf16."""
-    import pytorch_lightning as pl
-
     dm = PTBDataModule(str(small_ptb), batch_size=16)
     torch.manual_seed(0)
     m = lebm_zoo.SequenceLatentEBMPrior(nz=4, ndf=16, emb_dim=16, hidden=16, prior_steps=3, posterior_steps=3)
-    t = pl.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=2, logger=False, enable_progress_bar=False,
-                   enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
-                   default_root_dir=tmp_path)
+    t = tiny_trainer(tmp_path, precision="bf16-mixed", max_steps=2, limit_val_batches=0)
     t.fit(m, dm)
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in m.parameters())
     states = [v for opt in t.optimizers for s in opt.state.values() for v in s.values() if v.is_floating_point()]

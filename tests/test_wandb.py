@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from _data import tiny_trainer
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -54,10 +55,8 @@ def fit(root: Path) -> tuple[WandbLogger, SampleGrid, Path]:
     logger = WandbLogger(offline=True, save_dir=str(root))
     grid = SampleGrid(num_samples=8, nrow=4)
     data = DataLoader(TensorDataset(torch.zeros(4, 1)), batch_size=2)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=2, limit_val_batches=1,
-                         num_sanity_val_steps=0, log_every_n_steps=1, logger=logger, callbacks=[grid],
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=root)
+    trainer = tiny_trainer(root, [grid], logger=logger, max_epochs=1, limit_train_batches=2, limit_val_batches=1,
+                           num_sanity_val_steps=0, log_every_n_steps=1)
     trainer.fit(Bright(), data, data)
     assert trainer.global_step == 2
     run_dir = Path(logger.experiment.dir).parent  # <save_dir>/wandb/offline-run-<date>-<id>

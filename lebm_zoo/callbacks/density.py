@@ -7,7 +7,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from lebm_zoo.callbacks.reconstruction import _run_dir
+from lebm_zoo.callbacks._common import _run_dir
 
 __all__ = ["DensityPlot2D", "grid_log_density"]
 

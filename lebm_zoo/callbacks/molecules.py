@@ -10,8 +10,7 @@ import torch
 from scipy.stats import wasserstein_distance
 from tqdm.auto import tqdm
 
-from lebm_zoo.callbacks.reconstruction import _run_dir
-from lebm_zoo.callbacks.samples import _log_image
+from lebm_zoo.callbacks._common import _log_image, _run_dir
 
 __all__ = ["MoleculeMetricsCallback", "molecule_metrics", "molecular_properties"]
 

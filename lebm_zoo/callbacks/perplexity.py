@@ -10,6 +10,11 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lebm_zoo.checkpoint import CheckpointError, find_last_checkpoint
+from lebm_zoo.models.language_model import LSTMLanguageModel
+from lebm_zoo.pretrained import load_pretrained
+from lebm_zoo.text import pad_batch
+
 __all__ = ["PerplexityCallback", "train_language_model"]
 
 
@@ -27,7 +32,7 @@ def train_language_model(lm, tokens: Tensor, mask: Tensor, epochs: int, batch_si
 
     Args:
         lm: the language model (its networks built, i.e. with a vocabulary).
-        tokens, mask: ``(N, T)`` rows in the :mod:`datamodules.text` layout.
+        tokens, mask: ``(N, T)`` rows in the :mod:`lebm_zoo.text` layout.
         epochs: passes over the rows (shuffled with ``seed``).
 
     Returns:
@@ -120,8 +125,6 @@ class PerplexityCallback(pl.Callback):
         Raises:
             lebm_zoo.CheckpointError: nothing found.
         """
-        from lebm_zoo.checkpoint import CheckpointError, find_last_checkpoint
-
         path = Path(self.lm_path).expanduser()
         if path.exists():
             return path
@@ -134,8 +137,6 @@ class PerplexityCallback(pl.Callback):
                               "first, or pass --trainer.callbacks.init_args.lm_path PATH")
 
     def _load_lm(self, trainer, pl_module):
-        from lebm_zoo import LSTMLanguageModel, load_pretrained
-
         path = self._lm_file or self.resolve_lm_path(trainer)
         rank_zero_info(f"PerplexityCallback: real-data language model {path}")
         lm = load_pretrained(str(path), map_location=pl_module.device, expected_class=LSTMLanguageModel)
@@ -174,8 +175,6 @@ class PerplexityCallback(pl.Callback):
             for i in tqdm(range(0, self.num_samples, self.batch_size), desc="sampling sentences", leave=False):
                 out = pl_module.sample_tokens(min(self.batch_size, self.num_samples - i))
                 rows.extend(r[m].tolist() for r, m in zip(out["tokens"].cpu(), out["mask"].cpu()))
-        from datamodules.text import pad_batch
-
         batch = pad_batch(rows)
         return batch["tokens"], batch["mask"]
 
@@ -216,8 +215,6 @@ class PerplexityCallback(pl.Callback):
             self.results["fppl"] = lm.perplexity(
                 {k: v.to(lm.device) for k, v in b.items()} for b in _batches(tokens, mask, self.batch_size))
             if self.rppl_epochs:
-                from lebm_zoo import LSTMLanguageModel
-
                 with torch.random.fork_rng(devices=[]), torch.inference_mode(False):  # test runs in inference mode
                     torch.manual_seed(self.seed)
                     hp = {k: v for k, v in lm.hparams.items() if k != "vocab"}

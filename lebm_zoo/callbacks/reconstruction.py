@@ -2,52 +2,20 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torchmetrics import MeanSquaredError
 from torchvision.utils import make_grid, save_image
 
+from lebm_zoo.callbacks._common import _epoch_stem, _run_dir
 from lebm_zoo.utils import images_from_batch
 
 __all__ = ["ReconstructionMSE"]
 
 GRID_IMAGES = 32  # originals (and as many reconstructions) in the PNG
 GRID_NROW = 8
-
-
-def _epoch_stem(trainer: pl.Trainer, used: set[str]) -> str:
-    """``epoch=NNNN``, or ``epoch=NNNN-step=S`` for a second validation within the same epoch (mid-epoch
-    ``val_check_interval``), so that earlier files are not overwritten. ``used`` collects the stems handed out."""
-    stem = f"epoch={trainer.current_epoch:04d}"
-    if stem in used:
-        stem = f"{stem}-step={trainer.global_step}"
-    used.add(stem)
-    return stem
-
-
-def _run_dir(trainer: pl.Trainer) -> Path:
-    """The run's own folder, where the callbacks write their files. Collective under DDP: call on all ranks.
-
-    * first logger a ``TensorBoardLogger`` or ``CSVLogger``: its ``log_dir`` (``<save_dir>/<name>/version_N``), i.e.
-      ``trainer.log_dir``;
-    * another logger (``WandbLogger``, ``MLFlowLogger``, ...): ``<save_dir>/<name>/<version>`` (``save_dir``:
-      ``default_root_dir`` when the logger has none), e.g. ``<save_dir>/<project>/<run id>/`` for W&B: the folder
-      where ``ModelCheckpoint`` puts its ``checkpoints/`` for such a logger. (``trainer.log_dir`` is the logger's
-      ``save_dir`` there, shared by every run, so a second run would overwrite the first one's files.)
-    * no logger: ``default_root_dir`` (no run to tell apart; give the callbacks a ``dirpath`` to separate runs).
-    """
-    if not trainer.loggers or isinstance(trainer.loggers[0], (TensorBoardLogger, CSVLogger)):
-        return Path(trainer.log_dir or trainer.default_root_dir)
-    logger = trainer.loggers[0]
-    if logger.version is None and trainer.is_global_zero:
-        logger.experiment  # noqa: B018 - a logger that starts its run lazily (W&B) gets its id here
-    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-    path = os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
-    return Path(trainer.strategy.broadcast(path))
 
 
 class ReconstructionMSE(pl.Callback):

@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torchvision.utils import make_grid, save_image
 
-from lebm_zoo.callbacks.reconstruction import _epoch_stem, _run_dir
+from lebm_zoo.callbacks._common import _epoch_stem, _log_image, _run_dir
 
 __all__ = ["SampleGrid"]
 
@@ -30,34 +27,6 @@ def _seeded(seed: int, device: torch.device):
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(seed)
             yield
-
-
-def _hwc_uint8(image: torch.Tensor) -> np.ndarray:
-    """``(3, H, W)`` float in [0, 1] (or uint8) -> ``(H, W, 3)`` uint8 numpy, rounded as ``save_image`` rounds, so
-    the logged image has the PNG's pixels."""
-    if image.dtype != torch.uint8:
-        image = image.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
-    return image.permute(1, 2, 0).cpu().numpy()
-
-
-def _log_image(trainer: pl.Trainer, tag: str, image: torch.Tensor) -> None:
-    """Send a ``(3, H, W)`` image (float in [0, 1], or uint8) to the trainer's loggers that take images.
-
-    * ``TensorBoardLogger``: ``experiment.add_image(tag, image, global_step)`` (TensorBoard scales floats itself);
-    * ``WandbLogger``: ``log_image(key=tag, images=[(H, W, 3) uint8 array], step=global_step)``; W&B renders a float
-      tensor in [0, 1] as a black image;
-    * another logger with a ``log_image`` method: ``log_image(key=tag, images=[image])`` (with ``step`` when it takes
-      one);
-    * others are ignored.
-    """
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image(tag, image, trainer.global_step)
-        elif isinstance(logger, WandbLogger):
-            logger.log_image(key=tag, images=[_hwc_uint8(image)], step=trainer.global_step)
-        elif callable(getattr(logger, "log_image", None)):
-            kwargs = {"step": trainer.global_step} if "step" in inspect.signature(logger.log_image).parameters else {}
-            logger.log_image(key=tag, images=[image], **kwargs)
 
 
 class SampleGrid(pl.Callback):

@@ -4,11 +4,11 @@ from lebm_zoo.models.coopnets import CoopNets
 from lebm_zoo.models.flow_contrastive import FlowContrastiveEBM
 from lebm_zoo.models.joint_hierarchical import JointHierarchicalEBMPrior
 from lebm_zoo.models.language_model import LSTMLanguageModel
-from lebm_zoo.models.latent_prior import LatentEBMPrior
+from lebm_zoo.models.latent_prior import LatentEBMPrior, LatentPriorBase
 from lebm_zoo.models.latent_sequence import SequenceLatentEBMPrior
 from lebm_zoo.models.short_run import ShortRunEBM
 from lebm_zoo.models.triangle import DivergenceTriangle
 
 __all__ = ["CoopNets", "DataShapeError", "DivergenceTriangle", "EBMModule", "FlowContrastiveEBM",
-           "JointHierarchicalEBMPrior", "LatentEBMPrior", "LSTMLanguageModel", "SequenceLatentEBMPrior", "ShortRunEBM",
-           "TrainingDivergedError"]
+           "JointHierarchicalEBMPrior", "LatentEBMPrior", "LatentPriorBase", "LSTMLanguageModel",
+           "SequenceLatentEBMPrior", "ShortRunEBM", "TrainingDivergedError"]

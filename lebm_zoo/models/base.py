@@ -9,6 +9,11 @@ It is a ``pytorch_lightning.LightningModule`` with:
 * checkpoints that record which class wrote them, so :func:`lebm_zoo.load_pretrained` can rebuild the model and
   refuse a checkpoint of another model with a clear error.
 
+The thin helpers the families share (each family's ``training_step`` stays explicit, in its paper's order):
+:meth:`~EBMModule.data_from_batch` (the shape-checked data of a batch), :meth:`~EBMModule.log_train` (a step's
+logged values), :meth:`~EBMModule.adam` (Adam with the ``betas`` hyperparameter) and :meth:`~EBMModule.refine`
+(Langevin refinement of samples on the module's energy).
+
 To add a model, subclass it, call ``self.save_hyperparameters()`` in ``__init__`` (plain values only: checkpoints are
 loaded weights-only), implement ``training_step`` and the public methods your callbacks use (``sample`` for
 :class:`~lebm_zoo.callbacks.FIDCallback` and :class:`~lebm_zoo.callbacks.SampleGrid`, ``reconstruct`` for
@@ -29,8 +34,8 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from lebm_zoo.checkpoint import write_record
-from lebm_zoo.samplers import SamplerMixin
-from lebm_zoo.utils import set_rng_state
+from lebm_zoo.samplers import LangevinSampler, SamplerMixin
+from lebm_zoo.utils import images_from_batch, set_rng_state
 
 __all__ = ["DataShapeError", "EBMModule", "StopCheckpoint", "TrainingDivergedError"]
 
@@ -280,6 +285,98 @@ class EBMModule(SamplerMixin, pl.LightningModule):
             raise DataShapeError(f"{type(self).__name__} expects items of shape {tuple(expected)} but the data has "
                              f"{tuple(x.shape[1:])}. {hint}".strip())
 
+    # --------------------------------------------------------------------------------- helpers of the families
+    def data_from_batch(self, batch, expected_shape: tuple[int, ...] | None = None, hint: str | None = None) -> Tensor:
+        """The data tensor of a training batch, its per-item shape checked (no copy, no cast).
+
+        Args:
+            batch: a tensor ``(B, ...)``, an ``(x, y, ...)`` tuple or list, or a dict with ``"x"``
+                (:func:`~lebm_zoo.utils.images_from_batch`).
+            expected_shape: the per-item shape, e.g. ``(C, H, W)``; default: images of the ``channels`` and
+                ``img_size`` hyperparameters, ``(channels, img_size, img_size)``.
+            hint: how to fix a mismatch, appended to the error; default: ``"Set --model.channels/--model.img_size."``
+                for the default shape, none for a given one.
+
+        Returns:
+            ``x``, ``(B, *expected_shape)``: the batch's tensor itself.
+
+        Raises:
+            TypeError: if the batch holds no tensor (see :func:`~lebm_zoo.utils.images_from_batch`).
+            DataShapeError: if the per-item shape differs from ``expected_shape`` (the message names both and ends
+                with ``hint``; see :meth:`check_data_shape`).
+        """
+        x = images_from_batch(batch)
+        if expected_shape is None:
+            hp = self.hparams
+            expected_shape = (hp.channels, hp.img_size, hp.img_size)
+            hint = "Set --model.channels/--model.img_size." if hint is None else hint
+        self.check_data_shape(x, expected_shape, hint or "")
+        return x
+
+    def log_train(self, logs: dict, prog_bar: dict | None = None, batch_size: int | None = None) -> None:
+        """Log a training step's values: every ``logs[k]`` as ``train/k`` to the loggers (at this step only, not
+        aggregated over the epoch), every ``prog_bar[k]`` as ``k`` on the progress bar only (not to the loggers).
+
+        Tensors are detached first; every value must be a scalar (a 0-d or one-element tensor, or a number).
+
+        Args:
+            logs: the logged values by name (without the ``train/`` prefix).
+            prog_bar: the progress-bar values by name (None or empty: none).
+            batch_size: the batch size Lightning records with the values (None: Lightning infers it from the batch).
+        """
+        self.log_dict({f"train/{k}": _detached(v) for k, v in logs.items()}, on_step=True, on_epoch=False,
+                      batch_size=batch_size)
+        if prog_bar:
+            self.log_dict({k: _detached(v) for k, v in prog_bar.items()}, prog_bar=True, logger=False,
+                          batch_size=batch_size)
+
+    def adam(self, params, lr: float, optimizer: type[torch.optim.Optimizer] | None = None,
+             **kwargs) -> torch.optim.Optimizer:
+        """An Adam optimiser with the ``betas`` hyperparameter: ``optimizer(params, lr=lr, betas=tuple(betas),
+        **kwargs)``.
+
+        Args:
+            params: parameters, or parameter groups (dicts; their own ``lr`` overrides ``lr``).
+            lr: the learning rate.
+            optimizer: the Adam class (default ``torch.optim.Adam``; e.g. :class:`~lebm_zoo.optim.AdamTF`).
+            kwargs: further arguments of the optimiser (e.g. ``weight_decay``).
+
+        Returns:
+            the optimiser.
+
+        Raises:
+            AttributeError: if the module has no ``betas`` hyperparameter.
+        """
+        optimizer = torch.optim.Adam if optimizer is None else optimizer
+        return optimizer(params, lr=lr, betas=tuple(self.hparams.betas), **kwargs)
+
+    @torch.no_grad()
+    def refine(self, x: Tensor, n_steps: int | None = None, step_size: float | None = None) -> Tensor:
+        """Langevin refinement of samples on the module's energy: textbook Langevin (:class:`LangevinSampler`,
+        noise on, no clamping) on ``log p(x) = -self.energy(x)``, run with the parameters frozen and in eval mode.
+
+        Args:
+            x: samples ``(B, ...)`` in the shape :meth:`energy` takes (e.g. images ``(B, C, H, W)``).
+            n_steps: Langevin steps (default: the ``refine_steps`` hyperparameter, 0 when there is none); 0 returns
+                ``x`` itself.
+            step_size: the step size (default: the ``refine_step_size`` hyperparameter).
+
+        Returns:
+            the refined samples, same shape, dtype and device as ``x`` (detached, not clamped), or ``x`` for 0 steps.
+
+        Raises:
+            ValueError: for a negative ``n_steps``, a non-positive ``step_size``, or none given when the module has no
+                ``refine_step_size`` hyperparameter.
+        """
+        hp = self.hparams
+        k = hp.get("refine_steps", 0) if n_steps is None else int(n_steps)
+        if k == 0:
+            return x
+        step_size = hp.get("refine_step_size") if step_size is None else step_size
+        if step_size is None:
+            raise ValueError(f"{type(self).__name__} has no refine_step_size hyperparameter: pass step_size")
+        return self.langevin(lambda xx: -self.energy(xx), x, LangevinSampler(k, step_size))
+
     @staticmethod
     def grad_norm_and_clip(params, max_norm: float | None) -> Tensor:
         """Total L2 norm of the gradients of ``params``; clips them to ``max_norm`` when it is set."""
@@ -304,6 +401,11 @@ class EBMModule(SamplerMixin, pl.LightningModule):
             return
         for s in scheds if isinstance(scheds, list) else [scheds]:
             s.step()
+
+
+def _detached(v):
+    """``v.detach()`` for a tensor, ``v`` itself otherwise."""
+    return v.detach() if isinstance(v, Tensor) else v
 
 
 def _all_gather(trainer: pl.Trainer, t: Tensor) -> Tensor:

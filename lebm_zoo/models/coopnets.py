@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from lebm_zoo.models.base import EBMModule
 from lebm_zoo.optim import AdamTF
 from lebm_zoo.samplers import LangevinSampler
-from lebm_zoo.utils import check_count, check_images, images_from_batch, in_training_loop
+from lebm_zoo.utils import check_count, check_images, in_training_loop
 
 __all__ = ["CoopDescriptor", "CoopGenerator", "CoopNets"]
 
@@ -388,15 +388,12 @@ class CoopNets(EBMModule):
     def configure_optimizers(self):
         hp = self.hparams
         opt = AdamTF if hp.adam == "tf" else torch.optim.Adam
-        opt_d = opt(self.descriptor.parameters(), lr=hp.lr_d, betas=tuple(hp.betas))
-        opt_g = opt(self.generator.parameters(), lr=hp.lr_g, betas=tuple(hp.betas))
-        return [opt_d, opt_g]
+        return [self.adam(self.descriptor.parameters(), hp.lr_d, opt),
+                self.adam(self.generator.parameters(), hp.lr_g, opt)]
 
     def training_step(self, batch, batch_idx: int) -> None:
         hp = self.hparams
-        x_obs = self.scale_observed(images_from_batch(batch))  # (B, C, H, W) in [-1, 1]
-        self.check_data_shape(x_obs, (hp.channels, hp.img_size, hp.img_size),
-                              "Set --model.channels/--model.img_size.")
+        x_obs = self.scale_observed(self.data_from_batch(batch))  # (B, C, H, W) in [-1, 1]
         b = x_obs.shape[0]
         opt_d, opt_g = self.optimizers()
 
@@ -430,5 +427,4 @@ class CoopNets(EBMModule):
                 "revision_rms": (y - _wide(x_draft.detach())).pow(2).mean().sqrt()}
         opt_d.step()  # descriptor first, then generator (model.py:211-215; independent updates)
         self.step_uncounted(opt_g)
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=b)
-        self.log_dict({"loss_g": logs["loss_g"], "gap": -logs["loss_d"]}, prog_bar=True, logger=False, batch_size=b)
+        self.log_train(logs, {"loss_g": logs["loss_g"], "gap": -logs["loss_d"]}, batch_size=b)

@@ -44,7 +44,8 @@ class FlowContrastiveEBM(EBMModule):
 
     Two data kinds: vectors (``dim`` set: the fce-2d toy; energy MLP dim-128-128-1, MAF of 5 blocks with hidden 100,
     Adam 1e-3 / 7e-4, betas (0.9, 0.999), as ``lifeitech/fce-2d``) or images (``dim=None``: the divergence
-    triangle's conv energy and a RealNVP on flattened pixels, see :mod:`lebm_zoo.flows` for why; pixels are
+    triangle's conv energy and a flow: a RealNVP on flattened pixels or the paper's multiscale Glow, see
+    :mod:`lebm_zoo.flows`; pixels are
     uniformly dequantised by 1/128, one 8-bit level of [-1, 1], before both models see them).
 
     Args:
@@ -52,8 +53,10 @@ class FlowContrastiveEBM(EBMModule):
         img_size, channels: image shape (images only).
         ndf: width of the image energy net.
         energy_hidden: width of the vector energy MLP.
-        flow_kind: ``"maf"`` or ``"realnvp"`` (default: maf for vectors, realnvp for images).
-        flow_transforms, flow_hidden: flow blocks and conditioner width.
+        flow_kind: ``"maf"``, ``"realnvp"`` or ``"glow"`` (default: maf for vectors, realnvp for images; glow is the
+            FCE paper's image flow, Gao et al. CVPR 2020 Sec. 4).
+        flow_transforms, flow_hidden: flow blocks (per level for glow) and conditioner width (glow: hidden channels).
+        flow_levels: glow's number of levels (None: the largest of 1-3 dividing ``img_size``; other kinds ignore it).
         log_z_init: initial value of the learned log-normaliser c.
         accuracy_threshold: train the flow when the classification accuracy exceeds this, else the EBM.
         lr_ebm, lr_flow: Adam learning rates; ``betas`` for both.
@@ -80,6 +83,7 @@ class FlowContrastiveEBM(EBMModule):
         flow_kind: str | None = None,
         flow_transforms: int = 5,
         flow_hidden: int = 100,
+        flow_levels: int | None = None,
         log_z_init: float = 1.0,
         accuracy_threshold: float = 0.6,
         lr_ebm: float = 1e-3,
@@ -106,7 +110,8 @@ class FlowContrastiveEBM(EBMModule):
             self.data_shape = (channels, img_size, img_size)
             self.energy_net = TriangleEnergy(channels=channels, img_size=img_size, nf=ndf)
         kind = flow_kind or ("maf" if dim is not None else "realnvp")
-        self.flow = Flow(self.data_shape, kind=kind, transforms=flow_transforms, hidden=flow_hidden)
+        self.flow = Flow(self.data_shape, kind=kind, transforms=flow_transforms, hidden=flow_hidden,
+                         levels=flow_levels)
         self.log_z = nn.Parameter(torch.tensor(float(log_z_init)))  # c in log p = -f - c
         self.samplers = {"refine": LangevinSampler(refine_steps, refine_step_size)}
 
@@ -146,22 +151,18 @@ class FlowContrastiveEBM(EBMModule):
             ``(n, *data_shape)`` on the model's device (images are clamped to [-1, 1]).
 
         Raises:
-            ValueError: for ``n`` < 1 or not an integer.
+            ValueError: for ``n`` < 1 or not an integer, a negative ``refine_steps`` or a non-positive
+                ``refine_step_size`` (see :meth:`~lebm_zoo.models.base.EBMModule.refine`).
         """
         n = check_count(n, where=f"{type(self).__name__}.sample")
-        hp = self.hparams
-        x = self.flow.sample(n).to(self.device)
-        k = hp.refine_steps if refine_steps is None else int(refine_steps)
-        if k > 0:
-            sampler = LangevinSampler(k, hp.refine_step_size if refine_step_size is None else refine_step_size)
-            x = self.langevin(lambda xx: -self.energy(xx), x, sampler)
-        return x.clamp(-1, 1) if hp.dim is None else x
+        x = self.refine(self.flow.sample(n).to(self.device), refine_steps, refine_step_size)
+        return x.clamp(-1, 1) if self.hparams.dim is None else x
 
     # ------------------------------------------------------------------------------------------------ training
     def configure_optimizers(self):
         hp = self.hparams
-        opt_ebm = torch.optim.Adam([*self.energy_net.parameters(), self.log_z], lr=hp.lr_ebm, betas=tuple(hp.betas))
-        opt_flow = torch.optim.Adam(self.flow.parameters(), lr=hp.lr_flow, betas=tuple(hp.betas))
+        opt_ebm = self.adam([*self.energy_net.parameters(), self.log_z], hp.lr_ebm)
+        opt_flow = self.adam(self.flow.parameters(), hp.lr_flow)
         return [opt_ebm, opt_flow]
 
     def setup(self, stage: str) -> None:
@@ -183,8 +184,8 @@ class FlowContrastiveEBM(EBMModule):
 
     def training_step(self, batch, batch_idx: int) -> None:
         hp = self.hparams
-        x = images_from_batch(batch).float()
-        self.check_data_shape(x, self.data_shape, "Set --model.dim or --model.channels/--model.img_size.")
+        hint = "Set --model.dim or --model.channels/--model.img_size."
+        x = self.data_from_batch(batch, self.data_shape, hint).float()
         b = x.shape[0]
         if hp.dim is None and hp.dequantize:
             x = x + torch.rand_like(x) / 128.0
@@ -196,8 +197,7 @@ class FlowContrastiveEBM(EBMModule):
             opt_flow.zero_grad(set_to_none=True)
             self.manual_backward(nll)
             opt_flow.step()
-            self.log("train/flow_nll", nll.detach(), on_step=True, on_epoch=False, batch_size=b)
-            self.log("nll", nll.detach(), prog_bar=True, logger=False, batch_size=b)
+            self.log_train({"flow_nll": nll}, {"nll": nll}, batch_size=b)
             return
         if hp.flow_pretrain_steps and self.global_step == hp.flow_pretrain_steps:
             with torch.no_grad():  # start the game balanced: mean log p = mean log q on this batch
@@ -213,10 +213,8 @@ class FlowContrastiveEBM(EBMModule):
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         opt.step()  # exactly one (counted) optimiser step per iteration
-        logs = {"value": v.detach(), "accuracy": acc, "log_z": self.log_z.detach(),
-                "flow_step": torch.tensor(float(train_flow))}
-        self.log_dict({f"train/{k}": val for k, val in logs.items()}, on_step=True, on_epoch=False, batch_size=b)
-        self.log_dict({"acc": acc, "V": v.detach()}, prog_bar=True, logger=False, batch_size=b)
+        logs = {"value": v, "accuracy": acc, "log_z": self.log_z, "flow_step": torch.tensor(float(train_flow))}
+        self.log_train(logs, {"acc": acc, "V": v}, batch_size=b)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         """Held-out mean log-density of the EBM and of the flow (``val/log_p_ebm``, ``val/log_q_flow``)."""

@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 from lebm_zoo.models.base import EBMModule
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
-from lebm_zoo.utils import check_count, check_images, check_latents, full_precision, images_from_batch, in_training_loop
+from lebm_zoo.utils import check_count, check_images, check_latents, full_precision, in_training_loop
 
 __all__ = ["JointHierarchicalEBMPrior"]
 
@@ -391,17 +391,14 @@ class JointHierarchicalEBMPrior(EBMModule):
         """Two Adams, one parameter group per reference optimiser: G (``lr_g``) and each conditional (``lr_cond``);
         each f_l (``lr_e``). Adam is per-parameter, so this is the reference's four Adams."""
         hp = self.hparams
-        betas = tuple(hp.betas)
         groups_g = [{"params": list(self.generator.parameters()), "lr": hp.lr_g}]
         groups_g += [{"params": list(net.parameters()), "lr": lr} for net, lr in zip(self.conditionals, self.lr_cond)]
         groups_e = [{"params": list(net.parameters()), "lr": lr} for net, lr in zip(self.energy_nets, self.lr_e)]
-        return [torch.optim.Adam(groups_g, lr=hp.lr_g, betas=betas),
-                torch.optim.Adam(groups_e, lr=self.lr_e[0], betas=betas)]
+        return [self.adam(groups_g, hp.lr_g), self.adam(groups_e, self.lr_e[0])]
 
     def training_step(self, batch, batch_idx: int) -> None:
         hp = self.hparams
-        x = images_from_batch(batch)
-        self.check_data_shape(x, (hp.channels, hp.img_size, hp.img_size), "Set --model.channels/--model.img_size.")
+        x = self.data_from_batch(batch)  # (B, C, H, W) in [-1, 1]
         b = x.shape[0]
         opt_g, opt_e = self.optimizers()
         z_pos = self.infer_latent(x)  # [z_l+], posterior
@@ -430,6 +427,4 @@ class JointHierarchicalEBMPrior(EBMModule):
             logs[f"loss_cond_{i + 1}"] = lc
         for i, (le, sp, sn) in enumerate(zip(loss_es, s_pos, s_neg)):
             logs[f"loss_e_{i + 1}"], logs[f"score_pos_{i + 1}"], logs[f"score_neg_{i + 1}"] = le, sp.mean(), sn.mean()
-        self.log_dict({f"train/{k}": v.detach() for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=b)
-        self.log_dict({"loss_g": loss_g.detach(), "gap": -loss_e.detach()}, prog_bar=True, logger=False,
-                      batch_size=b)
+        self.log_train(logs, {"loss_g": loss_g, "gap": -loss_e}, batch_size=b)

@@ -14,16 +14,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.text import Perplexity
 
+from lebm_zoo.checkpoint import write_record
 from lebm_zoo.models.base import DataShapeError, EBMModule
-from lebm_zoo.models.latent_sequence import VocabularyMixin
 from lebm_zoo.nets import SequenceDecoder
+from lebm_zoo.text import VocabularyMixin
 from lebm_zoo.utils import check_tokens
 
 __all__ = ["LSTMLanguageModel"]
 
 
 class LSTMLanguageModel(VocabularyMixin, pl.LightningModule):
-    """LSTM language model p(x) = prod_t p(x_t | x_<t) on token batches (:mod:`datamodules.text`).
+    """LSTM language model p(x) = prod_t p(x_t | x_<t) on token batches (:mod:`lebm_zoo.text`).
 
     Trained by cross-entropy with Adam; validation and test log the perplexity ``exp(total NLL / total tokens)``
     over every predicted token (``x_1 .. <eos>``, padding ignored; torchmetrics ``Perplexity``) as ``val/ppl`` and
@@ -107,9 +108,12 @@ class LSTMLanguageModel(VocabularyMixin, pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
-    # the same record as the zoo's models (class path, version, recipe), so load_pretrained and the CLI accept it
-    on_save_checkpoint = EBMModule.on_save_checkpoint
-    # and the same published format (save_pretrained / push_to_hub / load_pretrained)
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The same lebm-zoo record as the zoo's models (:func:`lebm_zoo.checkpoint.write_record`: class path,
+        version, recipe), so ``load_pretrained`` and the CLI accept it."""
+        write_record(checkpoint, self)
+
+    # the same published format as the zoo's models (save_pretrained / push_to_hub / load_pretrained)
     save_pretrained = EBMModule.save_pretrained
     push_to_hub = EBMModule.push_to_hub
     load_pretrained = classmethod(EBMModule.load_pretrained.__func__)

@@ -11,6 +11,10 @@ log p(x, z); prior Langevin from fresh N(0, I) noise (K0 steps, step s0) on log 
 ``sum((G(z+) - x)^2) / B``; energy update on ``mean E(z+) - mean E(z-)`` (eq. 9-11). Both updates use chains run with
 the parameters from before the updates. ``prior="gaussian"`` drops the energy term: the same generator learned by
 alternating back-propagation (Han et al., 2017), the ablation LEBM is measured against.
+
+:class:`LatentPriorBase` holds the prior, both chains and the training step; :class:`LatentEBMPrior` (images, here)
+and :class:`~lebm_zoo.SequenceLatentEBMPrior` (token sequences, :mod:`lebm_zoo.models.latent_sequence`) each add their
+generator and data.
 """
 from __future__ import annotations
 
@@ -24,10 +28,282 @@ from lebm_zoo.nets import ConvGenerator, EnergyMLP
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
 from lebm_zoo.utils import check_count, check_images, check_latents, full_precision, images_from_batch, in_training_loop
 
-__all__ = ["LatentEBMPrior"]
+__all__ = ["LatentEBMPrior", "LatentPriorBase"]
 
 
-class LatentEBMPrior(EBMModule):
+class LatentPriorBase(EBMModule):
+    """The latent-space EBM prior and its two short-run chains, shared by the image model (:class:`LatentEBMPrior`)
+    and the sequence model (:class:`~lebm_zoo.SequenceLatentEBMPrior`), which each build their own generator.
+
+    It holds the prior ``p_a(z) = exp(-E_a(z)) N(z; 0, sigma_p^2 I) / Z(a)`` (the energy MLP ``energy_net``, None for
+    ``prior="gaussian"``), the prior and posterior Langevin samplers, the densities built on them, latent sampling and
+    posterior inference, the training step (posterior chain, prior chain, generator update, energy update; see the
+    module docstring), its optimisers and schedules, and the early stop on the generator loss.
+
+    A subclass declares its hyperparameters in its own ``__init__`` (with its own defaults), calls
+    :meth:`_check_prior_args`, ``self.save_hyperparameters()`` and :meth:`_build_prior` and builds ``self.generator``
+    (in its own order: the order in which the networks are built fixes their initial weights); and implements the data
+    hooks: :meth:`prepare_data_input`, :meth:`data_batch_size`, :meth:`log_likelihood`, :meth:`generator_loss`,
+    :meth:`_generate` and, for data other than images of the ``channels`` / ``img_size`` hyperparameters,
+    ``data_from_batch`` (a training batch, checked; :meth:`EBMModule.data_from_batch` for images).
+
+    Hyperparameters read here (see :class:`LatentEBMPrior` for their meaning): ``nz``, ``ndf``, ``e_activation``,
+    ``prior``, ``prior_steps``, ``prior_step_size``, ``posterior_steps``, ``posterior_step_size``, ``prior_sigma``,
+    ``lr_g``, ``lr_e``, ``betas``, ``lr_decay``, ``grad_clip_g``, ``grad_clip_e``; optional: ``lr_schedule`` (absent:
+    ``"exponential"``), ``loss_g_limit`` (absent: off), ``loss_g_limit_after_epoch``, ``loss_g_limit_check``.
+
+    Latents are ``(B, nz)``; "data" is the subclass's (images, token batches).
+    """
+
+    @staticmethod
+    def _check_prior_args(prior: str, prior_sigma: float) -> None:
+        """Raise ValueError for a ``prior`` other than "ebm" / "gaussian" or a non-positive ``prior_sigma``."""
+        if prior not in ("ebm", "gaussian"):
+            raise ValueError(f"prior must be 'ebm' or 'gaussian', got {prior!r}")
+        if prior_sigma <= 0:
+            raise ValueError(f"prior_sigma must be > 0, got {prior_sigma}")
+
+    def _build_prior(self) -> None:
+        """The energy net (``prior="ebm"``) and the prior and posterior samplers, from the hyperparameters."""
+        hp = self.hparams
+        self.energy_net = EnergyMLP(nz=hp.nz, ndf=hp.ndf, activation=hp.e_activation) if hp.prior == "ebm" else None
+        self.samplers = {
+            "prior": LangevinSampler(hp.prior_steps, hp.prior_step_size),
+            "posterior": LangevinSampler(hp.posterior_steps, hp.posterior_step_size),
+        }
+
+    # ------------------------------------------------------------------------------------------------ densities
+    @property
+    def is_ebm(self) -> bool:
+        return self.energy_net is not None
+
+    def energy(self, z: Tensor) -> Tensor:
+        """Prior energy E_a(z) (lower = more likely), the tilt of the Gaussian reference (eq. 2).
+
+        Args:
+            z: latents ``(B, nz)``.
+
+        Returns:
+            ``(B,)`` energies in nats, up to the prior's log-normaliser; zeros for ``prior="gaussian"``.
+        """
+        if self.energy_net is None:
+            return z.new_zeros(z.shape[0])
+        return full_precision(self.energy_net(z))
+
+    def prior_log_prob(self, z: Tensor) -> Tensor:
+        """Unnormalised log p_a(z) = -E(z) - ||z||^2 / (2 sigma_p^2), ``(B, nz) -> (B,)`` in nats."""
+        return -self.energy(z) - z.flatten(1).pow(2).sum(1) / (2 * self.hparams.prior_sigma ** 2)
+
+    def log_likelihood(self, x, z: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """log p(x | z) of the subclass's generator, ``(B,)`` in nats (up to a constant)."""
+        raise NotImplementedError
+
+    def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
+        """Unnormalised log p(x, z) = log p(x | z) - E(z) - ||z||^2 / (2 sigma_p^2).
+
+        For images, log p(x | z) = -||x - G(z)||^2 / (2 llhd_sigma^2). The posterior Langevin target (eq. 8); also the
+        anomaly score of the paper.
+
+        Args:
+            x: the model's data: images ``(B, C, H, W)`` in [-1, 1], token batches for the sequence model.
+            z: latents ``(B, nz)``.
+
+        Returns:
+            ``(B,)`` in nats, up to constants (the Gaussian normalisers and log Z(a)).
+        """
+        return self.log_likelihood(x, z) + self.prior_log_prob(z)
+
+    def generator_loss(self, x, z: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """The generator's loss at posterior latents ``z`` ``(B, nz)`` (a scalar)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------------ data hooks
+    def prepare_data_input(self, x, where: str = ""):  # pragma: no cover - abstract
+        """Check data given to a public method (named ``where`` in the error) and move it to the model's device."""
+        raise NotImplementedError
+
+    @staticmethod
+    def data_batch_size(x) -> int:  # pragma: no cover - abstract
+        """The number of items in the data ``x``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------------ sampling
+    def _noise(self, n: int) -> Tensor:
+        return torch.randn(n, self.hparams.nz, device=self.device)
+
+    @torch.no_grad()
+    def sample_latent(self, n: int, z0: Tensor | None = None, n_steps: int | None = None,
+                      return_trace: bool = False):
+        """Draw ``n`` latents from the prior by short-run Langevin (K0 steps from N(0, I); eq. 7).
+
+        For ``prior="gaussian"`` this is exact N(0, sigma_p^2 I) sampling.
+
+        Args:
+            n: number of latents.
+            z0: initial states ``(n, nz)`` (default: fresh N(0, I) noise, as in training).
+            n_steps: chain length (default: ``prior_steps``).
+            return_trace: also return the chain's trace: ``trace["log_prob"]``, ``(n_steps,)``, the mean unnormalised
+                prior log-density at the start of each step (its negative is the energy profile of the chain).
+
+        Returns:
+            ``(n, nz)`` latents, or ``(latents, trace)``.
+
+        Raises:
+            ValueError: for ``n`` < 1 or not an integer. DataShapeError: for a ``z0`` that is not ``(n, nz)`` finite
+                floats.
+        """
+        where = f"{type(self).__name__}.sample_latent"
+        n = check_count(n, where=where)
+        z0 = self._noise(n) if z0 is None else check_latents(z0, self.hparams.nz, name="z0", batch=n, where=where)
+        if not self.is_ebm:
+            z = z0 * self.hparams.prior_sigma
+            return (z, {"log_prob": z.new_zeros(0)}) if return_trace else z
+        return self.langevin(self.prior_log_prob, z0, "prior", n_steps=n_steps, return_trace=return_trace)
+
+    def _generate(self, z: Tensor):  # pragma: no cover - abstract
+        """The generator's output for latents the model made, ``(B, nz)`` (unchecked)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def infer_latent(self, x: Tensor, z0: Tensor | None = None, n_steps: int | None = None) -> Tensor:
+        """Posterior inference: short-run Langevin on log p(x, z) from N(0, I) noise (K1 steps; eq. 8).
+
+        Args:
+            x: the model's data (see :meth:`prepare_data_input`): images ``(B, C, H, W)`` in [-1, 1] for
+                :class:`LatentEBMPrior`; token batches or strings for the sequence model.
+            z0: initial latents ``(B, nz)`` (default: fresh N(0, I) noise, as the reference).
+            n_steps: chain length (default: ``posterior_steps``).
+
+        Returns:
+            ``(B, nz)`` latents.
+
+        Raises:
+            DataShapeError: for bad data (for images: another shape, an integer dtype, values outside [-1, 1] or
+                non-finite ones; see :meth:`prepare_data_input`), or a ``z0`` that is not ``(B, nz)`` finite floats.
+        """
+        where = f"{type(self).__name__}.infer_latent"
+        x = self.prepare_data_input(x, where)  # also: a batch made under Lightning's inference mode becomes normal
+        if z0 is not None:
+            z0 = check_latents(z0, self.hparams.nz, name="z0", batch=self.data_batch_size(x), where=where)
+        return self._infer_latent(x, z0, n_steps)
+
+    def _infer_latent(self, x, z0: Tensor | None = None, n_steps: int | None = None) -> Tensor:
+        """:meth:`infer_latent` of data :meth:`prepare_data_input` has checked and moved."""
+        z0 = self._noise(self.data_batch_size(x)) if z0 is None else z0
+        return self.langevin(lambda z: self.log_joint(x, z), z0, "posterior", n_steps=n_steps)
+
+    @torch.no_grad()
+    def anomaly_score(self, x: Tensor, n_steps: int | None = None) -> Tensor:
+        """Anomaly score: the negative unnormalised log-joint -log p(x, z) at z inferred by posterior Langevin.
+
+        The decision function of Pang et al. (2020), anomaly detection experiment (MNIST with one held-out digit),
+        for images::
+
+            ||x - G(z)||^2 / (2 llhd_sigma^2) + E(z) + ||z||^2 / (2 sigma_p^2),   z = infer_latent(x)
+
+        (for sequences, ``-log p(x | z)`` replaces the first term).
+
+        z comes from a short-run chain started from fresh N(0, I) noise, so the score is random (seed the RNG to
+        repeat it). Used by :class:`~lebm_zoo.callbacks.AnomalyDetectionCallback`.
+
+        Args:
+            x: the model's data, as :meth:`infer_latent`.
+            n_steps: posterior chain length (default: ``posterior_steps``).
+
+        Returns:
+            ``(B,)`` float32 scores in nats, up to an additive constant (the Gaussian normalisers and log Z(a));
+            higher = more anomalous.
+
+        Raises:
+            DataShapeError: for bad data, as :meth:`infer_latent`.
+        """
+        x = self.prepare_data_input(x, f"{type(self).__name__}.anomaly_score")
+        z = self._infer_latent(x, n_steps=n_steps)
+        return -self.log_joint(x, z)
+
+    # ------------------------------------------------------------------------------------------------ training
+    def _scheduler(self, optimizer):
+        """The per-epoch learning-rate schedule of ``lr_schedule`` (stepped in :meth:`on_train_epoch_end`)."""
+        hp = self.hparams
+        if hp.get("lr_schedule", "exponential") == "reference":
+            factor = functools.partial(reference_lr_factor, gamma=hp.lr_decay)
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=hp.lr_decay)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt_g = self.adam(self.generator.parameters(), hp.lr_g)
+        if not self.is_ebm:
+            return [opt_g], [self._scheduler(opt_g)]
+        opt_e = self.adam(self.energy_net.parameters(), hp.lr_e)
+        return [opt_g, opt_e], [self._scheduler(opt_g), self._scheduler(opt_e)]
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        hp = self.hparams
+        x = self.data_from_batch(batch)  # the model's data: images (B, C, H, W) in [-1, 1], token batches
+        b = self.data_batch_size(x)
+        opts = self.optimizers()
+        opt_g, opt_e = opts if self.is_ebm else (opts, None)
+
+        z_pos = self.infer_latent(x)  # (B, nz) posterior samples, K1 steps from N(0, I)
+        loss_g = self.generator_loss(x, z_pos)
+        logs = {"loss_g": loss_g.detach()}
+        if self.is_ebm:
+            z_neg = self.sample_latent(b)  # (B, nz) prior samples, K0 steps from N(0, I)
+            en_pos, en_neg = self.energy(z_pos), self.energy(z_neg)  # (B,), (B,)
+            loss_e = en_pos.mean() - en_neg.mean()
+            logs.update(energy_pos=en_pos.mean().detach(), energy_neg=en_neg.mean().detach(),
+                        energy_gap=loss_e.detach())
+        losses = {"loss_g": loss_g, "loss_e": loss_e} if self.is_ebm else {"loss_g": loss_g}
+        limits = None
+        if self._loss_g_limit_applies("per_batch"):
+            limits = {"loss_g": hp.loss_g_limit}
+        if not self.check_finite(losses, limits):
+            return  # diverged: skip both updates; the trainer stops after this batch
+        self._last_loss_g = loss_g.detach()
+
+        # One backward for both updates: E does not depend on G's parameters and the chains' latents are detached, so
+        # grad(loss_g + loss_e) gives G exactly grad(loss_g) and E exactly grad(loss_e), as two backward passes
+        # would, at the cost of one (and under DDP every parameter gets a gradient in the same all-reduce).
+        opt_g.zero_grad(set_to_none=True)
+        if self.is_ebm:
+            opt_e.zero_grad(set_to_none=True)
+        self.manual_backward(loss_g + loss_e if self.is_ebm else loss_g)
+        logs["grad_norm_g"] = self.grad_norm_and_clip(self.generator.parameters(), hp.grad_clip_g)
+        opt_g.step()  # generator first, then energy, both from the same chains (reference order)
+        if self.is_ebm:
+            logs["grad_norm_e"] = self.grad_norm_and_clip(self.energy_net.parameters(), hp.grad_clip_e)
+            self.step_uncounted(opt_e)  # global_step counts iterations, not optimiser steps
+        prog = {"loss_g": logs["loss_g"]}
+        if self.is_ebm:  # energy gap E(z+) - E(z-): near zero when prior samples match posterior samples
+            prog["gap"] = logs["energy_gap"]
+        self.log_train(logs, prog, batch_size=b)
+
+    def _loss_g_limit_applies(self, check: str) -> bool:
+        hp = self.hparams
+        return (hp.get("loss_g_limit") is not None and hp.get("loss_g_limit_check", "per_batch") == check
+                and self.current_epoch > hp.get("loss_g_limit_after_epoch", 10))
+
+    def on_train_epoch_end(self) -> None:
+        self.step_schedulers()
+        last = getattr(self, "_last_loss_g", None)
+        if not (self._loss_g_limit_applies("epoch_end") and epoch_completed(self.trainer)
+                and not self.replaying_epoch_end):
+            return
+        exceeds = last is not None and float(last) > self.hparams.loss_g_limit
+        if self.trainer.world_size > 1:  # every rank stops together (each sees its own last batch)
+            exceeds = self.trainer.strategy.reduce_boolean_decision(exceeds, all=False)
+        if exceeds:
+            last = float("nan") if last is None else last
+            self.stop_training(
+                f"{type(self).__name__} stopped at the end of epoch {self.current_epoch} (step {self.global_step}): "
+                f"the last batch's generator loss (this rank: {float(last):.4g}) exceeds "
+                f"loss_g_limit={self.hparams.loss_g_limit:g} "
+                f"(the reference's early stop, after epoch {self.hparams.loss_g_limit_after_epoch}). The last "
+                "weights are in the last checkpoint. Try smaller learning rates or Langevin step sizes.")
+
+
+class LatentEBMPrior(LatentPriorBase):
     """Generator with a latent-space energy-based prior, learned by short-run prior and posterior Langevin.
 
     Defaults are the reference SVHN recipe: 32x32x3 images, ``nz=100``, ``ngf=64`` (G of 3,447,683 parameters),
@@ -66,7 +342,8 @@ class LatentEBMPrior(EBMModule):
             :class:`~lebm_zoo.nets.ConvGenerator`; same function and gradients). How much faster depends on the
             CPU (README, Speed).
 
-    Images are ``(B, channels, img_size, img_size)`` in [-1, 1]; latents ``(B, nz)``.
+    Images are ``(B, channels, img_size, img_size)`` in [-1, 1]; latents ``(B, nz)``. The prior, both chains and the
+    training step are :class:`LatentPriorBase`'s; this class adds the image generator G and the image data hooks.
     """
 
     def __init__(
@@ -111,45 +388,7 @@ class LatentEBMPrior(EBMModule):
                                        channels_last=channels_last)
         self._build_prior()
 
-    @staticmethod
-    def _check_prior_args(prior: str, prior_sigma: float) -> None:
-        """Raise ValueError for a ``prior`` other than "ebm" / "gaussian" or a non-positive ``prior_sigma``."""
-        if prior not in ("ebm", "gaussian"):
-            raise ValueError(f"prior must be 'ebm' or 'gaussian', got {prior!r}")
-        if prior_sigma <= 0:
-            raise ValueError(f"prior_sigma must be > 0, got {prior_sigma}")
-
-    def _build_prior(self) -> None:
-        """The energy net (``prior="ebm"``) and the prior and posterior samplers, from the hyperparameters."""
-        hp = self.hparams
-        self.energy_net = EnergyMLP(nz=hp.nz, ndf=hp.ndf, activation=hp.e_activation) if hp.prior == "ebm" else None
-        self.samplers = {
-            "prior": LangevinSampler(hp.prior_steps, hp.prior_step_size),
-            "posterior": LangevinSampler(hp.posterior_steps, hp.posterior_step_size),
-        }
-
     # ------------------------------------------------------------------------------------------------ densities
-    @property
-    def is_ebm(self) -> bool:
-        return self.energy_net is not None
-
-    def energy(self, z: Tensor) -> Tensor:
-        """Prior energy E_a(z) (lower = more likely), the tilt of the Gaussian reference (eq. 2).
-
-        Args:
-            z: latents ``(B, nz)``.
-
-        Returns:
-            ``(B,)`` energies in nats, up to the prior's log-normaliser; zeros for ``prior="gaussian"``.
-        """
-        if self.energy_net is None:
-            return z.new_zeros(z.shape[0])
-        return full_precision(self.energy_net(z))
-
-    def prior_log_prob(self, z: Tensor) -> Tensor:
-        """Unnormalised log p_a(z) = -E(z) - ||z||^2 / (2 sigma_p^2), ``(B, nz) -> (B,)`` in nats."""
-        return -self.energy(z) - z.flatten(1).pow(2).sum(1) / (2 * self.hparams.prior_sigma ** 2)
-
     def log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
         """log p(x | z) = -||x - G(z)||^2 / (2 llhd_sigma^2), up to the Gaussian normaliser: ``(B,)`` in nats.
 
@@ -160,34 +399,12 @@ class LatentEBMPrior(EBMModule):
         rec = full_precision((x - self.generator(z)).flatten(1)).pow(2).sum(1)
         return -rec / (2 * self.hparams.llhd_sigma ** 2)
 
-    def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
-        """Unnormalised log p(x, z) = log p(x | z) - E(z) - ||z||^2 / (2 sigma_p^2).
-
-        For images, log p(x | z) = -||x - G(z)||^2 / (2 llhd_sigma^2). The posterior Langevin target (eq. 8); also the
-        anomaly score of the paper.
-
-        Args:
-            x: images ``(B, C, H, W)`` in [-1, 1] (a subclass's data, e.g. token batches).
-            z: latents ``(B, nz)``.
-
-        Returns:
-            ``(B,)`` in nats, up to constants (the Gaussian normalisers and log Z(a)).
-        """
-        return self.log_likelihood(x, z) + self.prior_log_prob(z)
-
     def generator_loss(self, x: Tensor, z: Tensor) -> Tensor:
         """The generator's loss at posterior latents: ``sum((G(z) - x)^2) / B`` (the reference's scale, without the
         1/(2 sigma^2) factor)."""
         return (full_precision(self.generator(z)) - x).pow(2).sum() / x.shape[0]
 
     # ------------------------------------------------------------------------------------------------ data hooks
-    def data_from_batch(self, batch) -> Tensor:
-        """The model's data in a training batch (images ``(B, C, H, W)``), shape-checked."""
-        hp = self.hparams
-        x = images_from_batch(batch)
-        self.check_data_shape(x, (hp.channels, hp.img_size, hp.img_size), "Set --model.channels/--model.img_size.")
-        return x
-
     def prepare_data_input(self, x, where: str = ""):
         """Check data given to a public method (named ``where`` in the error) and move it to the model's device, as a
         normal (not inference-mode) tensor.
@@ -208,38 +425,6 @@ class LatentEBMPrior(EBMModule):
         return x.shape[0]
 
     # ------------------------------------------------------------------------------------------------ sampling
-    def _noise(self, n: int) -> Tensor:
-        return torch.randn(n, self.hparams.nz, device=self.device)
-
-    @torch.no_grad()
-    def sample_latent(self, n: int, z0: Tensor | None = None, n_steps: int | None = None,
-                      return_trace: bool = False):
-        """Draw ``n`` latents from the prior by short-run Langevin (K0 steps from N(0, I); eq. 7).
-
-        For ``prior="gaussian"`` this is exact N(0, sigma_p^2 I) sampling.
-
-        Args:
-            n: number of latents.
-            z0: initial states ``(n, nz)`` (default: fresh N(0, I) noise, as in training).
-            n_steps: chain length (default: ``prior_steps``).
-            return_trace: also return the chain's trace: ``trace["log_prob"]``, ``(n_steps,)``, the mean unnormalised
-                prior log-density at the start of each step (its negative is the energy profile of the chain).
-
-        Returns:
-            ``(n, nz)`` latents, or ``(latents, trace)``.
-
-        Raises:
-            ValueError: for ``n`` < 1 or not an integer. DataShapeError: for a ``z0`` that is not ``(n, nz)`` finite
-                floats.
-        """
-        where = f"{type(self).__name__}.sample_latent"
-        n = check_count(n, where=where)
-        z0 = self._noise(n) if z0 is None else check_latents(z0, self.hparams.nz, name="z0", batch=n, where=where)
-        if not self.is_ebm:
-            z = z0 * self.hparams.prior_sigma
-            return (z, {"log_prob": z.new_zeros(0)}) if return_trace else z
-        return self.langevin(self.prior_log_prob, z0, "prior", n_steps=n_steps, return_trace=return_trace)
-
     @torch.no_grad()
     def generate(self, z: Tensor) -> Tensor:
         """G(z): latents ``(B, nz)`` to images ``(B, C, H, W)`` in [-1, 1] (the mean of p(x | z)).
@@ -271,33 +456,6 @@ class LatentEBMPrior(EBMModule):
         return self._generate(self.sample_latent(n, n_steps=n_steps))
 
     @torch.no_grad()
-    def infer_latent(self, x: Tensor, z0: Tensor | None = None, n_steps: int | None = None) -> Tensor:
-        """Posterior inference: short-run Langevin on log p(x, z) from N(0, I) noise (K1 steps; eq. 8).
-
-        Args:
-            x: images ``(B, C, H, W)`` in [-1, 1].
-            z0: initial latents ``(B, nz)`` (default: fresh N(0, I) noise, as the reference).
-            n_steps: chain length (default: ``posterior_steps``).
-
-        Returns:
-            ``(B, nz)`` latents.
-
-        Raises:
-            DataShapeError: for images of another shape, an integer dtype, values outside [-1, 1] or non-finite ones
-                (see :meth:`prepare_data_input`), or a ``z0`` that is not ``(B, nz)`` finite floats.
-        """
-        where = f"{type(self).__name__}.infer_latent"
-        x = self.prepare_data_input(x, where)  # also: a batch made under Lightning's inference mode becomes normal
-        if z0 is not None:
-            z0 = check_latents(z0, self.hparams.nz, name="z0", batch=self.data_batch_size(x), where=where)
-        return self._infer_latent(x, z0, n_steps)
-
-    def _infer_latent(self, x, z0: Tensor | None = None, n_steps: int | None = None) -> Tensor:
-        """:meth:`infer_latent` of data :meth:`prepare_data_input` has checked and moved."""
-        z0 = self._noise(self.data_batch_size(x)) if z0 is None else z0
-        return self.langevin(lambda z: self.log_joint(x, z), z0, "posterior", n_steps=n_steps)
-
-    @torch.no_grad()
     def reconstruct(self, x: Tensor, n_steps: int | None = None) -> Tensor:
         """G(z) at z inferred by posterior Langevin: images ``(B, C, H, W)`` in [-1, 1] -> same shape and range.
 
@@ -307,114 +465,7 @@ class LatentEBMPrior(EBMModule):
         x = self.prepare_data_input(x, f"{type(self).__name__}.reconstruct")
         return self._generate(self._infer_latent(x, n_steps=n_steps))
 
-    @torch.no_grad()
-    def anomaly_score(self, x: Tensor, n_steps: int | None = None) -> Tensor:
-        """Anomaly score: the negative unnormalised log-joint -log p(x, z) at z inferred by posterior Langevin.
-
-        The decision function of Pang et al. (2020), anomaly detection experiment (MNIST with one held-out digit)::
-
-            ||x - G(z)||^2 / (2 llhd_sigma^2) + E(z) + ||z||^2 / (2 sigma_p^2),   z = infer_latent(x)
-
-        z comes from a short-run chain started from fresh N(0, I) noise, so the score is random (seed the RNG to
-        repeat it). Used by :class:`~lebm_zoo.callbacks.AnomalyDetectionCallback`.
-
-        Args:
-            x: images ``(B, C, H, W)`` in [-1, 1].
-            n_steps: posterior chain length (default: ``posterior_steps``).
-
-        Returns:
-            ``(B,)`` float32 scores in nats, up to an additive constant (the Gaussian normalisers and log Z(a));
-            higher = more anomalous.
-
-        Raises:
-            DataShapeError: for bad images, as :meth:`infer_latent`.
-        """
-        x = self.prepare_data_input(x, f"{type(self).__name__}.anomaly_score")
-        z = self._infer_latent(x, n_steps=n_steps)
-        return -self.log_joint(x, z)
-
-    # ------------------------------------------------------------------------------------------------ training
-    def _scheduler(self, optimizer):
-        """The per-epoch learning-rate schedule of ``lr_schedule`` (stepped in :meth:`on_train_epoch_end`)."""
-        hp = self.hparams
-        if hp.get("lr_schedule", "exponential") == "reference":
-            factor = functools.partial(reference_lr_factor, gamma=hp.lr_decay)
-            return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=hp.lr_decay)
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        opt_g = torch.optim.Adam(self.generator.parameters(), lr=hp.lr_g, betas=tuple(hp.betas))
-        if not self.is_ebm:
-            return [opt_g], [self._scheduler(opt_g)]
-        opt_e = torch.optim.Adam(self.energy_net.parameters(), lr=hp.lr_e, betas=tuple(hp.betas))
-        return [opt_g, opt_e], [self._scheduler(opt_g), self._scheduler(opt_e)]
-
-    def training_step(self, batch, batch_idx: int) -> None:
-        hp = self.hparams
-        x = self.data_from_batch(batch)  # (B, C, H, W) in [-1, 1]
-        b = self.data_batch_size(x)
-        opts = self.optimizers()
-        opt_g, opt_e = opts if self.is_ebm else (opts, None)
-
-        z_pos = self.infer_latent(x)  # (B, nz) posterior samples, K1 steps from N(0, I)
-        loss_g = self.generator_loss(x, z_pos)
-        logs = {"loss_g": loss_g.detach()}
-        if self.is_ebm:
-            z_neg = self.sample_latent(b)  # (B, nz) prior samples, K0 steps from N(0, I)
-            en_pos, en_neg = self.energy(z_pos), self.energy(z_neg)  # (B,), (B,)
-            loss_e = en_pos.mean() - en_neg.mean()
-            logs.update(energy_pos=en_pos.mean().detach(), energy_neg=en_neg.mean().detach(),
-                        energy_gap=loss_e.detach())
-        losses = {"loss_g": loss_g, "loss_e": loss_e} if self.is_ebm else {"loss_g": loss_g}
-        limits = None
-        if self._loss_g_limit_applies("per_batch"):
-            limits = {"loss_g": hp.loss_g_limit}
-        if not self.check_finite(losses, limits):
-            return  # diverged: skip both updates; the trainer stops after this batch
-        self._last_loss_g = loss_g.detach()
-
-        # One backward for both updates: E does not depend on G's parameters and the chains' latents are detached, so
-        # grad(loss_g + loss_e) gives G exactly grad(loss_g) and E exactly grad(loss_e), as two backward passes
-        # would, at the cost of one (and under DDP every parameter gets a gradient in the same all-reduce).
-        opt_g.zero_grad(set_to_none=True)
-        if self.is_ebm:
-            opt_e.zero_grad(set_to_none=True)
-        self.manual_backward(loss_g + loss_e if self.is_ebm else loss_g)
-        logs["grad_norm_g"] = self.grad_norm_and_clip(self.generator.parameters(), hp.grad_clip_g)
-        opt_g.step()  # generator first, then energy, both from the same chains (reference order)
-        if self.is_ebm:
-            logs["grad_norm_e"] = self.grad_norm_and_clip(self.energy_net.parameters(), hp.grad_clip_e)
-            self.step_uncounted(opt_e)  # global_step counts iterations, not optimiser steps
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=b)
-        prog = {"loss_g": logs["loss_g"]}
-        if self.is_ebm:  # energy gap E(z+) - E(z-): near zero when prior samples match posterior samples
-            prog["gap"] = logs["energy_gap"]
-        self.log_dict(prog, prog_bar=True, logger=False, batch_size=b)
-
-    def _loss_g_limit_applies(self, check: str) -> bool:
-        hp = self.hparams
-        return (hp.get("loss_g_limit") is not None and hp.get("loss_g_limit_check", "per_batch") == check
-                and self.current_epoch > hp.get("loss_g_limit_after_epoch", 10))
-
-    def on_train_epoch_end(self) -> None:
-        self.step_schedulers()
-        last = getattr(self, "_last_loss_g", None)
-        if not (self._loss_g_limit_applies("epoch_end") and epoch_completed(self.trainer)
-                and not self.replaying_epoch_end):
-            return
-        exceeds = last is not None and float(last) > self.hparams.loss_g_limit
-        if self.trainer.world_size > 1:  # every rank stops together (each sees its own last batch)
-            exceeds = self.trainer.strategy.reduce_boolean_decision(exceeds, all=False)
-        if exceeds:
-            last = float("nan") if last is None else last
-            self.stop_training(
-                f"{type(self).__name__} stopped at the end of epoch {self.current_epoch} (step {self.global_step}): "
-                f"the last batch's generator loss (this rank: {float(last):.4g}) exceeds "
-                f"loss_g_limit={self.hparams.loss_g_limit:g} "
-                f"(the reference's early stop, after epoch {self.hparams.loss_g_limit_after_epoch}). The last "
-                "weights are in the last checkpoint. Try smaller learning rates or Langevin step sizes.")
-
+    # ------------------------------------------------------------------------------------------------ predict
     def predict_step(self, batch, batch_idx: int) -> dict:
         """Posterior latents and reconstructions of a batch: ``{"z": (B, nz), "x_rec": (B, C, H, W)}``."""
         z = self.infer_latent(images_from_batch(batch))

@@ -18,10 +18,11 @@ import math
 import torch
 from torch import Tensor
 
-from lebm_zoo.models.base import DataShapeError, EBMModule
-from lebm_zoo.models.latent_prior import LatentEBMPrior
+from lebm_zoo.models.base import DataShapeError
+from lebm_zoo.models.latent_prior import LatentPriorBase
 from lebm_zoo.nets import SequenceDecoder
 from lebm_zoo.samplers import as_normal_tensor
+from lebm_zoo.text import VocabularyMixin
 from lebm_zoo.utils import check_count, check_latents, check_tokens, in_training_loop
 
 __all__ = ["SequenceLatentEBMPrior", "VocabularyMixin", "log_mean_exp"]
@@ -32,73 +33,7 @@ def log_mean_exp(a: Tensor, dim: int = 0) -> Tensor:
     return torch.logsumexp(a, dim) - math.log(a.shape[dim])
 
 
-class VocabularyMixin:
-    """The vocabulary of a sequence model, kept in its hyperparameters (``vocab``: list of tokens, ``sep``) so that a
-    checkpoint decodes text by itself.
-
-    When the model is built without one (``vocab=None``, as by a recipe), :meth:`setup` takes the datamodule's
-    (``datamodule.vocab``, a :class:`~datamodules.text.Vocabulary`) and builds the networks then. A model with a
-    vocabulary refuses a datamodule with another one.
-    """
-
-    vocab_obj = None
-
-    def _init_vocab(self) -> None:
-        from datamodules.text import Vocabulary
-
-        if self.hparams.vocab is not None:
-            self.vocab_obj = Vocabulary.from_list(self.hparams.vocab, self.hparams.sep)
-            self.build_networks(len(self.vocab_obj))
-
-    def build_networks(self, vocab_size: int) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def setup(self, stage: str) -> None:
-        """Take the datamodule's vocabulary (and build the networks) or check that it equals the model's.
-
-        Raises:
-            DataShapeError: the datamodule's vocabulary differs from the model's, or neither has one.
-        """
-        super().setup(stage)
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        dm_vocab = getattr(dm, "vocab", None)  # Lightning has run the datamodule's setup before this one
-        if self.vocab_obj is None:
-            if dm_vocab is None:
-                raise DataShapeError(f"{type(self).__name__} has no vocabulary: give it one (vocab=...) or train it "
-                                     "with a token-sequence datamodule (datamodules.PTBDataModule, ZINCDataModule)")
-            self.hparams.vocab, self.hparams.sep = dm_vocab.to_list(), dm_vocab.sep
-            self.vocab_obj = dm_vocab
-            self.build_networks(len(dm_vocab))
-        elif dm_vocab is not None and dm_vocab != self.vocab_obj:
-            raise DataShapeError(f"the datamodule's vocabulary ({len(dm_vocab)} tokens) differs from the model's "
-                                 f"({len(self.vocab_obj)} tokens): token indices would mean other tokens. Use the data "
-                                 "the model was trained on, or a new model.")
-
-    @property
-    def vocabulary(self):
-        """The :class:`~datamodules.text.Vocabulary` (None before one is known)."""
-        return self.vocab_obj
-
-    def encode(self, texts: list[str]) -> dict[str, Tensor]:
-        """Tokenize strings into a batch ``{"tokens": (B, T), "mask": (B, T)}`` on the model's device.
-
-        With ``sep=" "`` (text) words are split on whitespace; with ``sep=""`` (molecules) strings are SMILES, split by
-        :func:`datamodules.molecules.tokenize_smiles`. Unknown tokens become ``<unk>``.
-
-        Raises:
-            DataShapeError: the model has no vocabulary yet. ValueError: a string that is no SMILES (``sep=""``).
-        """
-        from datamodules.molecules import tokenize_smiles
-        from datamodules.text import pad_batch
-
-        if self.vocab_obj is None:
-            raise DataShapeError(f"{type(self).__name__} has no vocabulary yet")
-        split = str.split if self.vocab_obj.sep == " " else tokenize_smiles
-        batch = pad_batch([self.vocab_obj.encode(split(t)) for t in texts])
-        return {k: v.to(self.device) for k, v in batch.items()}
-
-
-class SequenceLatentEBMPrior(VocabularyMixin, LatentEBMPrior):
+class SequenceLatentEBMPrior(VocabularyMixin, LatentPriorBase):
     """Latent EBM prior with an LSTM sequence decoder: the LEBM text model (PTB) and molecule model (SMILES).
 
     Data are token batches ``{"tokens": (B, T) int64, "mask": (B, T) bool}`` (:mod:`datamodules.text`); a list of
@@ -109,6 +44,10 @@ class SequenceLatentEBMPrior(VocabularyMixin, LatentEBMPrior):
     latent 32, 20-step posterior Langevin, Adam lr 1e-3, gradient clipping 5): nz 32, LSTM 256 with 256-d embeddings,
     E an MLP nz-200-200-1 (GELU), K0 = 60 / s0 = 0.4 and K1 = 20 / s1 = 0.1 (the image recipe's chains), Adam lr 1e-3
     (decoder) and 2e-5 (energy), decoder gradients clipped to norm 5.
+
+    The prior, both chains and the training step are :class:`~lebm_zoo.models.latent_prior.LatentPriorBase`'s, shared
+    with the image model :class:`~lebm_zoo.LatentEBMPrior` (of which this class is not a subclass: check
+    ``isinstance(m, LatentPriorBase)`` for the shared behaviour); this class adds the decoder and the token data hooks.
 
     Args:
         vocab: the token list (``Vocabulary.to_list()``); None takes the datamodule's at ``setup``.
@@ -150,10 +89,7 @@ class SequenceLatentEBMPrior(VocabularyMixin, LatentEBMPrior):
         max_decode_length: int = 60,
         temperature: float = 1.0,
     ):
-        # EBMModule's __init__, not LatentEBMPrior's (no image networks). Naming __class__ puts it in this frame, which
-        # Lightning's save_hyperparameters needs to find this constructor's arguments.
-        __class__  # noqa: B018
-        EBMModule.__init__(self)
+        super().__init__()
         self._check_prior_args(prior, prior_sigma)
         if max_decode_length < 1 or temperature < 0:
             raise ValueError(f"max_decode_length must be >= 1 and temperature >= 0, got {max_decode_length}, "

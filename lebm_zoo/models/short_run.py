@@ -2,22 +2,24 @@
 Energy-Based Model", NeurIPS 2019), following the authors' ``train_cifar10_minimal.py`` in ``enijkamp/short_run`` at
 commit d779e9a; the Generative ConvNet of Xie et al. (ICML 2016) as an option.
 
-Model: a ConvNet score f(x) (negative energy). One training iteration, as the reference's loop does it: perturb the
-data batch with N(0, 0.03^2) noise; run K = 100 steps of ``x <- x + grad_x sum_batch f(x) + 0.01 eps`` from fresh
-U[-1, 1] noise (the reference's tempered update: gradient coefficient 1, so the learned density is
-exp(f / (s^2/2)) for s = 0.01 -- intentional, as its authors explain in point0bar1/ebm-anatomy issue 1); one Adam
-step (lr 1e-4, betas (0.9, 0.999), eps 1e-8) on ``mean f(x_q) - mean f(x_data)`` (the reference backpropagates
-``-(mean f(x_data) - mean f(x_q))``, the same loss).
+Model: a ConvNet f(x), the negative energy (the reference calls it the score; it is not the score grad log p of
+score matching). One training iteration, as the reference's loop does it: perturb the data batch with N(0, 0.03^2)
+noise; run K = 100 steps of ``x <- x + grad_x sum_batch f(x) + 0.01 eps`` from fresh U[-1, 1] noise (the
+reference's tempered update: gradient coefficient 1, so the learned density is exp(f / (s^2/2)) for s = 0.01 --
+intentional, as its authors explain in point0bar1/ebm-anatomy issue 1); one Adam step (lr 1e-4, betas (0.9, 0.999),
+eps 1e-8) on ``mean f(x_q) - mean f(x_data)`` (the reference backpropagates ``-(mean f(x_data) - mean f(x_q))``, the
+same loss).
 
-Identical to the reference (checked one iteration at float64 in ``tests/test_reference_short_run.py``): the score
-net at 32 px with ``nf=64`` (Conv k3 s1 p1 to nf, Conv k4 s2 p1 to 2, 4, 8 nf, LeakyReLU(0.2) after each, Conv k4
-to 1, biases, PyTorch's default init), the data noise, the chain (initial U[-1, 1] noise, K, gradient coefficient,
-noise), the loss and its reductions, Adam and its settings, no gradient clipping, no schedule; the CIFAR-10 recipe's
-seed 1, batch 64 and 100,000 iterations.
+Identical to the reference (checked one iteration at float64 in ``tests/test_reference_short_run.py``): the
+negative-energy net at 32 px with ``nf=64`` (Conv k3 s1 p1 to nf, Conv k4 s2 p1 to 2, 4, 8 nf, LeakyReLU(0.2)
+after each, Conv k4 to 1, biases, PyTorch's default init), the data noise, the chain (initial U[-1, 1] noise, K,
+gradient coefficient, noise), the loss and its reductions, Adam and its settings, no gradient clipping, no schedule;
+the CIFAR-10 recipe's seed 1, batch 64 and 100,000 iterations.
 
 Deviations, all options off by default (= the reference) unless said otherwise:
 
-* ``clamp_chains`` (clip chain states to [-1, 1] after every step) and ``energy_l2`` (a score-magnitude penalty):
+* ``clamp_chains`` (clip chain states to [-1, 1] after every step) and ``energy_l2`` (a penalty on the magnitude of
+  f):
   the MNIST recipe turns both on, because a run without them diverged there;
 * ``grad_clip``, ``init="data"`` / ``"persistent"``, ``form="gaussian_reference"``: alternatives the reference does
   not have;
@@ -30,31 +32,78 @@ Deviations, all options off by default (= the reference) unless said otherwise:
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lebm_zoo.models.base import EBMModule
-from lebm_zoo.nets import ShortRunScoreNet
+from lebm_zoo.nets import _check_size, down_trunk
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
-from lebm_zoo.utils import check_count, check_images, full_precision, images_from_batch
+from lebm_zoo.utils import check_count, check_images, full_precision
 
-__all__ = ["ShortRunEBM"]
+__all__ = ["ShortRunEBM", "ShortRunNegEnergyNet"]
 
 _FORMS = ("short_run", "gaussian_reference")
 _INITS = ("uniform", "data", "persistent")
+
+#: deprecated names of this module (old name -> new name), resolved by __getattr__ with a DeprecationWarning
+_RENAMED = {"ShortRunScoreNet": "ShortRunNegEnergyNet"}
+
+
+def __getattr__(name: str):
+    """Deprecated aliases: ``ShortRunScoreNet`` is :class:`ShortRunNegEnergyNet` (removed in the next release)."""
+    if name in _RENAMED:
+        warnings.warn(f"lebm_zoo.models.short_run.{name} is deprecated and will be removed in the next release; use "
+                      f"{_RENAMED[name]}", DeprecationWarning, stacklevel=2)
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class ShortRunNegEnergyNet(nn.Module):
+    """The negative energy f(x) = -E(x) (higher = more likely) of the short-run EBM (Nijkamp et al. 2019; the
+    reference calls it the score).
+
+    At 32 px with ``nf=64`` it is exactly ``train_cifar10_minimal.py``'s net: Conv(C->nf, k3 s1 p1), then
+    Conv k4 s2 p1 to 2nf, 4nf, 8nf (32 -> 16 -> 8 -> 4 px), LeakyReLU(0.2) after each, and a final Conv(8nf -> 1)
+    whose kernel covers the remaining map (k4 at 32 px, k3 at 28 px); at 64 px a fourth k4 s2 layer (8nf -> 8nf) is
+    added. No normalisation, PyTorch's default init. Formerly ``lebm_zoo.nets.ShortRunScoreNet`` (that name still
+    works, deprecated, for one release).
+
+    Args:
+        channels: image channels, 1 or 3.
+        img_size: 28, 32 or 64.
+        nf: width (reference: 64).
+
+    Shapes:
+        ``x`` ``(B, channels, img_size, img_size)`` in [-1, 1] -> f(x) ``(B,)``.
+
+    Raises:
+        ValueError: for an unsupported ``img_size``.
+    """
+
+    def __init__(self, channels: int = 3, img_size: int = 32, nf: int = 64):
+        super().__init__()
+        _check_size(img_size)
+        widths = [nf, 2 * nf, 4 * nf, 8 * nf] + ([8 * nf] if img_size == 64 else [])
+        trunk, size = down_trunk(channels, img_size, widths)
+        self.net = nn.Sequential(*trunk, nn.Conv2d(widths[-1], 1, size, 1, 0))  # (B, 1, 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).flatten()
 
 
 class ShortRunEBM(EBMModule):
     """Data-space EBM learned with non-convergent, non-persistent short-run Langevin (Nijkamp et al. 2019).
 
-    Defaults are the reference CIFAR-10 recipe: 32x32x3 images, score net width 64, chains of K=100 steps from
+    Defaults are the reference CIFAR-10 recipe: 32x32x3 images, negative-energy net width 64, chains of K=100 steps from
     U[-1, 1] noise with ``x <- x + grad f(x) + 0.01 eps``, data noise 0.03, Adam lr 1e-4 betas (0.9, 0.999), no
     clipping, no LR decay.
 
     Args:
         img_size: 28, 32 or 64 (pixels).
         channels: 1 or 3.
-        nf: width of :class:`~lebm_zoo.nets.ShortRunScoreNet`.
+        nf: width of :class:`ShortRunNegEnergyNet`.
         form: ``"short_run"`` (the reference's tempered update on f) or ``"gaussian_reference"`` (the Generative
             ConvNet of Xie et al. 2016: textbook Langevin, step ``step_size``, on ``f(x) - ||x||^2/(2 ref_sigma^2)``).
         n_steps: Langevin steps K per chain, in training and (by default) at sample time.
@@ -70,13 +119,19 @@ class ShortRunEBM(EBMModule):
         reinit_prob: probability that a persistent chain restarts from noise.
         lr: Adam learning rate.
         betas: Adam betas.
-        grad_clip: optional max norm of the score net's gradient (reference: off).
-        energy_l2: weight of the score-magnitude penalty ``energy_l2 * mean(f(x_data)^2 + f(x_q)^2)`` (Du and
+        grad_clip: optional max norm of the network's gradient (reference: off).
+        energy_l2: weight of the penalty on f's magnitude ``energy_l2 * mean(f(x_data)^2 + f(x_q)^2)`` (Du and
             Mordatch 2019; the stabiliser the EBM maintainers advise). Reference: 0 (off).
         clamp_chains: clip chain states to [-1, 1] after every Langevin step (reference: off). Keeps chains in the
             data range, which stops the overshoot-then-explode divergence we saw on MNIST.
 
     Images are ``(B, channels, img_size, img_size)`` in [-1, 1].
+
+    Names: f = -E is the *negative energy* (:meth:`neg_energy`, :class:`ShortRunNegEnergyNet`); the reference and
+    earlier releases called it the score, which in the field means grad log p. ``score()`` still works for one
+    release (deprecated). The network stays the attribute ``score_net``, deliberately: it is the state-dict prefix
+    (``score_net.net.0.weight``, ...), so checkpoints and published weights keep their keys and load in both
+    directions, old and new releases. The logged ``train/score_pos`` / ``train/score_neg`` keep their names too.
 
     Raises:
         ValueError: for an unknown ``form`` or ``init`` or a non-positive size.
@@ -116,7 +171,7 @@ class ShortRunEBM(EBMModule):
         if ref_sigma <= 0 or data_noise < 0:
             raise ValueError(f"ref_sigma must be > 0 and data_noise >= 0, got {ref_sigma}, {data_noise}")
         self.save_hyperparameters()
-        self.score_net = ShortRunScoreNet(channels=channels, img_size=img_size, nf=nf)
+        self.score_net = ShortRunNegEnergyNet(channels=channels, img_size=img_size, nf=nf)  # the name: see above
         self.samplers = {"train": self._make_sampler(n_steps, noise_std, step_size)}
         # (N, C, H, W) past samples; empty unless init="persistent". A buffer, so checkpoints carry it as a tensor.
         n_buf = buffer_size if init == "persistent" else 0
@@ -130,10 +185,17 @@ class ShortRunEBM(EBMModule):
         return LangevinSampler(n_steps, hp.step_size if step_size is None else step_size, clamp=clamp)
 
     # ------------------------------------------------------------------------------------------------ densities
-    def score(self, x: Tensor) -> Tensor:
-        """The score f(x) (negative energy, higher = more likely): ``(B, C, H, W)`` in [-1, 1] -> ``(B,)``, at least
-        fp32 (float64 in float64 runs)."""
+    def neg_energy(self, x: Tensor) -> Tensor:
+        """The negative energy f(x) (higher = more likely): ``(B, C, H, W)`` in [-1, 1] -> ``(B,)``, at least fp32
+        (float64 in float64 runs)."""
         return full_precision(self.score_net(x))
+
+    def score(self, x: Tensor) -> Tensor:
+        """Deprecated (removed in the next release): :meth:`neg_energy`, f(x), under its old name (f is not the score
+        grad log p)."""
+        warnings.warn(f"{type(self).__name__}.score is deprecated and will be removed in the next release; use "
+                      "neg_energy (the same f(x) = -E(x))", DeprecationWarning, stacklevel=2)
+        return self.neg_energy(x)
 
     def energy(self, x: Tensor) -> Tensor:
         """Energy ``-f(x)`` (lower = more likely), ``(B, C, H, W) -> (B,)``, up to the unknown log-normaliser.
@@ -146,7 +208,7 @@ class ShortRunEBM(EBMModule):
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Unnormalised log-density the chains target: f(x), or f(x) - ||x||^2/(2 ref_sigma^2); ``(B,)``."""
-        lp = self.score(x)
+        lp = self.neg_energy(x)
         if self.hparams.form == "gaussian_reference":
             lp = lp - full_precision(x.flatten(1)).pow(2).sum(1) / (2 * self.hparams.ref_sigma ** 2)
         return lp
@@ -233,7 +295,7 @@ class ShortRunEBM(EBMModule):
 
     # ------------------------------------------------------------------------------------------------ training
     def configure_optimizers(self):
-        return torch.optim.Adam(self.score_net.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        return self.adam(self.score_net.parameters(), self.hparams.lr)
 
     def _chain_init(self, x_data: Tensor) -> tuple[Tensor, Tensor | None]:
         """Initial chain states ``(B, C, H, W)`` and, for the persistent buffer, the buffer indices used."""
@@ -249,8 +311,7 @@ class ShortRunEBM(EBMModule):
 
     def training_step(self, batch, batch_idx: int) -> None:
         hp = self.hparams
-        x = images_from_batch(batch)  # (B, C, H, W) in [-1, 1]
-        self.check_data_shape(x, (hp.channels, hp.img_size, hp.img_size), "Set --model.channels/--model.img_size.")
+        x = self.data_from_batch(batch)  # (B, C, H, W) in [-1, 1]
         b = x.shape[0]
         x = x + hp.data_noise * torch.randn_like(x)  # reference: N(0, 0.03^2) data noise
         x0, idx = self._chain_init(x)
@@ -260,7 +321,7 @@ class ShortRunEBM(EBMModule):
             last = torch.full_like(slots, -1).scatter_reduce_(0, inverse, torch.arange(b, device=idx.device), "amax")
             self.replay_buffer[slots] = x_q[last].to(self.replay_buffer.dtype)
 
-        f_pos, f_neg = self.score(x), self.score(x_q)  # (B,), (B,)
+        f_pos, f_neg = self.neg_energy(x), self.neg_energy(x_q)  # (B,), (B,)
         loss = f_neg.mean() - f_pos.mean()  # minimise -(mean f(data) - mean f(samples))
         if hp.energy_l2 > 0:
             loss = loss + hp.energy_l2 * (f_pos.pow(2).mean() + f_neg.pow(2).mean())
@@ -271,8 +332,6 @@ class ShortRunEBM(EBMModule):
         self.manual_backward(loss)
         grad_norm = self.grad_norm_and_clip(self.score_net.parameters(), hp.grad_clip)
         opt.step()
-        logs = {"loss": loss.detach(), "score_pos": f_pos.mean().detach(), "score_neg": f_neg.mean().detach(),
-                "grad_norm": grad_norm}
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=b)
+        logs = {"loss": loss, "score_pos": f_pos.mean(), "score_neg": f_neg.mean(), "grad_norm": grad_norm}
         # gap f(data) - f(samples): positive while the model still tells data from its samples
-        self.log("gap", (f_pos.mean() - f_neg.mean()).detach(), prog_bar=True, logger=False, batch_size=b)
+        self.log_train(logs, {"gap": f_pos.mean() - f_neg.mean()}, batch_size=b)

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from lebm_zoo.models.base import EBMModule
 from lebm_zoo.nets import _check_size, down_trunk
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
-from lebm_zoo.utils import check_count, check_images, images_from_batch
+from lebm_zoo.utils import check_count, check_images
 
 __all__ = ["DivergenceTriangle", "TriangleEncoder", "TriangleEnergy", "TriangleGenerator", "diag_normal_nll"]
 
@@ -263,24 +263,19 @@ class DivergenceTriangle(EBMModule):
             ``(n, C, H, W)`` images on the model's device; G's outputs are in [-1, 1], refined ones are not clamped.
 
         Raises:
-            ValueError: for ``n`` < 1 or not an integer.
+            ValueError: for ``n`` < 1 or not an integer, a negative ``refine_steps`` or a non-positive
+                ``refine_step_size`` (see :meth:`~lebm_zoo.models.base.EBMModule.refine`).
         """
         n = check_count(n, where=f"{type(self).__name__}.sample")
         x = _full(self.generator(self._prior_noise(n)))
-        hp = self.hparams
-        k = hp.refine_steps if refine_steps is None else int(refine_steps)
-        if k == 0:
-            return x
-        sampler = LangevinSampler(k, hp.refine_step_size if refine_step_size is None else refine_step_size)
-        return self.langevin(lambda xx: -self.energy(xx), x, sampler)
+        return self.refine(x, refine_steps, refine_step_size)
 
     # ------------------------------------------------------------------------------------------------ training
     def configure_optimizers(self):
         hp = self.hparams
-        opt_e = torch.optim.Adam(self.energy_net.parameters(), lr=hp.lr_e, betas=tuple(hp.betas))
-        opt_i = torch.optim.Adam(self.encoder.parameters(), lr=hp.lr_i, betas=tuple(hp.betas))
-        opt_g = torch.optim.Adam(self.generator.parameters(), lr=hp.lr_g, betas=tuple(hp.betas),
-                                 weight_decay=hp.weight_decay_g)
+        opt_e = self.adam(self.energy_net.parameters(), hp.lr_e)
+        opt_i = self.adam(self.encoder.parameters(), hp.lr_i)
+        opt_g = self.adam(self.generator.parameters(), hp.lr_g, weight_decay=hp.weight_decay_g)
         scheds = [torch.optim.lr_scheduler.ExponentialLR(o, gamma=hp.lr_decay) for o in (opt_e, opt_i, opt_g)]
         return [opt_e, opt_i, opt_g], scheds
 
@@ -306,8 +301,7 @@ class DivergenceTriangle(EBMModule):
 
     def training_step(self, batch, batch_idx: int) -> None:
         hp = self.hparams
-        x = images_from_batch(batch)  # (B, C, H, W) in [-1, 1]
-        self.check_data_shape(x, (hp.channels, hp.img_size, hp.img_size), "Set --model.channels/--model.img_size.")
+        x = self.data_from_batch(batch)  # (B, C, H, W) in [-1, 1]
         b = x.shape[0]
         opt_e, opt_i, opt_g = self.optimizers()
         z = self._prior_noise(b)  # (B, nz)
@@ -347,8 +341,7 @@ class DivergenceTriangle(EBMModule):
         logs = {"loss_e": loss_e, "loss_i": loss_i, "loss_g": loss_g, "recon": recon, "kl": kl, "latent_nll": latent,
                 "energy_pos": en_pos.mean(), "energy_neg": en_neg.mean(), "grad_norm_e": gn_e, "grad_norm_i": gn_i,
                 "grad_norm_g": gn_g}
-        self.log_dict({f"train/{k}": v.detach() for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=b)
-        self.log_dict({"recon": recon.detach(), "gap": -loss_e.detach()}, prog_bar=True, logger=False, batch_size=b)
+        self.log_train(logs, {"recon": recon, "gap": -loss_e}, batch_size=b)
 
     def on_train_epoch_start(self) -> None:
         """Bring every scheduler to ``last_epoch = current_epoch + 1`` (the reference steps them before each epoch).
