@@ -14,8 +14,11 @@ $(BIN)/lebm-zoo: pyproject.toml
 
 install: $(BIN)/lebm-zoo  ## create .venv and install the package with its dev extras
 
-demo: install  ## train the offline quickstart recipe (CPU, a few minutes); samples under lightning_logs/
+demo: install  ## train the offline quickstart recipe (CPU, a few minutes), then sample the shipped quickstart weights
 	$(BIN)/lebm-zoo fit --recipe quickstart
+	$(BIN)/lebm-zoo sample lebm-mnist-quickstart -n 64 -o lightning_logs/lebm-mnist-quickstart_samples.png
+	@echo "samples of your quickstart run: $$(ls -t lightning_logs/version_*/samples/*.png | head -n 1)"
+	@echo "samples of the shipped lebm-mnist-quickstart: lightning_logs/lebm-mnist-quickstart_samples.png"
 
 test: install  ## the test suite (under 15 minutes on 2 CPU cores)
 	$(BIN)/python -m pytest -q tests

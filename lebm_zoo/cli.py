@@ -5,6 +5,8 @@
     lebm-zoo recipes                                   # list the recipes
     lebm-zoo fit  --recipe svhn_prior [overrides]      # any --trainer.* / --model.* / --data.* override
     lebm-zoo test --recipe svhn_prior --ckpt_path last # the recipe's test metrics on a trained checkpoint
+    lebm-zoo pretrained                                # the shipped weights (lebm_zoo/pretrained_cli.py)
+    lebm-zoo sample lebm-mnist-quickstart -n 64        # samples of a shipped name, folder, .ckpt or hf:// id
 
 ``--recipe NAME`` stands for ``--config <the shipped recipes/NAME.yaml>`` (a path to a YAML file works too) and is
 placed before the other arguments, so overrides win. ``--ckpt_path last`` resolves to the newest ``last.ckpt`` of the
@@ -363,6 +365,14 @@ def main(args: list[str] | None = None) -> int:
         from lebm_zoo.fid_weights import main as fid_weights_main
 
         return fid_weights_main(args[1:])
+    if args[:1] == ["pretrained"]:
+        from lebm_zoo.pretrained_cli import main_pretrained
+
+        return main_pretrained(args[1:])
+    if args[:1] == ["sample"]:
+        from lebm_zoo.pretrained_cli import main_sample
+
+        return main_sample(args[1:])
     from datamodules import DatasetNotFoundError
     from lebm_zoo.callbacks import FIDWeightsNotFoundError
 
@@ -388,7 +398,8 @@ def main(args: list[str] | None = None) -> int:
                 subclass_mode_data=True,
                 save_config_kwargs={"overwrite": True},
                 parser_kwargs={"description": "lebm-zoo: energy-based generative models. `lebm-zoo recipes` lists "
-                                              "the paper recipes; use `--recipe NAME`."},
+                                              "the paper recipes; use `--recipe NAME`. `lebm-zoo pretrained` lists "
+                                              "the shipped weights, `lebm-zoo sample NAME` samples one."},
             )
         finally:
             sys.argv = saved_argv

@@ -4,12 +4,16 @@ Three kinds, all with exact log-densities and one-pass reparameterised sampling 
 
 - ``"maf"`` (zuko's masked autoregressive flow on flattened vectors): the 2-D toy's flow;
 - ``"realnvp"`` (zuko's affine couplings with MLP conditioners on flattened pixels): cheap, but a weak image model;
-- ``"glow"`` (``normflows``' multiscale Glow: squeeze, K Glow blocks per level (affine coupling with a conv net,
+- ``"glow"`` (``normflows``' multiscale Glow: squeeze, K Glow blocks per level (a coupling with a conv net,
   invertible 1x1 conv, actnorm), half the channels factored out after each level): the flow the FCE paper used for
-  images (Gao et al., CVPR 2020, Sec. 4). Pixels in [-1, 1] are mapped to [0, 1] and through the logit transform of
-  RealNVP (Dinh et al. 2017, Sec. 4.1; ``alpha`` 0.05), so the flow models unbounded values and its samples land in
-  [-1.11, 1.11]. Without it, Glow's maximum-likelihood fit to MNIST's near-constant background became so peaked that
-  its sampling direction overflowed to NaN for some draws. normflows is pinned in ``pyproject.toml``; its multiscale
+  images (Gao et al., CVPR 2020, Sec. 4). Two choices of ours, for samples that stay finite: pixels in [-1, 1] are
+  mapped to [0, 1] and through RealNVP's logit transform (Dinh et al. 2017, Sec. 4.1; ``alpha`` 0.05), so the flow
+  models unbounded values and its samples land in [-1.11, 1.11]; and the couplings are additive (Glow's additive
+  variant, Kingma & Dhariwal 2018, Sec. 3.3; actnorm and the 1x1 convolutions still scale). With Glow's affine
+  coupling (a sigmoid scale that divides in the sampling direction), FCE's first flow samples after the MLE warm-up
+  on MNIST overflowed, with and without the logit (a few blocks took values from 60 to 1e8, then to inf); with the
+  scale multiplying in the sampling direction instead, the MLE warm-up itself diverged. ``affine=True`` (in
+  :func:`_multiscale_glow`) restores Glow's affine coupling. normflows is pinned in ``pyproject.toml``; its multiscale
   model is assembled here from its blocks the way its documentation assembles one.
 
 Swapping in another flow means implementing :class:`Flow`'s ``log_prob`` and ``rsample``.
@@ -82,7 +86,8 @@ class Flow(nn.Module):
         return self.rsample(n)
 
 
-def _multiscale_glow(shape: tuple[int, ...], blocks: int, hidden: int, levels: int | None) -> nn.Module:
+def _multiscale_glow(shape: tuple[int, ...], blocks: int, hidden: int, levels: int | None,
+                     affine: bool = False) -> nn.Module:
     """normflows' multiscale Glow for items ``(C, H, W)`` in [0, 1] (behind a logit transform), unconditional, with a
     learned per-channel Gaussian base.
 
@@ -102,7 +107,7 @@ def _multiscale_glow(shape: tuple[int, ...], blocks: int, hidden: int, levels: i
         raise ValueError(f"glow needs H and W divisible by 2 ** levels (levels >= 1); got {shape} and levels={levels}")
     q0, flows, merges = [], [], []
     for i in range(levels):
-        flows.append([nf.flows.GlowBlock(c * 2 ** (levels + 1 - i), hidden, split_mode="channel", scale=True)
+        flows.append([nf.flows.GlowBlock(c * 2 ** (levels + 1 - i), hidden, split_mode="channel", scale=affine)
                       for _ in range(blocks)] + [nf.flows.Squeeze()])
         if i == 0:
             latent = (c * 2 ** (levels + 1), h // 2 ** levels, w // 2 ** levels)

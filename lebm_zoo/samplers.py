@@ -1,6 +1,6 @@
 """MCMC samplers shared by every family: Langevin dynamics and Hamiltonian Monte Carlo.
 
-The contract (see ``DESIGN.md``):
+The contract (``docs/architecture.md``, Samplers):
 
 * A *target* is a callable ``log_prob(x) -> Tensor[B]``: the unnormalized log-density of each chain. Energy nets are
   wrapped by their family, e.g. the latent EBM prior is ``lambda z: -E(z) - 0.5 * ||z||^2``.

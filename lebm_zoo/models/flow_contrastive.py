@@ -1,9 +1,9 @@
 """Flow contrastive estimation (Gao, Nijkamp, Kingma, Xu, Dai, Wu, "Flow Contrastive Estimation of Energy-Based
 Models", CVPR 2020).
 
-There is no official code; this follows the paper and the third-party 2-D code ``lifeitech/fce-2d`` (``families.md``
-§5). An EBM ``log p(x) = -f(x) - c`` with a learned log-normaliser c (initialised at 1) and a normalizing flow q(x)
-play a two-class game on the value
+There is no official code; this follows the paper and the third-party 2-D code ``lifeitech/fce-2d``
+(``docs/fidelity.md``, FlowContrastiveEBM). An EBM ``log p(x) = -f(x) - c`` with a learned log-normaliser c
+(initialised at 1) and a normalizing flow q(x) play a two-class game on the value
 
     V = mean_{x ~ data} [log p(x) - logsumexp(log p(x), log q(x))]
       + mean_{x ~ q}    [log q(x) - logsumexp(log p(x), log q(x))],

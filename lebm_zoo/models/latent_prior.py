@@ -6,9 +6,9 @@ Model::
     z ~ p_a(z) = exp(-E_a(z)) N(z; 0, sigma_p^2 I) / Z(a)        latent EBM prior (eq. 2)
     x = G_b(z) + eps,  eps ~ N(0, llhd_sigma^2 I)                generator (eq. 1)
 
-Training step (``families.md`` §1, in this order): posterior Langevin from fresh N(0, I) noise (K1 steps, step s1) on
-log p(x, z); prior Langevin from fresh N(0, I) noise (K0 steps, step s0) on log p_a(z); generator update on
-``sum((G(z+) - x)^2) / B``; energy update on ``mean E(z+) - mean E(z-)`` (eq. 9-11). Both updates use chains run with
+Training step (``docs/fidelity.md``, LatentEBMPrior; in this order): posterior Langevin from fresh N(0, I) noise
+(K1 steps, step s1) on log p(x, z); prior Langevin from fresh N(0, I) noise (K0 steps, step s0) on log p_a(z);
+generator update on ``sum((G(z+) - x)^2) / B``; energy update on ``mean E(z+) - mean E(z-)`` (eq. 9-11). Both updates use chains run with
 the parameters from before the updates. ``prior="gaussian"`` drops the energy term: the same generator learned by
 alternating back-propagation (Han et al., 2017), the ablation LEBM is measured against.
 
