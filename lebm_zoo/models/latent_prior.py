@@ -9,8 +9,8 @@ Model::
 Training step (``docs/fidelity.md``, LatentEBMPrior; in this order): posterior Langevin from fresh N(0, I) noise
 (K1 steps, step s1) on log p(x, z); prior Langevin from fresh N(0, I) noise (K0 steps, step s0) on log p_a(z);
 generator update on ``sum((G(z+) - x)^2) / B``; energy update on ``mean E(z+) - mean E(z-)`` (eq. 9-11). Both
-updates use chains run with the parameters from before the updates. ``prior="gaussian"`` drops the energy term: the same generator learned by
-alternating back-propagation (Han et al., 2017), the ablation LEBM is measured against.
+updates use chains run with the parameters from before the updates. ``prior="gaussian"`` drops the energy term: the
+same generator learned by alternating back-propagation (Han et al., 2017), the ablation LEBM is measured against.
 
 :class:`LatentPriorBase` holds the prior, both chains and the training step; :class:`LatentEBMPrior` (images, here)
 and :class:`~lebm_zoo.SequenceLatentEBMPrior` (token sequences, :mod:`lebm_zoo.models.latent_sequence`) each add their
