@@ -83,6 +83,19 @@ def recipe_fit_args(recipe: str, data_dir: Path, root: Path, *overrides: str) ->
             "--trainer.default_root_dir", str(root), *overrides]
 
 
+def fit_recipe_and_load(recipe: str, data_dir: Path, root: Path, capsys, *overrides: str):
+    """Run ``lebm-zoo fit`` as :func:`recipe_fit_args` sets it up; assert it exits 0 (else show its stderr) and wrote
+    a ``last.ckpt`` at step 2; return the model :func:`lebm_zoo.load_pretrained` rebuilds from it."""
+    import lebm_zoo
+    from lebm_zoo.cli import main
+
+    code = main(recipe_fit_args(recipe, data_dir, root, *overrides))
+    assert code == 0, capsys.readouterr().err
+    (last,) = Path(root).rglob("last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+    return lebm_zoo.load_pretrained(last)
+
+
 def write_mnist(root: Path, n: int = 24, seed: int = 0, labels=None) -> None:
     """MNIST's real on-disk format (IDX files) in torchvision's layout, ``MNIST/raw/``: random uint8 images.
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from _data import fit_steps, fixed_batch, recipe_fit_args
+from _data import fit_recipe_and_load, fit_steps, fixed_batch
 
 import lebm_zoo
 from datamodules import EightGaussiansDataModule
@@ -110,12 +110,7 @@ def test_glow_flow_is_exact_and_round_trips():
 ])
 def test_recipe_trains_through_the_cli_and_round_trips(recipe, cls, overrides, tmp_path, capsys, fid_weights_env,
                                                        fake_mnist_dir):
-    args = recipe_fit_args(recipe, fake_mnist_dir, tmp_path, *overrides)
-    code = main(args)
-    assert code == 0, capsys.readouterr().err
-    (last,) = tmp_path.rglob("last.ckpt")
-    assert torch.load(last, weights_only=True)["global_step"] == 2
-    model = lebm_zoo.load_pretrained(last)
+    model = fit_recipe_and_load(recipe, fake_mnist_dir, tmp_path, capsys, *overrides)
     assert isinstance(model, cls) and model.sample(2).shape == (2, 1, 28, 28)
 
 
