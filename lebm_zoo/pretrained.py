@@ -36,7 +36,7 @@ from lebm_zoo.checkpoint import CheckpointError, class_path, model_class, read_c
 _model_class = model_class  # the name this module used before lebm_zoo.checkpoint existed
 
 __all__ = ["CONFIG_NAME", "CheckpointError", "FORMAT", "INDEX_PATH", "PretrainedEntry", "WEIGHTS_NAME",
-           "list_pretrained", "load_pretrained", "make_registry_entry", "push_to_hub", "read_checkpoint",
+           "fingerprint", "list_pretrained", "load_pretrained", "make_registry_entry", "push_to_hub", "read_checkpoint",
            "save_pretrained"]
 
 #: file names of a published folder
@@ -120,7 +120,7 @@ def _read_index() -> list[PretrainedEntry]:
 
 
 def list_pretrained() -> list[PretrainedEntry]:
-    """The models shipped with the package, sorted by name (none is published yet: an empty list).
+    """The models shipped with the package, sorted by name (``lebm-zoo pretrained`` prints them as a table).
 
     Each entry's ``str()`` and ``.name`` is the name :func:`load_pretrained` accepts. The registry is read from
     ``lebm_zoo/weights/index.json``, a JSON list whose entries are (see :func:`make_registry_entry`)::
@@ -210,7 +210,8 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(model, folder: str | os.PathLike, *, recipe: str | None = None, data: str | None = None,
-                    training_steps: int | None = None, metrics: dict | None = None, license: str = "MIT") -> Path:
+                    training_steps: int | None = None, metrics: dict | None = None, license: str = "MIT",
+                    training: dict | None = None) -> Path:
     """Write ``model`` as a published folder: ``config.json`` and ``model.safetensors`` (see the module's doc).
 
     Args:
@@ -222,6 +223,9 @@ def save_pretrained(model, folder: str | os.PathLike, *, recipe: str | None = No
         metrics: name -> ``{"value": ..., "protocol": "..."}`` (e.g. ``{"fid": {"value": 84.7, "protocol":
             "1k samples vs 1k test images"}}``).
         license: the weights' license.
+        training: how it was trained and evaluated, plain values (e.g. ``{"command": "lebm-zoo fit ...",
+            "budget": "15 min, one thread", "cpu": "...", "evaluation": "lebm-zoo test ..."}``); written as
+            ``config.json``'s ``training``.
 
     Returns:
         the folder.
@@ -257,6 +261,8 @@ def save_pretrained(model, folder: str | os.PathLike, *, recipe: str | None = No
         "metrics": _check_metrics(metrics),
         "license": license,
     }
+    if training:
+        config["training"] = _plain(dict(training), "training")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / WEIGHTS_NAME
@@ -307,6 +313,62 @@ def push_to_hub(model, repo_id: str, *, private: bool | None = None, token: str 
             api.create_repo(repo_id=repo_id, private=private, exist_ok=True, token=token)
         return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, token=token,
                                  commit_message=commit_message or f"Upload {type(model).__name__} with lebm-zoo")
+
+
+# ---------------------------------------------------------------------------------------------------- fingerprint
+def _stats(prefix: str, t) -> dict[str, float]:
+    if isinstance(t, (list, tuple)):  # the hierarchical model's latents: one tensor per layer
+        t = torch.cat([v.flatten(1) for v in t], 1)
+    t = t.detach().double()
+    return {f"{prefix}_mean": float(t.mean()), f"{prefix}_std": float(t.std()), f"{prefix}_abs_mean": float(t.abs().mean())}
+
+
+@torch.no_grad()
+def _fixed_texts(model, n: int) -> dict[str, torch.Tensor]:
+    """``n`` token sequences made of the vocabulary's own tokens (the same for every run of one vocabulary)."""
+    itos = model.vocab_obj.itos[4:] or ["x"]
+    sep = model.hparams.get("sep", " ")
+    texts = [sep.join(itos[(i * 7 + j) % len(itos)] for j in range(3 + i % 5)) for i in range(n)]
+    return model.encode(texts)
+
+
+def fingerprint(model, seed: int = 0, n: int = 16) -> dict[str, float]:
+    """Summary numbers of what a model computes at a fixed seed, to tell a changed weight file (or a changed
+    sampler) from the published one: ``{name: float}``.
+
+    * image and 2-D models: mean, standard deviation and mean absolute value of ``model.sample(n)`` (and of
+      ``model.log_prob`` of those samples where the model has one: FCE's EBM, CoopNets' descriptor);
+    * latent models also of the prior latents ``sample_latent(n)`` (drawn first, at the same seed);
+    * sequence models (whose sampled tokens are discrete): the prior latents' numbers and the decoder's
+      log-likelihood of ``n`` fixed token sequences at those latents; the language model: its log-likelihood of them.
+
+    The model is put in eval mode; chains and sampling run on the model's device in fp32 under
+    ``torch.manual_seed(seed)``. Values agree across CPUs to about 1e-4 relative (float rounding differs between
+    vector units), not bit for bit.
+    """
+    from lebm_zoo.models.language_model import LSTMLanguageModel
+    from lebm_zoo.text import VocabularyMixin
+
+    model.eval()
+    out: dict[str, float] = {}
+    if isinstance(model, LSTMLanguageModel):
+        with torch.no_grad():
+            return _stats("loglik", model.log_prob(_fixed_texts(model, n)))
+    torch.manual_seed(seed)
+    if hasattr(model, "sample_latent"):
+        z = model.sample_latent(n)
+        out.update(_stats("latent", z))
+        if isinstance(model, VocabularyMixin):
+            with torch.no_grad():
+                out.update(_stats("loglik", model.log_likelihood(_fixed_texts(model, n), z)))
+            return out
+    torch.manual_seed(seed)
+    x = model.sample(n)
+    out.update(_stats("sample", x))
+    if callable(getattr(model, "log_prob", None)):  # the energy's view of them (FCE's EBM, CoopNets' descriptor)
+        with torch.no_grad():
+            out.update(_stats("log_prob", model.log_prob(x.detach())))
+    return out
 
 
 # -------------------------------------------------------------------------------------------------------- loading

@@ -6,6 +6,7 @@ the real data copies are, and the tiny CPU trainer the training tests use.
   fixture writes them into a fresh folder).
 * Training: :func:`tiny_trainer` (a quiet CPU ``pl.Trainer``) and :func:`fit_steps` (fit it for some steps).
 * The CLI: :func:`recipe_fit_args` (``lebm-zoo fit --recipe ...`` on fake MNIST for two steps).
+* Models: :data:`TINY_MODELS`, the smallest instance of each class (tests of every family build them).
 
 ``DATA_ROOT`` is the folder holding the real data sets (``mnist/``, ``ptb/``, ``zinc/``, ``cifar10/``, ``celeba/``):
 ``$LEBM_ZOO_TEST_DATA`` if set, else ``../shared/data`` beside the checkout. Tests that read it carry
@@ -19,6 +20,18 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+from datamodules.text import Vocabulary
+from lebm_zoo import (
+    CoopNets,
+    DivergenceTriangle,
+    FlowContrastiveEBM,
+    JointHierarchicalEBMPrior,
+    LatentEBMPrior,
+    LSTMLanguageModel,
+    SequenceLatentEBMPrior,
+    ShortRunEBM,
+)
 
 TESTS = Path(__file__).resolve().parent
 FIXTURES = TESTS / "fixtures"
@@ -113,3 +126,24 @@ def write_mnist(root: Path, n: int = 24, seed: int = 0, labels=None) -> None:
             np.array([0x803, size, 28, 28], dtype=">i4").tobytes() + imgs.tobytes())
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
             np.array([0x801, size], dtype=">i4").tobytes() + digits.tobytes())
+
+
+TINY_VOCAB = Vocabulary(["a", "b", "c"]).to_list()  # 7 tokens with the specials
+#: the smallest model of each class (and the 2-D FCE), by name: what tests of every family build
+TINY_MODELS = {
+    "LatentEBMPrior": lambda: LatentEBMPrior(img_size=28, channels=1, nz=8, ngf=4, ndf=16, prior_steps=2,
+                                             posterior_steps=2),
+    "JointHierarchicalEBMPrior": lambda: JointHierarchicalEBMPrior(
+        img_size=28, channels=1, nz=(4, 3), ngf=4, cond_hidden=8, cond_layers=1, energy_hidden=8, energy_layers=1,
+        prior_steps=2, posterior_steps=2),
+    "ShortRunEBM": lambda: ShortRunEBM(img_size=28, channels=1, nf=4, n_steps=2),
+    "CoopNets": lambda: CoopNets(img_size=28, channels=1, nz=8, ngf=4, ndf=4, n_out=4, n_chains=4,
+                                 descriptor_steps=2),
+    "DivergenceTriangle": lambda: DivergenceTriangle(img_size=28, channels=1, nz=8, ngf=4, ndf=4, nif=4),
+    "FlowContrastiveEBM": lambda: FlowContrastiveEBM(img_size=28, channels=1, ndf=4, flow_transforms=1,
+                                                     flow_hidden=8),
+    "FlowContrastiveEBM-2d": lambda: FlowContrastiveEBM(dim=2, energy_hidden=8, flow_transforms=1, flow_hidden=8),
+    "SequenceLatentEBMPrior": lambda: SequenceLatentEBMPrior(vocab=TINY_VOCAB, nz=2, ndf=8, emb_dim=8, hidden=8,
+                                                             prior_steps=2, posterior_steps=2, max_decode_length=5),
+    "LSTMLanguageModel": lambda: LSTMLanguageModel(vocab=TINY_VOCAB, emb_dim=8, hidden=8),
+}

@@ -11,45 +11,18 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from _data import tiny_trainer
+from _data import TINY_MODELS, TINY_VOCAB, tiny_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 import lebm_zoo.models.coopnets as coopnets_mod
 import lebm_zoo.models.joint_hierarchical as hierarchical_mod
 import lebm_zoo.models.latent_prior as latent_prior_mod
 import lebm_zoo.models.latent_sequence as latent_sequence_mod
-from datamodules.text import Vocabulary
-from lebm_zoo import (
-    CoopNets,
-    DivergenceTriangle,
-    FlowContrastiveEBM,
-    JointHierarchicalEBMPrior,
-    LatentEBMPrior,
-    LSTMLanguageModel,
-    SequenceLatentEBMPrior,
-    ShortRunEBM,
-)
 from lebm_zoo.models.base import DataShapeError
 from lebm_zoo.utils import check_count, check_images, check_latents, check_tokens, in_training_loop
 
-VOCAB = Vocabulary(["a", "b", "c"]).to_list()  # 7 tokens with the specials
-BUILDERS = {
-    "LatentEBMPrior": lambda: LatentEBMPrior(img_size=28, channels=1, nz=8, ngf=4, ndf=16, prior_steps=2,
-                                             posterior_steps=2),
-    "JointHierarchicalEBMPrior": lambda: JointHierarchicalEBMPrior(
-        img_size=28, channels=1, nz=(4, 3), ngf=4, cond_hidden=8, cond_layers=1, energy_hidden=8, energy_layers=1,
-        prior_steps=2, posterior_steps=2),
-    "ShortRunEBM": lambda: ShortRunEBM(img_size=28, channels=1, nf=4, n_steps=2),
-    "CoopNets": lambda: CoopNets(img_size=28, channels=1, nz=8, ngf=4, ndf=4, n_out=4, n_chains=4,
-                                 descriptor_steps=2),
-    "DivergenceTriangle": lambda: DivergenceTriangle(img_size=28, channels=1, nz=8, ngf=4, ndf=4, nif=4),
-    "FlowContrastiveEBM": lambda: FlowContrastiveEBM(img_size=28, channels=1, ndf=4, flow_transforms=1,
-                                                     flow_hidden=8),
-    "FlowContrastiveEBM-2d": lambda: FlowContrastiveEBM(dim=2, energy_hidden=8, flow_transforms=1, flow_hidden=8),
-    "SequenceLatentEBMPrior": lambda: SequenceLatentEBMPrior(vocab=VOCAB, nz=2, ndf=8, emb_dim=8, hidden=8,
-                                                             prior_steps=2, posterior_steps=2, max_decode_length=5),
-    "LSTMLanguageModel": lambda: LSTMLanguageModel(vocab=VOCAB, emb_dim=8, hidden=8),
-}
+VOCAB = TINY_VOCAB
+BUILDERS = TINY_MODELS
 _CACHE: dict = {}
 
 
@@ -146,6 +119,7 @@ SAMPLERS = {
     "FlowContrastiveEBM.sample": ("FlowContrastiveEBM", lambda m, n: m.sample(n)),
     "FlowContrastiveEBM.sample (vectors)": ("FlowContrastiveEBM-2d", lambda m, n: m.sample(n)),
     "SequenceLatentEBMPrior.sample": ("SequenceLatentEBMPrior", lambda m, n: m.sample(n)),
+    "LSTMLanguageModel.sample": ("LSTMLanguageModel", lambda m, n: m.sample(n)),
     "SequenceLatentEBMPrior.sample_tokens": ("SequenceLatentEBMPrior", lambda m, n: m.sample_tokens(n)),
     "SequenceLatentEBMPrior.sample_latent": ("SequenceLatentEBMPrior", lambda m, n: m.sample_latent(n)),
 }

@@ -7,6 +7,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
+from _data import TINY_MODELS
 from safetensors.torch import load_file
 
 import lebm_zoo
@@ -59,6 +60,29 @@ def test_round_trip(make, tmp_path):
     assert a == b if isinstance(a, list) else torch.equal(a, b)
     assert dict(loaded.hparams) == dict(model.hparams)  # tuples (betas) come back as tuples
     assert loaded.pretrained_config["family"] == type(model).__name__
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_every_family_round_trips_with_its_fingerprint(name, tmp_path):
+    """save_pretrained -> load_pretrained for every model class: the same weights, hyperparameters and fingerprint."""
+    torch.manual_seed(3)
+    model = TINY_MODELS[name]().eval()
+    loaded = lebm_zoo.load_pretrained(model.save_pretrained(tmp_path / name, data="tiny"))
+    assert type(loaded) is type(model) and same_state(model, loaded)
+    assert dict(loaded.hparams) == dict(model.hparams)
+    before = pretrained.fingerprint(model)
+    assert before and all(torch.isfinite(torch.tensor(v)) for v in before.values())
+    assert pretrained.fingerprint(loaded) == before
+    # the fingerprint sees the weights of every network: perturb one and it moves
+    for net_name, net in loaded.named_children():
+        params = [p for p in net.parameters() if p.is_floating_point()]
+        if not params:
+            continue
+        with torch.no_grad():
+            params[0].add_(0.5)
+        assert pretrained.fingerprint(loaded) != before, net_name
+        with torch.no_grad():
+            params[0].sub_(0.5)
 
 
 def test_short_run_buffer_and_vocabulary_travel(tmp_path):
@@ -252,6 +276,56 @@ def test_hub_id_resolves_through_hf_hub_download(tmp_path, monkeypatch):
     assert calls[0] == ("someone/lebm-ptb", "config.json", None)
     with pytest.raises(CheckpointError, match="not a Hugging Face Hub id"):
         lebm_zoo.load_pretrained("hf://no-repo-name")
+
+
+def _hub_cache(root: Path, repo: str, folder: Path, commit: str) -> None:
+    """Lay ``folder``'s files out as huggingface_hub's cache holds a download of ``repo`` at ``commit`` (main):
+    ``models--owner--name/{blobs/<sha256>, snapshots/<commit>/<file> -> ../../blobs/<sha256>, refs/main}``."""
+    import hashlib
+
+    base = root / ("models--" + repo.replace("/", "--"))
+    (base / "blobs").mkdir(parents=True)
+    (base / "refs").mkdir()
+    snap = base / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in folder.iterdir():
+        blob = base / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, blob)
+        (snap / f.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    (base / "refs" / "main").write_text(commit)
+
+
+def test_hub_id_loads_offline_from_the_real_hub_cache(tmp_path):
+    """The real huggingface_hub code path: HF_HUB_OFFLINE=1 and a cache in its own layout, in a fresh process (the
+    library reads both variables at import)."""
+    import os
+    import subprocess
+
+    model = sequence_prior()
+    folder = model.save_pretrained(tmp_path / "published")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    _hub_cache(tmp_path / "hf" / "hub", "someone/lebm-tiny", folder, commit)
+    torch.save(model.state_dict(), tmp_path / "expected.pt")
+    script = (
+        "import sys, torch, lebm_zoo\n"
+        "exp = torch.load(sys.argv[1], weights_only=True)\n"
+        "for ident in ('hf://someone/lebm-tiny', 'hf://someone/lebm-tiny@main', 'hf://someone/lebm-tiny@" + commit + "'):\n"
+        "    m = lebm_zoo.load_pretrained(ident)\n"
+        "    got = m.state_dict()\n"
+        "    assert got.keys() == exp.keys() and all(torch.equal(got[k], exp[k]) for k in exp), ident\n"
+        "try:\n"
+        "    lebm_zoo.load_pretrained('hf://someone/not-cached')\n"
+        "except lebm_zoo.CheckpointError as e:\n"
+        "    print('REFUSED', e)\n"
+        "print('OK')\n")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    env.pop("HUGGINGFACE_HUB_CACHE", None)
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "expected.pt")], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().endswith("OK")
+    assert "REFUSED" in r.stdout and "HF_HUB_OFFLINE is set" in r.stdout and "someone/not-cached" in r.stdout
 
 
 def test_hub_errors_become_checkpoint_errors(monkeypatch):

@@ -77,9 +77,10 @@ class PerplexityCallback(pl.Callback):
     share of the test split).
 
     Args:
-        lm_path: the real-data language model: a checkpoint file, a run folder, or a recipe name (default
-            ``"ptb_lm"``: the newest ``last.ckpt`` of that recipe under the run folder or the current folder). None
-            skips FPPL and RPPL, with a message.
+        lm_path: the real-data language model: a checkpoint file, a run folder, a name from
+            :func:`lebm_zoo.list_pretrained` (``"ptb-lm"``, shipped), or a recipe name (default ``"ptb_lm"``: the
+            newest ``last.ckpt`` of that recipe under the run folder or the current folder, else the shipped model of
+            the same name with a hyphen, ``ptb-lm``). None skips FPPL and RPPL, with a message.
         num_samples: sentences sampled for FPPL and RPPL.
         rppl_epochs: training epochs of the reverse language model (0: RPPL skipped).
         nll_sentences: test sentences used for NLL (None: all; 0: NLL skipped).
@@ -118,20 +119,30 @@ class PerplexityCallback(pl.Callback):
         if stage == "test" and self.lm_path is not None:
             self._lm_file = self.resolve_lm_path(trainer)  # fail before the long test pass, not after it
 
-    def resolve_lm_path(self, trainer: pl.Trainer) -> Path:
-        """``lm_path`` as a file: itself if it exists, else the newest ``last.ckpt`` written by the recipe of that name
-        under ``trainer.default_root_dir`` or the current folder.
+    def resolve_lm_path(self, trainer: pl.Trainer) -> Path | str:
+        """``lm_path`` as something :func:`~lebm_zoo.load_pretrained` reads: the file if it exists, a shipped model's
+        name, else the newest ``last.ckpt`` written by the recipe of that name under ``trainer.default_root_dir`` or
+        the current folder, else the shipped model named like the recipe (``ptb_lm`` -> ``ptb-lm``).
 
         Raises:
             lebm_zoo.CheckpointError: nothing found.
         """
+        from lebm_zoo.pretrained import list_pretrained
+
         path = Path(self.lm_path).expanduser()
         if path.exists():
             return path
+        shipped = {e.name for e in list_pretrained()}
+        if self.lm_path in shipped:
+            return self.lm_path
         for root in dict.fromkeys([Path(trainer.default_root_dir).resolve(), Path.cwd()]):
             found = find_last_checkpoint(root, self.lm_path)
             if found is not None:
                 return found
+        if self.lm_path.replace("_", "-") in shipped:
+            name = self.lm_path.replace("_", "-")
+            rank_zero_info(f"PerplexityCallback: no run of the {self.lm_path} recipe here; using the shipped {name}")
+            return name
         raise CheckpointError(f"PerplexityCallback: lm_path {self.lm_path!r} is neither a file nor the name of a "
                               f"recipe with a last.ckpt under {Path.cwd()}: train `lebm-zoo fit --recipe ptb_lm` "
                               "first, or pass --trainer.callbacks.init_args.lm_path PATH")

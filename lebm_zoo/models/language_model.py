@@ -18,7 +18,7 @@ from lebm_zoo.checkpoint import write_record
 from lebm_zoo.models.base import DataShapeError, EBMModule
 from lebm_zoo.nets import SequenceDecoder
 from lebm_zoo.text import VocabularyMixin
-from lebm_zoo.utils import check_tokens
+from lebm_zoo.utils import check_count, check_tokens
 
 __all__ = ["LSTMLanguageModel"]
 
@@ -80,6 +80,22 @@ class LSTMLanguageModel(VocabularyMixin, pl.LightningModule):
             batch = self._check(batch)
             check_tokens(batch["tokens"], len(self.vocab_obj), batch["mask"], where=where)
         return self.decoder.log_likelihood(batch["tokens"].to(self.device), batch["mask"].to(self.device))
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, max_length: int = 60) -> list[str]:
+        """Draw ``n`` texts by ancestral sampling from ``<bos>`` (at most ``max_length`` tokens, ``<eos>`` included;
+        ``temperature`` 0 decodes greedily). Returns ``n`` strings, tokens joined with ``sep``.
+
+        Raises:
+            ValueError: ``n`` < 1 or not an integer, a negative temperature. DataShapeError: no vocabulary yet.
+        """
+        n = check_count(n, where=f"{type(self).__name__}.sample")
+        if self.vocab_obj is None:
+            raise DataShapeError(f"{type(self).__name__}.sample: the model has no vocabulary yet: build it with "
+                                 "vocab=... or train it first")
+        tokens, _ = self.decoder.generate(None, n, max_length, bos=self.vocab_obj.bos_index,
+                                          eos=self.vocab_obj.eos_index, temperature=temperature)
+        return self.vocab_obj.decode_batch(tokens)
 
     def _loss(self, batch) -> Tensor:
         batch = self._check(batch)

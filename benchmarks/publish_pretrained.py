@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""Publish trained runs into the pretrained registry shipped with the package (``lebm_zoo/weights/``).
+
+For each entry of :data:`ENTRIES` whose run exists under ``--runs``: load the run's ``last.ckpt``, read the test
+metrics that ``lebm-zoo test`` logged for it (TensorBoard events of the test run), write the published folder
+(``config.json`` + fp32 ``model.safetensors``, no optimiser state) with the training and evaluation commands, rebuild
+``lebm_zoo/weights/index.json`` (sha256 and size of every file), store the entry's :func:`lebm_zoo.pretrained.fingerprint`
+in ``tests/fixtures/pretrained_fingerprints.json`` (``tests/test_shipped_weights.py`` recomputes it), and, for image
+models, write a 64-sample grid to ``benchmarks/results/pretrained/<name>.png``. It prints the README's Pretrained
+table at the end.
+
+Usage (from the repository root, after the runs of README "Pretrained" finished)::
+
+    python benchmarks/publish_pretrained.py --runs runs/pub [NAME ...]
+
+Entries already in the index and not named (or whose run is absent) are kept as they are.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from lebm_zoo import pretrained as P  # noqa: E402
+
+FINGERPRINTS = ROOT / "tests" / "fixtures" / "pretrained_fingerprints.json"
+GRIDS = ROOT / "benchmarks" / "results" / "pretrained"
+FIT = ("OMP_NUM_THREADS=1 lebm-zoo fit --recipe {recipe} {data} --trainer.precision {precision} "
+       "--trainer.max_time {budget} --trainer.max_epochs 100{extra} --trainer.default_root_dir runs/pub/{name}")
+TEST = ("OMP_NUM_THREADS=1 lebm-zoo test --recipe {recipe} {data}{extra}{test_extra} --trainer.default_root_dir "
+        "runs/pub/{name}_test --ckpt_path runs/pub/{name}/lightning_logs/version_0/checkpoints/last.ckpt")
+MNIST = "--data.data_dir $DATA/mnist --data.num_workers 0"
+FID = "FID of 1,000 samples vs 1,000 MNIST test images (TF-Inception pool3, 2048 features; lebm-zoo test --recipe {recipe})"
+MSE = ("per-pixel MSE in [0, 1] of G(z) at posterior z (Langevin, the recipe's chain) on 1,000 MNIST test images "
+       "(lebm-zoo test --recipe {recipe})")
+
+#: name -> how it was trained and evaluated. ``run``: the fit's root folder under --runs; ``metrics``: logged test
+#: key -> (published name, protocol); ``budget``: the fit's --trainer.max_time (wall-clock, one thread).
+ENTRIES: dict[str, dict] = {
+    "lebm-mnist": dict(recipe="mnist_prior", data_flags=MNIST, data="MNIST train (59,000 images)",
+                       precision="bf16-mixed", budget="00:00:15:00",
+                       metrics={"test/fid": ("fid", FID), "test/recon_mse": ("recon_mse", MSE)}),
+    "lebm-mnist-gaussian": dict(recipe="mnist_prior", data_flags=MNIST, data="MNIST train (59,000 images)",
+                                precision="bf16-mixed", budget="00:00:15:00", extra=" --model.prior gaussian",
+                                metrics={"test/fid": ("fid", FID), "test/recon_mse": ("recon_mse", MSE)}),
+    "shortrun-mnist": dict(recipe="mnist_shortrun", data_flags=MNIST, data="MNIST train (59,000 images)",
+                           precision="32-true", budget="00:00:15:00", metrics={"test/fid": ("fid", FID)}),
+    "coopnets-mnist": dict(recipe="mnist_coopnets", data_flags=MNIST, data="MNIST train (55,000 images)",
+                           precision="32-true", budget="00:00:15:00", extra=" --model.ngf 32 --model.ndf 32",
+                           metrics={"test/fid": ("fid", FID + "; descriptor-revised samples")}),
+    "triangle-mnist": dict(recipe="mnist_triangle", data_flags=MNIST, data="MNIST train (59,000 images)",
+                           precision="32-true", budget="00:00:15:00",
+                           extra=" --model.ngf 16 --model.ndf 16 --model.nif 16",
+                           metrics={"test/fid": ("fid", FID),
+                                    "test/recon_mse": ("recon_mse", MSE.replace("G(z) at posterior z (Langevin, "
+                                                       "the recipe's chain)", "G(mu(x)) (the inference net)"))}),
+    "fce-mnist": dict(recipe="mnist_fce_glow", data_flags=MNIST, data="MNIST train (59,000 images)",
+                      precision="32-true", budget="00:00:40:00", run="../mnist_fce_glow", test_run="../mnist_fce_glow_test",
+                      metrics={"test/fid": ("fid", FID + "; flow samples")}),
+    "hierarchical-mnist": dict(recipe="mnist_hierarchical", data_flags=MNIST, data="MNIST train (59,000 images)",
+                               precision="bf16-mixed", budget="00:00:15:00", metrics={"test/fid": ("fid", FID)}),
+    "fce-toy2d": dict(recipe="toy2d_fce", data_flags="", data="2-D eight-Gaussian mixture (500,000 generated points)",
+                      precision="32-true", budget=None, fit_override=(
+                          "OMP_NUM_THREADS=1 lebm-zoo fit --recipe toy2d_fce --trainer.max_epochs 5 "
+                          "--trainer.default_root_dir runs/pub/fce-toy2d"), eval_override="(validation of the fit)",
+                      metrics={"val/log_p_ebm": ("heldout_logp_ebm", "mean log-density (nats) of the normalised EBM on "
+                                                "5,000 held-out points; the true mixture's is about -0.31"),
+                               "val/log_q_flow": ("heldout_logq_flow", "mean log-density (nats) of the flow on the "
+                                                 "same points")}, test_run=None),
+    "ptb-lm": dict(recipe="ptb_lm", data_flags="--data.data_dir $DATA/ptb", data="Penn Treebank train (42,068 sentences)",
+                   precision="bf16-mixed", budget="00:00:08:00", extra=" --model.emb_dim 32 --model.hidden 64",
+                   fit_extra_drop_epochs=True, test_extra_drop=True,
+                   metrics={"test/ppl": ("ppl", "perplexity per token (with <eos>) on the PTB test set "
+                                         "(lebm-zoo test --recipe ptb_lm)")}),
+    "ptb-prior": dict(recipe="ptb_prior", data_flags="--data.data_dir $DATA/ptb",
+                      data="Penn Treebank train (42,068 sentences)", precision="bf16-mixed", budget="00:00:15:00",
+                      extra=" --model.emb_dim 32 --model.hidden 64", fit_extra_drop_epochs=True, test_extra_drop=True,
+                      test_extra=(" --trainer.callbacks.init_args.lm_path runs/pub/ptb-lm/lightning_logs/version_0/"
+                                  "checkpoints/last.ckpt --trainer.callbacks.init_args.num_samples 2000 "
+                                  "--trainer.callbacks.init_args.nll_sentences 500"),
+                      metrics={"test/fppl": ("fppl", "forward perplexity: 2,000 samples (temperature 1) scored by "
+                                             "ptb-lm"),
+                               "test/rppl": ("rppl", "reverse perplexity: an LM of ptb-lm's size trained 5 epochs "
+                                             "on 2,000 samples, scored on the PTB test set"),
+                               "test/nll": ("nll", "importance-sampled -log p(x), nats per sentence, on the first 500 "
+                                            "PTB test sentences (100 samples, 4 posterior chains each)")}),
+    "moses-prior": dict(recipe="moses_prior", data_flags="--data.data_dir $DATA/zinc/moses --data.train_size 200000",
+                        data="MOSES train, a random 200,000 of 1,584,663 molecules (seed 1)", precision="bf16-mixed",
+                        budget="00:00:15:00", extra=" --model.hidden 128", fit_extra_drop_epochs=True,
+                        test_extra=" --trainer.callbacks.init_args.num_samples 2000",
+                        metrics={f"test/{k}": (k, f"{k} of 2,000 prior samples (RDKit; lebm-zoo test --recipe "
+                                               "moses_prior; novelty against the 200,000 training molecules)")
+                                 for k in ("validity", "uniqueness", "novelty")}),
+}
+
+
+def _scalars(run: Path) -> dict[str, float]:
+    """The last value of every scalar in the TensorBoard events below ``run``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, float] = {}
+    for ev in sorted(run.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        acc = EventAccumulator(str(ev), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out[tag] = float(acc.Scalars(tag)[-1].value)
+    return out
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _commands(name: str, spec: dict) -> tuple[str, str]:
+    extra = spec.get("extra", "")
+    fit = spec.get("fit_override") or FIT.format(recipe=spec["recipe"], data=spec["data_flags"], name=name,
+                                                 precision=spec["precision"], budget=spec["budget"], extra=extra)
+    if spec.get("fit_extra_drop_epochs"):
+        fit = fit.replace(" --trainer.max_epochs 100", "")
+    if spec.get("run", "").startswith(".."):  # runs made for the README's side-by-side table
+        fit = fit.replace(f"runs/pub/{name}", f"runs/{spec['recipe']}")
+    test = spec.get("eval_override") or TEST.format(recipe=spec["recipe"], data=spec["data_flags"], name=name,
+                                                    extra="" if spec.get("test_extra_drop") else extra,
+                                                    test_extra=spec.get("test_extra", ""))
+    if spec.get("run", "").startswith(".."):
+        test = test.replace(f"runs/pub/{name}_test", f"runs/{spec['recipe']}_test").replace(
+            f"runs/pub/{name}/", f"runs/{spec['recipe']}/")
+    return fit, test.replace("  ", " ")
+
+
+def publish(name: str, spec: dict, runs: Path) -> dict | None:
+    run = (runs / spec.get("run", name)).resolve()
+    ckpt = run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        print(f"{name}: no {ckpt}, skipped")
+        return None
+    test_run = spec.get("test_run", f"{name}_test")
+    scalars = _scalars(run if test_run is None else (runs / test_run).resolve())
+    metrics = {}
+    for key, (metric, protocol) in spec["metrics"].items():
+        if key not in scalars:
+            raise SystemExit(f"{name}: the run logged no {key} (it has {sorted(scalars)})")
+        metrics[metric] = {"value": round(scalars[key], 6), "protocol": protocol}
+    model = P.load_pretrained(ckpt)
+    ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+    steps = int(ck.get("global_step", 0))
+    fit, test = _commands(name, spec)
+    folder = P.WEIGHTS_DIR / name
+    for old in folder.glob("*") if folder.is_dir() else []:
+        old.unlink()
+    P.save_pretrained(model, folder, recipe=spec["recipe"], data=spec["data"], training_steps=steps, metrics=metrics,
+                      training={"command": fit, "evaluation": test, "budget": spec["budget"] or "5 epochs",
+                                "threads": 1, "cpu": _cpu()})
+    model = P.load_pretrained(folder)
+    fp = P.fingerprint(model)
+    if hasattr(model, "hparams") and model.hparams.get("img_size") and not hasattr(model, "vocab_obj"):
+        from lebm_zoo.cli import main
+
+        GRIDS.mkdir(parents=True, exist_ok=True)
+        main(["sample", str(folder), "-n", "64", "-o", str(GRIDS / f"{name}.png"), "--seed", "0"])
+    print(f"{name}: {steps} iterations, {metrics}")
+    return {"fingerprint": fp, "steps": steps}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "pub")
+    parser.add_argument("names", nargs="*", help="entries to (re)publish (default: every entry with a run)")
+    args = parser.parse_args()
+    unknown = set(args.names) - set(ENTRIES)
+    if unknown:
+        raise SystemExit(f"unknown entries {sorted(unknown)}; known: {sorted(ENTRIES)}")
+    fps = json.loads(FINGERPRINTS.read_text()) if FINGERPRINTS.is_file() else {}
+    for name in args.names or ENTRIES:
+        done = publish(name, ENTRIES[name], args.runs)
+        if done is not None:
+            fps[name] = done["fingerprint"]
+    # rebuild the index from every published folder (the quickstart's included)
+    old = {e["name"]: e for e in json.loads(P.INDEX_PATH.read_text())} if P.INDEX_PATH.is_file() else {}
+    index = []
+    for folder in sorted(p for p in P.WEIGHTS_DIR.iterdir() if (p / P.CONFIG_NAME).is_file()):
+        data = old.get(folder.name, {}).get("data")
+        index.append(P.make_registry_entry(folder, folder.name, data=data))
+    P.INDEX_PATH.write_text(json.dumps(index, indent=1) + "\n")
+    for e in P.list_pretrained():
+        if e.name not in fps:
+            fps[e.name] = P.fingerprint(P.load_pretrained(e.name))
+    FINGERPRINTS.write_text(json.dumps(dict(sorted(fps.items())), indent=1) + "\n")
+    total = sum(e.size for e in P.list_pretrained())
+    print(f"registry: {len(index)} entries, {total / 1e6:.1f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
