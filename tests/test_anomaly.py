@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from _data import DATA_ROOT, fixed_batch, tensor_loader, tiny_trainer, write_mnist
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 from torch.utils.data import DataLoader, TensorDataset
 
 from datamodules import DatasetNotFoundError, MNISTAnomalyDataModule
@@ -48,9 +48,48 @@ def setup(root, **kw):
     return dm
 
 
-def test_split_is_the_exact_protocol(fake_mnist):
+def reference_split(images, digits, label, seed=42):
+    """The cited code's split (Zenati et al., data/mnist.py), restated: a generator shared by the get_train and the
+    get_test call, each drawing a permutation of the normals and then one of its test set."""
+    cut = 60 - 60 // 6  # the pickle's train part of our 60 fake training images; the rest is its validation part
+    pool = np.r_[np.arange(cut), 60 + np.arange(20), np.arange(cut, 60)]  # x_train, x_test, x_valid
+    rng = np.random.RandomState(seed)
+
+    def get(split):
+        normal = pool[digits[pool] != label]
+        normal = normal[rng.permutation(len(normal))]
+        index = int(len(normal) * 0.8)
+        test = np.concatenate([normal[index:], pool[digits[pool] == label]])
+        rng.permutation(len(test))  # the test shuffle: order only, but it advances the shared generator
+        return normal[:index] if split == "train" else test
+
+    return get("train"), get("test")
+
+
+def test_reference_split_is_the_cited_codes(fake_mnist):
     images, digits = pooled(fake_mnist)
-    dm = setup(fake_mnist, heldout_digit=1)
+    dm = setup(fake_mnist, heldout_digit=1)  # split="reference", the default
+    train, test = reference_split(images, digits, 1)
+    assert (dm.num_train, dm.num_val, dm.num_test, dm.num_test_anomalies) == (57, 0, 23, 8)
+    train_x, train_y = split_arrays(dm.train_set)
+    test_x, test_y = split_arrays(dm.test_set)
+    assert np.array_equal(train_x, images[train]) and not train_y.any()
+    # the same images (our test split lists normals then anomalies; the reference shuffles them, order-free metrics)
+    assert sorted(map(bytes, test_x)) == sorted(map(bytes, images[test]))
+    assert test_y.sum() == 8 and np.array_equal(np.sort(test_x[test_y == 1].reshape(8, -1), 0),
+                                                 np.sort(images[digits == 1].reshape(8, -1), 0))
+    # most test normals were trained on, as in the reference; the count is exact
+    overlap = len(set(test[:15].tolist()) & set(train.tolist()))
+    assert dm.num_test_normals_in_train == overlap and 8 <= overlap < 15
+    disjoint = setup(fake_mnist, heldout_digit=1, split="disjoint")
+    assert disjoint.num_test_normals_in_train == 0
+    with pytest.raises(ValueError, match="split must be"):
+        MNISTAnomalyDataModule(str(fake_mnist), split="random")
+
+
+def test_disjoint_split_is_the_exact_protocol(fake_mnist):
+    images, digits = pooled(fake_mnist)
+    dm = setup(fake_mnist, heldout_digit=1, split="disjoint")
     # 72 normal images: train on floor(0.8 * 72) = 57 (round would give 58), test on the other 15 + all 8 ones
     assert (dm.num_train, dm.num_val, dm.num_test, dm.num_test_anomalies) == (57, 0, 23, 8)
     assert (dm.channels, dm.img_size) == (1, 28)
@@ -66,10 +105,10 @@ def test_split_is_the_exact_protocol(fake_mnist):
     x, y = next(iter(dm.test_dataloader()))
     assert x.shape == (8, 1, 28, 28) and y.dtype == torch.int64
     # determinism across instances; another digit gives other splits
-    again = setup(fake_mnist, heldout_digit=1)
+    again = setup(fake_mnist, heldout_digit=1, split="disjoint")
     assert np.array_equal(split_arrays(again.train_set)[0], train_x)
     assert np.array_equal(split_arrays(again.test_set)[0], test_x)
-    four = setup(fake_mnist, heldout_digit=4)
+    four = setup(fake_mnist, heldout_digit=4, split="disjoint")
     four_test_x, four_test_y = split_arrays(four.test_set)
     assert not np.array_equal(split_arrays(four.train_set)[0], train_x)
     assert np.array_equal(four_test_x[four_test_y == 1], images[digits == 4])
@@ -111,6 +150,9 @@ def test_real_mnist_split_sizes():
     dm = setup(MNIST_DIR, heldout_digit=1)
     # 70,000 images, 7,877 ones: 62,123 normals -> floor(0.8 * 62,123) = 49,698 train, 12,425 + 7,877 test
     assert (dm.num_train, dm.num_test, dm.num_test_anomalies) == (49_698, 20_302, 7_877)
+    # the reference's test normals are a fresh 20% draw: about 80% of its 12,425 were trained on
+    assert 0.78 * 12_425 < dm.num_test_normals_in_train < 0.82 * 12_425
+    assert setup(MNIST_DIR, heldout_digit=1, split="disjoint").num_test_normals_in_train == 0
 
 
 # ------------------------------------------------------------------------------------------------------- callback
@@ -148,16 +190,22 @@ def test_callback_matches_sklearn(tmp_path, scale, shift):
     scores = SCORES * scale + shift
     cb = AnomalyDetectionCallback()
     out = tiny_trainer(tmp_path, [cb]).test(KnownScores(), scored_loader(scores))[0]
-    auprc, auroc = average_precision_score(LABELS, scores), roc_auc_score(LABELS, scores)
+    precision, recall, _ = precision_recall_curve(LABELS, scores)
+    auprc, ap, auroc = auc(recall, precision), average_precision_score(LABELS, scores), roc_auc_score(LABELS, scores)
+    assert abs(auprc - ap) > 1e-3  # the protocol's trapezoid and the step-wise AP differ on this data: both checked
     assert isinstance(cb.last_auprc, float) and isinstance(cb.last_auroc, float)
     assert cb.last_auprc == pytest.approx(auprc, abs=1e-6) and cb.last_auroc == pytest.approx(auroc, abs=1e-6)
+    assert cb.last_ap == pytest.approx(ap, abs=1e-6)
     assert out["test/auprc"] == pytest.approx(auprc, abs=1e-6) and out["test/auroc"] == pytest.approx(auroc, abs=1e-6)
+    assert out["test/ap"] == pytest.approx(ap, abs=1e-6)
 
 
 def test_callback_caps_images(tmp_path):
     capped = AnomalyDetectionCallback(max_images=7)
     tiny_trainer(tmp_path, [capped]).test(KnownScores(), scored_loader())
-    assert capped.last_auprc == pytest.approx(average_precision_score(LABELS[:7], SCORES[:7]), abs=1e-6)
+    assert capped.last_ap == pytest.approx(average_precision_score(LABELS[:7], SCORES[:7]), abs=1e-6)
+    precision, recall, _ = precision_recall_curve(LABELS[:7], SCORES[:7])
+    assert capped.last_auprc == pytest.approx(auc(recall, precision), abs=1e-6)
 
 
 def test_callback_validation_needs_both_classes(tmp_path):
@@ -165,7 +213,7 @@ def test_callback_validation_needs_both_classes(tmp_path):
     cb = AnomalyDetectionCallback(every_n_epochs=1, on_test=False)
     t = tiny_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1)
     t.fit(KnownScores(), train, scored_loader())
-    assert t.callback_metrics["val/auprc"] == pytest.approx(average_precision_score(LABELS, SCORES), abs=1e-6)
+    assert t.callback_metrics["val/ap"] == pytest.approx(average_precision_score(LABELS, SCORES), abs=1e-6)
     assert "test/auprc" not in tiny_trainer(tmp_path, [cb]).test(KnownScores(), scored_loader())[0]
     one_class = AnomalyDetectionCallback(every_n_epochs=1)
     t = tiny_trainer(tmp_path, [one_class], max_epochs=1, limit_train_batches=1)

@@ -7,7 +7,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
-from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
+from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision, BinaryPrecisionRecallCurve
 
 from lebm_zoo.samplers import as_normal_tensor
 from lebm_zoo.utils import images_from_batch
@@ -28,8 +28,19 @@ class _RawScores:
         self.target.append(target.flatten())
 
 
-class _AUPRC(_RawScores, BinaryAveragePrecision):
-    """``BinaryAveragePrecision`` of raw scores."""
+class _AP(_RawScores, BinaryAveragePrecision):
+    """``BinaryAveragePrecision`` of raw scores (scikit-learn's ``average_precision_score``)."""
+
+
+class _AUPRC(_RawScores, BinaryPrecisionRecallCurve):
+    """The trapezoidal area under the precision-recall curve of raw scores: scikit-learn's
+    ``auc(recall, precision)`` of ``precision_recall_curve(labels, scores)``, what the protocol's code computes
+    (houssamzenati/Efficient-GAN-Anomaly-Detection ``utils/evaluations.py`` lines 19-20; the same in
+    ritheshkumar95/energy_based_generative_models ``scripts/train/anomaly_mnist.py``)."""
+
+    def compute(self) -> Tensor:
+        precision, recall, _ = super().compute()  # recall falls from 1 to 0, as scikit-learn's
+        return torch.trapezoid(precision, recall).abs()
 
 
 class _AUROC(_RawScores, BinaryAUROC):
@@ -41,11 +52,14 @@ class AnomalyDetectionCallback(pl.Callback):
 
     Every image of the evaluated split is scored with ``pl_module.anomaly_score(x)`` (``x`` ``(B, C, H, W)`` in
     [-1, 1] -> ``(B,)`` real scores, higher = more anomalous); its label is the batch's ``y`` (1 = anomaly, the
-    positive class; 0 = normal), e.g. the batches of :class:`~datamodules.MNISTAnomalyDataModule`. AUPRC is
-    torchmetrics ``BinaryAveragePrecision`` (exact, no thresholds binning; the same step-wise average precision as
-    scikit-learn's ``average_precision_score``) and AUROC ``BinaryAUROC``, both in [0, 1], of the raw scores (without
-    the sigmoid torchmetrics applies batch by batch to scores outside [0, 1]). The AUPRC of a random score is the
-    fraction of anomalies in the split; the AUROC of a random score is 0.5.
+    positive class; 0 = normal), e.g. the batches of :class:`~datamodules.MNISTAnomalyDataModule`. AUPRC is the
+    protocol's: the trapezoidal area under the exact precision-recall curve (scikit-learn's ``auc(recall,
+    precision)`` of ``precision_recall_curve``, as the code of Zenati et al. 2018 and Kumar et al. 2019 computes it;
+    torchmetrics ``BinaryPrecisionRecallCurve``, no threshold binning). The step-wise average precision
+    (scikit-learn's ``average_precision_score``, torchmetrics ``BinaryAveragePrecision``) is logged beside it as
+    ``ap``; the two differ by about 1e-3 on MNIST splits. AUROC is ``BinaryAUROC``. All are in [0, 1] and computed on
+    the raw scores (without the sigmoid torchmetrics applies batch by batch to scores outside [0, 1]). The AUPRC of a
+    random score is about the fraction of anomalies in the split; the AUROC of a random score is 0.5.
 
     Scores are collected in ``on_test_batch_end`` (and ``on_validation_batch_end``; first dataloader only, never
     during the sanity check) into the metric objects on every rank, and computed at epoch end on every rank
@@ -66,10 +80,10 @@ class AnomalyDetectionCallback(pl.Callback):
             images first, so a cap below their number scores no anomaly there.
 
     Attributes:
-        last_auprc, last_auroc: the latest values as floats (NaN before the first evaluation).
+        last_auprc, last_ap, last_auroc: the latest values as floats (NaN before the first evaluation).
 
     Logs:
-        ``test/auprc``, ``test/auroc`` (and ``val/auprc``, ``val/auroc``); higher is better.
+        ``test/auprc``, ``test/ap``, ``test/auroc`` (and ``val/...``); higher is better.
 
     Raises:
         ValueError: for ``every_n_epochs < 0`` or ``max_images < 1``; for labels other than 0 and 1, or scores of a
@@ -86,8 +100,10 @@ class AnomalyDetectionCallback(pl.Callback):
         self.on_test = on_test
         self.max_images = max_images
         self.auprc = _AUPRC()
+        self.ap = _AP()
         self.auroc = _AUROC()
         self.last_auprc = math.nan
+        self.last_ap = math.nan
         self.last_auroc = math.nan
         self._active = False
         self._seen = 0
@@ -105,9 +121,10 @@ class AnomalyDetectionCallback(pl.Callback):
         self._class_counts = torch.zeros(2, dtype=torch.long, device=pl_module.device)
         with torch.inference_mode(False):
             self.auprc = self.auprc.to(pl_module.device)
+            self.ap = self.ap.to(pl_module.device)
             self.auroc = self.auroc.to(pl_module.device)
-            self.auprc.reset()
-            self.auroc.reset()
+            for metric in (self.auprc, self.ap, self.auroc):
+                metric.reset()
 
     def _val_due(self, trainer: pl.Trainer) -> bool:
         return (not trainer.sanity_checking and self.every_n_epochs > 0
@@ -145,8 +162,8 @@ class AnomalyDetectionCallback(pl.Callback):
                              "finite ones; check the model's weights and sampler settings")
         with torch.inference_mode(False), torch.no_grad():
             scores, y = as_normal_tensor(scores.detach().float()), as_normal_tensor(y)
-            self.auprc.update(scores, y)
-            self.auroc.update(scores, y)
+            for metric in (self.auprc, self.ap, self.auroc):
+                metric.update(scores, y)
             self._class_counts = self._class_counts + torch.bincount(y, minlength=2)
         self._seen += x.shape[0]
 
@@ -169,9 +186,11 @@ class AnomalyDetectionCallback(pl.Callback):
             self._warned_one_class = self._warned_one_class or split == "val"
             return
         with torch.inference_mode(False), torch.no_grad():
-            auprc, auroc = self.auprc.compute(), self.auroc.compute()  # every rank: gathers all ranks' scores
-        self.last_auprc, self.last_auroc = float(auprc), float(auroc)
+            # every rank: gathers all ranks' scores
+            auprc, ap, auroc = self.auprc.compute(), self.ap.compute(), self.auroc.compute()
+        self.last_auprc, self.last_ap, self.last_auroc = float(auprc), float(ap), float(auroc)
         pl_module.log(f"{split}/auprc", auprc, sync_dist=True)
+        pl_module.log(f"{split}/ap", ap, sync_dist=True)
         pl_module.log(f"{split}/auroc", auroc, sync_dist=True)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

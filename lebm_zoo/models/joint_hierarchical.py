@@ -369,7 +369,9 @@ class JointHierarchicalEBMPrior(EBMModule):
     def anomaly_score(self, x: Tensor, k: int | None = -1, n_steps: int | None = None) -> Tensor:
         """Anomaly score of images (higher = more anomalous), ``(B,)``.
 
-        ``k=None``: ``-log p(x, z)`` at posterior z (the LEBM decision function). ``k``: the likelihood ratio
+        ``k=None``: ``-L^{>0}``, minus the un-normalised log-posterior ``L^{>0} = log p(x | z_1) + sum_l
+        log p(z_l | z_{l+1}) + sum_l f_l(z_l)`` (:meth:`log_joint`) at the joint posterior sample z: the decision
+        function of Cui et al. (2023) for MNIST anomaly detection, and the LEBM one. ``k``: the likelihood ratio
         LLR^{>k} of Cui et al. (2023, after Havtorn et al. 2021), estimated with our chains as
         ``log p(x, z) - log p(x, z~)``, where z is the joint posterior sample and z~ keeps its layers above k while
         layers 1..k are resampled from the prior given them: how much better x is explained when its low-level
