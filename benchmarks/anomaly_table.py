@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""The README's MNIST anomaly-detection table: our test AUPRC per held-out digit (mean +- std over seeds) beside the
+papers' rows, the AUPRC of a random score and of the worst possible score on the split, and a bar chart.
+
+Runs are found by name under ``--runs``: ``<model>_d<digit>_s<seed>_test/`` folders holding the TensorBoard events of
+``lebm-zoo test`` (``test/auprc``; ``<model>`` is ``prior`` or ``hierarchical``), as the commands in the README's
+anomaly section write them.
+
+Usage::
+
+    python benchmarks/anomaly_table.py --runs runs/anomaly [--chart benchmarks/results/mnist_anomaly_auprc.png]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import statistics
+from pathlib import Path
+
+DIGITS = (1, 4, 5, 7, 9)
+#: images of each digit among MNIST's 70,000 (train + test)
+DIGIT_COUNTS = {0: 6903, 1: 7877, 2: 6990, 3: 7141, 4: 6824, 5: 6313, 6: 6876, 7: 7293, 8: 6825, 9: 6958}
+#: the papers' AUPRC (mean +- std over their runs)
+PAPER = {
+    "LEBM (Pang et al. 2020)": {1: (0.336, 0.008), 4: (0.630, 0.017), 5: (0.619, 0.013), 7: (0.463, 0.009),
+                                9: (0.413, 0.010)},
+    "hierarchical joint EBM prior, L^{>0} (Cui et al. 2023)": {1: (0.470, 0.009), 4: (0.941, 0.001),
+                                                               5: (0.964, 0.003), 7: (0.815, 0.004),
+                                                               9: (0.796, 0.004)},
+}
+MODELS = {"prior": "ours, LEBM (`mnist_anomaly_prior`)",
+          "hierarchical": "ours, hierarchical, L^{>0} (`mnist_anomaly_hierarchical`)"}
+RUN = re.compile(r"^(?P<model>[a-z]+)_d(?P<digit>\d)_s(?P<seed>\d+)_test$")
+
+
+def split_counts(digit: int, train_fraction: float = 0.8) -> tuple[int, int]:
+    """(normal, anomalous) images in the test split of MNISTAnomalyDataModule for ``digit``."""
+    anomalies = DIGIT_COUNTS[digit]
+    normals = 70_000 - anomalies
+    return normals - math.floor(train_fraction * normals), anomalies
+
+
+def baseline_auprc(digit: int) -> tuple[float, float]:
+    """(random, worst) AUPRC of the split, the protocol's ``auc(recall, precision)``: of uniform random scores (the
+    mean of 5 seeds; about the anomaly share) and of a score ranking every anomaly below every normal. (A constant
+    score is no baseline for this metric: its curve is one step and the trapezoid gives (1 + share) / 2.)"""
+    import numpy as np
+    from sklearn.metrics import auc, precision_recall_curve
+
+    n, a = split_counts(digit)
+    y = np.r_[np.zeros(n), np.ones(a)]
+    random = np.mean([auc(*precision_recall_curve(y, np.random.RandomState(s).rand(n + a))[1::-1])
+                      for s in range(5)])
+    worst = auc(*precision_recall_curve(y, np.r_[np.ones(n), np.zeros(a)])[1::-1])
+    return float(random), float(worst)
+
+
+def collect(runs: Path, key: str = "test/auprc") -> dict[str, dict[int, list[float]]]:
+    """``{model: {digit: [value per seed]}}`` from the test runs' TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, dict[int, list[float]]] = {}
+    for folder in sorted(p for p in runs.iterdir() if p.is_dir()):
+        m = RUN.match(folder.name)
+        if m is None:
+            continue
+        values = []
+        for ev in sorted(folder.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+            acc = EventAccumulator(str(ev), size_guidance={"scalars": 0})
+            acc.Reload()
+            if key in acc.Tags()["scalars"]:
+                values.append(acc.Scalars(key)[-1].value)
+        if values:
+            out.setdefault(m["model"], {}).setdefault(int(m["digit"]), []).append(float(values[-1]))
+    return out
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.3f} (1 run)"
+    return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f} ({len(values)} runs)"
+
+
+def table(results: dict[str, dict[int, list[float]]]) -> str:
+    """The Markdown table: ours, the papers', random and worst-possible AUPRC per digit."""
+    head = "| AUPRC | " + " | ".join(str(d) for d in DIGITS) + " |"
+    rows = [head, "|---" * (len(DIGITS) + 1) + "|"]
+    for model, label in MODELS.items():
+        if model in results:
+            rows.append(f"| **{label}** | " + " | ".join(_cell(results[model].get(d, [])) for d in DIGITS) + " |")
+    for label, vals in PAPER.items():
+        rows.append(f"| paper, {label} | " + " | ".join(f"{vals[d][0]:.3f} +- {vals[d][1]:.3f}" for d in DIGITS) + " |")
+    base = {d: baseline_auprc(d) for d in DIGITS}
+    rows.append("| random score (about the anomaly share) | " + " | ".join(f"{base[d][0]:.3f}" for d in DIGITS) + " |")
+    rows.append("| worst possible score | " + " | ".join(f"{base[d][1]:.3f}" for d in DIGITS) + " |")
+    return "\n".join(rows)
+
+
+def chart(results: dict[str, dict[int, list[float]]], out: Path) -> None:
+    """Bars per digit: ours (mean, std error bars) beside the papers' rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    series = [(MODELS[m].split(" (")[0], [results[m].get(d, []) for d in DIGITS]) for m in MODELS if m in results]
+    series += [(f"paper, {k.split(' (')[0]}", [[v[d][0]] for d in DIGITS]) for k, v in PAPER.items()]
+    x = np.arange(len(DIGITS))
+    w = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for i, (label, vals) in enumerate(series):
+        means = [statistics.mean(v) if v else 0.0 for v in vals]
+        errs = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+        ax.bar(x + (i - (len(series) - 1) / 2) * w, means, w, yerr=errs, label=label, capsize=2)
+    worst = [baseline_auprc(d)[1] for d in DIGITS]
+    ax.plot(x, worst, "k_", markersize=30, label="worst possible")
+    ax.set_xticks(x, [f"digit {d}" for d in DIGITS])
+    ax.set_ylabel("AUPRC (test)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=Path, required=True)
+    parser.add_argument("--chart", type=Path, default=None, help="write the bar chart here (PNG)")
+    args = parser.parse_args()
+    if not args.runs.is_dir():
+        raise SystemExit(f"--runs {args.runs}: no such folder")
+    results = collect(args.runs)
+    if not results:
+        raise SystemExit(f"no <model>_d<digit>_s<seed>_test runs with test/auprc under {args.runs}")
+    print(table(results))
+    if args.chart:
+        chart(results, args.chart)
+        print(args.chart)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
