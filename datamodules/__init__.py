@@ -6,6 +6,7 @@ from datamodules.cifar10 import CIFAR10DataModule
 from datamodules.image_folder import ImageFolderDataModule
 from datamodules.mnist import MNISTDataModule, QuickstartMNISTDataModule
 from datamodules.molecules import ZINCDataModule
+from datamodules.semisup import SemiSupervisedDataModule
 from datamodules.svhn import SVHNDataModule
 from datamodules.text import PTBDataModule, SequenceDataModule
 from datamodules.toy import EightGaussiansDataModule
@@ -22,6 +23,7 @@ __all__ = [
     "MNISTDataModule",
     "PTBDataModule",
     "QuickstartMNISTDataModule",
+    "SemiSupervisedDataModule",
     "SequenceDataModule",
     "SVHNDataModule",
     "Vocabulary",

@@ -17,6 +17,7 @@ from lebm_zoo.models import (  # noqa: E402
     LSTMLanguageModel,
     SequenceLatentEBMPrior,
     ShortRunEBM,
+    SymbolVectorLEBM,
 )
 from lebm_zoo.models.base import DataShapeError, TrainingDivergedError  # noqa: E402  (the errors' owner)
 from lebm_zoo.pretrained import list_pretrained, load_pretrained  # noqa: E402
@@ -39,6 +40,7 @@ __all__ = [
     "SamplerMixin",
     "SequenceLatentEBMPrior",
     "ShortRunEBM",
+    "SymbolVectorLEBM",
     "TrainingDivergedError",
     "list_pretrained",
     "load_pretrained",

@@ -31,6 +31,7 @@ from lebm_zoo import (
     LSTMLanguageModel,
     SequenceLatentEBMPrior,
     ShortRunEBM,
+    SymbolVectorLEBM,
 )
 
 TESTS = Path(__file__).resolve().parent
@@ -146,4 +147,6 @@ TINY_MODELS = {
     "SequenceLatentEBMPrior": lambda: SequenceLatentEBMPrior(vocab=TINY_VOCAB, nz=2, ndf=8, emb_dim=8, hidden=8,
                                                              prior_steps=2, posterior_steps=2, max_decode_length=5),
     "LSTMLanguageModel": lambda: LSTMLanguageModel(vocab=TINY_VOCAB, emb_dim=8, hidden=8),
+    "SymbolVectorLEBM": lambda: SymbolVectorLEBM(img_size=28, channels=1, nz=8, ngf=4, ndf=16, n_classes=3,
+                                                 prior_steps=2, posterior_steps=2),
 }

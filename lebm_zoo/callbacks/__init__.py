@@ -1,8 +1,10 @@
 """Metric and visualisation callbacks. They read models only through ``sample(n)``, ``reconstruct(x)`` and
-``anomaly_score(x)``.
+``anomaly_score(x)`` (and ``classify(x)``).
 
 - :class:`AnomalyDetectionCallback`: AUPRC and AUROC of ``anomaly_score`` on labelled normal/anomalous images
   (``test/auprc``, ``test/auroc``).
+- :class:`ClassificationAccuracy`: accuracy of ``classify`` on labelled images (``val/accuracy``, ``test/accuracy``);
+  :class:`ClassRegionPlot2D`: a 2-D classifier's class regions in latent and data space.
 - :class:`FIDCallback`: FID of ``sample`` against real images (``val/fid``, ``test/fid``).
 - :class:`MoleculeMetricsCallback`: validity, uniqueness, novelty, diversity and property distances of sampled
   SMILES (RDKit), with property histograms and a molecule grid.
@@ -14,6 +16,7 @@
 - :class:`SampleGrid`: a PNG grid of ``sample`` with a fixed forked seed, also sent to image-capable loggers.
 """
 from lebm_zoo.callbacks.anomaly import AnomalyDetectionCallback
+from lebm_zoo.callbacks.classification import ClassificationAccuracy, ClassRegionPlot2D
 from lebm_zoo.callbacks.density import DensityPlot2D
 from lebm_zoo.callbacks.fid import FIDCallback, FIDWeightsNotFoundError, default_fid_weights
 from lebm_zoo.callbacks.molecules import MoleculeMetricsCallback
@@ -21,6 +24,6 @@ from lebm_zoo.callbacks.perplexity import PerplexityCallback
 from lebm_zoo.callbacks.reconstruction import ReconstructionMSE
 from lebm_zoo.callbacks.samples import SampleGrid
 
-__all__ = ["AnomalyDetectionCallback", "DensityPlot2D", "FIDCallback", "FIDWeightsNotFoundError",
-           "MoleculeMetricsCallback", "PerplexityCallback", "ReconstructionMSE",
+__all__ = ["AnomalyDetectionCallback", "ClassificationAccuracy", "ClassRegionPlot2D", "DensityPlot2D", "FIDCallback",
+           "FIDWeightsNotFoundError", "MoleculeMetricsCallback", "PerplexityCallback", "ReconstructionMSE",
            "SampleGrid", "default_fid_weights"]

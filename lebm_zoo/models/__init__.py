@@ -7,8 +7,9 @@ from lebm_zoo.models.language_model import LSTMLanguageModel
 from lebm_zoo.models.latent_prior import LatentEBMPrior, LatentPriorBase
 from lebm_zoo.models.latent_sequence import SequenceLatentEBMPrior
 from lebm_zoo.models.short_run import ShortRunEBM
+from lebm_zoo.models.symbol_vector import SymbolVectorLEBM
 from lebm_zoo.models.triangle import DivergenceTriangle
 
 __all__ = ["CoopNets", "DataShapeError", "DivergenceTriangle", "EBMModule", "FlowContrastiveEBM",
            "JointHierarchicalEBMPrior", "LatentEBMPrior", "LatentPriorBase", "LSTMLanguageModel",
-           "SequenceLatentEBMPrior", "ShortRunEBM", "TrainingDivergedError"]
+           "SequenceLatentEBMPrior", "ShortRunEBM", "SymbolVectorLEBM", "TrainingDivergedError"]

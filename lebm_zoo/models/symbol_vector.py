@@ -1,0 +1,545 @@
+"""Latent EBM of symbol-vector coupling (Pang & Wu, "Latent Space Energy-Based Model of Symbol-Vector Coupling for
+Text Generation and Classification", ICML 2021), for semi-supervised learning on images and 2-D toy data.
+
+Model (the paper's symbol-vector coupling; the generator as LEBM)::
+
+    p_a(y, z) = exp(<y, F_a(z)>) p_0(z) / Z(a)       y one-hot of C classes, F_a(z) in R^C, p_0 = N(0, sigma_p^2 I)
+    p_a(z)    = exp(f_a(z)) p_0(z) / Z(a),  f_a(z) = logsumexp_y F_a(z)      the marginal: an LEBM prior with
+                                                                              energy E(z) = -f_a(z)
+    p_a(y | z) = softmax(F_a(z))                                               the classifier
+    x = G_b(z) + eps,  eps ~ N(0, llhd_sigma^2 I)                              the generator, as LatentEBMPrior
+
+Objective (the paper's semi-supervised one)::
+
+    L = sum_{all x} log p(x) + lambda * sum_{labelled (x, y)} log p(y | x)
+
+The first term is the LEBM objective with the marginal prior (Pang et al. 2020, eq. 9-11): posterior Langevin on
+log p(x, z) for z+, prior Langevin on log p_a(z) for z-, the generator fits x at z+, the energy descends
+``mean E(z+) - mean E(z-)``. The second term is estimated by ``cross_entropy(F(z+), y)`` at the labelled images'
+posterior samples z+ ~ p(z | x), i.e. log p(y | x) ~= log p(y | z+).
+
+Reference: the authors' public code, bpucla/ibebm @315b645 (text on AGNews and the 2-D toy scripts). What follows it:
+F is an MLP ``nz -> ndf (200) -> ndf -> C`` (LeakyReLU 0.2 in the AGNews script, GELU in the 2-D scripts: our
+``e_activation``); the marginal energy is ``-logsumexp`` of the logits at temperature 1; the prior Langevin is
+``z <- z - 0.5 s^2 (grad E(z) + z / sigma^2) + s eps`` from N(0, I), sigma = 1 (they use 100 steps of 0.4; the LEBM
+image recipes 60 of 0.4); the classification loss is the batch-mean cross-entropy of F at the labelled data's latents,
+weighted by ``labeled_weight`` (200 in the AGNews script); an information-bottleneck term
+``MI = H(mean_z softmax F(z)) - mean_z H(softmax F(z))`` at posterior z, weighted (100 AGNews, 15 in the 2-D scripts),
+is added to the losses (our ``mi_weight``, off by default).
+
+What we chose, with no public code for the image experiments (deviations, named):
+
+* inference: the reference infers z with an encoder (VAE-style); we use the LEBM way, short-run posterior Langevin on
+  log p(x, z) with the MARGINAL prior (K1 = 20 steps of s1 = 0.1, ``llhd_sigma`` 0.3), as :class:`LatentEBMPrior`;
+* the classification (and MI) gradient therefore reaches only F: our z+ are detached chain samples, where the
+  reference's cross-entropy also trains its encoder;
+* ``class_weight`` defaults to 1, not 200 (see :class:`SymbolVectorLEBM`);
+* the generator and the energy terms use the unlabelled part of a batch only (the whole training split, labelled
+  images included, cycles through it); the labelled part adds only the classification term, so the few labelled
+  images are not over-weighted in ``log p(x)``;
+* 2-D data (``dim``): an MLP generator ``nz -> ngf -> ngf -> dim`` (LeakyReLU 0.2, linear output) with a Gaussian
+  likelihood, in place of the reference's 2-D decoder and encoder.
+
+See ``docs/symbol_vector.md``.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lebm_zoo.models.base import DataShapeError
+from lebm_zoo.models.latent_prior import LatentEBMPrior
+from lebm_zoo.nets import ConvGenerator
+from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
+from lebm_zoo.utils import check_count, check_latents, full_precision, images_from_batch, in_training_loop
+
+__all__ = ["SymbolVectorEnergy", "SymbolVectorLEBM", "VectorGenerator", "mutual_information"]
+
+
+class SymbolVectorEnergy(nn.Module):
+    """F_a(z): MLP ``nz -> ndf -> ndf -> C`` giving the C class logits (the reference's netE with C outputs).
+
+    Args:
+        nz: latent size.
+        ndf: hidden width (reference: 200).
+        n_classes: C.
+        activation: ``"gelu"`` (the reference's 2-D scripts) or ``"lrelu"`` (LeakyReLU 0.2, its AGNews script).
+
+    Shapes:
+        ``z`` ``(B, nz)`` -> logits ``(B, C)``.
+    """
+
+    def __init__(self, nz: int = 100, ndf: int = 200, n_classes: int = 10, activation: str = "gelu"):
+        super().__init__()
+        acts = {"gelu": nn.GELU, "lrelu": lambda: nn.LeakyReLU(0.2)}
+        if activation not in acts:
+            raise ValueError(f"activation must be one of {sorted(acts)}, got {activation!r}")
+        act = acts[activation]
+        self.net = nn.Sequential(nn.Linear(nz, ndf), act(), nn.Linear(ndf, ndf), act(), nn.Linear(ndf, n_classes))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z.flatten(1))
+
+
+class VectorGenerator(nn.Module):
+    """G(z) for vector data: MLP ``nz -> width -> width -> dim``, LeakyReLU 0.2, linear output (unbounded data).
+
+    Shapes:
+        ``z`` ``(B, nz)`` -> ``(B, dim)``.
+    """
+
+    def __init__(self, nz: int = 2, width: int = 200, dim: int = 2, leak: float = 0.2):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(nz, width), nn.LeakyReLU(leak), nn.Linear(width, width),
+                                 nn.LeakyReLU(leak), nn.Linear(width, dim))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z.flatten(1))
+
+
+def mutual_information(logits: Tensor) -> Tensor:
+    """The information-bottleneck term of the reference: ``H(mean_i p_i) - mean_i H(p_i)``, ``p_i = softmax(logits_i)``.
+
+    The mutual information between y and z under the empirical distribution of the batch's z (with p(y | z) the
+    classifier), in nats, in ``[0, log C]``: high when each z is classified confidently and the classes are used evenly.
+
+    Args:
+        logits: ``(B, C)``.
+
+    Returns:
+        a scalar tensor.
+    """
+    logp = torch.log_softmax(logits, dim=1)  # (B, C)
+    conditional = -(logp.exp() * logp).sum(1).mean()
+    log_mean = torch.logsumexp(logp, dim=0) - math.log(logits.shape[0])  # (C,) log of the batch-mean p(y | z)
+    marginal = -(log_mean.exp() * log_mean).sum()
+    return marginal - conditional
+
+
+class SymbolVectorLEBM(LatentEBMPrior):
+    """Latent EBM of symbol-vector coupling (Pang & Wu, ICML 2021): an LEBM whose prior energy net gives C class
+    logits F(z), so that one network is the prior ``p(z) ~ exp(logsumexp F(z)) N(z; 0, sigma_p^2 I)`` and the
+    classifier ``p(y | z) = softmax F(z)``; trained semi-supervised (module docstring; ``docs/symbol_vector.md``).
+
+    It is a :class:`LatentEBMPrior`: the marginal :meth:`energy` is ``-logsumexp_y F_y(z)``, so
+    :meth:`prior_log_prob`, both chains (:meth:`sample_latent` without ``y``, :meth:`infer_latent`),
+    :meth:`anomaly_score`, :meth:`reconstruct`, the optimisers (E's Adam now trains F), the schedules and the early
+    stop are inherited as they are. Added: :meth:`logits`, :meth:`class_energy`, :meth:`conditional_prior_log_prob`,
+    :meth:`classify`, and ``y`` in :meth:`sample` / :meth:`sample_latent` (conditional prior Langevin on
+    ``F_y(z) - ||z||^2 / (2 sigma_p^2)``).
+
+    Batches (training): ``(x_unlabelled, x_labelled, y_labelled)`` as :class:`~datamodules.SemiSupervisedDataModule`
+    yields them: ``x_unlabelled`` ``(B, ...)``, ``x_labelled`` ``(B_l, ...)``, ``y_labelled`` ``(B_l,)`` integer
+    labels in ``[0, n_classes)``; Lightning's combined form ``[(x_u, y_u), (x_l, y_l)]`` of the same loaders (the
+    module fitted on ``datamodule.train_dataloader()`` without the datamodule) is read the same way, ``y_u`` ignored.
+    Any other batch
+    (a tensor, ``(x,)``, ``(x, y)``) is all unlabelled: no classification term (``y`` is ignored). Items are images
+    ``(channels, img_size, img_size)`` in [-1, 1], or vectors ``(dim,)`` when ``dim`` is set.
+
+    Training step, in this order (one backward, as :meth:`LatentPriorBase.training_step`): posterior Langevin from
+    N(0, I) for every image of the batch (both parts, one chain call; marginal prior); prior Langevin from N(0, I) for
+    ``B`` chains; generator loss ``sum((G(z+_u) - x_u)^2) / B``; energy-net loss ``mean E(z+_u) - mean E(z-)
+    + class_weight * CE(F(z+_l), y_l) - mi_weight * MI(F(z+_u))`` (CE a mean over the labelled part). Logged
+    (``train/``): ``loss_g``, ``loss_e`` (the whole energy-net loss), ``energy_pos``, ``energy_neg``, ``energy_gap``,
+    ``loss_cls`` (0 without labelled part), ``acc_labelled`` (training accuracy of F(z+_l); only with a labelled part),
+    ``mi`` (when ``mi_weight > 0``), ``grad_norm_g``, ``grad_norm_e``.
+
+    Defaults are :class:`LatentEBMPrior`'s (the LEBM SVHN recipe) with C = 10.
+
+    Args:
+        img_size, channels, nz, ngf, ndf, e_activation, prior_steps, prior_step_size, posterior_steps,
+            posterior_step_size, prior_sigma, llhd_sigma, lr_g, lr_e, betas, lr_decay, lr_schedule, grad_clip_g,
+            grad_clip_e, loss_g_limit, loss_g_limit_after_epoch, loss_g_limit_check, channels_last: as
+            :class:`LatentEBMPrior` (``ndf``: F's hidden width; ``lr_e``, ``grad_clip_e``: F's; ``ngf``: with ``dim``,
+            the MLP generator's width). There is no ``prior`` option: the prior is always the EBM (F is the classifier).
+        n_classes: C, the number of classes (>= 2).
+        class_weight: lambda, the weight of the labelled cross-entropy (a mean over the labelled part of the batch) in
+            F's loss (>= 0; default 1). The reference's ``labeled_weight`` is 200 for its text model, where the
+            cross-entropy also trains the encoder and competes there with a reconstruction loss summed over tokens;
+            here it trains F only, beside the energy difference ``mean E(z+) - mean E(z-)``, also a per-example mean
+            of O(1) nats, so 1 weighs the two per-example terms equally (under Adam the weight sets the ratio of the two
+            gradients, not the step size).
+        mi_weight: the weight of the information-bottleneck term MI (:func:`mutual_information`) at the unlabelled
+            part's posterior samples, subtracted from F's loss (>= 0; 0 = off, the default; the reference: 100 for
+            AGNews, 15 in its 2-D scripts).
+        classify_samples: posterior samples (independent chains) whose class probabilities :meth:`classify` averages
+            (>= 1; default 1).
+        dim: None for images; an integer for vector data ``(B, dim)`` (the 2-D toys): the generator is then
+            :class:`VectorGenerator` (``nz -> ngf -> ngf -> dim``) and ``img_size`` / ``channels`` are unused.
+
+    Raises:
+        ValueError: for a bad value of any argument (naming it), as :class:`LatentEBMPrior` and for ``n_classes`` < 2,
+            negative ``class_weight`` / ``mi_weight``, ``classify_samples`` < 1, ``dim`` < 1.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 32,
+        channels: int = 3,
+        nz: int = 100,
+        ngf: int = 64,
+        ndf: int = 200,
+        n_classes: int = 10,
+        class_weight: float = 1.0,
+        mi_weight: float = 0.0,
+        classify_samples: int = 1,
+        dim: int | None = None,
+        e_activation: str = "gelu",
+        prior_steps: int = 60,
+        prior_step_size: float = 0.4,
+        posterior_steps: int = 20,
+        posterior_step_size: float = 0.1,
+        prior_sigma: float = 1.0,
+        llhd_sigma: float = 0.3,
+        lr_g: float = 1e-4,
+        lr_e: float = 2e-5,
+        betas: tuple[float, float] = (0.5, 0.999),
+        lr_decay: float = 0.998,
+        lr_schedule: str = "reference",
+        grad_clip_g: float | None = None,
+        grad_clip_e: float | None = None,
+        loss_g_limit: float | None = 300.0,
+        loss_g_limit_after_epoch: int = 10,
+        loss_g_limit_check: str = "epoch_end",
+        channels_last: bool = False,
+    ):
+        # LatentEBMPrior.__init__ builds a one-output energy MLP and an image-only generator: this class builds its
+        # own networks, in the same order (generator, then prior), and repeats its argument checks.
+        super(LatentEBMPrior, self).__init__()
+        # zero-argument super(): it gives this function the __class__ cell by which Lightning's save_hyperparameters
+        # recognises a constructor's frame and collects its arguments
+        super()._check_prior_args("ebm", prior_sigma)
+        if lr_schedule not in ("reference", "exponential"):
+            raise ValueError(f"lr_schedule must be 'reference' or 'exponential', got {lr_schedule!r}")
+        if loss_g_limit_check not in ("epoch_end", "per_batch"):
+            raise ValueError(f"loss_g_limit_check must be 'epoch_end' or 'per_batch', got {loss_g_limit_check!r}")
+        if llhd_sigma <= 0:
+            raise ValueError(f"llhd_sigma must be > 0, got {llhd_sigma}")
+        if dim is None and channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        _check_int("n_classes", n_classes, 2)
+        _check_int("classify_samples", classify_samples, 1)
+        if dim is not None:
+            _check_int("dim", dim, 1)
+        for name, value in (("class_weight", class_weight), ("mi_weight", mi_weight)):
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        self.save_hyperparameters()
+        if dim is None:
+            self.generator = ConvGenerator(nz=nz, ngf=ngf, img_size=img_size, channels=channels,
+                                           channels_last=channels_last)
+        else:
+            self.generator = VectorGenerator(nz=nz, width=ngf, dim=dim)
+        self._build_prior()
+
+    def _build_prior(self) -> None:
+        """F (C logits) and the prior and posterior samplers."""
+        hp = self.hparams
+        self.energy_net = SymbolVectorEnergy(nz=hp.nz, ndf=hp.ndf, n_classes=hp.n_classes,
+                                             activation=hp.e_activation)
+        self.samplers = {
+            "prior": LangevinSampler(hp.prior_steps, hp.prior_step_size),
+            "posterior": LangevinSampler(hp.posterior_steps, hp.posterior_step_size),
+        }
+
+    # ------------------------------------------------------------------------------------------------ densities
+    def logits(self, z: Tensor) -> Tensor:
+        """F(z): the C class logits (the negative class energies), ``(B, nz) -> (B, C)``, in at least float32.
+
+        Unchecked (chains call it); :meth:`class_energy` and :meth:`classify` check what users give them.
+        """
+        return full_precision(self.energy_net(z))
+
+    def energy(self, z: Tensor) -> Tensor:
+        """The marginal prior energy ``E(z) = -logsumexp_y F_y(z)``, ``(B, nz) -> (B,)`` in nats, so that
+        ``prior_log_prob(z) = logsumexp_y F_y(z) - ||z||^2 / (2 sigma_p^2)`` (up to log Z(a))."""
+        return -torch.logsumexp(self.logits(z), dim=1)
+
+    def class_energy(self, z: Tensor, y) -> Tensor:
+        """The class energy ``E_y(z) = -F_y(z)`` (the negative logit of class y), ``(B,)`` in nats.
+
+        Args:
+            z: latents ``(B, nz)``.
+            y: an int (every row) or a ``(B,)`` integer tensor, classes in ``[0, n_classes)``.
+
+        Raises:
+            DataShapeError: for latents that are not ``(B, nz)`` finite floats, or a ``y`` tensor that is not ``(B,)``
+                integers. ValueError: for class values outside ``[0, n_classes)``.
+        """
+        where = f"{type(self).__name__}.class_energy"
+        z = check_latents(z, self.hparams.nz, where=where)
+        y = self._check_labels(y, z.shape[0], where)
+        return -self._class_logit(z, y)
+
+    def conditional_prior_log_prob(self, z: Tensor, y) -> Tensor:
+        """Unnormalised log p_a(z | y) = ``F_y(z) - ||z||^2 / (2 sigma_p^2)`` (up to log Z_y(a)), ``(B,)`` in nats.
+
+        ``logsumexp_y`` of it over the C classes is :meth:`prior_log_prob`. Arguments and errors as
+        :meth:`class_energy`.
+        """
+        where = f"{type(self).__name__}.conditional_prior_log_prob"
+        z = check_latents(z, self.hparams.nz, where=where)
+        return self._conditional_log_prob(z, self._check_labels(y, z.shape[0], where))
+
+    def _class_logit(self, z: Tensor, y: Tensor) -> Tensor:
+        return self.logits(z).gather(1, y.view(-1, 1)).squeeze(1)
+
+    def _conditional_log_prob(self, z: Tensor, y: Tensor) -> Tensor:
+        return self._class_logit(z, y) - z.flatten(1).pow(2).sum(1) / (2 * self.hparams.prior_sigma ** 2)
+
+    def _check_labels(self, y, n: int, where: str, name: str = "y") -> Tensor:
+        """``y`` as a ``(n,)`` long tensor on the model's device: an int (repeated), or an ``(n,)`` integer tensor (or
+        list), with classes in ``[0, n_classes)``. One host synchronisation for a tensor."""
+        c = self.hparams.n_classes
+        if isinstance(y, (list, tuple)):
+            y = torch.as_tensor(y)
+        if isinstance(y, Tensor):
+            if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
+                hint = (" (a floating (n, nz) tensor: pass initial latents as z0=...)" if y.ndim == 2
+                        and y.shape[-1] == self.hparams.nz else "; convert with y.long()")
+                raise DataShapeError(f"{where}: {name} must hold integer class labels, got dtype {y.dtype}{hint}")
+            if y.ndim == 0:
+                y = y.reshape(1).expand(n)
+            if tuple(y.shape) != (n,):
+                raise DataShapeError(f"{where}: {name} must be an int or a ({n},) tensor of class labels, got shape "
+                                     f"{tuple(y.shape)}")
+            lo, hi = (int(v) for v in torch.stack(torch.aminmax(y)).cpu())
+            if lo < 0 or hi >= c:
+                raise ValueError(f"{where}: {name} must be class labels in [0, {c}) (n_classes={c}), got values in "
+                                 f"[{lo}, {hi}]")
+            return as_normal_tensor(y.to(self.device, torch.long))
+        try:
+            value = None if isinstance(y, bool) else operator.index(y)
+        except TypeError:
+            value = None
+        if value is None:
+            raise ValueError(f"{where}: {name} must be an int or a ({n},) integer tensor of class labels, got "
+                             f"{type(y).__name__}")
+        if not 0 <= value < c:
+            raise ValueError(f"{where}: {name} must be a class label in [0, {c}) (n_classes={c}), got {name}={value}")
+        return torch.full((n,), value, dtype=torch.long, device=self.device)
+
+    # ------------------------------------------------------------------------------------------------ data hooks
+    def _item_shape(self) -> tuple[int, ...]:
+        hp = self.hparams
+        return (hp.dim,) if hp.dim is not None else (hp.channels, hp.img_size, hp.img_size)
+
+    def data_from_batch(self, batch, expected_shape=None, hint=None) -> Tensor:
+        """The data of a batch (its first tensor), per-item shape checked: images, or ``(dim,)`` vectors."""
+        if self.hparams.dim is None or expected_shape is not None:
+            return super().data_from_batch(batch, expected_shape, hint)
+        return super().data_from_batch(batch, (self.hparams.dim,), "Set --model.dim." if hint is None else hint)
+
+    def prepare_data_input(self, x, where: str = ""):
+        """Check data given to a public method (images as :class:`LatentEBMPrior`; with ``dim``: ``(B, dim)`` finite
+        floats) and move it to the model's device as a normal (not inference-mode) tensor. Skipped in the training
+        loop.
+
+        Raises:
+            DataShapeError: for images of another shape, dtype or range (see :class:`LatentEBMPrior`), or vectors that
+                are not ``(B, dim)`` finite floats.
+        """
+        if self.hparams.dim is None:
+            return super().prepare_data_input(x, where)
+        if not in_training_loop(self):
+            d = self.hparams.dim
+            if not isinstance(x, Tensor) or x.ndim != 2 or x.shape[1] != d or x.shape[0] == 0:
+                got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                raise DataShapeError(f"{where}: x must be vectors of shape (B, dim) = (B, {d}) with B >= 1, got {got}")
+            if not x.is_floating_point():
+                raise DataShapeError(f"{where}: x has dtype {x.dtype}, but vectors must be floating-point: x.float()")
+            if not bool(torch.isfinite(x).all()):
+                raise DataShapeError(f"{where}: x has non-finite values (NaN or inf)")
+        return as_normal_tensor(x.to(self.device))
+
+    def setup(self, stage: str) -> None:
+        """Refuse a datamodule whose ``channels`` / ``img_size`` (images) or ``dim`` (vectors) differ from the model's,
+        or whose ``classes`` (:class:`~datamodules.SemiSupervisedDataModule`) do not fit ``n_classes``.
+
+        Raises:
+            DataShapeError: naming the attribute, both values and the ``--model.*`` flag that fixes it.
+        """
+        hp = self.hparams
+        if hp.dim is None:
+            super().setup(stage)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        have = getattr(dm, "dim", None)
+        if hp.dim is not None and have is not None and have != hp.dim:
+            raise DataShapeError(f"the datamodule yields dim={have} but the model has dim={hp.dim}: set --model.dim "
+                                 f"{have}.")
+        classes = getattr(dm, "classes", None)
+        if classes is not None and len(classes) and max(int(c) for c in classes) >= hp.n_classes:
+            raise DataShapeError(f"the datamodule's labels go up to {max(int(c) for c in classes)} but the model has "
+                                 f"n_classes={hp.n_classes}: set --model.n_classes {max(int(c) for c in classes) + 1}.")
+
+    # ------------------------------------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample_latent(self, n: int, y=None, *, z0: Tensor | None = None, n_steps: int | None = None,
+                      return_trace: bool = False):
+        """Draw ``n`` latents from the prior by short-run Langevin (K0 steps of s0 from N(0, I)): the marginal
+        ``p_a(z)`` (``y`` None, :meth:`LatentPriorBase.sample_latent`), or the class-conditional
+        ``p_a(z | y) ~ exp(F_y(z)) N(z; 0, sigma_p^2 I)``.
+
+        Args:
+            n: number of latents.
+            y: None, an int class (every chain) or an ``(n,)`` integer tensor of classes in ``[0, n_classes)``.
+            z0: initial states ``(n, nz)`` (default: fresh N(0, I) noise, as in training).
+            n_steps: chain length (default: ``prior_steps``).
+            return_trace: also return ``{"log_prob": (n_steps,)}``, the chains' mean unnormalised log-density (of the
+                marginal or the conditional) at the start of each step.
+
+        Returns:
+            ``(n, nz)`` latents, or ``(latents, trace)``.
+
+        Raises:
+            ValueError: for ``n`` < 1 or not an integer, or classes outside ``[0, n_classes)``. DataShapeError: for a
+                ``y`` tensor that is not ``(n,)`` integers, a ``z0`` that is not ``(n, nz)`` finite floats.
+        """
+        if y is None:
+            return super().sample_latent(n, z0=z0, n_steps=n_steps, return_trace=return_trace)
+        where = f"{type(self).__name__}.sample_latent"
+        n = check_count(n, where=where)
+        y = self._check_labels(y, n, where)
+        z0 = self._noise(n) if z0 is None else check_latents(z0, self.hparams.nz, name="z0", batch=n, where=where)
+        return self.langevin(lambda z: self._conditional_log_prob(z, y), z0, "prior", n_steps=n_steps,
+                             return_trace=return_trace)
+
+    @torch.no_grad()
+    def sample(self, n: int, y=None, n_steps: int | None = None) -> Tensor:
+        """Draw ``n`` data points: prior Langevin for z (marginal, or conditional on ``y``; see :meth:`sample_latent`),
+        then G(z).
+
+        Args:
+            n: number of samples.
+            y: None (the marginal model), an int class, or an ``(n,)`` integer tensor of classes.
+            n_steps: prior chain length (default: ``prior_steps``).
+
+        Returns:
+            images ``(n, C, H, W)`` in [-1, 1], or vectors ``(n, dim)``, on the model's device.
+
+        Raises:
+            ValueError, DataShapeError: as :meth:`sample_latent`.
+        """
+        n = check_count(n, where=f"{type(self).__name__}.sample")
+        return self._generate(self.sample_latent(n, y, n_steps=n_steps))
+
+    # ------------------------------------------------------------------------------------------------ classifier
+    @torch.no_grad()
+    def classify(self, x: Tensor, n_samples: int | None = None, n_steps: int | None = None) -> Tensor:
+        """Class probabilities ``p(y | x) ~= mean_k softmax F(z_k)``, z_k from independent posterior Langevin chains on
+        log p(x, z) (marginal prior; K1 steps from N(0, I), as :meth:`infer_latent`).
+
+        The chains are random: seed the RNG to repeat a result.
+
+        Args:
+            x: images ``(B, C, H, W)`` in [-1, 1], or vectors ``(B, dim)`` with ``dim``.
+            n_samples: chains per item averaged (default: ``classify_samples``).
+            n_steps: posterior chain length (default: ``posterior_steps``).
+
+        Returns:
+            ``(B, n_classes)`` float probabilities; every row sums to 1.
+
+        Raises:
+            DataShapeError: for bad data (as :meth:`infer_latent`). ValueError: for ``n_samples`` < 1.
+        """
+        where = f"{type(self).__name__}.classify"
+        x = self.prepare_data_input(x, where)
+        k = check_count(self.hparams.classify_samples if n_samples is None else n_samples, "n_samples", where=where)
+        b = x.shape[0]
+        xs = x if k == 1 else x.repeat(k, *([1] * (x.ndim - 1)))  # (k B, ...): k chains per item, one chain call
+        z = self._infer_latent(xs, n_steps=n_steps)
+        return torch.softmax(self.logits(z), dim=1).view(k, b, -1).mean(0)
+
+    def predict_step(self, batch, batch_idx: int) -> dict:
+        """Posterior latents, reconstructions and class probabilities of a batch: ``{"z": (B, nz), "x_rec": G(z),
+        "probs": softmax F(z) (B, n_classes)}``."""
+        x = self.prepare_data_input(images_from_batch(batch), f"{type(self).__name__}.predict_step")
+        z = self._infer_latent(x)
+        with torch.no_grad():
+            return {"z": z, "x_rec": self._generate(z), "probs": torch.softmax(self.logits(z), dim=1)}
+
+    # ------------------------------------------------------------------------------------------------ training
+    def split_batch(self, batch) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(x_unlabelled, x_labelled, y_labelled)`` of a training batch (see the class docstring for the formats);
+        ``(x, None, None)`` for a batch without a labelled part. Shapes are checked; labels too (one host sync).
+
+        Raises:
+            DataShapeError: for items of another shape than the model's, or labels that are not ``(B_l,)`` integers.
+            ValueError: for labels outside ``[0, n_classes)``.
+        """
+        if (isinstance(batch, (list, tuple)) and len(batch) == 2
+                and all(isinstance(b, (list, tuple)) and len(b) >= 1 for b in batch)):  # Lightning's combined form
+            lab = batch[1]
+            if len(lab) < 2:
+                raise DataShapeError("the labelled part of a combined batch must be (x_labelled, y_labelled)")
+            batch = (images_from_batch(batch[0]), lab[0], lab[1])
+        if (isinstance(batch, (list, tuple)) and len(batch) == 3 and all(isinstance(b, Tensor) for b in batch)
+                and batch[1].ndim == batch[0].ndim and batch[0].ndim >= 2 and not batch[2].is_floating_point()):
+            x_u, x_l, y_l = batch
+            shape, hint = self._item_shape(), ("Set --model.dim." if self.hparams.dim is not None
+                                               else "Set --model.channels/--model.img_size.")
+            self.check_data_shape(x_u, shape, hint)
+            self.check_data_shape(x_l, shape, hint)
+            return x_u, x_l, self._check_labels(y_l, x_l.shape[0], f"{type(self).__name__}.training_step",
+                                                name="y_labelled")
+        return self.data_from_batch(batch), None, None
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        hp = self.hparams
+        x_u, x_l, y_l = self.split_batch(batch)
+        b = x_u.shape[0]
+        opt_g, opt_e = self.optimizers()
+
+        x_all = x_u if x_l is None else torch.cat([x_u, x_l.to(x_u.dtype)])
+        z_all = self.infer_latent(x_all)  # (B + B_l, nz) posterior samples, K1 steps from N(0, I), marginal prior
+        z_pos = z_all[:b]
+        loss_g = self.generator_loss(x_u, z_pos)
+        z_neg = self.sample_latent(b)  # (B, nz) marginal prior samples, K0 steps from N(0, I)
+        logits_pos = self.logits(z_pos)  # (B, C)
+        en_pos, en_neg = -torch.logsumexp(logits_pos, dim=1), self.energy(z_neg)  # (B,), (B,)
+        gap = en_pos.mean() - en_neg.mean()
+        loss_e = gap
+        logs = {"loss_g": loss_g.detach(), "energy_pos": en_pos.mean().detach(),
+                "energy_neg": en_neg.mean().detach(), "energy_gap": gap.detach()}
+        loss_cls = gap.new_zeros(())
+        if x_l is not None:
+            logits_l = self.logits(z_all[b:])  # (B_l, C) at the labelled images' posterior samples
+            loss_cls = F.cross_entropy(logits_l, y_l)  # mean over the labelled part
+            loss_e = loss_e + hp.class_weight * loss_cls
+            logs["acc_labelled"] = (logits_l.detach().argmax(1) == y_l).float().mean()
+        logs["loss_cls"] = loss_cls.detach()
+        if hp.mi_weight > 0:
+            mi = mutual_information(logits_pos)
+            loss_e = loss_e - hp.mi_weight * mi
+            logs["mi"] = mi.detach()
+        logs["loss_e"] = loss_e.detach()
+        losses = {"loss_g": loss_g, "loss_e": loss_e, "loss_cls": loss_cls}  # the same names on every rank (DDP)
+        limits = {"loss_g": hp.loss_g_limit} if self._loss_g_limit_applies("per_batch") else None
+        if not self.check_finite(losses, limits):
+            return  # diverged: skip both updates; the trainer stops after this batch
+        self._last_loss_g = loss_g.detach()
+
+        # One backward for both updates, as LatentPriorBase.training_step: F's loss (energy difference, cross-entropy,
+        # MI) does not depend on G's parameters and the chains' latents are detached, so G gets exactly
+        # grad(loss_g) and F exactly grad(loss_e).
+        opt_g.zero_grad(set_to_none=True)
+        opt_e.zero_grad(set_to_none=True)
+        self.manual_backward(loss_g + loss_e)
+        logs["grad_norm_g"] = self.grad_norm_and_clip(self.generator.parameters(), hp.grad_clip_g)
+        opt_g.step()
+        logs["grad_norm_e"] = self.grad_norm_and_clip(self.energy_net.parameters(), hp.grad_clip_e)
+        self.step_uncounted(opt_e)  # global_step counts iterations, not optimiser steps
+        prog = {"loss_g": logs["loss_g"], "gap": logs["energy_gap"]}
+        if x_l is not None:
+            prog["acc_l"] = logs["acc_labelled"]
+        self.log_train(logs, prog, batch_size=b)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
