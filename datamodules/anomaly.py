@@ -63,10 +63,11 @@ class MNISTAnomalyDataModule(MNISTDataModule):
        validation split instead (normal images only).
 
     Why the papers' VAE column is below the worst possible AUPRC of this split (digits 1, 7, 9): with 33-39%
-    anomalies in the test set, ranking every anomaly last still scores 0.18-0.19 (the trapezoid; 0.20-0.23 as average
-    precision; ``benchmarks/anomaly_table.py`` computes them), above the VAE's 0.063/0.148/0.104, and with the
-    normals as the positive class the floor is higher still. Those numbers fit a test set of about 10% anomalies (e.g. MNIST's 10k test split),
-    so that column most likely comes from another protocol; no code that produced it is public.
+    anomalies in the test set, ranking every anomaly last still scores 0.18-0.19 (the trapezoid; 0.20-0.23 as
+    average precision; ``benchmarks/anomaly_table.py`` computes them), above the VAE's 0.063/0.148/0.104, and with
+    the normals as the positive class the floor is higher still. Those numbers fit a test set of about 10% anomalies
+    (e.g. MNIST's 10k test split), so that column most likely comes from another protocol; no code that produced it
+    is public.
 
     Batches are ``(x, y)``: ``x`` float32 ``(B, 1, 28, 28)`` in [-1, 1] (exactly ToTensor then Normalize(0.5, 0.5) of
     the uint8 digits, as :class:`~datamodules.MNISTDataModule`), ``y`` int64 ``(B,)``: 1 for an anomaly (the held-out

@@ -8,6 +8,7 @@ from lebm_zoo._version import __version__
 from lebm_zoo.checkpoint import CheckpointError  # noqa: E402
 from lebm_zoo.models import (  # noqa: E402
     CoopNets,
+    DiffusionRecoveryEBM,
     DivergenceTriangle,
     EBMModule,
     FlowContrastiveEBM,
@@ -28,6 +29,7 @@ __all__ = [
     "CheckpointError",
     "CoopNets",
     "DataShapeError",
+    "DiffusionRecoveryEBM",
     "DivergenceTriangle",
     "EBMModule",
     "FlowContrastiveEBM",

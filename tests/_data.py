@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from datamodules.text import Vocabulary
 from lebm_zoo import (
     CoopNets,
+    DiffusionRecoveryEBM,
     DivergenceTriangle,
     FlowContrastiveEBM,
     JointHierarchicalEBMPrior,
@@ -147,6 +148,8 @@ TINY_MODELS = {
     "SequenceLatentEBMPrior": lambda: SequenceLatentEBMPrior(vocab=TINY_VOCAB, nz=2, ndf=8, emb_dim=8, hidden=8,
                                                              prior_steps=2, posterior_steps=2, max_decode_length=5),
     "LSTMLanguageModel": lambda: LSTMLanguageModel(vocab=TINY_VOCAB, emb_dim=8, hidden=8),
+    "DiffusionRecoveryEBM": lambda: DiffusionRecoveryEBM(img_size=28, channels=1, ch=4, num_res_blocks=1,
+                                                         num_timesteps=2, mcmc_steps=2, ema_decay=None),
     "SymbolVectorLEBM": lambda: SymbolVectorLEBM(img_size=28, channels=1, nz=8, ngf=4, ndf=16, n_classes=3,
                                                  prior_steps=2, posterior_steps=2),
 }
