@@ -24,20 +24,14 @@ import torch
 import yaml
 
 from lebm_zoo import DiffusionRecoveryEBM
-from lebm_zoo.env import native_bf16
+from lebm_zoo.env import cpu_info, native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "mnist_drl.yaml"
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_info()["model"] or platform.processor() or platform.machine()
 
 
 def build_model(mcmc_steps: int | None) -> DiffusionRecoveryEBM:

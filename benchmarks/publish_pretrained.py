@@ -120,13 +120,9 @@ def _scalars(run: Path) -> dict[str, float]:
 
 
 def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from lebm_zoo.env import cpu_info
+
+    return cpu_info()["model"] or platform.processor() or platform.machine()
 
 
 def _commands(name: str, spec: dict) -> tuple[str, str]:
