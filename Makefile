@@ -30,6 +30,7 @@ bench: install  ## speed benchmarks against the reference loop and torchebm (ben
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/bench_drl.py
+	$(BIN)/python benchmarks/bench_compile.py
 
 lint: install
 	$(BIN)/ruff check lebm_zoo datamodules tests benchmarks

@@ -8,7 +8,13 @@ the network in bf16, chain states and energies in fp32), for a model built from 
 timed calls after one untimed warm-up call. Prints a Markdown table with the CPU model, the thread count, whether the
 CPU has native bf16 and the torch version.
 
+With ``--cifar10-iteration B``: seconds per training iteration of the cifar10_drl recipe's model (ch 128, the paper's
+net) on this CPU, measured at batch B with K = 1 and K = 3 Langevin steps under a Lightning Trainer (the first
+iteration dropped), split into the per-step cost c = (t3 - t1) / 2 and the rest a = t1 - c, then scaled linearly to
+the recipe's batch 256 and K = 30: (256 / B) * (a + 30 c), and to its 1,000,000 iterations.
+
 Usage: python benchmarks/bench_drl.py [--n 16] [--repeats 2] [--threads N] [--mcmc-steps K] [--json PATH]
+                                      [--cifar10-iteration B [--precision 32-true|bf16-mixed]]
 The default run (16 images, T=6, K=30) takes about a minute on one core with native bf16, longer where bf16 is
 emulated; ``--mcmc-steps`` shortens it (throughput scales as 1 / K).
 """
@@ -58,6 +64,41 @@ def images_per_second(model: DiffusionRecoveryEBM, n: int, repeats: int, bf16: b
     return n / best
 
 
+def cifar10_iteration(batch: int, precision: str, iters: int = 2) -> dict:
+    """Seconds per cifar10_drl training iteration at ``batch`` for K = 1 and 3, and the scaled recipe iteration."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Timer(pl.Callback):
+        def __init__(self):
+            self.times, self._t = [], 0.0
+
+        def on_train_batch_start(self, *args):
+            self._t = time.perf_counter()
+
+        def on_train_batch_end(self, *args):
+            self.times.append(time.perf_counter() - self._t)
+
+    recipe = yaml.safe_load((ROOT / "recipes" / "cifar10_drl.yaml").read_text())["model"]["init_args"]
+    t = {}
+    for k in (1, 3):
+        torch.manual_seed(0)
+        args = {key: tuple(v) if isinstance(v, list) else v for key, v in recipe.items()}
+        model = DiffusionRecoveryEBM(**{**args, "mcmc_steps": k})
+        x = torch.rand(batch * (iters + 1), 3, 32, 32) * 2 - 1
+        timer = Timer()
+        pl.Trainer(accelerator="cpu", devices=1, max_steps=iters + 1, logger=False, precision=precision,
+                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   callbacks=[timer]).fit(model, DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=batch))
+        t[k] = sum(timer.times[1:]) / len(timer.times[1:])
+    c = (t[3] - t[1]) / 2
+    a_rest = t[1] - c
+    full = 256 / batch * (a_rest + 30 * c)
+    return {"batch": batch, "precision": precision, "s_per_iter_k1": t[1], "s_per_iter_k3": t[3],
+            "s_per_chain_step": c, "s_rest": a_rest, "scaled_s_per_iter_b256_k30": full,
+            "scaled_days_1e6_iters": full * 1e6 / 86400}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=16, help="images per sample() call (default 16)")
@@ -65,9 +106,23 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--mcmc-steps", type=int, default=None, help="K per level (default: the recipe's, 30)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    p.add_argument("--cifar10-iteration", type=int, default=None, metavar="B",
+                   help="instead: time cifar10_drl training iterations at batch B and scale them (see above)")
+    p.add_argument("--precision", default="32-true", help="of --cifar10-iteration (default 32-true)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.cifar10_iteration:
+        r = cifar10_iteration(a.cifar10_iteration, a.precision)
+        r.update(cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__)
+        print(f"cifar10_drl training iteration on {r['cpu']}, {r['threads']} threads, {a.precision}, batch "
+              f"{r['batch']}: {r['s_per_iter_k1']:.2f} s at K=1, {r['s_per_iter_k3']:.2f} s at K=3 -> "
+              f"{r['s_per_chain_step']:.2f} s per chain step, {r['s_rest']:.2f} s the rest; scaled to batch 256 "
+              f"and K=30: {r['scaled_s_per_iter_b256_k30']:.0f} s per iteration, "
+              f"{r['scaled_days_1e6_iters']:.0f} days for the recipe's 1,000,000 iterations")
+        if a.json:
+            a.json.write_text(json.dumps(r, indent=2) + "\n")
+        return
     torch.manual_seed(0)
     model = build_model(a.mcmc_steps)
     hp = model.hparams

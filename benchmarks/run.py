@@ -4,7 +4,9 @@
 1. One LEBM SVHN-recipe training iteration (batch 100, 32x32x3): the plain-PyTorch reference loop
    (``../shared/bench/reference_lebm_step.py``) against our ``LatentEBMPrior.training_step`` driven by a Lightning
    ``Trainer`` (framework overhead included) in fp32 and in ``bf16-mixed`` precision, with and without channels_last
-   memory format. Every row runs in a fresh process with the same thread count, with glibc's default allocator or
+   memory format, and with the Langevin chains compiled (``LatentEBMPrior(compile_chains=MODE)``). On CUDA the
+   reference script (CPU-only) is replaced by :func:`plain_reference`, a plain loop of the same structure. Every
+   row runs in a fresh process with the same thread count, with glibc's default allocator or
    with the tuned one that ``lebm-zoo`` sets at start-up (``lebm_zoo.utils.tune_cpu_allocator``); the reference loop
    is timed both ways too. Seconds per iteration, the ratio to the reference and the process's peak memory.
 2. The 60-step prior chain (batch 100, nz 100, s = 0.4) on the same energy MLP: our ``LangevinSampler``, torchebm's
@@ -14,6 +16,7 @@
 
 Prints one table with the CPU model, thread count and torch version; writes ``benchmarks/results.json``.
 Usage: python benchmarks/run.py [--iters 5] [--warmup 1] [--rounds 3] [--threads N] [--device cpu|cuda]
+                                [--batch 100] [--compile-mode MODE] [--out results.json]
 """
 from __future__ import annotations
 
@@ -62,12 +65,14 @@ class _Timer(pl.Callback):
             self.times.append(time.perf_counter() - self._t)
 
 
-def ours(batch: int, iters: int, warmup: int, precision: str, device: str, channels_last: bool = False) -> float:
+def ours(batch: int, iters: int, warmup: int, precision: str, device: str, channels_last: bool = False,
+         compile_chains: str | None = None) -> float:
     """Seconds per SVHN-recipe iteration of LatentEBMPrior under a Lightning Trainer (optionally with the generator's
-    weights in channels_last memory format)."""
+    weights in channels_last memory format, and with the Langevin chains compiled in ``compile_chains`` mode; the
+    warm-up iterations pay the compilation)."""
     torch.manual_seed(0)
     x = torch.rand(batch * (iters + warmup), 3, 32, 32) * 2 - 1
-    model = LatentEBMPrior(channels_last=channels_last)
+    model = LatentEBMPrior(channels_last=channels_last, compile_chains=compile_chains)
     data = DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=batch)
     timer = _Timer(warmup)
     trainer = pl.Trainer(accelerator=device, devices=1, max_steps=iters + warmup, logger=False, precision=precision,
@@ -93,7 +98,12 @@ a = json.loads(sys.argv[1])
 torch.set_num_threads(a["threads"])
 if a["tuned"]:
     tune_cpu_allocator()
-if a["what"] == "reference":
+if a["what"] == "plain":
+    sys.path.insert(0, a["bench_dir"])
+    from run import _peak_memory_mib, plain_reference
+    s = plain_reference(a["batch"], a["iters"], a["warmup"], a["device"])
+    print(json.dumps({"sec_per_iter": s, "peak_mib": _peak_memory_mib(a["device"])}))
+elif a["what"] == "reference":
     import runpy
     sys.argv = [a["script"], "--batch", str(a["batch"]), "--iters", str(a["iters"]), "--warmup", str(a["warmup"]),
                 "--threads", str(a["threads"])]
@@ -103,19 +113,67 @@ if a["what"] == "reference":
 else:
     sys.path.insert(0, a["bench_dir"])
     from run import _peak_memory_mib, ours
-    s = ours(a["batch"], a["iters"], a["warmup"], a["precision"], a["device"], a["channels_last"])
+    s = ours(a["batch"], a["iters"], a["warmup"], a["precision"], a["device"], a["channels_last"], a["compile"])
     print(json.dumps({"sec_per_iter": s, "peak_mib": _peak_memory_mib(a["device"])}))
 """
 
 
+def plain_reference(batch: int, iters: int, warmup: int, device: str) -> float:
+    """Seconds per iteration of a plain-PyTorch loop with the reference's per-iteration structure, on any device.
+
+    The same structure as ``../shared/bench/reference_lebm_step.py`` (which runs on the CPU only), written from the
+    reference's published facts: G ConvT 100 -> 512 (4x4) -> 256 -> 128 -> 3 (32x32, LeakyReLU 0.2, tanh), E MLP
+    100 -> 200 -> 200 -> 1 (GELU); posterior Langevin 20 steps (s 0.1, sigma 0.3), prior Langevin 60 steps (s 0.4),
+    then Adam updates of G (1e-4) and E (2e-5), betas (0.5, 0.999). Random images: the cost does not depend on them.
+    """
+    from torch import nn
+
+    torch.manual_seed(0)
+    act = nn.LeakyReLU(0.2)
+    g = nn.Sequential(nn.ConvTranspose2d(100, 512, 4, 1, 0), act, nn.ConvTranspose2d(512, 256, 4, 2, 1), act,
+                      nn.ConvTranspose2d(256, 128, 4, 2, 1), act, nn.ConvTranspose2d(128, 3, 4, 2, 1), nn.Tanh())
+    e = nn.Sequential(nn.Linear(100, 200), nn.GELU(), nn.Linear(200, 200), nn.GELU(), nn.Linear(200, 1))
+    g, e = g.to(device), e.to(device)
+    opt_g = torch.optim.Adam(g.parameters(), 1e-4, betas=(0.5, 0.999))
+    opt_e = torch.optim.Adam(e.parameters(), 2e-5, betas=(0.5, 0.999))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = []
+    for it in range(iters + warmup):
+        x = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
+        sync()
+        t = time.perf_counter()
+        z = torch.randn(batch, 100, device=device, requires_grad=True)  # posterior chain
+        for _ in range(20):
+            nll = ((x - g(z)) ** 2).sum() / (2 * 0.3 ** 2)
+            grad = torch.autograd.grad(nll, z)[0] + torch.autograd.grad(e(z).sum(), z)[0]
+            z = (z - 0.5 * 0.01 * (grad + z) + 0.1 * torch.randn_like(z)).detach().requires_grad_(True)
+        zp = torch.randn(batch, 100, device=device, requires_grad=True)  # prior chain
+        for _ in range(60):
+            grad = torch.autograd.grad(e(zp).sum(), zp)[0]
+            zp = (zp - 0.5 * 0.16 * (grad + zp) + 0.4 * torch.randn_like(zp)).detach().requires_grad_(True)
+        z, zp = z.detach(), zp.detach()
+        opt_g.zero_grad()
+        (((x - g(z)) ** 2).sum() / (2 * 0.3 ** 2) / batch).backward()
+        opt_g.step()
+        opt_e.zero_grad()
+        (e(z).mean() - e(zp).mean()).backward()
+        opt_e.step()
+        sync()
+        if it >= warmup:
+            times.append(time.perf_counter() - t)
+    return sum(times) / len(times)
+
+
 def training_row(what: str, batch: int, iters: int, warmup: int, threads: int, device: str, tuned: bool,
-                 precision: str = "32-true", channels_last: bool = False) -> dict | None:
-    """Seconds per iteration and peak memory (MiB) of ``what`` ("reference" or "ours") in a fresh process."""
+                 precision: str = "32-true", channels_last: bool = False, compile_chains: str | None = None
+                 ) -> dict | None:
+    """Seconds per iteration and peak memory (MiB) of ``what`` ("reference": the CPU reference script, "plain": its
+    device-aware twin :func:`plain_reference`, or "ours") in a fresh process."""
     if what == "reference" and not REFERENCE.exists():
         print(f"reference loop not found at {REFERENCE} (it ships in ../shared/bench); skipped", file=sys.stderr)
         return None
     args = dict(what=what, batch=batch, iters=iters, warmup=warmup, threads=threads, device=device, tuned=tuned,
-                precision=precision, channels_last=channels_last, script=str(REFERENCE),
+                precision=precision, channels_last=channels_last, compile=compile_chains, script=str(REFERENCE),
                 bench_dir=str(ROOT / "benchmarks"))
     out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], capture_output=True, text=True)
     if out.returncode:
@@ -139,12 +197,12 @@ def _best_time(fn, repeats: int) -> float:
     return best
 
 
-def prior_chains(device: str, repeats: int) -> dict[str, float | None]:
-    """Seconds for the 60-step prior chain, batch 100, nz 100, on the reference energy MLP."""
+def prior_chains(device: str, repeats: int, batch: int = 100) -> dict[str, float | None]:
+    """Seconds for the 60-step prior chain, batch ``batch`` (100), nz 100, on the reference energy MLP."""
     torch.manual_seed(0)
     model = LatentEBMPrior().to(device)
     e = model.energy_net.requires_grad_(False)
-    z0 = torch.randn(100, 100, device=device)
+    z0 = torch.randn(batch, 100, device=device)
     s = 0.4
 
     def plain():  # the reference's loop
@@ -178,15 +236,16 @@ def prior_chains(device: str, repeats: int) -> dict[str, float | None]:
     return out
 
 
-def throughputs(device: str, precision: str) -> dict[str, float | None]:
-    """Images/s of model.sample (prior chain + G) and of FID Inception feature extraction."""
+def throughputs(device: str, precision: str, batch: int = 100) -> dict[str, float | None]:
+    """Images/s of model.sample (prior chain + G, ``batch`` images) and of FID Inception feature extraction (at most
+    50 images a batch)."""
     torch.manual_seed(0)
     model = LatentEBMPrior().to(device).eval()
     ctx = torch.autocast(device, torch.bfloat16) if precision.startswith("bf16") else torch.autocast(device,
                                                                                                       enabled=False)
     with ctx:
-        t = _best_time(lambda: model.sample(100), 2)
-    out = {"sample_images_per_s": 100 / t, "fid_images_per_s": None}
+        t = _best_time(lambda: model.sample(batch), 2)
+    out = {"sample_images_per_s": batch / t, "fid_images_per_s": None}
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -197,9 +256,10 @@ def throughputs(device: str, precision: str) -> dict[str, float | None]:
     except FileNotFoundError:
         print("FID weights not built (make fid-weights): FID throughput skipped", file=sys.stderr)
         return out
-    imgs = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8, device=device)
+    n = min(50, batch)
+    imgs = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=device)
     t = _best_time(lambda: fid.update(imgs, real=False), 1)
-    out["fid_images_per_s"] = 50 / t
+    out["fid_images_per_s"] = n / t
     return out
 
 
@@ -211,32 +271,51 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode of the compiled-chain rows (default: reduce-overhead on CUDA, which uses "
+                         "CUDA graphs; default on CPU)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
+    ap.add_argument("--rows", default=None,
+                    help="comma-separated keys of the training-iteration rows to run (default: all for the device)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     dev = a.device
     res: dict = {"cpu": cpu_model(), "threads": a.threads, "torch": torch.__version__, "device": dev,
                  "gpu": torch.cuda.get_device_name() if dev == "cuda" else None, "batch": a.batch}
-    rows = [  # (key, label, what, tuned allocator, precision, channels_last)
-        ("reference", "reference loop (plain PyTorch, fp32)", "reference", False, "32-true", False),
-        ("reference_tuned", "  same, tuned allocator", "reference", True, "32-true", False),
-        ("fp32", "lebm-zoo fp32 (Lightning)", "ours", False, "32-true", False),
-        ("fp32_tuned", "  fp32, tuned allocator", "ours", True, "32-true", False),
-        ("fp32_channels_last_tuned", "  fp32 + channels_last, tuned", "ours", True, "32-true", True),
-        ("bf16_tuned", "  bf16-mixed, tuned", "ours", True, "bf16-mixed", False),
-        ("bf16_channels_last_tuned", "  bf16-mixed + channels_last, tuned", "ours", True, "bf16-mixed", True),
+    mode = a.compile_mode or ("reduce-overhead" if dev == "cuda" else "default")
+    res["compile_mode"] = mode
+    rows = [  # (key, label, what, tuned allocator, precision, channels_last, compile mode of the chains)
+        ("reference", "reference loop (plain PyTorch, fp32)", "reference", False, "32-true", False, None),
+        ("reference_tuned", "  same, tuned allocator", "reference", True, "32-true", False, None),
+        ("fp32", "lebm-zoo fp32 (Lightning)", "ours", False, "32-true", False, None),
+        ("fp32_tuned", "  fp32, tuned allocator", "ours", True, "32-true", False, None),
+        ("fp32_channels_last_tuned", "  fp32 + channels_last, tuned", "ours", True, "32-true", True, None),
+        ("bf16_tuned", "  bf16-mixed, tuned", "ours", True, "bf16-mixed", False, None),
+        ("bf16_channels_last_tuned", "  bf16-mixed + channels_last, tuned", "ours", True, "bf16-mixed", True, None),
+        ("fp32_compiled_tuned", f"  fp32, chains compiled ({mode}), tuned", "ours", True, "32-true", False, mode),
     ]
-    if dev != "cpu":  # the reference loop and the C allocator are CPU matters
-        rows = [r for r in rows if r[2] == "ours" and not r[3]] + [
-            ("bf16", "lebm-zoo bf16-mixed", "ours", False, "bf16-mixed", False),
-            ("bf16_channels_last", "lebm-zoo bf16-mixed + channels_last", "ours", False, "bf16-mixed", True)]
+    if dev != "cpu":  # the reference script and the C allocator are CPU matters: its device-aware twin stands in
+        rows = [("plain", "reference-structure loop (plain PyTorch, fp32)", "plain", False, "32-true", False, None),
+                ("fp32", "lebm-zoo fp32 (Lightning)", "ours", False, "32-true", False, None),
+                ("bf16", "lebm-zoo bf16-mixed", "ours", False, "bf16-mixed", False, None),
+                ("bf16_channels_last", "lebm-zoo bf16-mixed + channels_last", "ours", False, "bf16-mixed", True, None),
+                ("fp32_compiled", f"lebm-zoo fp32, chains compiled ({mode})", "ours", False, "32-true", False, mode),
+                ("bf16_compiled", f"lebm-zoo bf16-mixed, chains compiled ({mode})", "ours", False, "bf16-mixed",
+                 False, mode)]
+    if a.rows:
+        keys = a.rows.split(",")
+        unknown = set(keys) - {r[0] for r in rows}
+        if unknown:
+            ap.error(f"unknown --rows {sorted(unknown)} for device {dev}; choose from {[r[0] for r in rows]}")
+        rows = [r for r in rows if r[0] in keys]
     # Rounds: every row once per round, in the same order, so that a slow spell of this shared machine hits all rows
     # alike; each row reports its median over the rounds.
     runs: dict[str, list] = {key: [] for key, *_ in rows}
     for r in range(a.rounds):
         print(f"round {r + 1}/{a.rounds} of the training-iteration rows", file=sys.stderr, flush=True)
-        for key, _, what, tuned, precision, cl in rows:
-            runs[key].append(training_row(what, a.batch, a.iters, a.warmup, a.threads, dev, tuned, precision, cl))
+        for key, _, what, tuned, precision, cl, comp in rows:
+            runs[key].append(training_row(what, a.batch, a.iters, a.warmup, a.threads, dev, tuned, precision, cl,
+                                          comp))
     res["rounds"] = a.rounds
     res["training_iteration"] = {}
     for key, rs in runs.items():
@@ -246,12 +325,12 @@ def main() -> None:
         res["training_iteration"][key] = {"s_per_iter": statistics.median(r["s_per_iter"] for r in rs),
                                           "peak_mib": max(r["peak_mib"] for r in rs),
                                           "rounds_s_per_iter": [r["s_per_iter"] for r in rs]}
-    res["prior_chain_s"] = prior_chains(dev, repeats=3)
-    res["throughput_fp32"] = throughputs(dev, "32-true")
-    res["throughput_bf16"] = throughputs(dev, "bf16-mixed")
+    res["prior_chain_s"] = prior_chains(dev, repeats=3, batch=a.batch)
+    res["throughput_fp32"] = throughputs(dev, "32-true", a.batch)
+    res["throughput_bf16"] = throughputs(dev, "bf16-mixed", a.batch)
 
     it = res["training_iteration"]
-    ref = (it.get("reference") or {}).get("s_per_iter")
+    ref = (it.get("reference") or it.get("plain") or {}).get("s_per_iter")
     ref_tuned = (it.get("reference_tuned") or {}).get("s_per_iter")
     print(f"lebm-zoo benchmarks on {res['cpu']}" + (f" + {res['gpu']}" if res["gpu"] else "")
           + f", {a.threads} threads, torch {torch.__version__}")
@@ -267,14 +346,15 @@ def main() -> None:
         f1 = f"{ref / v:>19.2f}" if ref else f"{'':>19}"
         f2 = f"{ref_tuned / v:>16.2f}" if ref_tuned else f"{'':>16}"
         print(f"   {label:<38}{v:>8.3f}{f1}{f2}{r['peak_mib']:>16.0f}")
-    timed = {key: r["s_per_iter"] for key, r in it.items() if r is not None and not key.startswith("reference")}
+    timed = {key: r["s_per_iter"] for key, r in it.items()
+             if r is not None and not key.startswith("reference") and key != "plain"}
     fastest = min(timed, key=timed.get)
     per_epoch = -(-73257 // a.batch)  # SVHN's training split in batches
     res["svhn_epoch_min_fastest"] = timed[fastest] * per_epoch / 60
     print(f"   implied SVHN epoch ({per_epoch} iterations) at the fastest row ({fastest}): "
           f"{res['svhn_epoch_min_fastest']:.1f} min")
     pc = res["prior_chain_s"]
-    print("\n2. 60-step prior chain, batch 100, nz 100 (best of 3)")
+    print(f"\n2. 60-step prior chain, batch {a.batch}, nz 100 (best of 3)")
     for name in ("ours", "torchebm", "plain_loop"):
         v = pc[name]
         print(f"   {name:<30}" + (f"{v * 1000:>9.1f} ms{v / pc['ours']:>10.2f} x ours" if v else "   n/a"))

@@ -216,6 +216,7 @@ class EBMModule(SamplerMixin, pl.LightningModule):
         if state is not None and state.get("at") == "epoch_end":
             self._resume_rng = None
             set_rng_state(state)
+            self._decorrelate_rank_rng()
 
     @property
     def replaying_epoch_end(self) -> bool:
@@ -225,6 +226,21 @@ class EBMModule(SamplerMixin, pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._fit_batches = 0  # training batches run by this fit call
+        self._decorrelate_rank_rng()
+
+    def _decorrelate_rank_rng(self) -> None:
+        """Give every DDP rank its own Langevin noise: ranks > 0 reseed torch's generators (CPU and CUDA).
+
+        ``seed_everything`` seeds every rank alike, so without this each rank's chains would draw the same noise and,
+        from the same initial states, produce the same negative samples: a global batch whose negative half is
+        ``world_size`` copies of one rank's. Rank ``r > 0`` reseeds with a number drawn from its current stream plus
+        ``1_000_003 * r`` (reproducible for a given seed); rank 0 keeps its stream, so it draws what a one-device
+        run draws. Called at the start of training and after a resume has put back the checkpoint's RNG states
+        (which are rank 0's). No-op on one device.
+        """
+        if self._trainer is None or self.trainer.world_size <= 1 or self.trainer.global_rank == 0:
+            return
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,))) + 1_000_003 * self.trainer.global_rank)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         """After a resume from a checkpoint written inside an epoch, put back the RNG states the chains drew from when
@@ -235,6 +251,7 @@ class EBMModule(SamplerMixin, pl.LightningModule):
         if state is not None:
             self._resume_rng = None
             set_rng_state(state)
+            self._decorrelate_rank_rng()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         write_record(checkpoint, self)

@@ -50,7 +50,8 @@ class LatentPriorBase(EBMModule):
     Hyperparameters read here (see :class:`LatentEBMPrior` for their meaning): ``nz``, ``ndf``, ``e_activation``,
     ``prior``, ``prior_steps``, ``prior_step_size``, ``posterior_steps``, ``posterior_step_size``, ``prior_sigma``,
     ``lr_g``, ``lr_e``, ``betas``, ``lr_decay``, ``grad_clip_g``, ``grad_clip_e``; optional: ``lr_schedule`` (absent:
-    ``"exponential"``), ``loss_g_limit`` (absent: off), ``loss_g_limit_after_epoch``, ``loss_g_limit_check``.
+    ``"exponential"``), ``loss_g_limit`` (absent: off), ``loss_g_limit_after_epoch``, ``loss_g_limit_check``,
+    ``compile_chains`` (absent: eager chains).
 
     Latents are ``(B, nz)``; "data" is the subclass's (images, token batches).
     """
@@ -67,9 +68,10 @@ class LatentPriorBase(EBMModule):
         """The energy net (``prior="ebm"``) and the prior and posterior samplers, from the hyperparameters."""
         hp = self.hparams
         self.energy_net = EnergyMLP(nz=hp.nz, ndf=hp.ndf, activation=hp.e_activation) if hp.prior == "ebm" else None
+        compile_chains = hp.get("compile_chains")
         self.samplers = {
-            "prior": LangevinSampler(hp.prior_steps, hp.prior_step_size),
-            "posterior": LangevinSampler(hp.posterior_steps, hp.posterior_step_size),
+            "prior": LangevinSampler(hp.prior_steps, hp.prior_step_size, compile=compile_chains),
+            "posterior": LangevinSampler(hp.posterior_steps, hp.posterior_step_size, compile=compile_chains),
         }
 
     # ------------------------------------------------------------------------------------------------ densities
@@ -341,6 +343,10 @@ class LatentEBMPrior(LatentPriorBase):
         channels_last: run the generator's transposed convolutions in the fastest memory layouts (see
             :class:`~lebm_zoo.nets.ConvGenerator`; same function and gradients). How much faster depends on the
             CPU (README, Speed).
+        compile_chains: ``torch.compile`` the step of both Langevin chains (prior and posterior): None or False
+            (default) eager; True the default mode; a string a ``torch.compile`` mode, e.g. ``"reduce-overhead"``
+            (CUDA graphs on a GPU). Same chains up to float rounding (the noise is drawn as in the eager chains); the
+            first steps pay the compile time. See :class:`~lebm_zoo.samplers.LangevinSampler` (``compile``).
 
     Images are ``(B, channels, img_size, img_size)`` in [-1, 1]; latents ``(B, nz)``. The prior, both chains and the
     training step are :class:`LatentPriorBase`'s; this class adds the image generator G and the image data hooks.
@@ -372,6 +378,7 @@ class LatentEBMPrior(LatentPriorBase):
         loss_g_limit_after_epoch: int = 10,
         loss_g_limit_check: str = "epoch_end",
         channels_last: bool = False,
+        compile_chains: bool | str | None = None,
     ):
         super().__init__()
         self._check_prior_args(prior, prior_sigma)

@@ -1,0 +1,168 @@
+"""The compiled Langevin chain (``LangevinSampler(compile=...)``, ``LatentEBMPrior(compile_chains=...)``): the same
+states as the eager chain with the same seed, no recompilation for a fresh closure, the argument check.
+
+torch.compile on a CPU builds C++ with the system compiler: where torch's inductor finds none (or cannot build a
+trivial function), the tests that compile are skipped with the reason. The distinct compiled graphs are kept few
+(one per target function) so that the file runs in about a minute on one core.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from _data import tensor_loader, tiny_trainer, uniform_images
+from torch import nn
+
+from lebm_zoo import LatentEBMPrior
+from lebm_zoo.samplers import LangevinSampler
+
+
+@functools.lru_cache(maxsize=1)
+def _compile_unavailable() -> str | None:
+    """Why torch.compile cannot run on this CPU (None when it can)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        get_cpp_compiler()
+    except Exception as e:  # any failure to find a compiler is a reason to skip
+        return (f"torch.compile's CPU backend (inductor) needs a C++ compiler (torch._inductor.config.cpp.cxx or "
+                f"$CXX): none found ({type(e).__name__}: {e})")
+    try:
+        torch.compile(lambda t: t.sin() + 1.0)(torch.randn(3))
+    except Exception as e:
+        return f"torch.compile cannot build a trivial function on this CPU: {type(e).__name__}: {e}"
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_dynamo():
+    """Start and leave with dynamo's caches empty (its recompile limit counts graphs per code object)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def compiler():
+    reason = _compile_unavailable()
+    if reason:
+        pytest.skip(reason)
+
+
+def unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+class MLPEnergy(nn.Module):
+    def __init__(self, d=4, h=16):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, 1))
+
+    def forward(self, z):
+        return self.net(z).squeeze(-1)
+
+
+def target(energy: nn.Module, centre: torch.Tensor):
+    """A fresh closure per call, as the models pass: MLP energy tilting a Gaussian centred at ``centre``."""
+    return lambda z: -energy(z) - 0.5 * ((z - centre) ** 2).sum(1)
+
+
+@pytest.fixture
+def energy():
+    torch.manual_seed(0)
+    e = MLPEnergy()
+    for p in e.parameters():
+        p.requires_grad_(False)
+    return e
+
+
+def run(sampler, log_prob, x0, seed=1):
+    torch.manual_seed(seed)
+    return sampler(log_prob, x0, return_trace=True)
+
+
+def test_compiled_chain_matches_eager_with_grad_clip_and_clamp_and_does_not_recompile(compiler, energy):
+    torch.manual_seed(0)
+    x0, centre = torch.randn(6, 4) * 2, torch.full((4,), 0.3)
+    cfg = dict(n_steps=6, step_size=0.5, grad_clip=1.0, clamp=(-2.0, 2.0))
+    eager = LangevinSampler(**cfg)
+    compiled = LangevinSampler(**cfg, compile=True)
+    x_e, tr_e = run(eager, target(energy, centre), x0)
+    x_c, tr_c = run(compiled, target(energy, centre), x0)
+    # the clip and the clamp are active: some gradient norms exceed 1, some states leave the box unclamped
+    assert ((x_e == 2.0) | (x_e == -2.0)).any() and not ((x_e == 2.0) | (x_e == -2.0)).all()
+    torch.testing.assert_close(x_c, x_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tr_c["log_prob"], tr_e["log_prob"], rtol=1e-5, atol=1e-5)
+    assert not x_c.requires_grad and x_c.shape == x0.shape
+    assert all(p.grad is None for p in energy.parameters())
+
+    # a second call with a new closure of the same code (holding a new tensor) reuses the graph, and so does a new
+    # sampler of the same configuration; the chain continues the same RNG stream as the eager one
+    graphs = unique_graphs()
+    centre2 = torch.full((4,), -0.2)
+    x_c2, _ = run(compiled, target(energy, centre2), x0, seed=2)
+    x_c3, _ = run(LangevinSampler(**cfg, compile=True), target(energy, centre2), x0, seed=2)
+    x_e2, _ = run(eager, target(energy, centre2), x0, seed=2)
+    assert unique_graphs() == graphs
+    torch.testing.assert_close(x_c2, x_e2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_c3, x_e2, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_step_without_noise_and_pickling(compiler, energy):
+    import pickle
+
+    x0 = torch.randn(5, 4)
+    eager, compiled = (LangevinSampler(3, 0.3, noise_scale=0.0, compile=c) for c in (None, "default"))
+    torch.testing.assert_close(compiled(target(energy, torch.zeros(4)), x0), eager(target(energy, torch.zeros(4)), x0),
+                               rtol=1e-5, atol=1e-5)
+    clone = pickle.loads(pickle.dumps(compiled))  # the compiled function stays behind
+    assert clone._compiled is None and clone.compile == "default"
+    x, lp = compiled.step(target(energy, torch.zeros(4)), x0)
+    assert x.shape == x0.shape and lp.shape == (5,)
+
+
+def tiny(**kw):
+    return LatentEBMPrior(img_size=28, channels=1, nz=8, ngf=4, ndf=16, prior_steps=3, posterior_steps=3, **kw)
+
+
+def one_step(compile_chains):
+    pl.seed_everything(0, verbose=False)
+    m = tiny(compile_chains=compile_chains)
+    data = tensor_loader(uniform_images(4, 1, 28, seed=0), 4)
+    t = tiny_trainer(max_steps=1)
+    t.fit(m, data)
+    return m, {k: v.clone() for k, v in t.callback_metrics.items()}
+
+
+def test_latent_ebm_prior_compiled_chains_train_as_eager(compiler):
+    m_c, logs_c = one_step(True)
+    assert all(s.compile is True for s in m_c.samplers.values())
+    m_e, logs_e = one_step(None)
+    assert all(s.compile is None for s in m_e.samplers.values())
+    assert set(logs_c) == set(logs_e) and "train/loss_g" in logs_e and "train/energy_gap" in logs_e
+    for k in logs_e:
+        torch.testing.assert_close(logs_c[k], logs_e[k], rtol=1e-4, atol=1e-5, msg=f"{k}")
+    sd_c, sd_e = m_c.state_dict(), m_e.state_dict()
+    assert set(sd_c) == set(sd_e)
+    for k in sd_e:
+        torch.testing.assert_close(sd_c[k], sd_e[k], rtol=1e-5, atol=1e-6, msg=f"{k}")
+
+
+@pytest.mark.parametrize("bad", [1, 0.5, "fast", "", ["default"]])
+def test_bad_compile_value_raises(bad):
+    with pytest.raises(ValueError, match="compile must be"):
+        LangevinSampler(3, 0.1, compile=bad)
+    with pytest.raises(ValueError, match="compile must be"):
+        tiny(compile_chains=bad)
+
+
+def test_compile_defaults_off_and_shows_in_repr():
+    s = LangevinSampler(3, 0.1)
+    assert s.compile is None and s.compile_mode is None and "compile=None" in repr(s)
+    assert LangevinSampler(3, 0.1, compile=False).compile_mode is None
+    assert LangevinSampler(3, 0.1, compile=True).compile_mode == "default"
+    assert "compile='reduce-overhead'" in repr(LangevinSampler(3, 0.1, compile="reduce-overhead"))
+    m = tiny()
+    assert m.hparams.compile_chains is None and all(s.compile is None for s in m.samplers.values())
