@@ -42,6 +42,29 @@ FID = ("FID of 1,000 samples vs 1,000 MNIST test images (TF-Inception pool3, 204
 MSE = ("per-pixel MSE in [0, 1] of G(z) at posterior z (Langevin, the recipe's chain) on 1,000 MNIST test images "
        "(lebm-zoo test --recipe {recipe})")
 
+ANOMALY = {"test/auprc": ("auprc", "AUPRC (auc(recall, precision), the held-out digit positive) of the score "
+                                   "-log p(x, z) at posterior z on the split's test set (lebm-zoo test --recipe "
+                                   "mnist_anomaly_prior)"),
+           "test/auroc": ("auroc", "AUROC of the same scores")}
+
+def _anomaly_entry(digit: int, seed: int = 1) -> dict:
+    """The registry entry of the LEBM anomaly run of ``digit``: seed 1's run of benchmarks/anomaly_runs.sh (the
+    recipe's first seed; no seed is chosen by its test score)."""
+    run = f"runs/anomaly/prior_d{digit}_s{seed}"
+    flags = ("--recipe mnist_anomaly_prior --data.data_dir $DATA/mnist --data.num_workers 0 "
+             f"--data.heldout_digit {digit}")
+    return dict(recipe="mnist_anomaly_prior", data_flags="", run=f"../anomaly/prior_d{digit}_s{seed}",
+                test_run=f"../anomaly/prior_d{digit}_s{seed}_test", precision="bf16-mixed", budget="00:00:04:00",
+                data=f"MNIST (70,000 pooled) without digit {digit}: 80% of the normals (the cited code's split)",
+                fit_override=(f"OMP_NUM_THREADS=1 lebm-zoo fit {flags} --seed_everything {seed} --trainer.precision "
+                              f"bf16-mixed --trainer.max_time 00:00:04:00 --trainer.max_epochs 1000 "
+                              f"--trainer.default_root_dir {run}"),
+                eval_override=(f"OMP_NUM_THREADS=1 lebm-zoo test {flags} --trainer.precision bf16-mixed "
+                               f"--trainer.default_root_dir {run}_test --ckpt_path {run}/lightning_logs/version_0/"
+                               "checkpoints/last.ckpt"),
+                metrics=ANOMALY)
+
+
 #: name -> how it was trained and evaluated. ``run``: the fit's root folder under --runs; ``metrics``: logged test
 #: key -> (published name, protocol); ``budget``: the fit's --trainer.max_time (wall-clock, one thread).
 ENTRIES: dict[str, dict] = {
@@ -103,7 +126,30 @@ ENTRIES: dict[str, dict] = {
                         metrics={f"test/{k}": (k, f"{k} of 2,000 prior samples (RDKit; lebm-zoo test --recipe "
                                                "moses_prior; novelty against the 200,000 training molecules)")
                                  for k in ("validity", "uniqueness", "novelty")}),
+    "semisup-mnist": dict(recipe="mnist_semisup", data_flags="", run="../semisup/s1", test_run="../semisup/s1_test",
+                          data="MNIST train (59,000 images, 100 of them labelled: 10 per class, seed 0)",
+                          precision="32-true", budget="00:00:20:00",
+                          fit_override=("OMP_NUM_THREADS=1 lebm-zoo fit --recipe mnist_semisup --data.datamodule."
+                                        "data_dir $DATA/mnist --data.datamodule.num_workers 0 --trainer.max_time "
+                                        "00:00:20:00 --trainer.default_root_dir runs/semisup/s1"),
+                          eval_override=("OMP_NUM_THREADS=1 lebm-zoo test --recipe mnist_semisup --data.datamodule."
+                                         "data_dir $DATA/mnist --data.datamodule.num_workers 0 --trainer."
+                                         "default_root_dir runs/semisup/s1_test --ckpt_path runs/semisup/s1/"
+                                         "lightning_logs/version_0/checkpoints/last.ckpt"),
+                          metrics={"test/accuracy": ("accuracy", "test accuracy on the 10,000 MNIST test images "
+                                                     "(classify: posterior z, then softmax F(z); lebm-zoo test "
+                                                     "--recipe mnist_semisup)")}),
+    "drl-mnist": dict(recipe="mnist_drl", data_flags=MNIST, run="../drl/mnist", test_run="../drl/mnist_test",
+                      data="MNIST train (59,000 images)", precision="bf16-mixed", budget="00:00:40:00",
+                      fit_override=("OMP_NUM_THREADS=1 lebm-zoo fit --recipe mnist_drl --data.data_dir $DATA/mnist "
+                                    "--data.num_workers 0 --trainer.precision bf16-mixed --trainer.max_time "
+                                    "00:00:40:00 --trainer.default_root_dir runs/drl/mnist"),
+                      eval_override=("OMP_NUM_THREADS=1 lebm-zoo test --recipe mnist_drl --data.data_dir $DATA/mnist "
+                                     "--data.num_workers 0 --trainer.default_root_dir runs/drl/mnist_test "
+                                     "--ckpt_path runs/drl/mnist/lightning_logs/version_0/checkpoints/last.ckpt"),
+                      metrics={"test/fid": ("fid", FID)}),
 }
+ENTRIES.update({f"lebm-mnist-anomaly-digit{d}": _anomaly_entry(d) for d in (1, 4, 5, 7, 9)})
 
 
 def _scalars(run: Path) -> dict[str, float]:
@@ -182,6 +228,12 @@ def publish(name: str, spec: dict, runs: Path) -> dict | None:
         fig.tight_layout()
         fig.savefig(GRIDS / f"{name}.png", dpi=100)
         plt.close(fig)
+    elif model.hparams.get("n_classes"):  # symbol-vector coupling: one row of 8 conditional samples per class
+        from torchvision.utils import save_image
+
+        torch.manual_seed(0)
+        rows = [model.sample(8, y=c) for c in range(model.hparams.n_classes)]
+        save_image(torch.cat(rows) * 0.5 + 0.5, GRIDS / f"{name}.png", nrow=8, padding=1)
     elif model.hparams.get("img_size") and not hasattr(model, "vocab_obj"):
         from lebm_zoo.cli import main
 
