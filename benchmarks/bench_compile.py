@@ -27,20 +27,15 @@ from pathlib import Path
 import torch
 
 from lebm_zoo import LangevinSampler, LatentEBMPrior
+from lebm_zoo.env import cpu_info
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "compile.json"
 
 
 def cpu_model() -> str:
-    """The ``model name`` line of /proc/cpuinfo (else what ``platform`` knows)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name (:func:`lebm_zoo.env.cpu_info`, else what ``platform`` knows)."""
+    return cpu_info()["model"] or platform.processor() or platform.machine()
 
 
 def sync(device: torch.device) -> None:
