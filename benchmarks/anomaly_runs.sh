@@ -1,9 +1,10 @@
 #!/bin/bash
 # The MNIST anomaly-detection runs behind the README table (benchmarks/anomaly_table.py reads their test results):
 # both models x five held-out digits x SEEDS, each trained for BUDGET of wall-clock on one thread, two at a time,
-# then tested on its last checkpoint (no model selection looks at the test split).
+# then tested on its last checkpoint in the same precision (no model selection looks at the test split).
 #
 #   DATA=../shared/data BUDGET=00:00:20:00 SEEDS="1 2 3" bash benchmarks/anomaly_runs.sh runs/anomaly
+#   (the README's table: BUDGET=00:00:04:00 PRECISION=bf16-mixed MODELS=prior)
 #   python benchmarks/anomaly_table.py --runs runs/anomaly --chart benchmarks/results/mnist_anomaly_auprc.png
 #
 # PRECISION=bf16-mixed is faster on CPUs with bf16 units (lebm-zoo env says which); MODELS="prior" runs one model.
@@ -22,7 +23,7 @@ one() {  # model digit seed
   local args=(--recipe "mnist_anomaly_$m" --data.data_dir "$DATA/mnist" --data.num_workers 0 --data.heldout_digit "$d")
   OMP_NUM_THREADS=1 "$LEBM" fit "${args[@]}" --seed_everything "$s" --trainer.precision "$PRECISION" \
     --trainer.max_time "$BUDGET" --trainer.max_epochs 1000 --trainer.default_root_dir "$OUT/$name" > "$OUT/$name.log" 2>&1
-  OMP_NUM_THREADS=1 "$LEBM" test "${args[@]}" --trainer.default_root_dir "$OUT/${name}_test" \
+  OMP_NUM_THREADS=1 "$LEBM" test "${args[@]}" --trainer.precision "$PRECISION" --trainer.default_root_dir "$OUT/${name}_test" \
     --ckpt_path "$OUT/$name/lightning_logs/version_0/checkpoints/last.ckpt" > "$OUT/${name}_test.log" 2>&1
 }
 export -f one
