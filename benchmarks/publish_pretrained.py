@@ -42,19 +42,25 @@ FID = ("FID of 1,000 samples vs 1,000 MNIST test images (TF-Inception pool3, 204
 MSE = ("per-pixel MSE in [0, 1] of G(z) at posterior z (Langevin, the recipe's chain) on 1,000 MNIST test images "
        "(lebm-zoo test --recipe {recipe})")
 
-ANOMALY = {"test/auprc": ("auprc", "AUPRC (auc(recall, precision), the held-out digit positive) of the score "
-                                   "-log p(x, z) at posterior z on the split's test set (lebm-zoo test --recipe "
-                                   "mnist_anomaly_prior)"),
-           "test/auroc": ("auroc", "AUROC of the same scores")}
 
-def _anomaly_entry(digit: int, seed: int = 1, test_precision: str = "bf16-mixed") -> dict:
-    """The registry entry of the LEBM anomaly run of ``digit``: seed 1's run of benchmarks/anomaly_runs.sh (the
-    recipe's first seed; no seed is chosen by its test score), tested in ``test_precision``."""
-    run = f"runs/anomaly/prior_d{digit}_s{seed}"
-    flags = ("--recipe mnist_anomaly_prior --data.data_dir $DATA/mnist --data.num_workers 0 "
+def _anomaly_metrics(model: str) -> dict:
+    score = ("-log p(x, z) at posterior z" if model == "prior" else
+             "-L^{>0} = -log p(x, z_1, z_2) at the joint posterior z")
+    return {"test/auprc": ("auprc", f"AUPRC (auc(recall, precision), the held-out digit positive) of the score "
+                                    f"{score} on the split's test set (lebm-zoo test --recipe mnist_anomaly_{model})"),
+            "test/auroc": ("auroc", "AUROC of the same scores")}
+
+
+def _anomaly_entry(digit: int, seed: int = 1, test_precision: str = "bf16-mixed", model: str = "prior") -> dict:
+    """The registry entry of the ``model`` ("prior": LEBM, "hierarchical") anomaly run of ``digit``: seed 1's run of
+    benchmarks/anomaly_runs.sh (the recipe's first seed; no seed is chosen by its test score), tested in
+    ``test_precision``."""
+    name = f"{model}_d{digit}_s{seed}"
+    run = f"runs/anomaly/{name}"
+    flags = (f"--recipe mnist_anomaly_{model} --data.data_dir $DATA/mnist --data.num_workers 0 "
              f"--data.heldout_digit {digit}")
-    return dict(recipe="mnist_anomaly_prior", data_flags="", run=f"../anomaly/prior_d{digit}_s{seed}",
-                test_run=f"../anomaly/prior_d{digit}_s{seed}_test", precision="bf16-mixed", budget="00:00:04:00",
+    return dict(recipe=f"mnist_anomaly_{model}", data_flags="", run=f"../anomaly/{name}",
+                test_run=f"../anomaly/{name}_test", precision="bf16-mixed", budget="00:00:04:00",
                 data=f"MNIST (70,000 pooled) without digit {digit}: 80% of the normals (the cited code's split)",
                 fit_override=(f"OMP_NUM_THREADS=1 lebm-zoo fit {flags} --seed_everything {seed} --trainer.precision "
                               f"bf16-mixed --trainer.max_time 00:00:04:00 --trainer.max_epochs 1000 "
@@ -62,7 +68,7 @@ def _anomaly_entry(digit: int, seed: int = 1, test_precision: str = "bf16-mixed"
                 eval_override=(f"OMP_NUM_THREADS=1 lebm-zoo test {flags} --trainer.precision {test_precision} "
                                f"--trainer.default_root_dir {run}_test --ckpt_path {run}/lightning_logs/version_0/"
                                "checkpoints/last.ckpt"),
-                metrics=ANOMALY)
+                metrics=_anomaly_metrics(model))
 
 
 #: name -> how it was trained and evaluated. ``run``: the fit's root folder under --runs; ``metrics``: logged test
@@ -151,6 +157,8 @@ ENTRIES: dict[str, dict] = {
 }
 # the digit-1 test ran in fp32 (it started before the runs' tests were switched to bf16-mixed)
 ENTRIES.update({f"lebm-mnist-anomaly-digit{d}": _anomaly_entry(d, test_precision="32-true" if d == 1 else "bf16-mixed")
+                for d in (1, 4, 5, 7, 9)})
+ENTRIES.update({f"hierarchical-mnist-anomaly-digit{d}": _anomaly_entry(d, model="hierarchical")
                 for d in (1, 4, 5, 7, 9)})
 
 
