@@ -6,9 +6,14 @@ Runs are found by name under ``--runs``: ``<model>_d<digit>_s<seed>_test/`` fold
 ``lebm-zoo test`` (``test/auprc``; ``<model>`` is ``prior`` or ``hierarchical``), as the commands in the README's
 anomaly section write them.
 
+``--length runs/anomaly_long`` adds the training-length comparison: every run there beside the run of the same model,
+digit and seed under ``--runs``, with each fit's budget (``--trainer.max_time``) and iterations (``global_step`` of
+its ``last.ckpt``).
+
 Usage::
 
     python benchmarks/anomaly_table.py --runs runs/anomaly [--chart benchmarks/results/mnist_anomaly_auprc.png]
+        [--length runs/anomaly_long]
 """
 from __future__ import annotations
 
@@ -58,22 +63,28 @@ def baseline_auprc(digit: int) -> tuple[float, float]:
 
 def collect(runs: Path, key: str = "test/auprc") -> dict[str, dict[int, list[float]]]:
     """``{model: {digit: [value per seed]}}`` from the test runs' TensorBoard events."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     out: dict[str, dict[int, list[float]]] = {}
     for folder in sorted(p for p in runs.iterdir() if p.is_dir()):
         m = RUN.match(folder.name)
         if m is None:
             continue
-        values = []
-        for ev in sorted(folder.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
-            acc = EventAccumulator(str(ev), size_guidance={"scalars": 0})
-            acc.Reload()
-            if key in acc.Tags()["scalars"]:
-                values.append(acc.Scalars(key)[-1].value)
-        if values:
-            out.setdefault(m["model"], {}).setdefault(int(m["digit"]), []).append(float(values[-1]))
+        value = collect_one(folder, key)
+        if value is not None:
+            out.setdefault(m["model"], {}).setdefault(int(m["digit"]), []).append(value)
     return out
+
+
+def collect_one(folder: Path, key: str) -> float | None:
+    """The last ``key`` logged in the TensorBoard events below ``folder`` (the newest file last), or None."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = []
+    for ev in sorted(folder.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        acc = EventAccumulator(str(ev), size_guidance={"scalars": 0})
+        acc.Reload()
+        if key in acc.Tags()["scalars"]:
+            values.append(acc.Scalars(key)[-1].value)
+    return float(values[-1]) if values else None
 
 
 def _cell(values: list[float]) -> str:
@@ -84,18 +95,61 @@ def _cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f} ({len(values)} runs)"
 
 
-def table(results: dict[str, dict[int, list[float]]]) -> str:
-    """The Markdown table: ours, the papers', random and worst-possible AUPRC per digit."""
+def table(results: dict[str, dict[int, list[float]]], auroc: dict[str, dict[int, list[float]]] | None = None) -> str:
+    """The Markdown table: ours (with the seeds' mean AUROC below each model's row when ``auroc`` is given), the
+    papers', random and worst-possible AUPRC per digit."""
     head = "| AUPRC | " + " | ".join(str(d) for d in DIGITS) + " |"
     rows = [head, "|---" * (len(DIGITS) + 1) + "|"]
     for model, label in MODELS.items():
         if model in results:
             rows.append(f"| **{label}** | " + " | ".join(_cell(results[model].get(d, [])) for d in DIGITS) + " |")
+            if auroc and model in auroc:
+                cells = [f"{statistics.mean(v):.3f}" if (v := auroc[model].get(d)) else "" for d in DIGITS]
+                rows.append(f"| ours, {label.split(' (')[0].removeprefix('ours, ')}: AUROC (mean of the seeds) | "
+                            + " | ".join(cells) + " |")
     for label, vals in PAPER.items():
         rows.append(f"| paper, {label} | " + " | ".join(f"{vals[d][0]:.3f} +- {vals[d][1]:.3f}" for d in DIGITS) + " |")
     base = {d: baseline_auprc(d) for d in DIGITS}
     rows.append("| random score (about the anomaly share) | " + " | ".join(f"{base[d][0]:.3f}" for d in DIGITS) + " |")
     rows.append("| worst possible score | " + " | ".join(f"{base[d][1]:.3f}" for d in DIGITS) + " |")
+    return "\n".join(rows)
+
+
+def fit_info(fit: Path) -> tuple[str, int]:
+    """(``--trainer.max_time`` of the fit, its training iterations: ``global_step`` of ``last.ckpt``)."""
+    import torch
+    import yaml
+
+    version = fit / "lightning_logs" / "version_0"
+    budget = str(yaml.safe_load((version / "config.yaml").read_text())["trainer"].get("max_time"))
+    ckpt = torch.load(version / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    return budget, int(ckpt["global_step"])
+
+
+def length_table(runs: Path, long_runs: Path) -> str:
+    """Markdown: each test run under ``long_runs`` beside the run of the same model, digit and seed under ``runs``
+    (budget, iterations, AUPRC, AUROC): the same protocol at two training lengths."""
+    rows = ["| model | digit | seed | budget | iterations | AUPRC | AUROC |", "|---|---|---|---|---|---|---|"]
+    found = False
+    for folder in sorted(p for p in long_runs.iterdir() if p.is_dir()):
+        m = RUN.match(folder.name)
+        if m is None:
+            continue
+        for root in (runs, long_runs):
+            test = root / folder.name
+            fit = root / folder.name.removesuffix("_test")
+            if not test.is_dir() or not fit.is_dir():
+                continue
+            auprc = collect_one(test, "test/auprc")
+            if auprc is None:
+                continue
+            found = True
+            budget, steps = fit_info(fit)
+            auroc = collect_one(test, "test/auroc")
+            rows.append(f"| {MODELS[m['model']].split(' (')[0].removeprefix('ours, ')} | {m['digit']} | {m['seed']} "
+                        f"| {budget} | {steps} | {auprc:.3f} | " + ("" if auroc is None else f"{auroc:.3f}") + " |")
+    if not found:
+        raise SystemExit(f"no <model>_d<digit>_s<seed>_test runs with test/auprc under {long_runs}")
     return "\n".join(rows)
 
 
@@ -132,16 +186,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, required=True)
     parser.add_argument("--chart", type=Path, default=None, help="write the bar chart here (PNG)")
+    parser.add_argument("--length", type=Path, default=None,
+                        help="runs of other training lengths to compare with --runs (same model, digit and seed)")
     args = parser.parse_args()
     if not args.runs.is_dir():
         raise SystemExit(f"--runs {args.runs}: no such folder")
     results = collect(args.runs)
     if not results:
         raise SystemExit(f"no <model>_d<digit>_s<seed>_test runs with test/auprc under {args.runs}")
-    print(table(results))
+    print(table(results, collect(args.runs, "test/auroc")))
     if args.chart:
         chart(results, args.chart)
         print(args.chart)
+    if args.length:
+        if not args.length.is_dir():
+            raise SystemExit(f"--length {args.length}: no such folder")
+        print()
+        print(length_table(args.runs, args.length))
     return 0
 
 
