@@ -165,17 +165,18 @@ def chart(results: dict[str, dict[int, list[float]]], out: Path) -> None:
     series += [(f"paper, {k.split(' (')[0]}", [[v[d][0]] for d in DIGITS]) for k, v in PAPER.items()]
     x = np.arange(len(DIGITS))
     w = 0.8 / max(1, len(series))
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = plt.subplots(figsize=(8, 4.2))
     for i, (label, vals) in enumerate(series):
         means = [statistics.mean(v) if v else 0.0 for v in vals]
         errs = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
         ax.bar(x + (i - (len(series) - 1) / 2) * w, means, w, yerr=errs, label=label, capsize=2)
-    worst = [baseline_auprc(d)[1] for d in DIGITS]
-    ax.plot(x, worst, "k_", markersize=30, label="worst possible")
+    base = [baseline_auprc(d) for d in DIGITS]
+    ax.plot(x, [b[0] for b in base], "_", color="0.4", markersize=30, label="random score")
+    ax.plot(x, [b[1] for b in base], "k_", markersize=30, label="worst possible")
     ax.set_xticks(x, [f"digit {d}" for d in DIGITS])
     ax.set_ylabel("AUPRC (test)")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
