@@ -52,7 +52,8 @@ class CelebA64DataModule(FolderDataModule):
     - torchvision's layout, ``data_dir/celeba/img_align_celeba/*.jpg`` plus ``data_dir/celeba/list_eval_partition.txt``
       (read by torchvision ``CelebA``; the official train split, 162,770 images, and test split, 19,962);
     - otherwise a folder of face images (flat, e.g. ``celebA/000001.jpg``, or nested) or a ``.zip`` of one (extracted
-      once by :func:`extract_zip`), split into train/test by ``seed`` with ``test_size``.
+      once by :func:`extract_zip`; also a folder holding only that ``.zip``), split into train/test by ``seed`` with
+      ``test_size``.
 
     Each image is centre-cropped to a square of side ``round(min(H, W) * 140/178)`` (the standard 140-px crop of the
     178x218 originals, scaled to the image's size) and resized to 64. ``x`` is ``(B, 3, 64, 64)`` in [-1, 1]; ``y`` is
@@ -76,7 +77,8 @@ class CelebA64DataModule(FolderDataModule):
     img_size, channels = 64, 3
     dataset_name = "CelebA"
     expected = ("celeba/img_align_celeba/*.jpg + celeba/list_eval_partition.txt (torchvision's layout), or image "
-                "files (*.jpg, *.png, ...) in the folder or below it, or a .zip of such a folder")
+                "files (*.jpg, *.png, ...) in the folder or below it, or a .zip of such a folder (or a folder "
+                "holding one such .zip)")
     downloadable = True
 
     def __init__(self, data_dir: str = "data/celeba", download: bool = False, batch_size: int = 100,

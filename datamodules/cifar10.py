@@ -6,7 +6,7 @@ from pathlib import Path
 from torchvision import datasets, transforms
 
 from datamodules.base import ImageDataModule, normalize
-from datamodules.files import extract_zip, open_rgb
+from datamodules.files import extract_zip, lone_zip, open_rgb
 
 __all__ = ["CIFAR10DataModule"]
 
@@ -31,7 +31,8 @@ class CIFAR10DataModule(ImageDataModule):
     - a folder (or a folder up to two levels below it) with ``train/<class>/*.jpg`` and ``test/<class>/*.jpg``
       (torchvision ``ImageFolder``; labels are the sorted class names' indices, which for CIFAR-10's ten class names
       is the canonical order airplane=0 ... truck=9), images resized and centre-cropped to 32 if needed;
-    - a ``.zip`` of such a tree, extracted once by :func:`extract_zip` (the tree may sit in one top-level folder);
+    - a ``.zip`` of such a tree, extracted once by :func:`extract_zip` (the tree may sit in one top-level folder),
+      or a folder holding one such ``.zip`` and nothing of the other layouts;
     - a folder with torchvision's ``cifar-10-batches-py/`` (downloaded there with ``download=True``).
 
     ``x`` is ``(B, 3, 32, 32)`` in [-1, 1], ``y`` the class 0..9.
@@ -51,7 +52,8 @@ class CIFAR10DataModule(ImageDataModule):
     img_size, channels = 32, 3
     dataset_name = "CIFAR-10"
     expected = ("cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta} (torchvision's layout), or an "
-                "image-folder tree train/<class>/*.jpg + test/<class>/*.jpg, or a .zip of that tree")
+                "image-folder tree train/<class>/*.jpg + test/<class>/*.jpg, or a .zip of that tree (or a folder "
+                "holding one such .zip)")
     downloadable = True
 
     def __init__(self, data_dir: str = "data/cifar10", download: bool = False, batch_size: int = 100,
@@ -63,7 +65,10 @@ class CIFAR10DataModule(ImageDataModule):
         """The folder holding ``train/`` and ``test/`` (extracting a zip first), or None."""
         if self.data_dir.is_file() and self.data_dir.suffix.lower() == ".zip":
             return _find_dir_with(extract_zip(self.data_dir), ("train", "test"))
-        return _find_dir_with(self.data_dir, ("train", "test"))
+        tree = _find_dir_with(self.data_dir, ("train", "test"))
+        if tree is None and not self._batches().is_dir() and (zipped := lone_zip(self.data_dir)) is not None:
+            return _find_dir_with(extract_zip(zipped), ("train", "test"))  # a folder holding the downloaded zip
+        return tree
 
     def _batches(self) -> Path:
         return self.data_dir / datasets.CIFAR10.base_folder

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from datamodules.base import DATA_DIR_FIX, DatasetNotFoundError, summary
 
-__all__ = ["IMG_EXTENSIONS", "ImageFiles", "extract_zip", "iter_images", "open_rgb"]
+__all__ = ["IMG_EXTENSIONS", "ImageFiles", "extract_zip", "iter_images", "lone_zip", "open_rgb"]
 
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -73,6 +73,15 @@ def extract_zip(path: str | Path) -> Path:
         if not (marker.is_file() and marker.read_text() == stamp):
             raise
     return dest
+
+
+def lone_zip(folder: Path) -> Path | None:
+    """The one ``.zip`` file directly in ``folder`` (what a user who downloaded a zipped data set holds), or None
+    when the folder holds none or several, or is not a folder."""
+    if not folder.is_dir():
+        return None
+    zips = [p for p in folder.iterdir() if p.suffix.lower() == ".zip" and p.is_file() and not p.name.startswith(".")]
+    return zips[0] if len(zips) == 1 else None
 
 
 def iter_images(root: Path) -> Iterator[Path]:

@@ -9,7 +9,7 @@ from torch.utils.data import Subset
 from torchvision import transforms
 
 from datamodules.base import ImageDataModule, normalize
-from datamodules.files import ImageFiles, extract_zip, iter_images
+from datamodules.files import ImageFiles, extract_zip, iter_images, lone_zip
 
 __all__ = ["FolderDataModule", "ImageFolderDataModule"]
 
@@ -17,7 +17,8 @@ __all__ = ["FolderDataModule", "ImageFolderDataModule"]
 class FolderDataModule(ImageDataModule):
     """A folder (flat or nested) or ``.zip`` of images without splits, split into train/test by ``seed``."""
 
-    expected = "image files (*.jpg, *.png, ...) in the folder or any folder below it, or a .zip of such a folder"
+    expected = ("image files (*.jpg, *.png, ...) in the folder or any folder below it, or a .zip of such a folder "
+                "(or a folder holding one such .zip)")
 
     def __init__(self, data_dir, download, batch_size, num_workers, val_size, seed, test_size):
         super().__init__(data_dir, download, batch_size, num_workers, val_size, seed)
@@ -30,7 +31,11 @@ class FolderDataModule(ImageDataModule):
     def _folder(self) -> Path | None:
         if self.data_dir.is_file() and self.data_dir.suffix.lower() == ".zip":
             return extract_zip(self.data_dir)
-        return self.data_dir if self.data_dir.is_dir() else None
+        if not self.data_dir.is_dir():
+            return None
+        if next(iter_images(self.data_dir), None) is None and (zipped := lone_zip(self.data_dir)) is not None:
+            return extract_zip(zipped)  # a folder holding the downloaded zip of the images
+        return self.data_dir
 
     def _transform(self):
         raise NotImplementedError

@@ -256,10 +256,29 @@ class SequenceDecoder(nn.Module):
         if emb.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not native_bf16():
             # oneDNN has no bf16 LSTM where the CPU lacks bf16 units and fails to build one; ATen's LSTM runs it
             with torch.backends.mkldnn.flags(enabled=False):
-                out, state = self.lstm(emb, state)
+                out, state = self._lstm(emb, state)
         else:
-            out, state = self.lstm(emb, state)
+            out, state = self._lstm(emb, state)
         return self.drop(out), state
+
+    def _lstm(self, emb: Tensor, state):
+        """The LSTM, differentiable in eval mode too.
+
+        cuDNN can only differentiate an RNN run in training mode, and the Langevin chains differentiate the decoder
+        in eval mode (with respect to z). So when autograd is on in eval mode, the LSTM runs in training mode if
+        that changes nothing (no dropout between its layers: it is then the same function), else without cuDNN.
+        On every device, so that CPU tests see the path a GPU takes.
+        """
+        if self.lstm.training or not torch.is_grad_enabled():
+            return self.lstm(emb, state)
+        if self.lstm.dropout == 0:
+            self.lstm.train()
+            try:
+                return self.lstm(emb, state)
+            finally:
+                self.lstm.eval()
+        with torch.backends.cudnn.flags(enabled=False):
+            return self.lstm(emb, state)
 
     def forward(self, tokens: Tensor, z: Tensor | None = None, state=None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Next-token logits.

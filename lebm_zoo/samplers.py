@@ -148,8 +148,8 @@ class LangevinSampler:
     SVHN recipe's 60-step prior chain (batch 100) took 0.084 s compiled against 0.158 s eager, after 7 s of compiling
     with a warm cache (48 s cold): worth it for training, not for one ``sample()`` call. On a GPU
     ``"reduce-overhead"`` also removes the per-kernel launch cost that dominates short chains of small nets; in the
-    CUDA-graph modes a new generation is marked before each step and the returned states are cloned (a replay
-    overwrites its outputs).
+    CUDA-graph modes a new generation is marked before each step and each step's outputs are cloned before they are
+    used again, as the next step's input too (a replay overwrites its outputs).
 
     Raises:
         ValueError: for a negative ``n_steps``, non-positive ``step_size``, negative ``noise_scale`` or ``grad_clip``,
@@ -211,7 +211,7 @@ class LangevinSampler:
         """One Langevin step. Returns the new state (detached) and the per-chain log-prob at the old state ``(B,)``."""
         if self.compile_mode is not None:
             with grad_enabled():
-                return self._compiled_step(log_prob, x, keep=True)
+                return self._compiled_step(log_prob, x)
         lp, grad = _log_prob_and_grad(log_prob, x)
         if self.grad_clip is not None:
             grad = _clip_per_chain(grad, self.grad_clip)
@@ -225,8 +225,13 @@ class LangevinSampler:
                 x.clamp_(*self.clamp)
         return x, lp
 
-    def _compiled_step(self, log_prob: LogProb, x: Tensor, keep: bool) -> tuple[Tensor, Tensor]:
-        """:meth:`step` through the compiled :func:`_langevin_update` (``keep``: clone CUDA-graph outputs)."""
+    def _compiled_step(self, log_prob: LogProb, x: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`step` through the compiled :func:`_langevin_update`.
+
+        In the CUDA-graph modes the outputs live in the graph's memory pool, which the next replay overwrites: they
+        are cloned before they are used again, also as the next step's input (a replay's output fed back to the
+        graph is the "overwritten by a subsequent run" error). One copy of the state per step.
+        """
         mode = self.compile_mode
         if self._compiled is None:
             self._compiled = torch.compile(_langevin_update, mode=mode)
@@ -239,7 +244,7 @@ class LangevinSampler:
         with torch.no_grad():  # grad_and_value is a function transform: it differentiates inside no_grad
             x, lp = self._compiled(log_prob, x, noise, 0.5 * s * s, s * self.noise_scale, self.grad_clip,
                                    self.clamp)
-        if cudagraphs and keep:
+        if cudagraphs:
             x, lp = x.clone(), lp.clone()
         return x, lp
 
@@ -261,11 +266,9 @@ class LangevinSampler:
         with grad_enabled():
             x = x0.detach().clone()
             for _ in range(k):
-                x, lp = self._compiled_step(log_prob, x, keep=False) if compiled else self.step(log_prob, x)
+                x, lp = self._compiled_step(log_prob, x) if compiled else self.step(log_prob, x)
                 if return_trace:
                     lps.append(lp.mean())
-            if compiled and k > 0 and self.compile_mode in _CUDAGRAPH_MODES and x.is_cuda:
-                x = x.clone()  # the next replay would overwrite it
         if not return_trace:
             return x
         trace = {"log_prob": torch.stack(lps) if lps else x.new_zeros(0)}

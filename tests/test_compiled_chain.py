@@ -166,3 +166,29 @@ def test_compile_defaults_off_and_shows_in_repr():
     assert "compile='reduce-overhead'" in repr(LangevinSampler(3, 0.1, compile="reduce-overhead"))
     m = tiny()
     assert m.hparams.compile_chains is None and all(s.compile is None for s in m.samplers.values())
+
+
+CUDA_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+@pytest.mark.parametrize("mode", CUDA_MODES)
+def test_every_compile_mode_trains_and_samples_on_cuda(mode, energy):
+    # the CUDA-graph modes reuse the graph's output memory at each replay: a chain state fed back as the next step's
+    # input used to be "overwritten by a subsequent run" at the first chain (issue 29)
+    e = energy.cuda()
+    x0 = torch.randn(6, 4, device="cuda")
+    eager = run(LangevinSampler(4, 0.3, grad_clip=5.0), target(e, torch.zeros(4, device="cuda")), x0)
+    compiled = run(LangevinSampler(4, 0.3, grad_clip=5.0, compile=mode), target(e, torch.zeros(4, device="cuda")),
+                   x0)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled[1]["log_prob"], eager[1]["log_prob"], rtol=1e-4, atol=1e-4)
+    pl.seed_everything(0, verbose=False)
+    m = tiny(compile_chains=mode)
+    t = tiny_trainer(accelerator="cuda", max_steps=2)
+    t.fit(m, tensor_loader(uniform_images(8, 1, 28, seed=0), 4))
+    assert t.global_step == 2 and all(torch.isfinite(p).all() for p in m.parameters())
+    m.eval()
+    x = m.sample(4)
+    assert x.shape == (4, 1, 28, 28) and x.is_cuda and torch.isfinite(x).all()

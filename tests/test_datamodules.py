@@ -231,6 +231,23 @@ def test_cifar10_image_folder_tree_and_zip(tmp_path, cache):
         CIFAR10DataModule(str(flat)).prepare_data()
 
 
+def test_a_folder_holding_one_zip_is_read_as_that_zip(tmp_path, cache):
+    # what a user downloads: data/cifar10/cifar10-jpeg.zip, data/celeba/faces.zip (the layout of ../shared/data)
+    write_tree(tmp_path / "tree", classes=("cat", "dog"))
+    (tmp_path / "cifar10").mkdir()
+    zip_tree(tmp_path / "tree", tmp_path / "cifar10" / "cifar10-jpeg.zip", prefix="cifar10/")
+    dm = fit_setup(CIFAR10DataModule(str(tmp_path / "cifar10"), num_workers=0, val_size=0))
+    assert len(dm.train_set) == 8 and len(dm.test_set) == 4
+    (tmp_path / "faces").mkdir()
+    zip_tree(tmp_path / "tree" / "train", tmp_path / "faces" / "faces.zip")
+    dc = fit_setup(CelebA64DataModule(str(tmp_path / "faces"), num_workers=0, val_size=0, test_size=2))
+    assert len(dc.train_set) == 6 and len(dc.test_set) == 2
+    # two zips: which one is meant is not guessed; the error names what was looked for
+    zip_tree(tmp_path / "tree", tmp_path / "cifar10" / "other.zip")
+    with pytest.raises(DatasetNotFoundError, match="folder holding one such .zip"):
+        CIFAR10DataModule(str(tmp_path / "cifar10")).prepare_data()
+
+
 def test_corrupt_image_is_a_clear_error_naming_the_file(tmp_path):
     write_tree(tmp_path)
     bad = tmp_path / "test" / "cat" / "0000.png"

@@ -1,13 +1,14 @@
-"""``benchmarks/gpu_check.sh --dry-run``: the prepared GPU check runs end to end on the CPU at tiny sizes (issue 22).
+"""``benchmarks/gpu_check.sh --dry-run``: the prepared GPU check runs end to end on the CPU at tiny sizes (issue 29).
 
-Every step of the GPU script runs (env, ``pytest -m cuda``, the benchmark rows, DDP on two CPU processes, the timed
-cifar10_prior run on a CIFAR-10 image-folder tree this test writes, its FID test) and the report has the numbers of
-each: the same code paths the GPU machine runs, so that the one GPU run is not its first.
+Every step of the GPU script runs (env, ``pytest -m cuda``, GPU-scale recipes on random data, cifar10_prior on real
+images from a folder holding a CIFAR-10 zip, as ``../shared/data/cifar10`` and a user's download lie) and the report
+has the numbers of each: the same code paths the GPU machine runs, so that the one GPU run is not its first.
 """
 import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -17,41 +18,50 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_cifar_tree(root: Path, per_class=(12, 6)) -> None:
-    """CIFAR-10's image-folder layout (train/<class>/*.jpg, test/<class>/*.jpg), two classes of random 32x32 JPEGs."""
+def write_cifar_zip(folder: Path, per_class=(12, 6)) -> Path:
+    """A folder holding one zip of CIFAR-10's image-folder layout (cifar10/train/<class>/*.jpg, .../test/...): two
+    classes of random 32x32 JPEGs."""
     rng = np.random.default_rng(0)
-    for split, n in zip(("train", "test"), per_class):
-        for c in ("cat", "dog"):
-            d = root / split / c
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
+    folder.mkdir(parents=True)
+    path = folder / "cifar10-jpeg.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for split, n in zip(("train", "test"), per_class):
+            for c in ("cat", "dog"):
+                for i in range(n):
+                    tmp = folder / "tmp.jpg"
+                    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp)
+                    zf.write(tmp, f"cifar10/{split}/{c}/{i}.jpg")
+                    tmp.unlink()
+    return path
 
 
 @pytest.mark.slow
-def test_gpu_check_dry_run_runs_every_step_and_reports(tmp_path, fid_weights_env):
-    write_cifar_tree(tmp_path / "data" / "cifar10")
+def test_gpu_check_dry_run_runs_every_step_and_reports(tmp_path, monkeypatch):
+    write_cifar_zip(tmp_path / "data" / "cifar10")
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "DATA": str(tmp_path / "data"), "PYTHON": sys.executable,
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "LEBM_ZOO_CACHE": str(tmp_path / "cache")}
     p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
     logs = {f.name: f.read_text(errors="replace")[-1500:] for f in out.glob("*.log")}
     assert p.returncode == 0, (p.stderr[-3000:], logs)
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps] == ["env", "pytest", "bench", "ddp", "cifar10_fit", "cifar10_fid"]
+    assert [s["step"] for s in steps] == ["env", "pytest", "recipes", "cifar10"]
     assert all(s["rc"] == 0 and s["seconds"] > 0 for s in steps), steps
 
     res = json.loads((out / "gpu_check.json").read_text())
     assert res["dry_run"] is True
     assert res["pytest_cuda"]["tests"] > 0 and res["pytest_cuda"]["failures"] == 0  # CUDA cases: skipped here
-    assert res["bench"]["device"] == "cpu" and res["bench"]["training_iteration"]["fp32"]["s_per_iter"] > 0
-    run = res["cifar10_prior"]["run"]
-    assert run["iterations"] >= 1 and run["s_per_iter"] > 0
-    assert run["implied_full_schedule_hours"] == pytest.approx(run["s_per_iter"] * 201 * 500 / 3600)
-    assert res["cifar10_prior"]["fid"] is not None and res["cifar10_prior"]["fid"] >= 0
+    rows = res["recipes"]
+    assert {r["recipe"] for r in rows} == {"svhn_prior", "cifar10_coopnets", "cifar10_semisup", "celeba64_prior"}
+    assert all(r["rc"] == 0 and r["s_per_iter"] > 0 and r["device"] == "cpu" for r in rows), rows
+    # the schedule's length from the recipe: 201 epochs of SVHN's 73,257 training images in batches of 100
+    svhn = next(r for r in rows if r["recipe"] == "svhn_prior")
+    assert svhn["schedule_iterations"] == 201 * 733 and svhn["implied_schedule_hours"] is None  # batch overridden
+    (real,) = res["cifar10_real"]
+    assert real["rc"] == 0 and real["loader"]["images"] == 24 and real["s_per_iter"] > 0
     md = (out / "gpu_check.md").read_text()
-    assert "dry run on the CPU" in md and "| cifar10_fid | 0 |" in md and "full schedule" in md
+    assert "dry run on the CPU" in md and "| cifar10 | 0 |" in md and "| celeba64_prior | LatentEBMPrior |" in md
 
 
 def test_gpu_check_refuses_unknown_arguments_and_a_cpu_without_dry_run(tmp_path):

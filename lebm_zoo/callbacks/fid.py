@@ -149,8 +149,9 @@ class FIDCallback(pl.Callback):
 
     Logs:
         ``val/fid`` at the end of evaluated validation epochs, ``test/fid`` at the end of test (lower is better).
-        ``self.last_value`` holds the latest value, ``self.real_stats_from_cache`` whether the real statistics were
-        loaded from disk.
+        ``self.last_value`` holds the latest value, ``self.last_device`` the device its features and sums were
+        computed on (the module's; the metric returns to the CPU at ``teardown``), ``self.real_stats_from_cache``
+        whether the real statistics were loaded from disk.
 
     Raises:
         FIDWeightsNotFoundError: at ``setup`` when no ``feature`` is given and no weights file is found.
@@ -181,6 +182,7 @@ class FIDCallback(pl.Callback):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else _default_cache_dir()
         self.metric = None
         self.last_value: float | None = None
+        self.last_device: torch.device | None = None
         self.real_stats_from_cache = False
         self._extractor_id: str | None = None
         self._real_key: str | None = None  # cache key of the real statistics now held by the metric
@@ -350,7 +352,7 @@ class FIDCallback(pl.Callback):
                 bar.update(n)
             bar.close()
             value = float(m.compute())
-        self.last_value = value
+        self.last_value, self.last_device = value, m.real_features_sum.device
         return value
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

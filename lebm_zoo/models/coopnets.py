@@ -123,8 +123,14 @@ class _OffsetBatchNorm2d(nn.BatchNorm2d):
 
     def __init__(self, channels: int):
         super().__init__(channels, eps=1e-3, momentum=0.001, affine=False, track_running_stats=False)
-        # momentum = 1 - TF's decay (unused: no running statistics); beta below, and weight=None acts as gamma = 1
+        # momentum = 1 - TF's decay (unused: no running statistics); beta below, gamma = 1 in forward
         self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # gamma is passed as ones, not None: CUDA's batch-norm backward needs a weight whenever it has a bias
+        # ("tensor does not have a device"); x * 1 is exact, so the values are those of gamma = None
+        gamma = torch.ones_like(self.bias)
+        return F.batch_norm(x, None, None, gamma, self.bias, True, 0.0, self.eps)
 
 
 # ------------------------------------------------------------------------------------------------ networks
