@@ -12,16 +12,18 @@ import importlib
 import inspect
 import os
 import pickle
+import tempfile
 import zipfile
 import zlib
 from pathlib import Path
 
 import torch
+from fsspec.core import url_to_fs
 from lightning_fabric.utilities.cloud_io import get_filesystem
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "CheckpointError", "TMP_PREFIX", "class_path", "find_last_checkpoint", "model_class",
-           "read_checkpoint", "write_record", "zoo_model_types"]
+__all__ = ["AtomicCheckpointIO", "CheckpointError", "TMP_PREFIX", "check_model_class", "class_path",
+           "find_last_checkpoint", "model_class", "read_checkpoint", "write_record", "zoo_model_types"]
 
 #: name prefix of a checkpoint being written (``.<name>.tmp-<pid>`` beside the target file)
 TMP_PREFIX = "."
@@ -48,11 +50,29 @@ def _check_crcs(path: Path) -> None:
 def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Read a checkpoint file with torch's weights-only loader, after checking every archive member's CRC-32.
 
+    ``path`` may be a local path, a ``file://`` URL or a remote fsspec URL (``s3://``, ...: copied to a temporary
+    file first). Weights-only is asked for explicitly, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` does not turn it off.
+
     Raises:
         CheckpointError: if the file is corrupt/truncated (including a member whose data fail its CRC check: the
             message names it), not a torch checkpoint, or holds non-plain objects.
     """
-    path = Path(path)
+    if isinstance(path, str) and "://" in path:
+        fs, stripped = url_to_fs(path)
+        protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+        if "file" in protocol or "local" in protocol:
+            return _read_local(Path(stripped), map_location)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / Path(stripped).name
+            try:
+                fs.get(stripped, str(local))
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{path} cannot be read: {type(e).__name__}: {e}") from None
+            return _read_local(local, map_location)
+    return _read_local(Path(path), map_location)
+
+
+def _read_local(path: Path, map_location) -> dict:
     if not zipfile.is_zipfile(path):  # every checkpoint torch >= 1.6 writes is a zip archive
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): not a torch "
                               "zip archive.")
@@ -104,6 +124,32 @@ def model_class(ckpt: dict, path: Path) -> type:
     if not (inspect.isclass(cls) and issubclass(cls, zoo_model_types())):
         raise CheckpointError(f"{path} names {meta['class_path']}, which is not a lebm-zoo model.")
     return cls
+
+
+def check_model_class(checkpoint: dict, module) -> None:
+    """Refuse a checkpoint whose lebm-zoo record names a model class unrelated to ``module``'s (``on_load_checkpoint``
+    of every zoo model: a resume that Lightning found by itself, e.g. another family's ``hpc_ckpt_1.ckpt``).
+
+    Raises:
+        CheckpointError: naming both classes.
+    """
+    meta = checkpoint.get("lebm_zoo")
+    if not isinstance(meta, dict) or "class_path" not in meta:
+        return  # not a lebm-zoo checkpoint: the readers that need a record (the CLI's, load_pretrained) refuse it
+    name = meta["class_path"]
+    own = type(module)
+    related = {class_path(c) for c in own.__mro__} | {class_path(c) for c in _subclasses(own)}
+    if name not in related:
+        raise CheckpointError(f"the checkpoint being loaded holds a {name.rpartition('.')[2]}, not a {own.__name__} "
+                              "(a checkpoint of another model found in the run folder?); pass a checkpoint of a "
+                              f"{own.__name__} or start a new run.")
+
+
+def _subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out += [sub, *_subclasses(sub)]
+    return out
 
 
 def write_record(checkpoint: dict, module) -> None:
@@ -177,6 +223,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        """Every checkpoint Lightning reads, whatever found it (``--ckpt_path``, a ``ckpt_path`` in a config file,
+        ``hpc``, SLURM's auto-resume, a ``file://`` URL), goes through :func:`read_checkpoint` (CRC-32 of every
+        member, weights-only whatever ``weights_only`` or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` say) and must carry a
+        lebm-zoo record naming a zoo model (:func:`model_class`); the model checks it is its own class when it loads
+        it (:func:`check_model_class`).
+
+        Raises:
+            CheckpointError: a corrupt, foreign or non-plain checkpoint (names the file and why).
+        """
+        ckpt = read_checkpoint(path, map_location="cpu" if map_location is None else map_location)
+        model_class(ckpt, Path(str(path)))
+        return ckpt
 
     @staticmethod
     def remove_stale_temporaries(folder: Path) -> list[Path]:

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lebm_zoo.callbacks.fid import WEIGHTS_NAME
+#: the file name of the weights in the default cache folder (``~/.cache/lebm_zoo/``)
+WEIGHTS_NAME = "weights-inception-2015-12-05-pool3-only.pth"
 
 __all__ = [
     "FIDWeightsBuildError",
@@ -111,14 +112,37 @@ def fidelity_skeleton() -> nn.Module:
         return _Skeleton("inception-v3-compat", ["2048"], feature_extractor_weights_path=empty)
 
 
-def _check_loads(path: Path, skeleton: nn.Module) -> None:
-    """Raise unless ``path`` is a state dict that ``skeleton`` (hence torch-fidelity) loads strictly."""
+def _check_loads(path: Path, skeleton: nn.Module) -> Mapping[str, torch.Tensor]:
+    """The state dict in ``path`` (read weights-only); raise unless ``skeleton`` (hence torch-fidelity) loads it
+    strictly."""
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(sd, Mapping):
         raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict")
     with warnings.catch_warnings():  # names and shapes are checked; copying values into meta tensors is a no-op
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter", category=UserWarning)
         nn.Module.load_state_dict(skeleton, sd, strict=True)
+    return sd
+
+
+def read_fid_weights(path: str | os.PathLike) -> io.BytesIO:
+    """The FID Inception weights in ``path``, read with torch's weights-only loader and checked against
+    torch-fidelity's layout (names and shapes), as an in-memory file holding that state dict and nothing else.
+
+    torch-fidelity unpickles its weights file with ``weights_only=False``, which would run any code a pickle in it
+    carries: :class:`~lebm_zoo.callbacks.FIDCallback` hands it this buffer instead of the path.
+
+    Raises:
+        ValueError: the file is unreadable, holds objects the weights-only loader refuses (a pickle that runs code),
+            or is not the standard Inception state dict (one line, naming the file).
+    """
+    try:
+        sd = _check_loads(Path(path), fidelity_skeleton())
+    except _ROUTE_ERRORS as e:
+        raise ValueError(f"{path} is not a file of the FID Inception weights ({_one_line(e)[:300]})") from None
+    buf = io.BytesIO()
+    torch.save(dict(sd), buf)
+    buf.seek(0)
+    return buf
 
 
 def _valid(path: Path, skeleton: nn.Module) -> str | None:

@@ -16,17 +16,18 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 from tqdm.auto import tqdm
 
+from lebm_zoo.fid_weights import WEIGHTS_NAME, read_fid_weights
 from lebm_zoo.utils import images_from_batch, to_uint8
 
 __all__ = ["FIDCallback", "FIDWeightsNotFoundError", "default_fid_weights"]
 
-WEIGHTS_NAME = "weights-inception-2015-12-05-pool3-only.pth"
 _REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 _CACHE_VERSION = 1  # bump when the way real statistics are gathered changes
 
 
 class FIDWeightsNotFoundError(FileNotFoundError):
-    """The FID Inception weights are not on disk (torchmetrics would download them, which is impossible offline)."""
+    """The FID Inception weights are not on disk (torchmetrics would download them, which is impossible offline), or
+    the file there is not the standard weights (unreadable, another state dict, or a pickle that would run code)."""
 
 
 def default_fid_weights(weights_path: str | os.PathLike | None = None) -> Path:
@@ -192,7 +193,8 @@ class FIDCallback(pl.Callback):
         """Create the torchmetrics FID metric (once); resolve the weights file.
 
         Raises:
-            FIDWeightsNotFoundError: if no ``feature`` is given and no weights file is found.
+            FIDWeightsNotFoundError: if no ``feature`` is given and no weights file is found, or the file is not the
+                standard weights (read weights-only: a file that would run code is refused, not run).
         """
         if self.metric is not None:
             return
@@ -205,9 +207,13 @@ class FIDCallback(pl.Callback):
         else:
             path = default_fid_weights(self.weights_path)
             st = path.stat()
+            try:  # weights-only and checked; torch-fidelity gets the checked tensors in memory, never the file
+                weights = read_fid_weights(path)
+            except ValueError as e:
+                raise FIDWeightsNotFoundError(f"{e}. Build the standard weights with `lebm-zoo fid-weights`.") from None
             self._extractor_id = f"inception-2048-noaa:{path}:{st.st_size}:{st.st_mtime_ns}"
             self.metric = FrechetInceptionDistance(feature=2048, reset_real_features=False, normalize=False,
-                                                   antialias=False, feature_extractor_weights_path=str(path))
+                                                   antialias=False, feature_extractor_weights_path=weights)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Move the metric back to the CPU (frees accelerator memory; the real statistics are kept)."""

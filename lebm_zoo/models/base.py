@@ -33,7 +33,7 @@ from pytorch_lightning.trainer.states import TrainerStatus
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
-from lebm_zoo.checkpoint import write_record
+from lebm_zoo.checkpoint import check_model_class, write_record
 from lebm_zoo.samplers import LangevinSampler, SamplerMixin
 from lebm_zoo.utils import images_from_batch, set_rng_state
 
@@ -259,7 +259,12 @@ class EBMModule(SamplerMixin, pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Keep the checkpoint's RNG states, to put back when training resumes (see :meth:`on_train_batch_start`),
         and, when this module's learning rates differ from the checkpoint's (``--model.lr_* ...`` on resume), put
-        them into the stored optimiser and scheduler states, which Lightning restores after this hook."""
+        them into the stored optimiser and scheduler states, which Lightning restores after this hook.
+
+        Raises:
+            CheckpointError: the checkpoint's record names another model class.
+        """
+        check_model_class(checkpoint, self)
         self._resume_rng = checkpoint.get("lebm_zoo", {}).get("rng")
         if self._trainer is not None:
             self._apply_new_learning_rates(checkpoint)

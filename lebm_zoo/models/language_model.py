@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.text import Perplexity
 
-from lebm_zoo.checkpoint import write_record
+from lebm_zoo.checkpoint import check_model_class, write_record
 from lebm_zoo.models.base import DataShapeError, EBMModule
 from lebm_zoo.nets import SequenceDecoder
 from lebm_zoo.text import VocabularyMixin
@@ -128,6 +128,10 @@ class LSTMLanguageModel(VocabularyMixin, pl.LightningModule):
         """The same lebm-zoo record as the zoo's models (:func:`lebm_zoo.checkpoint.write_record`: class path,
         version, recipe), so ``load_pretrained`` and the CLI accept it."""
         write_record(checkpoint, self)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another model class (:func:`lebm_zoo.checkpoint.check_model_class`)."""
+        check_model_class(checkpoint, self)
 
     # the same published format as the zoo's models (save_pretrained / push_to_hub / load_pretrained)
     save_pretrained = EBMModule.save_pretrained
