@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, random_split
 from torchvision import transforms
 
-from datamodules.loaders import make_loader
+from datamodules.loaders import ShuffleStateMixin, make_loader
 
 __all__ = ["DATA_DIR_FIX", "DOWNLOAD_FIX", "DatasetNotFoundError", "ImageDataModule", "normalize", "summary"]
 
@@ -49,7 +49,7 @@ def normalize(channels: int) -> list:
     return [transforms.ToTensor(), transforms.Normalize([0.5] * channels, [0.5] * channels)]
 
 
-class ImageDataModule(pl.LightningDataModule):
+class ImageDataModule(ShuffleStateMixin, pl.LightningDataModule):
     """Base class: common arguments, the train/validation hold-out, loaders and clear missing-data errors.
 
     Batches are ``(x, y)``: ``x`` float32 ``(B, channels, img_size, img_size)`` in [-1, 1], ``y`` int64 ``(B,)``.
@@ -202,7 +202,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled batches of ``train_set`` (the last one may be smaller)."""
-        return self._loader(self.train_set, shuffle=True)
+        return self.track_train_loaders(self._loader(self.train_set, shuffle=True))
 
     def val_dataloader(self) -> DataLoader:
         """Batches of ``val_set`` in order."""

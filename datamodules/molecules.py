@@ -391,6 +391,18 @@ class ZINCDataModule(SequenceDataModule):
     def build_vocab(self, train: list[list[str]]) -> Vocabulary:
         return Vocabulary.build(train, sep="")
 
+    def empty_train_reason(self) -> str:
+        files = self._source_files()
+        source = files.get("train", files.get("all"))
+        raw_train = self.num_invalid.get("train", 0)  # none of them parsed
+        raw_valid = self.num_invalid.get("valid", 0) + len(self._splits["valid"])
+        if raw_train + raw_valid == 0:
+            return f"{source} holds no SMILES under its header"
+        if raw_train == 0:
+            return (f"{source} holds {raw_valid} molecules and val_size={self.val_size} takes them all for "
+                    "validation; lower --data.val_size below the number of molecules")
+        return f"none of the {raw_train} training SMILES in {source} could be parsed by RDKit"
+
     @property
     def test_smiles(self) -> list[str]:
         """Canonical SMILES of the test split (the reference of the property distances)."""

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 from torchdata.stateful_dataloader.sampler import RandomSampler
 
-from datamodules.loaders import make_loader
+from datamodules.loaders import ShuffleStateMixin, make_loader
 
 __all__ = ["SemiSupervisedDataModule", "dataset_labels"]
 
@@ -46,7 +46,7 @@ def _as_labels(t: torch.Tensor) -> torch.Tensor:
     return t.long()
 
 
-class SemiSupervisedDataModule(pl.LightningDataModule):
+class SemiSupervisedDataModule(ShuffleStateMixin, pl.LightningDataModule):
     """A labelled datamodule of ours (``MNISTDataModule``, ``SVHNDataModule``, ``CIFAR10DataModule``,
     ``EightGaussiansDataModule(labels=True)``, ...) with only ``labels_per_class`` labels per class kept, for
     semi-supervised training (e.g. :class:`~lebm_zoo.SymbolVectorLEBM`).
@@ -208,7 +208,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         """``[unlabelled loader, labelled loader]`` (see the class docstring for the batches they make)."""
         if self.labelled_set is None:
             raise RuntimeError("SemiSupervisedDataModule: call setup() before asking for a dataloader")
-        return [self.datamodule.train_dataloader(), self._labelled_loader()]
+        return self.track_train_loaders([self.datamodule.train_dataloader(), self._labelled_loader()])
 
     def val_dataloader(self):
         return self.datamodule.val_dataloader()
@@ -228,8 +228,4 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             return unlabelled[0], labelled[0], labelled[1]
         return batch
 
-    def state_dict(self) -> dict:
-        return self.datamodule.state_dict()
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.datamodule.load_state_dict(state_dict)

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import DATA_DIR_FIX, DatasetNotFoundError, summary
-from datamodules.loaders import make_loader
+from datamodules.loaders import ShuffleStateMixin, make_loader
 from lebm_zoo.text import BOS, EOS, PAD, SPECIALS, UNK, Vocabulary, pad_batch
 
 __all__ = ["BOS", "EOS", "PAD", "PTBDataModule", "SPECIALS", "SequenceDataModule", "UNK", "Vocabulary", "pad_batch"]
@@ -34,7 +34,7 @@ class _Rows(Dataset):
         return self.rows[i]
 
 
-class SequenceDataModule(pl.LightningDataModule):
+class SequenceDataModule(ShuffleStateMixin, pl.LightningDataModule):
     """Base of the token-sequence datamodules: tokenized splits -> vocabulary (from the training split) -> batches.
 
     Subclasses implement :meth:`read_split` (``"train"``, ``"valid"``, ``"test"`` -> lists of token lists) and may set
@@ -78,13 +78,17 @@ class SequenceDataModule(pl.LightningDataModule):
     def build_vocab(self, train: list[list[str]]) -> Vocabulary:
         return Vocabulary.build(train, self.sep)
 
+    def empty_train_reason(self) -> str:
+        """Why :meth:`read_split` found no training sequence, and the fix (for the error message)."""
+        return f"no sentence in its training file under {self.data_dir}; check the file, or {DATA_DIR_FIX}"
+
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str | None = None) -> None:
         """Read and tokenize the three splits, build the vocabulary, filter by length (once).
 
         Raises:
-            DatasetNotFoundError: a file is missing or unreadable (from :meth:`read_split`).
-            ValueError: the length filter leaves the training split empty.
+            DatasetNotFoundError: a file is missing or unreadable (from :meth:`read_split`), or the training split
+                is empty: no sequence in its file, or the length filter leaves none (the message says which).
         """
         if self.train_set is not None:
             return
@@ -96,7 +100,12 @@ class SequenceDataModule(pl.LightningDataModule):
             self.num_dropped[name] = len(seqs) - len(kept)
             sets[name] = _Rows([self.vocab.encode(s) for s in kept])
         if not len(sets["train"]):
-            raise ValueError(f"max_length={self.max_length} leaves no training sequence of {self.dataset_name}")
+            if splits["train"]:
+                longest = max(map(len, splits["train"]))
+                raise DatasetNotFoundError(
+                    f"max_length={self.max_length} leaves no training sequence of {self.dataset_name}: the "
+                    f"{len(splits['train'])} training sequences have up to {longest} tokens; raise --data.max_length")
+            raise DatasetNotFoundError(f"{self.dataset_name}: the training split is empty: {self.empty_train_reason()}")
         self.train_set, self.val_set, self.test_set = sets["train"], sets["valid"], sets["test"]
 
     def _collate(self, rows: list[list[int]]) -> dict[str, Tensor]:
@@ -108,7 +117,7 @@ class SequenceDataModule(pl.LightningDataModule):
                            collate_fn=self._collate, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True)
+        return self.track_train_loaders(self._loader(self.train_set, True))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, False)

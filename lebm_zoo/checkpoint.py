@@ -47,11 +47,12 @@ def _check_crcs(path: Path) -> None:
                               "checksum (a damaged copy?); copy or download the checkpoint again.")
 
 
-def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+def read_checkpoint(path: str | os.PathLike, map_location="cpu", lightning: bool = True) -> dict:
     """Read a checkpoint file with torch's weights-only loader, after checking every archive member's CRC-32.
 
     ``path`` may be a local path, a ``file://`` URL or a remote fsspec URL (``s3://``, ...: copied to a temporary
-    file first). Weights-only is asked for explicitly, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` does not turn it off.
+    file first). ``lightning=False`` accepts any dict of plain values (a bare state dict) instead of requiring a
+    Lightning checkpoint. Weights-only is asked for explicitly, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` does not turn it off.
 
     Raises:
         CheckpointError: if the file is corrupt/truncated (including a member whose data fail its CRC check: the
@@ -61,18 +62,18 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         fs, stripped = url_to_fs(path)
         protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
         if "file" in protocol or "local" in protocol:
-            return _read_local(Path(stripped), map_location)
+            return _read_local(Path(stripped), map_location, lightning)
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / Path(stripped).name
             try:
                 fs.get(stripped, str(local))
             except (OSError, ValueError) as e:
                 raise CheckpointError(f"{path} cannot be read: {type(e).__name__}: {e}") from None
-            return _read_local(local, map_location)
-    return _read_local(Path(path), map_location)
+            return _read_local(local, map_location, lightning)
+    return _read_local(Path(path), map_location, lightning)
 
 
-def _read_local(path: Path, map_location) -> dict:
+def _read_local(path: Path, map_location, lightning: bool) -> dict:
     if not zipfile.is_zipfile(path):  # every checkpoint torch >= 1.6 writes is a zip archive
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): not a torch "
                               "zip archive.")
@@ -86,7 +87,7 @@ def _read_local(path: Path, map_location) -> dict:
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): "
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+    if not isinstance(ckpt, dict) or (lightning and "state_dict" not in ckpt):
         raise CheckpointError(f"{path} is a torch file but not a Lightning checkpoint (no 'state_dict').")
     return ckpt
 
@@ -229,13 +230,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         ``hpc``, SLURM's auto-resume, a ``file://`` URL), goes through :func:`read_checkpoint` (CRC-32 of every
         member, weights-only whatever ``weights_only`` or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` say) and must carry a
         lebm-zoo record naming a zoo model (:func:`model_class`); the model checks it is its own class when it loads
-        it (:func:`check_model_class`).
+        it (:func:`check_model_class`). A file of bare weights (what ``ddp_spawn`` hands back from its workers) is
+        read weights-only too.
 
         Raises:
             CheckpointError: a corrupt, foreign or non-plain checkpoint (names the file and why).
         """
-        ckpt = read_checkpoint(path, map_location="cpu" if map_location is None else map_location)
-        model_class(ckpt, Path(str(path)))
+        ckpt = read_checkpoint(path, map_location="cpu" if map_location is None else map_location, lightning=False)
+        if "state_dict" in ckpt:  # not the bare weights ddp_spawn hands back to the main process
+            model_class(ckpt, Path(str(path)))
         return ckpt
 
     @staticmethod

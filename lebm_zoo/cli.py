@@ -26,7 +26,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningCLI
 
 from lebm_zoo.checkpoint import CheckpointError, find_last_checkpoint, model_class, read_checkpoint
-from lebm_zoo.models.base import DataShapeError
+from lebm_zoo.models.base import DataShapeError, StoppedBySignal
 from lebm_zoo.utils import tune_cpu_allocator
 
 __all__ = ["main", "list_recipes", "recipe_path", "RecipeError"]
@@ -167,6 +167,17 @@ def _explicit_model_keys(args: list[str]) -> set[str]:
     return keys - {"class_path"}
 
 
+class _RunStarted(pl.Callback):
+    """Marks where the model's own code starts to run (the sanity check or the first loop): a ValueError, TypeError or
+    OSError before it comes from the user's input (the data set, a hyperparameter, the run folder, ``--ckpt_path``)
+    and is one line with exit code 2; after it, a traceback."""
+
+    def _started(self, *args) -> None:
+        LebmCLI.phase = "run"
+
+    on_sanity_check_start = on_train_start = on_validation_start = on_test_start = on_predict_start = _started
+
+
 class LebmCLI(LightningCLI):
     """LightningCLI that tags checkpoints with their recipe, refuses a checkpoint of another model class, and merges a
     checkpoint's hyperparameters with the command line's explicitly (see :meth:`_parse_ckpt_path`)."""
@@ -177,12 +188,13 @@ class LebmCLI(LightningCLI):
     phase: str = "setup"  # "run" once the subcommand starts: errors before it are the user's input
 
     def _instantiate_trainer(self, config, callbacks):
-        """The trainer, with :class:`~lebm_zoo.checkpoint.AtomicCheckpointIO` unless plugins were given."""
+        """The trainer, with :class:`~lebm_zoo.checkpoint.AtomicCheckpointIO` unless plugins were given, and
+        :class:`_RunStarted`."""
         from lebm_zoo.checkpoint import AtomicCheckpointIO
 
         if not config.get("plugins"):
             config = {**config, "plugins": [AtomicCheckpointIO()]}
-        return super()._instantiate_trainer(config, callbacks)
+        return super()._instantiate_trainer(config, [*callbacks, _RunStarted()])
 
     def _parse_ckpt_path(self) -> None:
         """With ``--ckpt_path``, build the model from the checkpoint's hyperparameters, except those given on the
@@ -233,7 +245,6 @@ class LebmCLI(LightningCLI):
                                   "clipping and loss weights may change.)")
 
     def _before(self) -> None:
-        LebmCLI.phase = "run"
 
         if hasattr(self.model, "recipe"):
             self.model.recipe = self.recipe
@@ -330,11 +341,15 @@ def _version_dirs(root: Path | None) -> set[Path]:
 
 
 def _remove_empty_runs(root: Path | None, before: set[Path]) -> None:
-    """Remove the ``lightning_logs/version_N`` folders a failed start created that hold no file."""
+    """Remove the ``lightning_logs/version_N`` folders a failed start created that hold nothing of the run: no file,
+    or only what the logger and the CLI write as it starts (TensorBoard events, ``config.yaml``, ``hparams.yaml``)."""
     import shutil
 
+    def started_only(p: Path) -> bool:
+        return p.name.startswith("events.out.tfevents") or p.name in ("config.yaml", "hparams.yaml")
+
     for d in _version_dirs(root) - before:
-        if d.is_dir() and not any(p.is_file() for p in d.rglob("*")):
+        if d.is_dir() and all(started_only(p) for p in d.rglob("*") if p.is_file()):
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -352,7 +367,8 @@ def _print_recipes() -> None:
 
 
 def main(args: list[str] | None = None) -> int:
-    """Entry point of ``lebm-zoo``. Returns the process exit code (0 ok, 1 training diverged, 2 bad input)."""
+    """Entry point of ``lebm-zoo``. Returns the process exit code (0 ok, 1 training diverged, 2 bad input, 143 / 130
+    stopped by SIGTERM / SIGINT after writing ``last.ckpt``)."""
     args = list(sys.argv[1:] if args is None else args)
     if args[:1] == ["recipes"]:
         _print_recipes()
@@ -403,6 +419,9 @@ def main(args: list[str] | None = None) -> int:
             )
         finally:
             sys.argv = saved_argv
+    except StoppedBySignal as e:  # SIGTERM / SIGINT while training: last.ckpt is written
+        print(f"lebm-zoo: {e.message}", file=sys.stderr)
+        return int(e.code)
     except (RecipeError, CheckpointError, DatasetNotFoundError, DataShapeError, FIDWeightsNotFoundError) as e:
         _remove_empty_runs(root, before if root is not None else set())
         print(f"lebm-zoo: error: {e}", file=sys.stderr)

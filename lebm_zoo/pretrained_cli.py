@@ -134,6 +134,11 @@ def main_sample(argv: list[str]) -> int:
         device = torch.device(args.device)
     except RuntimeError as e:
         return _error(f"--device {args.device}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return _error(f"--device {args.device}: no CUDA device is available here (torch {torch.__version__}, "
+                      f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        return _error(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA devices here")
     try:
         model = load_pretrained(args.model, map_location=device)
     except CheckpointError as e:

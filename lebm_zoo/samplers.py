@@ -407,19 +407,23 @@ class SamplerMixin:
 
     samplers: dict
     sampler_eval_mode: bool = True
+    #: True while one of the module's chains runs (its targets then skip the input checks of its public methods)
+    in_chain: bool = False
 
     @contextlib.contextmanager
     def frozen_for_sampling(self) -> Iterator[None]:
         """Context: parameters frozen (requires_grad False) and, optionally, eval mode; restored on exit."""
         params = [p for p in self.parameters() if p.requires_grad]
-        was_training = self.training
+        was_training, was_in_chain = self.training, self.in_chain
         for p in params:
             p.requires_grad_(False)
         if self.sampler_eval_mode:
             self.train(False)
+        self.in_chain = True
         try:
             yield
         finally:
+            self.in_chain = was_in_chain
             for p in params:
                 p.requires_grad_(True)
             if self.sampler_eval_mode:

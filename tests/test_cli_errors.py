@@ -128,3 +128,81 @@ def test_public_errors_are_exported_and_raised(tmp_path):
     m.stop_training("diverged at step 3")
     with pytest.raises(lebm_zoo.TrainingDivergedError, match="diverged at step 3"):
         m.raise_if_diverged()
+
+
+@pytest.mark.parametrize("signum, code", [(15, 143), (2, 130)])
+def test_a_signal_stops_the_cli_with_its_exit_code_after_writing_last_ckpt(tmp_path, capsys, signum, code):
+    # issue 30 finding 4: SIGTERM ended `lebm-zoo fit` with exit code 0 (a preempted job reported success) and SIGINT
+    # with 1, both losing the steps since the last periodic checkpoint
+    args = quick(tmp_path, "--trainer.callbacks+=test_resume.SendSignal", "--trainer.callbacks.signum", str(signum),
+                 "--trainer.callbacks.at", "1", steps=6)
+    assert main(args) == code
+    err = capsys.readouterr().err
+    assert f"stopped by {'SIGTERM' if signum == 15 else 'SIGINT'} after step 2; last.ckpt written" in err
+    assert "Traceback" not in err
+    assert torch.load(newest_last(tmp_path), weights_only=True)["global_step"] == 2
+    assert main(quick(tmp_path, "--ckpt_path", "last", steps=4)) == 0
+    assert torch.load(newest_last(tmp_path), weights_only=True)["global_step"] == 4
+
+
+def _moses(folder, train):
+    import gzip
+
+    from _data import FIXTURES
+
+    good = [s.strip() for s in (FIXTURES / "zinc" / "moses_train_400.txt").read_text().splitlines() if s.strip()]
+    folder.mkdir()
+    for name, rows in (("train.csv.gz", train(good)), ("test.csv.gz", good[:20])):
+        with gzip.open(folder / name, "wt") as f:
+            f.write("SMILES\n" + "".join(r + "\n" for r in rows))
+    return folder
+
+
+def _empty_ptb(folder):
+    import shutil
+
+    from _data import FIXTURES
+
+    shutil.copytree(FIXTURES / "ptb", folder)
+    (folder / "ptb.train.txt").write_text("")
+    return folder
+
+
+USER_ERRORS = {  # issue 30 finding 6: each ended in exit code 1 and a traceback
+    "empty ptb.train.txt": (lambda d: ["fit", "--recipe", "ptb_prior", "--data.data_dir", str(_empty_ptb(d / "ptb"))],
+                            "the training split is empty: no sentence in its training file"),
+    "MOSES header only": (lambda d: ["fit", "--recipe", "moses_prior", "--data.data_dir",
+                                     str(_moses(d / "m", lambda good: []))], "holds no SMILES under its header"),
+    "MOSES unparsable": (lambda d: ["fit", "--recipe", "moses_prior", "--data.val_size", "1", "--data.data_dir",
+                                    str(_moses(d / "m", lambda good: ["XXXX", "((((", "C1CC"]))],
+                         "none of the 2 training SMILES"),
+    "MOSES smaller than val_size": (lambda d: ["fit", "--recipe", "moses_prior", "--data.data_dir",
+                                               str(_moses(d / "m", lambda good: good[:5]))],
+                                    "holds 5 molecules and val_size=1000 takes them all"),
+    "negative learning rate": (lambda d: ["fit", "--recipe", "quickstart", "--model.lr_e", "-1"],
+                               "lr_e must be a learning rate > 0, got -1.0 (--model.lr_e)"),
+    "test best without a best": (lambda d: ["test", "--recipe", "quickstart", "--ckpt_path", "best"],
+                                 'ckpt_path="best")` is set but `ModelCheckpoint` is not configured'),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USER_ERRORS))
+def test_user_errors_are_one_line_with_exit_code_2_and_leave_no_run_folder(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LEBM_ZOO_CACHE", str(tmp_path / "cache"))
+    make, message = USER_ERRORS[case]
+    root = tmp_path / "runs"
+    args = make(tmp_path) + ["--trainer.default_root_dir", str(root), "--data.num_workers", "0", *FAST]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err and message in err, err[-3000:]
+    assert len([ln for ln in err.splitlines() if ln.startswith("lebm-zoo: error:")]) == 1
+    assert not list((root / "lightning_logs").glob("version_*")), "a failed start left a run folder"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a CUDA device")
+def test_sample_on_cuda_without_a_gpu_is_a_one_line_error(tmp_path, capsys):
+    code = main(["sample", "lebm-mnist", "--device", "cuda", "-n", "2", "-o", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "no CUDA device is available here" in err
+    assert not (tmp_path / "x.png").exists()

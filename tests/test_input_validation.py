@@ -348,3 +348,42 @@ def test_a_check_costs_one_host_synchronisation():
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert len([w for w in caught if "synchroniz" in str(w.message)]) == 1
+
+
+# ------------------------------------------------------------------------------ densities (issue 30 finding 5)
+def _density_calls(name, m):
+    """(method name, call with good inputs, [calls with bad inputs]) for the public densities of family ``name``."""
+    img = torch.rand(4, 1, 28, 28) * 2 - 1
+    if name in ("LatentEBMPrior", "SymbolVectorLEBM", "JointHierarchicalEBMPrior"):
+        nz = sum(m.nz) if name == "JointHierarchicalEBMPrior" else m.hparams.nz
+        z = torch.randn(4, nz)
+        return [("energy", lambda: m.energy(z), [lambda: m.energy(z[:, :1]), lambda: m.energy(z * float("nan"))]),
+                ("log_joint", lambda: m.log_joint(img, z),
+                 [lambda: m.log_joint(img[:, 0], z), lambda: m.log_joint(img.repeat(1, 3, 1, 1), z),
+                  lambda: m.log_joint(((img + 1) * 127.5).to(torch.uint8), z), lambda: m.log_joint(img, z[:2]),
+                  lambda: m.log_joint(img * float("nan"), z)])]
+    method = {"ShortRunEBM": "neg_energy", "CoopNets": "score"}.get(name, "energy")
+    f = getattr(m, method)
+    if name == "FlowContrastiveEBM-2d":
+        pts = torch.randn(4, 2)
+        return [(method, lambda: f(pts), [lambda: f(pts[:, :1]), lambda: f(pts.long()), lambda: f(pts * float("inf"))])]
+    return [(method, lambda: f(img * 3),  # chain states may leave [-1, 1]
+             [lambda: f(img[:, 0]), lambda: f(img.repeat(1, 3, 1, 1)), lambda: f(img.to(torch.uint8)),
+              lambda: f(img * float("nan"))])]
+
+
+@pytest.mark.parametrize("name", ["LatentEBMPrior", "SymbolVectorLEBM", "JointHierarchicalEBMPrior", "ShortRunEBM",
+                                  "CoopNets", "DivergenceTriangle", "FlowContrastiveEBM", "FlowContrastiveEBM-2d"])
+def test_public_densities_check_their_inputs(name):
+    # m.log_joint(x[:, 0], z) broadcast to (4, 4, 28, 28) and returned a number per chain; 3-channel and uint8 images
+    # returned numbers too
+    from _data import TINY_MODELS
+
+    m = TINY_MODELS[name]().eval()
+    for method, good, bads in _density_calls(name, m):
+        out = good()
+        assert out.shape == (4,) and torch.isfinite(out).all(), method
+        for bad in bads:
+            with pytest.raises(DataShapeError, match=f"{type(m).__name__}.{method}"):
+                bad()
+    m.sample(2)  # the chains call the same methods on their states, unchecked

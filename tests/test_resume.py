@@ -1,7 +1,9 @@
 """Exact resume: N steps straight and k + resume (N - k) give bitwise the same weights (CPU, num_workers=0), for an
 image family, a sequence family and a model with a replay buffer; the checkpoint written at a stop holds the true
 epoch, batch position, learning rate and scheduler state."""
+import os
 import shutil
+import signal
 
 import pytest
 import pytorch_lightning as pl
@@ -11,6 +13,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from datamodules import MNISTDataModule, PTBDataModule
 from lebm_zoo import LatentEBMPrior, SequenceLatentEBMPrior, ShortRunEBM
+from lebm_zoo.models.base import StoppedBySignal
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +86,91 @@ def test_a_stop_inside_an_epoch_stores_the_true_epoch_position_and_lr(tmp_path, 
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["global_step"] == 31
     assert [s["last_epoch"] for s in ckpt["lr_schedulers"]] == [2, 2]
+
+
+def test_a_run_stopped_by_max_steps_resumes_across_the_epoch_boundary(tmp_path, mnist_dir):
+    # issue 30 finding 3: 8 batches a epoch, 2 epochs; stopped at step 5, then resumed without max_steps. Lightning's
+    # ModelCheckpoint saved last.ckpt again at the end of fit, after the epoch had closed, over the stop's file: the
+    # resume counted epoch 0 as done and trained 13 steps in all instead of 16, with one scheduler step.
+    def fit(folder, max_steps, ckpt=None):
+        pl.seed_everything(0)
+        model = image_model("lebm")
+        t = tiny_trainer(folder, [ModelCheckpoint(dirpath=str(folder), save_last=True)], max_steps=max_steps,
+                         max_epochs=2, limit_train_batches=8, limit_val_batches=0, enable_checkpointing=True)
+        t.fit(model, MNISTDataModule(str(mnist_dir), batch_size=4, num_workers=0, val_size=4, download=False),
+              ckpt_path=ckpt)
+        return model, t
+
+    straight, t = fit(tmp_path / "straight", -1)
+    assert t.global_step == 16
+    fit(tmp_path / "split", 5)
+    stored = torch.load(tmp_path / "split" / "last.ckpt", weights_only=True)
+    assert stored["epoch"] == 0 and stored["global_step"] == 5
+    resumed, t = fit(tmp_path / "split", -1, ckpt=str(tmp_path / "split" / "last.ckpt"))
+    assert t.global_step == 16
+    assert [c.scheduler.last_epoch for c in t.lr_scheduler_configs] == [2, 2]  # stepped at both epochs' ends
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and a run that stops by itself at its last epoch's end stores that epoch as finished
+    final = torch.load(tmp_path / "split" / "last.ckpt", weights_only=True)
+    assert final["global_step"] == 16 and final["epoch"] == 1
+
+
+class SendSignal(pl.Callback):
+    """Sends ``signum`` to this process as batch ``at`` (0-based, counted over the run) starts."""
+
+    def __init__(self, signum, at):
+        self.signum, self.at = signum, at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("at", [4, 14])  # inside the first epoch; at its last batch (15 batches an epoch)
+def test_a_signal_writes_last_ckpt_where_it_stops_and_the_resume_is_exact(tmp_path, mnist_dir, signum, at):
+    # issue 30 finding 4: SIGTERM ended the run with exit code 0 and SIGINT with 1, losing the steps since the last
+    # periodic checkpoint
+    def fit(folder, callbacks=(), ckpt=None):
+        pl.seed_everything(0)
+        model = image_model("lebm")
+        t = tiny_trainer(folder, [ModelCheckpoint(dirpath=str(folder), save_last=True), *callbacks], max_epochs=2,
+                         limit_val_batches=0, enable_checkpointing=True)
+        t.fit(model, MNISTDataModule(str(mnist_dir), batch_size=4, num_workers=0, val_size=4, download=False),
+              ckpt_path=ckpt)
+        return model, t
+
+    straight, _ = fit(tmp_path / "straight")
+    before = signal.getsignal(signum)
+    with pytest.raises(StoppedBySignal) as stop:
+        fit(tmp_path / "split", [SendSignal(signum, at)])
+    assert stop.value.code == 128 + signum and f"after step {at + 1}" in stop.value.message
+    assert signal.getsignal(signum) is before  # the handlers are put back
+    assert torch.load(tmp_path / "split" / "last.ckpt", weights_only=True)["global_step"] == at + 1
+    resumed, t = fit(tmp_path / "split", ckpt=str(tmp_path / "split" / "last.ckpt"))
+    assert t.global_step == 30
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind", ["lebm", "shortrun"])
+def test_an_epoch_based_run_extended_by_an_epoch_is_the_longer_run(tmp_path, mnist_dir, kind):
+    # max_epochs 1, then --ckpt_path last with max_epochs 2: Lightning makes new loaders for the second epoch (it
+    # restores a loader's position only inside an epoch), which shuffled from their initial seed and repeated the first
+    # epoch's order; the datamodule's state now carries the shuffling generators
+    def fit(folder, epochs, ckpt=None):
+        pl.seed_everything(0)
+        model = image_model(kind)
+        t = tiny_trainer(folder, [ModelCheckpoint(dirpath=str(folder), save_last=True)], max_epochs=epochs,
+                         limit_val_batches=0, enable_checkpointing=True)
+        t.fit(model, MNISTDataModule(str(mnist_dir), batch_size=4, num_workers=0, val_size=4, download=False),
+              ckpt_path=ckpt)
+        return model, t
+
+    straight, _ = fit(tmp_path / "straight", 2)
+    fit(tmp_path / "split", 1)
+    resumed, t = fit(tmp_path / "split", 2, ckpt=str(tmp_path / "split" / "last.ckpt"))
+    assert t.global_step == 30
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

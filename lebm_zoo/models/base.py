@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import inspect
 import math
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -35,9 +38,9 @@ from torch import Tensor
 
 from lebm_zoo.checkpoint import check_model_class, write_record
 from lebm_zoo.samplers import LangevinSampler, SamplerMixin
-from lebm_zoo.utils import images_from_batch, set_rng_state
+from lebm_zoo.utils import images_from_batch, in_training_loop, set_rng_state
 
-__all__ = ["DataShapeError", "EBMModule", "StopCheckpoint", "TrainingDivergedError"]
+__all__ = ["DataShapeError", "EBMModule", "StopCheckpoint", "StoppedBySignal", "TrainingDivergedError"]
 
 
 class DataShapeError(ValueError):
@@ -205,6 +208,13 @@ class EBMModule(SamplerMixin, pl.LightningModule):
             self.trainer.should_stop = True
 
     # ---------------------------------------------------------------------------------------------- plumbing
+    def called_by_user(self) -> bool:
+        """Whether a public method runs for a caller outside the model's own chains and training steps: then it checks
+        its inputs (shapes, dtypes, finite values), as :meth:`infer_latent` does. Inside a chain (its target runs at
+        every step) and in the training loop (the batches were checked once) the checks, and their host
+        synchronisations, are skipped."""
+        return not self.in_chain and not in_training_loop(self)
+
     def configure_callbacks(self):
         """The zoo's stop checkpoint (see :class:`StopCheckpoint`), added to the trainer's callbacks."""
         return [StopCheckpoint()]
@@ -216,6 +226,16 @@ class EBMModule(SamplerMixin, pl.LightningModule):
         if state is not None and state.get("at") == "epoch_end":
             self._resume_rng = None
             set_rng_state(state)
+            if self.trainer.max_steps == -1:
+                # an epoch-based run resumed at an epoch's end: Lightning made this epoch's data iterators before this
+                # hook, the uninterrupted run makes them after it. Take the draw each one's creation takes from the
+                # global generator (its base seed; torch's DataLoader iterator), so the chains' noise is the same
+                loaders = self.trainer.train_dataloader
+                loaders = list(loaders.values()) if isinstance(loaders, dict) else (
+                    list(loaders) if isinstance(loaders, (list, tuple)) else [loaders])
+                for loader in loaders:
+                    if getattr(loader, "generator", None) is None:
+                        torch.empty((), dtype=torch.int64).random_()
             self._decorrelate_rank_rng()
 
     @property
@@ -293,7 +313,12 @@ class EBMModule(SamplerMixin, pl.LightningModule):
 
         Raises:
             DataShapeError: naming the attribute, both values and the ``--model.*`` flag that fixes it.
+            ValueError: a learning rate ``lr`` / ``lr_*`` that is not > 0.
         """
+        for key, value in self.hparams.items():  # the optimisers would refuse them later, without naming the flag
+            if ((key == "lr" or key.startswith("lr_")) and key not in ("lr_decay", "lr_schedule")
+                    and isinstance(value, (int, float)) and not value > 0):
+                raise ValueError(f"{key} must be a learning rate > 0, got {value} (--model.{key})")
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         for attr in ("channels", "img_size"):
             have, want = getattr(dm, attr, None), self.hparams.get(attr)
@@ -472,6 +497,21 @@ def epoch_completed(trainer: pl.Trainer) -> bool:
         loop.batch_progress.is_last_batch)
 
 
+class StoppedBySignal(SystemExit):
+    """A run stopped by SIGTERM or SIGINT after writing ``last.ckpt`` where it stopped (:class:`StopCheckpoint`).
+
+    A ``SystemExit`` whose code is the shell's for that signal (143 for SIGTERM, 130 for SIGINT), so that a cluster's
+    scheduler and a shell see an interrupted job, not a success; ``message`` says where it stopped and what was saved.
+    """
+
+    def __init__(self, signum: int, step: int, paths: list[str]):
+        super().__init__(128 + signum)
+        name = signal.Signals(signum).name
+        saved = (f"last.ckpt written: {', '.join(paths)}" if paths
+                 else "no ModelCheckpoint(save_last=True): nothing saved")
+        self.message = f"stopped by {name} after step {step}; {saved} (resume with --ckpt_path last)"
+
+
 class StopCheckpoint(Checkpoint):
     """Writes ``last.ckpt`` (of every ``ModelCheckpoint(save_last=True)``) where a run stops, so that resuming from it
     continues exactly where the run stopped: the true epoch and batch position, the data loader's position, the
@@ -480,7 +520,11 @@ class StopCheckpoint(Checkpoint):
 
     * a stop inside an epoch (``max_steps``, ``max_time``, a divergence): after that batch;
     * a stop at an epoch's end (its last batch, ``max_epochs``, an early stop decided at the epoch's end): after the
-      module's ``on_train_epoch_end`` (schedulers stepped), before Lightning closes the epoch.
+      module's ``on_train_epoch_end`` (schedulers stepped), before Lightning closes the epoch;
+    * SIGTERM (a preempted or cancelled cluster job) or SIGINT (Ctrl+C) while training, in a one-process run: the
+      batch being trained finishes, ``last.ckpt`` is written as for a stop at that point, and :class:`StoppedBySignal`
+      ends the run with exit code 143 or 130. A second SIGINT stops at once (nothing saved). Multi-process runs keep
+      Lightning's own SIGTERM handling.
 
     :meth:`EBMModule.configure_callbacks` adds it; being a ``Checkpoint``, Lightning runs it after the other callbacks
     (the ``Timer`` of ``max_time`` decides first) and its epoch-end hook after the module's.
@@ -491,8 +535,16 @@ class StopCheckpoint(Checkpoint):
         max_steps = trainer.max_steps
         return bool(trainer.should_stop) or (max_steps is not None and 0 < max_steps <= trainer.global_step)
 
-    @staticmethod
-    def save_last(trainer: pl.Trainer) -> None:
+    def __init__(self):
+        self._held: list = []  # ModelCheckpoints whose save_last is off until fit ends (see save_last)
+        self._signal: int | None = None  # the signal received while training
+        self._handlers: dict = {}  # the handlers ours replaced, put back when fit ends
+        self._paths: list[str] = []
+
+    def save_last(self, trainer: pl.Trainer) -> None:
+        """Write ``last.ckpt`` of every ``ModelCheckpoint(save_last=...)`` now, and turn their ``save_last`` off
+        until ``fit`` ends: ModelCheckpoint saves ``last.ckpt`` again in its ``on_train_end``, once the epoch has
+        closed, which would replace this file by one whose resume skips the rest of the epoch."""
         from pytorch_lightning.callbacks import ModelCheckpoint
 
         for cb in trainer.checkpoint_callbacks:
@@ -500,21 +552,64 @@ class StopCheckpoint(Checkpoint):
                 path = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
                 trainer.save_checkpoint(path)
                 cb.last_model_path = str(path)  # its own file: a later save replaces it instead of writing last-v1
+                if str(path) not in self._paths:
+                    self._paths.append(str(path))
+                self._held.append((cb, cb.save_last))
+                cb.save_last = False
         trainer.lightning_module._saved_at_step = trainer.global_step
 
+    def _release(self) -> None:
+        for cb, save_last in self._held:
+            cb.save_last = save_last
+        self._held = []
+
+    # ------------------------------------------------------------------------------------------------ signals
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._signal, self._paths = None, []
+        if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._signal is not None and signum == signal.SIGINT:  # the second Ctrl+C: now, unsaved
+            raise KeyboardInterrupt
+        self._signal = signum
+        print(f"lebm-zoo: {signal.Signals(signum).name} received: stopping after this batch and writing last.ckpt"
+              + (" (Ctrl+C again to stop at once, unsaved)" if signum == signal.SIGINT else ""), file=sys.stderr)
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        self._handlers = {}
+
+    def _stop_for_signal(self, trainer) -> None:
+        if self._signal is not None:
+            raise StoppedBySignal(self._signal, trainer.global_step, self._paths)
+
+    # ------------------------------------------------------------------------------------------------ stops
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._stopping(trainer) and not epoch_completed(trainer):
+        if (self._stopping(trainer) or self._signal is not None) and not epoch_completed(trainer):
             self.save_last(trainer)
+            self._stop_for_signal(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
-        if epoch_completed(trainer) and (self._stopping(trainer) or last_epoch):
+        if epoch_completed(trainer) and (self._stopping(trainer) or last_epoch or self._signal is not None):
             pl_module._saving_at_epoch_end = True
             try:
                 self.save_last(trainer)
             finally:
                 pl_module._saving_at_epoch_end = False
+            self._stop_for_signal(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if getattr(pl_module, "_saved_at_step", None) != trainer.global_step:  # a stop neither hook saw
             self.save_last(trainer)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._release()  # after every callback's on_train_end
+        self._restore_handlers()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._release()
+        self._restore_handlers()

@@ -318,7 +318,15 @@ class CoopNets(EBMModule):
 
     # ------------------------------------------------------------------------------------------------ densities
     def score(self, x: Tensor) -> Tensor:
-        """Descriptor score f(Y) (higher = more likely): ``(B, C, H, W)`` in [-1, 1] -> ``(B,)``, fp32 or wider."""
+        """Descriptor score f(Y) (higher = more likely): ``(B, C, H, W)`` in [-1, 1] -> ``(B,)``, fp32 or wider.
+
+        Raises:
+            DataShapeError: for images of another shape, an integer dtype or non-finite values (any finite value is
+                accepted: revisions leave [-1, 1]).
+        """
+        if self.called_by_user():
+            check_images(x, self.hparams.channels, self.hparams.img_size, where=f"{type(self).__name__}.score",
+                         value_range=None)
         return _wide(self.descriptor(x))
 
     def log_prob(self, x: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ from lebm_zoo.flows import Flow
 from lebm_zoo.models.base import EBMModule
 from lebm_zoo.models.triangle import TriangleEnergy
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
-from lebm_zoo.utils import check_count, images_from_batch
+from lebm_zoo.utils import check_count, check_images, check_latents, images_from_batch
 
 __all__ = ["FlowContrastiveEBM"]
 
@@ -116,8 +116,21 @@ class FlowContrastiveEBM(EBMModule):
         self.samplers = {"refine": LangevinSampler(refine_steps, refine_step_size)}
 
     # ------------------------------------------------------------------------------------------------ densities
+    def _check_points(self, x, method: str) -> None:
+        where = f"{type(self).__name__}.{method}"
+        if len(self.data_shape) == 1:
+            check_latents(x, self.data_shape[0], name="x", where=where)
+        else:
+            check_images(x, self.data_shape[0], self.data_shape[1], where=where, value_range=None)
+
     def energy(self, x: Tensor) -> Tensor:
-        """f(x), the EBM's energy (lower = more likely): ``(B, *data_shape) -> (B,)`` fp32."""
+        """f(x), the EBM's energy (lower = more likely): ``(B, *data_shape) -> (B,)`` fp32.
+
+        Raises:
+            DataShapeError: for data of another shape, an integer dtype or non-finite values.
+        """
+        if self.called_by_user():
+            self._check_points(x, "energy")
         return self.energy_net(x).float()
 
     def log_prob(self, x: Tensor, model: str = "ebm") -> Tensor:
@@ -129,8 +142,11 @@ class FlowContrastiveEBM(EBMModule):
                 optimum of NCE); ``"flow"``: the flow's exact log q(x).
 
         Raises:
-            ValueError: for another ``model``.
+            ValueError: for another ``model``. DataShapeError: for data of another shape, an integer dtype or
+                non-finite values.
         """
+        if self.called_by_user():
+            self._check_points(x, "log_prob")
         if model == "ebm":
             return -self.energy(x) - self.log_z
         if model == "flow":

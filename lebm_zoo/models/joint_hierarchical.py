@@ -212,12 +212,27 @@ class JointHierarchicalEBMPrior(EBMModule):
         return (-0.5 * ((z - mu) / sigma).pow(2) - sigma.log()).sum(1)
 
     def scores(self, z) -> list[Tensor]:
-        """The per-layer scores ``[f_1(z_1), ..., f_L(z_L)]`` (negative energies), each ``(B,)``, at least fp32."""
+        """The per-layer scores ``[f_1(z_1), ..., f_L(z_L)]`` (negative energies), each ``(B,)``, at least fp32.
+
+        Raises:
+            DataShapeError: for latents that are neither ``(B, sum nz)`` nor a list of ``(B, nz_l)`` finite floats.
+        """
+        if self.called_by_user():
+            check_latents(z, self.nz, where=f"{type(self).__name__}.scores")
+        return self._scores(z)
+
+    def _scores(self, z) -> list[Tensor]:
         return [full_precision(net(zl)).squeeze(-1) for net, zl in zip(self.energy_nets, self._as_list(z))]
 
     def energy(self, z) -> Tensor:
-        """Total prior energy ``-sum_l f_l(z_l)`` (lower = more likely), ``(B,)``; ``z`` packed or a list."""
-        return -torch.stack(self.scores(z)).sum(0)
+        """Total prior energy ``-sum_l f_l(z_l)`` (lower = more likely), ``(B,)``; ``z`` packed or a list.
+
+        Raises:
+            DataShapeError: as :meth:`scores`.
+        """
+        if self.called_by_user():
+            check_latents(z, self.nz, where=f"{type(self).__name__}.energy")
+        return -torch.stack(self._scores(z)).sum(0)
 
     def prior_log_prob(self, z, levels: range | None = None) -> Tensor:
         """Unnormalised log p(z_1..z_L): scores, conditionals and the N(0, top_prior_sigma^2 I) top, ``(B,)`` in nats
@@ -227,12 +242,17 @@ class JointHierarchicalEBMPrior(EBMModule):
             z: packed ``(B, sum nz)`` or a list of layers.
             levels: only the terms of these 0-based layers (their energy and their conditional given the layer above;
                 the top layer's Gaussian); default all. Used by :meth:`resample_below`.
+
+        Raises:
+            DataShapeError: for latents that are neither ``(B, sum nz)`` nor a list of ``(B, nz_l)`` finite floats.
         """
+        if self.called_by_user():
+            check_latents(z, self.nz, where=f"{type(self).__name__}.prior_log_prob")
         zs = self._as_list(z)
         top = len(zs) - 1
         levels = range(len(zs)) if levels is None else levels
         s_top = self.hparams.top_prior_sigma
-        scores = self.scores(zs)
+        scores = self._scores(zs)
         lp = zs[0].new_zeros(zs[0].shape[0])
         for i in levels:
             lp = lp + scores[i]
@@ -248,7 +268,14 @@ class JointHierarchicalEBMPrior(EBMModule):
         Args:
             x: images ``(B, C, H, W)`` in [-1, 1].
             z: packed ``(B, sum nz)`` or ``[z_1, ..., z_L]``.
+
+        Raises:
+            DataShapeError: for bad images (as :meth:`infer_latent`) or latents of another shape or batch size.
         """
+        if self.called_by_user():
+            where = f"{type(self).__name__}.log_joint"
+            x = self.prepare_data_input(x, where)
+            check_latents(z, self.nz, batch=x.shape[0], where=where)
         zs = self._as_list(z)
         rec = (x - full_precision(self.generator(zs[0]))).flatten(1).pow(2).sum(1)
         return -rec / (2 * self.hparams.llhd_sigma ** 2) + self.prior_log_prob(zs)

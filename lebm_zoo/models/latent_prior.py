@@ -87,13 +87,24 @@ class LatentPriorBase(EBMModule):
 
         Returns:
             ``(B,)`` energies in nats, up to the prior's log-normaliser; zeros for ``prior="gaussian"``.
+
+        Raises:
+            DataShapeError: for latents that are not ``(B, nz)`` finite floats.
         """
+        if self.called_by_user():
+            check_latents(z, self.hparams.nz, where=f"{type(self).__name__}.energy")
         if self.energy_net is None:
             return z.new_zeros(z.shape[0])
         return full_precision(self.energy_net(z))
 
     def prior_log_prob(self, z: Tensor) -> Tensor:
-        """Unnormalised log p_a(z) = -E(z) - ||z||^2 / (2 sigma_p^2), ``(B, nz) -> (B,)`` in nats."""
+        """Unnormalised log p_a(z) = -E(z) - ||z||^2 / (2 sigma_p^2), ``(B, nz) -> (B,)`` in nats.
+
+        Raises:
+            DataShapeError: for latents that are not ``(B, nz)`` finite floats.
+        """
+        if self.called_by_user():
+            check_latents(z, self.hparams.nz, where=f"{type(self).__name__}.prior_log_prob")
         return -self.energy(z) - z.flatten(1).pow(2).sum(1) / (2 * self.hparams.prior_sigma ** 2)
 
     def log_likelihood(self, x, z: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -112,7 +123,15 @@ class LatentPriorBase(EBMModule):
 
         Returns:
             ``(B,)`` in nats, up to constants (the Gaussian normalisers and log Z(a)).
+
+        Raises:
+            DataShapeError: for bad data (as :meth:`infer_latent`) or latents that are not ``(B, nz)`` finite floats
+                with the data's B (no broadcasting of one against the other).
         """
+        if self.called_by_user():
+            where = f"{type(self).__name__}.log_joint"
+            x = self.prepare_data_input(x, where)
+            z = check_latents(z, self.hparams.nz, batch=self.data_batch_size(x), where=where).to(self.device)
         return self.log_likelihood(x, z) + self.prior_log_prob(z)
 
     def generator_loss(self, x, z: Tensor) -> Tensor:  # pragma: no cover - abstract

@@ -187,7 +187,15 @@ class ShortRunEBM(EBMModule):
     # ------------------------------------------------------------------------------------------------ densities
     def neg_energy(self, x: Tensor) -> Tensor:
         """The negative energy f(x) (higher = more likely): ``(B, C, H, W)`` in [-1, 1] -> ``(B,)``, at least fp32
-        (float64 in float64 runs)."""
+        (float64 in float64 runs).
+
+        Raises:
+            DataShapeError: for images of another shape, an integer dtype or non-finite values (any finite value is
+                accepted: chain states leave [-1, 1]).
+        """
+        if self.called_by_user():
+            check_images(x, self.hparams.channels, self.hparams.img_size, where=f"{type(self).__name__}.neg_energy",
+                         value_range=None)
         return full_precision(self.score_net(x))
 
     def score(self, x: Tensor) -> Tensor:

@@ -257,7 +257,13 @@ class SymbolVectorLEBM(LatentEBMPrior):
 
     def energy(self, z: Tensor) -> Tensor:
         """The marginal prior energy ``E(z) = -logsumexp_y F_y(z)``, ``(B, nz) -> (B,)`` in nats, so that
-        ``prior_log_prob(z) = logsumexp_y F_y(z) - ||z||^2 / (2 sigma_p^2)`` (up to log Z(a))."""
+        ``prior_log_prob(z) = logsumexp_y F_y(z) - ||z||^2 / (2 sigma_p^2)`` (up to log Z(a)).
+
+        Raises:
+            DataShapeError: for latents that are not ``(B, nz)`` finite floats.
+        """
+        if self.called_by_user():
+            check_latents(z, self.hparams.nz, where=f"{type(self).__name__}.energy")
         return -torch.logsumexp(self.logits(z), dim=1)
 
     def class_energy(self, z: Tensor, y) -> Tensor:

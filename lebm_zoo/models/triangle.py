@@ -225,7 +225,14 @@ class DivergenceTriangle(EBMModule):
 
     # ------------------------------------------------------------------------------------------------ public API
     def energy(self, x: Tensor) -> Tensor:
-        """E(x) (lower = more likely): images ``(B, C, H, W)`` in [-1, 1] -> ``(B,)`` in at least fp32, up to log Z."""
+        """E(x) (lower = more likely): images ``(B, C, H, W)`` in [-1, 1] -> ``(B,)`` in at least fp32, up to log Z.
+
+        Raises:
+            DataShapeError: for images of another shape, an integer dtype or non-finite values.
+        """
+        if self.called_by_user():
+            check_images(x, self.hparams.channels, self.hparams.img_size, where=f"{type(self).__name__}.energy",
+                         value_range=None)
         return _full(self.energy_net(x))
 
     @torch.no_grad()
