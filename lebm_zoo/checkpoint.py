@@ -52,7 +52,8 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu", lightning: bool
 
     ``path`` may be a local path, a ``file://`` URL or a remote fsspec URL (``s3://``, ...: copied to a temporary
     file first). ``lightning=False`` accepts any dict of plain values (a bare state dict) instead of requiring a
-    Lightning checkpoint. Weights-only is asked for explicitly, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` does not turn it off.
+    Lightning checkpoint. Weights-only is asked for explicitly, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` does not turn
+    it off.
 
     Raises:
         CheckpointError: if the file is corrupt/truncated (including a member whose data fail its CRC check: the
