@@ -166,13 +166,15 @@ def write_record(checkpoint: dict, module) -> None:
                               "recipe": getattr(module, "recipe", None), "rng": {**get_rng_state(), "at": at}}
 
 
-def find_last_checkpoint(root: str | os.PathLike, recipe: str | None = None) -> Path | None:
+def find_last_checkpoint(root: str | os.PathLike, recipe: str | None = None,
+                         skipped: list[tuple[Path, str]] | None = None) -> Path | None:
     """The newest ``last*.ckpt`` below ``root`` (by modification time), written by ``recipe`` when one is given
     (the ``"recipe"`` of its lebm-zoo record, see :func:`write_record`).
 
     Public: ``lebm-zoo``'s ``--ckpt_path last`` and :class:`~lebm_zoo.callbacks.PerplexityCallback`'s ``lm_path``
     (a recipe name) both find checkpoints with it. Unreadable checkpoints are passed over (only when ``recipe`` is
-    given: the record must be read). Returns None when there is none.
+    given: the record must be read); each one passed over is appended to ``skipped`` as ``(path, why)``. Returns None
+    when there is none.
     """
     root = Path(root)
     found = sorted(root.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True) if root.is_dir() else []
@@ -181,7 +183,9 @@ def find_last_checkpoint(root: str | os.PathLike, recipe: str | None = None) -> 
             return p
         try:
             meta = read_checkpoint(p).get("lebm_zoo", {})
-        except CheckpointError:
+        except CheckpointError as e:
+            if skipped is not None:
+                skipped.append((p, str(e)))
             continue
         if meta.get("recipe") == recipe:
             return p

@@ -17,6 +17,7 @@ the chains' steps faster on CPU; ``LEBM_ZOO_CPU_ALLOCATOR=default`` leaves the C
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from importlib import resources
@@ -25,7 +26,14 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningCLI
 
-from lebm_zoo.checkpoint import CheckpointError, find_last_checkpoint, model_class, read_checkpoint
+from lebm_zoo.checkpoint import (
+    TMP_PREFIX,
+    AtomicCheckpointIO,
+    CheckpointError,
+    find_last_checkpoint,
+    model_class,
+    read_checkpoint,
+)
 from lebm_zoo.models.base import DataShapeError, StoppedBySignal
 from lebm_zoo.utils import tune_cpu_allocator
 
@@ -125,7 +133,10 @@ def _preflight_checkpoint(args: list[str], recipe: str | None) -> list[str]:
     if value == "last":
         root_opt = _option(args, "--trainer.default_root_dir")
         root = Path(root_opt[1] if root_opt else ".").resolve()
-        found = find_last_checkpoint(root, recipe)
+        skipped: list[tuple[Path, str]] = []
+        found = find_last_checkpoint(root, recipe, skipped)
+        for path, why in skipped:  # newer than the one used: say so, never pass over a run's newest silently
+            print(f"--ckpt_path last: skipping {path}: {why}", file=sys.stderr)
         if found is None:
             msg = f"--ckpt_path last: no last.ckpt{' of recipe ' + recipe if recipe else ''} under {root}"
             if args[:1] != ["fit"]:
@@ -190,8 +201,6 @@ class LebmCLI(LightningCLI):
     def _instantiate_trainer(self, config, callbacks):
         """The trainer, with :class:`~lebm_zoo.checkpoint.AtomicCheckpointIO` unless plugins were given, and
         :class:`_RunStarted`."""
-        from lebm_zoo.checkpoint import AtomicCheckpointIO
-
         if not config.get("plugins"):
             config = {**config, "plugins": [AtomicCheckpointIO()]}
         return super()._instantiate_trainer(config, [*callbacks, _RunStarted()])
@@ -263,7 +272,13 @@ class LebmCLI(LightningCLI):
         if msg and self.trainer.is_global_zero:
             print(f"lebm-zoo: warning: {msg}", file=sys.stderr)
 
-    before_validate = before_test = before_predict = _before
+    def before_test(self) -> None:
+        self._before()
+        if not self.config_init[self.subcommand].get("ckpt_path") and self.trainer.is_global_zero:
+            print("lebm-zoo: warning: no --ckpt_path: testing the recipe's untrained model (pass --ckpt_path last or a "
+                  "checkpoint for a trained one)", file=sys.stderr)
+
+    before_validate = before_predict = _before
 
     def after_fit(self) -> None:
         """Say where the run's samples and checkpoint are, and what to run next (rank zero, clean runs only)."""
@@ -286,6 +301,15 @@ class LebmCLI(LightningCLI):
             lines.append(f"  next: `lebm-zoo test {recipe} --ckpt_path last` for the test metrics, or "
                          f"`lebm-zoo fit {recipe} --ckpt_path last` to train on")
         print("\n".join(lines))
+
+
+def _parse_error(message: str) -> str:
+    """jsonargparse's multi-line parse error as one line: the key, the class and what was wrong, without the lists of
+    the types it tried."""
+    boilerplate = ("Subtypes:", "Errors:", "Given value", "Does not validate against any",
+                   "- Expected a <class 'NoneType'>")
+    lines = (ln.strip() for ln in message.splitlines())
+    return " ".join(ln.lstrip("- ") for ln in lines if ln and not ln.startswith(boilerplate))
 
 
 def _pretty(path: Path) -> str:
@@ -400,6 +424,8 @@ def main(args: list[str] | None = None) -> int:
         args, recipe = _expand_recipe(args)
         root = _preflight_root_dir(args)
         before = _version_dirs(root)
+        for folder in {p.parent for d in before for p in d.rglob(f"{TMP_PREFIX}*.tmp-*")}:
+            AtomicCheckpointIO.remove_stale_temporaries(folder)  # of runs killed while writing a checkpoint
         args = _preflight_checkpoint(args, recipe)
         LebmCLI.recipe = recipe
         LebmCLI.explicit_model_keys = _explicit_model_keys(args)
@@ -415,10 +441,16 @@ def main(args: list[str] | None = None) -> int:
                 save_config_kwargs={"overwrite": True},
                 parser_kwargs={"description": "lebm-zoo: energy-based generative models. `lebm-zoo recipes` lists "
                                               "the paper recipes; use `--recipe NAME`. `lebm-zoo pretrained` lists "
-                                              "the shipped weights, `lebm-zoo sample NAME` samples one."},
+                                              "the shipped weights, `lebm-zoo sample NAME` samples one.",
+                               "exit_on_error": False},  # a bad flag or config: our one line, not 50 of usage
             )
         finally:
             sys.argv = saved_argv
+    except argparse.ArgumentError as e:  # an unknown flag or key, a bad value, a YAML syntax error
+        _remove_empty_runs(root, before if root is not None else set())
+        helper = f"lebm-zoo {args[0]} --help" if args and not args[0].startswith("-") else "lebm-zoo --help"
+        print(f"lebm-zoo: error: {_parse_error(str(e))} (see `{helper}`)", file=sys.stderr)
+        return 2
     except StoppedBySignal as e:  # SIGTERM / SIGINT while training: last.ckpt is written
         print(f"lebm-zoo: {e.message}", file=sys.stderr)
         return int(e.code)

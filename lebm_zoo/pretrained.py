@@ -515,7 +515,9 @@ def load_pretrained(name_or_path: str | os.PathLike, map_location: str | torch.d
         name_or_path: one of
 
             * a name from :func:`list_pretrained` (``family-dataset[-variant]``): the files shipped with the package,
-              checked against the registry's sha256 first;
+              checked against the registry's sha256 first (a string that is a registry name means the registry
+              entry, even where a file or folder of that name lies in the current folder: pass ``./name`` or a
+              ``Path`` for that);
             * a folder written by :func:`save_pretrained` (``config.json`` + ``model.safetensors``), or its
               ``config.json``;
             * ``hf://owner/repo[@revision]``: such a folder on the Hugging Face Hub (downloaded into, or with
@@ -536,20 +538,23 @@ def load_pretrained(name_or_path: str | os.PathLike, map_location: str | torch.d
             model class than ``expected_class``, or weights that do not fit the stored hyperparameters.
     """
     text = os.fspath(name_or_path)
+    if isinstance(text, str) and not text.strip():
+        raise CheckpointError("load_pretrained needs a registry name (see list_pretrained()), a path or an hf:// id; "
+                              "got an empty string")
     if isinstance(text, str) and text.startswith("hf://"):
         return _load_hub(text, map_location, expected_class)
+    entries = {e.name: e for e in list_pretrained()}
+    if text in entries and not isinstance(name_or_path, Path):  # a registry name wins over a file of that name
+        entry = entries[text]
+        _verify_entry(entry)
+        return _load_published(entry.path / CONFIG_NAME, entry.path / WEIGHTS_NAME, map_location, expected_class,
+                               f"pretrained model {entry.name!r}", verified=True)
     path = Path(text).expanduser()
     if path.is_file():
         if path.name == CONFIG_NAME or path.suffix == ".safetensors":
             return _load_published(path.parent / CONFIG_NAME, path.parent / WEIGHTS_NAME, map_location,
                                    expected_class, path.parent)
         return _load_ckpt(path, map_location, expected_class)
-    entries = {e.name: e for e in list_pretrained()}
-    if text in entries:
-        entry = entries[text]
-        _verify_entry(entry)
-        return _load_published(entry.path / CONFIG_NAME, entry.path / WEIGHTS_NAME, map_location, expected_class,
-                               f"pretrained model {entry.name!r}", verified=True)
     if path.is_dir():
         if (path / CONFIG_NAME).is_file():
             return _load_published(path / CONFIG_NAME, path / WEIGHTS_NAME, map_location, expected_class, path)

@@ -74,8 +74,8 @@ def test_divergence_is_a_clean_stop_with_a_message(tmp_path, capsys):
     code, _, err = run(["fit", *quickstart(tmp_path, "--trainer.max_steps", "5", "--model.llhd_sigma", "1e-30")],
                        capsys)
     assert code == 1
-    assert "diverged" in err and "Traceback" not in err
-    assert list(tmp_path.rglob("last.ckpt")), "the last good weights were not saved"
+    assert "diverged" in err and "Traceback" not in err and "no checkpoint was written at the stop" in err
+    assert not list(tmp_path.rglob("*.ckpt")), "weights of a diverged step were saved"
 
 
 def test_missing_data_and_bad_checkpoint_are_clear_errors(tmp_path, capsys):
@@ -163,3 +163,15 @@ def test_tuned_allocator_reuses_chain_buffers_instead_of_page_faulting_them_back
     _, n_default = faults("default")
     assert tuned == "True"
     assert n_default > 3000 and n_tuned < n_default / 10, (n_default, n_tuned)
+
+
+def test_a_divergence_keeps_the_earlier_last_ckpt(tmp_path, capsys):
+    # issue 30: last.ckpt held the weights after the update that made the losses non-finite, so a resume with a
+    # smaller learning rate diverged again at once. 2 good steps, then a learning rate that wrecks the weights.
+    code, _, _ = run(["fit", *quickstart(tmp_path, "--trainer.max_steps", "2")], capsys)
+    assert code == 0
+    (last,) = tmp_path.rglob("last.ckpt")
+    code, _, err = run(["fit", *quickstart(tmp_path, "--trainer.max_steps", "8", "--model.lr_g", "1e30",
+                                           "--model.lr_e", "1e30"), "--ckpt_path", str(last)], capsys)
+    assert code == 1 and "diverged" in err
+    assert list(tmp_path.rglob("last.ckpt")) == [last]  # --ckpt_path last finds the step-2 weights again

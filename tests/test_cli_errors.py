@@ -206,3 +206,55 @@ def test_sample_on_cuda_without_a_gpu_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and "no CUDA device is available here" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_ckpt_path_last_names_each_unreadable_newer_checkpoint_it_skips(trained, tmp_path, capsys):
+    # issue 30 finding 7: a corrupt newest last.ckpt was passed over in silence and an older run resumed
+    import shutil
+
+    root = tmp_path / "runs"
+    old = root / "lightning_logs" / "version_0" / "checkpoints"
+    new = root / "lightning_logs" / "version_1" / "checkpoints"
+    old.mkdir(parents=True)
+    new.mkdir(parents=True)
+    shutil.copy(newest_last(trained), old / "last.ckpt")
+    data = bytearray(newest_last(trained).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in a weight
+    (new / "last.ckpt").write_bytes(bytes(data))
+    assert main(quick(root, "--ckpt_path", "last", steps=3)) == 0
+    err = capsys.readouterr().err
+    assert f"--ckpt_path last: skipping {new / 'last.ckpt'}" in err and "CRC-32" in err
+    assert f"--ckpt_path last: using {old / 'last.ckpt'}" in err
+
+
+def test_test_without_a_checkpoint_warns_and_dead_temporaries_are_removed(trained, tmp_path, capsys):
+    # issue 30 (minor): `test` without --ckpt_path reported an untrained model's metrics in silence; the temporary
+    # files of runs killed while writing a checkpoint stayed in older run folders
+    import shutil
+
+    root = tmp_path / "runs"
+    shutil.copytree(trained, root)
+    folder = newest_last(root).parent
+    dead = folder / ".last.ckpt.tmp-999999999"  # no such process
+    dead.write_bytes(b"half a checkpoint")
+    code = main(["test", "--recipe", "quickstart", "--trainer.default_root_dir", str(root),
+                 "--trainer.limit_test_batches", "1", *FAST])
+    err = capsys.readouterr().err
+    assert code == 0 and "no --ckpt_path: testing the recipe's untrained model" in err
+    assert not dead.exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model.nonexistent", "3"], "Option 'nonexistent' is not accepted"),
+    (["--trainer.max_stepz", "3"], "unrecognized arguments: --trainer.max_stepz 3"),
+    ("bad.yaml", "Problems parsing config: while parsing a flow sequence"),
+])
+def test_flag_and_yaml_errors_are_one_line_without_the_usage(tmp_path, capsys, extra, message):
+    # issue 30 (minor): these printed 50-60 lines of usage before the message
+    if extra == "bad.yaml":
+        (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+        extra = ["--config", str(tmp_path / "bad.yaml")]
+    code = main(quick(tmp_path, *extra))
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "usage:" not in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err

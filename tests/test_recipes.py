@@ -17,7 +17,7 @@ import pytest
 import pytorch_lightning as pl
 import yaml
 
-from lebm_zoo.cli import LebmCLI, list_recipes, recipe_path
+from lebm_zoo.cli import LebmCLI, _RunStarted, list_recipes, recipe_path
 
 RECIPES = sorted(list_recipes())
 
@@ -51,11 +51,11 @@ def test_recipe_builds(name, tmp_path, monkeypatch):
     assert not (tmp_path / "data").exists(), "the datamodule's constructor touched data_dir"
 
     # the recipe's callbacks, each built once and on the trainer (Lightning adds its own: SaveConfigCallback, the
-    # progress bar, the model summary)
+    # progress bar, the model summary; the CLI its marker of where the run starts)
     want = Counter(_import(c["class_path"]) for c in cfg["trainer"].get("callbacks") or [])
     assert Counter(type(c) for c in cli.trainer.callbacks if type(c) in want) == want
     extra = [type(c) for c in cli.trainer.callbacks if type(c) not in want]
-    assert all(c.__module__.startswith("pytorch_lightning.") for c in extra), extra
+    assert all(c.__module__.startswith("pytorch_lightning.") or c is _RunStarted for c in extra), extra
 
     seed = cfg["seed_everything"]
     assert isinstance(seed, int) and not isinstance(seed, bool)

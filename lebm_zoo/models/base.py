@@ -48,7 +48,7 @@ class DataShapeError(ValueError):
 
 
 class TrainingDivergedError(RuntimeError):
-    """Training produced a non-finite or exploding loss and was stopped (the last good weights are kept)."""
+    """Training produced a non-finite or exploding loss and was stopped (no checkpoint is written at that stop)."""
 
 
 class EBMModule(SamplerMixin, pl.LightningModule):
@@ -182,8 +182,9 @@ class EBMModule(SamplerMixin, pl.LightningModule):
             head = f"{type(self).__name__} training diverged at {where}: {vals(values[0])}"
             skipped = "The update was skipped and training stopped"
         message = (
-            f"{head} (expected finite values with {bound_txt}). {skipped}; the last good weights are in the last "
-            "checkpoint. Try smaller learning rates or Langevin step sizes, gradient clipping, or fp32 precision.")
+            f"{head} (expected finite values with {bound_txt}). {skipped}; no checkpoint was written at the stop (the "
+            "weights may already be those of the update that led here): resume from the last one written before it. "
+            "Try smaller learning rates or Langevin step sizes, gradient clipping, or fp32 precision.")
         self.stop_training(message)
         return False
 
@@ -547,10 +548,15 @@ class StopCheckpoint(Checkpoint):
         closed, which would replace this file by one whose resume skips the rest of the epoch."""
         from pytorch_lightning.callbacks import ModelCheckpoint
 
+        diverged = bool(getattr(trainer.lightning_module, "divergence", None))
         for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath:
                 path = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
-                trainer.save_checkpoint(path)
+                # a divergence: the weights may already be those of the update that made the losses non-finite, so
+                # none is written (and ModelCheckpoint's end-of-fit save is held too): `--ckpt_path last` then
+                # resumes from the last checkpoint before it
+                if not diverged:
+                    trainer.save_checkpoint(path)
                 cb.last_model_path = str(path)  # its own file: a later save replaces it instead of writing last-v1
                 if str(path) not in self._paths:
                     self._paths.append(str(path))
