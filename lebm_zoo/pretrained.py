@@ -422,6 +422,27 @@ def _config_class(cfg: dict, path: Path) -> type:
     return model_class({"lebm_zoo": {"class_path": cfg["class_path"]}}, path)
 
 
+def _check_shapes_before_building(cls: type, hparams: dict, ckpt: dict, where) -> None:
+    """Build the model on the meta device (no memory) and compare its tensors' names and shapes with the stored
+    weights, so that hyperparameters that do not fit them (a tampered ``nz: 1e6``) are refused before gigabytes are
+    allocated. A model that cannot be built on the meta device is checked after the real build only."""
+    state = ckpt.get("state_dict", {})
+    try:
+        with torch.device("meta"):
+            probe = cls(**hparams)
+    except Exception:  # noqa: BLE001 - the real build reports its own errors
+        return
+    want = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    wrong = [f"{k}: stored {got[k]}, built {want[k]}" for k in want if k in got and got[k] != want[k]]
+    if missing or unexpected or wrong:
+        detail = "; ".join(filter(None, [f"missing {missing[:3]}" if missing else "",
+                                         f"unexpected {unexpected[:3]}" if unexpected else "", *wrong[:3]]))
+        raise CheckpointError(f"{where}: the stored weights do not fit a {cls.__name__} built from the stored "
+                              f"hyperparameters: {detail}")
+
+
 def _build(cls: type, hparams: dict, ckpt: dict, where) -> torch.nn.Module:
     """``cls(**hparams)`` with the checkpoint's weights; CheckpointError when they do not fit."""
     params = inspect.signature(cls.__init__).parameters
@@ -430,6 +451,7 @@ def _build(cls: type, hparams: dict, ckpt: dict, where) -> torch.nn.Module:
     for k, v in hparams.items():  # JSON has no tuples: give tuple-valued arguments (betas=...) their type back
         if isinstance(v, list) and k in params and isinstance(params[k].default, tuple):
             hparams[k] = tuple(v)
+    _check_shapes_before_building(cls, hparams, ckpt, where)
     try:
         model = cls(**hparams)
         model.on_load_checkpoint(ckpt)
@@ -475,15 +497,34 @@ def _check_expected(cls: type, expected_class: type | None, where) -> None:
                               f"with {cls.__name__}.load_pretrained or lebm_zoo.load_pretrained.")
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub's host (``HF_ENDPOINT``'s) accepts a connection within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _hub_download(repo: str, filename: str, revision: str | None, hub_id: str) -> Path:
     import huggingface_hub
 
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
-        return Path(huggingface_hub.hf_hub_download(repo_id=repo, filename=filename, revision=revision))
+        # without a network the client retries for about half a minute: look once, then use only the cache
+        local_only = offline or not _hub_reachable()
+        return Path(huggingface_hub.hf_hub_download(repo_id=repo, filename=filename, revision=revision,
+                                                    local_files_only=local_only))
     except Exception as e:  # network, offline mode, unknown repo/revision/file, auth: all reported the same way
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         hint = ("HF_HUB_OFFLINE is set and the file is not in the Hugging Face cache: unset it or download it once "
-                "online" if offline else "check the id and the network (HF_HUB_OFFLINE=1 uses only the cache)")
+                "online" if offline else "the Hub cannot be reached and the file is not in the Hugging Face cache"
+                if local_only else "check the id and the network (HF_HUB_OFFLINE=1 uses only the cache)")
         raise CheckpointError(f"could not get {filename} of {hub_id} from the Hugging Face Hub: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''} ({hint}).") from e
 

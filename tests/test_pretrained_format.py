@@ -1,4 +1,5 @@
 """The published format (config.json + model.safetensors), the shipped registry, Hub ids and push_to_hub."""
+import functools
 import json
 import shutil
 import sys
@@ -397,3 +398,42 @@ def test_a_users_own_model_class_loads_once_imported(tmp_path):
     model = UserModel(width=5)
     loaded = lebm_zoo.load_pretrained(model.save_pretrained(tmp_path / "u"))
     assert type(loaded) is UserModel and same_state(model, loaded)
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+def test_an_unreachable_hub_is_asked_once_then_only_the_cache(monkeypatch, reachable):
+    # issue 30 (minor): offline, `hf://x/y` failed only after 23-29 s of the client's retries
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    import lebm_zoo.pretrained as pretrained
+
+    seen = []
+
+    def download(repo_id, filename, revision=None, local_files_only=False, **kw):
+        seen.append(local_files_only)
+        raise LocalEntryNotFoundError("not in the cache")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(pretrained, "_hub_reachable", lambda timeout=3.0: reachable)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    with pytest.raises(CheckpointError, match="cannot be reached" if not reachable else "check the id and the network"):
+        lebm_zoo.load_pretrained("hf://someone/lebm-mnist")
+    assert seen == [not reachable]
+
+
+def test_hyperparameters_that_do_not_fit_the_weights_are_refused_before_the_network_is_built(tmp_path, monkeypatch):
+    # issue 30 (minor): a config.json with nz 1e6 built a 4.9 GB network before the shape check
+    folder = TINY_MODELS["LatentEBMPrior"]().save_pretrained(tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["hyperparameters"]["nz"] = 10 ** 6
+    (folder / "config.json").write_text(json.dumps(cfg))
+    real_init = LatentEBMPrior.__init__
+
+    @functools.wraps(real_init)
+    def init(self, *args, **kw):  # only the meta-device probe may build it
+        assert torch.empty(0).device.type == "meta", "the full network was built"
+        real_init(self, *args, **kw)
+
+    monkeypatch.setattr(LatentEBMPrior, "__init__", init)
+    with pytest.raises(CheckpointError, match=r"do not fit a LatentEBMPrior .*stored \(16, 8\), built \(16, 1000000\)"):
+        lebm_zoo.load_pretrained(folder)

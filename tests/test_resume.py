@@ -174,3 +174,28 @@ def test_an_epoch_based_run_extended_by_an_epoch_is_the_longer_run(tmp_path, mni
     assert t.global_step == 30
     a, b = straight.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class BreaksAt(torch.utils.data.Dataset):
+    """Images whose item ``bad`` cannot be read (as a truncated JPEG fails in a loader)."""
+
+    def __init__(self, n, bad):
+        self.x, self.bad = torch.rand(n, 1, 28, 28) * 2 - 1, bad
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        if i == self.bad:
+            raise OSError(f"image {i} is truncated")
+        return self.x[i], 0
+
+
+def test_an_error_between_steps_writes_last_ckpt_first(tmp_path):
+    # issue 30 (minor): a truncated JPEG failed mid-epoch without writing last.ckpt
+    pl.seed_everything(0)
+    t = tiny_trainer(tmp_path, [ModelCheckpoint(dirpath=str(tmp_path), save_last=True)], max_steps=50,
+                     limit_val_batches=0, enable_checkpointing=True)
+    with pytest.raises(OSError, match="image 9 is truncated"):
+        t.fit(image_model("lebm"), torch.utils.data.DataLoader(BreaksAt(16, bad=9), batch_size=4))
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 2  # batches 0 and 1 trained

@@ -570,8 +570,11 @@ class StopCheckpoint(Checkpoint):
         self._held = []
 
     # ------------------------------------------------------------------------------------------------ signals
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._in_step = True
+
     def on_train_start(self, trainer, pl_module) -> None:
-        self._signal, self._paths = None, []
+        self._signal, self._paths, self._in_step = None, [], False
         if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self._handlers[signum] = signal.signal(signum, self._on_signal)
@@ -594,6 +597,7 @@ class StopCheckpoint(Checkpoint):
 
     # ------------------------------------------------------------------------------------------------ stops
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._in_step = False
         if (self._stopping(trainer) or self._signal is not None) and not epoch_completed(trainer):
             self.save_last(trainer)
             self._stop_for_signal(trainer)
@@ -617,5 +621,17 @@ class StopCheckpoint(Checkpoint):
         self._restore_handlers()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """An error between training steps (a corrupt image while fetching the next batch, a failing evaluation):
+        the weights are those of the last finished step, so ``last.ckpt`` is written before the run ends."""
+        between_steps = trainer.training and not getattr(self, "_in_step", True) and trainer.world_size == 1
+        if between_steps and not isinstance(exception, (StoppedBySignal, KeyboardInterrupt)) and not self._held:
+            try:
+                self.save_last(trainer)
+            except Exception as e:  # noqa: BLE001 - the original error is what the user must see
+                print(f"lebm-zoo: could not write last.ckpt after the error: {type(e).__name__}: {e}", file=sys.stderr)
+            else:
+                if self._paths:
+                    print(f"lebm-zoo: last.ckpt written at step {trainer.global_step} before the error: "
+                          f"{', '.join(self._paths)}", file=sys.stderr)
         self._release()
         self._restore_handlers()
