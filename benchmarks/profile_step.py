@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Where an SVHN-recipe iteration spends its time (README, Speed): ``python benchmarks/profile_step.py``.
+"""Where an SVHN-recipe iteration spends its time (docs/speed.md): ``python benchmarks/profile_step.py``.
 
 1. One posterior Langevin step (batch 100, nz 100) of ``LatentEBMPrior``: wall time, median of 5 rounds of 5 steps.
 2. The torch profiler over a whole posterior chain (20 steps): the share of its CPU time spent in convolutions

@@ -7,9 +7,9 @@ metrics that ``lebm-zoo test`` logged for it (TensorBoard events of the test run
 ``lebm_zoo/weights/index.json`` (sha256 and size of every file), store every entry's
 :func:`lebm_zoo.pretrained.fingerprint` in ``tests/fixtures/pretrained_fingerprints.json``
 (``tests/test_shipped_weights.py`` recomputes it), and, for image models, write a 64-sample grid to
-``benchmarks/results/pretrained/<name>.png``. It prints the README's Pretrained table at the end.
+``benchmarks/results/pretrained/<name>.png``. It prints the table of docs/pretrained.md at the end (benchmarks/pretrained_table.py writes it there).
 
-Usage (from the repository root, after the runs of README "Pretrained" finished)::
+Usage (from the repository root, after the runs of docs/pretrained.md finished)::
 
     python benchmarks/publish_pretrained.py --runs runs/pub [NAME ...]
 
@@ -187,7 +187,7 @@ def _commands(name: str, spec: dict) -> tuple[str, str]:
                                                  precision=spec["precision"], budget=spec["budget"], extra=extra)
     if spec.get("fit_extra_drop_epochs"):
         fit = fit.replace(" --trainer.max_epochs 100", "")
-    if spec.get("run", "").startswith(".."):  # runs made for the README's side-by-side table
+    if spec.get("run", "").startswith(".."):  # runs made for the side-by-side table of docs/results.md
         fit = fit.replace(f"runs/pub/{name}", f"runs/{spec['recipe']}")
     test = spec.get("eval_override") or TEST.format(recipe=spec["recipe"], data=spec["data_flags"], name=name,
                                                     extra="" if spec.get("test_extra_drop") else extra,
@@ -295,7 +295,7 @@ def _fmt(v: float) -> str:
 
 
 def readme_table() -> str:
-    """The README's Pretrained table and the commands behind it, from the shipped config.json files."""
+    """The table of the shipped models (docs/pretrained.md) and the commands behind it, from the shipped config.json files."""
     rows = ["| name | family, recipe | data | iterations (budget, one thread) | MB | metrics |",
             "|---|---|---|---|---|---|"]
     cmds = []

@@ -90,7 +90,7 @@ class _ConvTranspose2dSplitLayout(torch.autograd.Function):
 
 def _conv_transpose_channels_last_cpu(layer: nn.ConvTranspose2d, h: Tensor) -> Tensor:
     """``layer(h)`` on CPU, forward in channels_last; the input gradient of a layer whose input is at most 4x4 px runs
-    in NCHW under bf16 (there oneDNN's blocked kernel beats its channels_last one; README, Speed)."""
+    in NCHW under bf16 (there oneDNN's blocked kernel beats its channels_last one; docs/speed.md)."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else h.dtype
     small_bf16 = dtype == torch.bfloat16 and h.shape[-1] <= 4
     grad_format = torch.contiguous_format if small_bf16 else torch.channels_last
@@ -116,7 +116,7 @@ class ConvGenerator(nn.Module):
         leak: LeakyReLU slope (the reference uses 0.2).
         channels_last: keep the weights in channels_last memory format; on CPU the transposed convolutions then run
             their forward in channels_last and, under bf16, the input gradient of the 4x4-input layer in NCHW, the
-            fastest layouts measured (README, Speed). Same function either way.
+            fastest layouts measured (docs/speed.md). Same function either way.
 
     Shapes:
         ``z`` ``(B, nz)`` or ``(B, nz, 1, 1)`` -> images ``(B, channels, img_size, img_size)`` in [-1, 1].
@@ -146,7 +146,7 @@ class ConvGenerator(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         # The first layer maps the 1x1 latent to a k x k map: there a ConvTranspose2d is exactly one matrix product,
         # (B, nz) @ (nz, C k k), which oneDNN runs faster as a GEMM than as a convolution (same weights, same
-        # function; README, Speed). The other layers are the transposed convolutions themselves.
+        # function; docs/speed.md). The other layers are the transposed convolutions themselves.
         first = self.net[0]
         k = first.kernel_size[0] * first.kernel_size[1]
         h = F.linear(z.reshape(z.shape[0], -1), first.weight.flatten(1).t(), first.bias.repeat_interleave(k))

@@ -82,7 +82,7 @@ def tune_cpu_allocator(threshold_bytes: int = 1 << 30) -> bool:
     A Langevin chain allocates and frees the same multi-megabyte activation buffers at every step. By default glibc
     serves such buffers with ``mmap`` and returns them (and the top of the heap) to the OS on ``free``, so every step
     page-faults and zero-fills hundreds of megabytes again. This raises glibc's ``M_MMAP_THRESHOLD`` and
-    ``M_TRIM_THRESHOLD`` so that those buffers are reused (the speed-up is measured in README, Speed). The math is
+    ``M_TRIM_THRESHOLD`` so that those buffers are reused (the speed-up is measured in docs/speed.md). The math is
     untouched. The cost: the resident memory stays at its high-water mark instead of shrinking between steps (the
     peak is unchanged). It is the same fix as PyTorch's CPU tuning guide's advice to preload jemalloc or tcmalloc,
     without the extra library.

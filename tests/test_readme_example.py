@@ -1,4 +1,5 @@
-"""The README's "Adding a model" example runs as written: subclass, train a step, sample, checkpoint round trip."""
+"""The "Adding a model" example (README and docs/adding_a_model.md, the same code) runs as written: subclass, train a
+step, sample, checkpoint round trip."""
 import re
 from pathlib import Path
 
@@ -8,13 +9,20 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lebm_zoo
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "adding_a_model.md"
+
+
+def _example(path: Path) -> str:
+    text = path.read_text()
+    section = text[text.index("# Adding a model"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 def test_adding_a_model_example(tmp_path):
-    text = README.read_text()
-    section = text[text.index("## Adding a model"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = _example(PAGE)
+    assert _example(README) == code  # the README shows the page's example
     ns: dict = {"__name__": "readme_example"}
     exec(compile(code, str(README), "exec"), ns)
     cls = ns["MyDataSpaceEBM"]

@@ -17,7 +17,7 @@ logged values), :meth:`~EBMModule.adam` (Adam with the ``betas`` hyperparameter)
 To add a model, subclass it, call ``self.save_hyperparameters()`` in ``__init__`` (plain values only: checkpoints are
 loaded weights-only), implement ``training_step`` and the public methods your callbacks use (``sample`` for
 :class:`~lebm_zoo.callbacks.FIDCallback` and :class:`~lebm_zoo.callbacks.SampleGrid`, ``reconstruct`` for
-:class:`~lebm_zoo.callbacks.ReconstructionMSE`). See README "Adding a model".
+:class:`~lebm_zoo.callbacks.ReconstructionMSE`). See docs/adding_a_model.md.
 """
 from __future__ import annotations
 

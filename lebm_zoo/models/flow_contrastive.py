@@ -66,7 +66,7 @@ class FlowContrastiveEBM(EBMModule):
             starts FCE from a flow pretrained by MLE; 0 = off, as the 2-D toy). At the first FCE iteration after it,
             the log-normaliser c is set so that the EBM's mean log-density on the batch equals the flow's, so the game
             starts balanced instead of hundreds of nats apart. Without it, on MNIST the EBM separated a randomly
-            initialised flow perfectly within a few iterations and the flow's gradient vanished (README Results).
+            initialised flow perfectly within a few iterations and the flow's gradient vanished (docs/results.md).
         flow_mle_weight: the flow's step minimises ``V + flow_mle_weight * mean(-log q(x_data))``: maximum
             likelihood keeps the flow covering the data while it plays the game (0: the pure FCE objective).
 

@@ -361,7 +361,7 @@ class LatentEBMPrior(LatentPriorBase):
             batch of such an epoch and skip the offending update.
         channels_last: run the generator's transposed convolutions in the fastest memory layouts (see
             :class:`~lebm_zoo.nets.ConvGenerator`; same function and gradients). How much faster depends on the
-            CPU (README, Speed).
+            CPU (docs/speed.md).
         compile_chains: ``torch.compile`` the step of both Langevin chains (prior and posterior): None or False
             (default) eager; True the default mode; a string a ``torch.compile`` mode, e.g. ``"reduce-overhead"``
             (CUDA graphs on a GPU). Same chains up to float rounding (the noise is drawn as in the eager chains); the
