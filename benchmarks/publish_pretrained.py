@@ -7,7 +7,8 @@ metrics that ``lebm-zoo test`` logged for it (TensorBoard events of the test run
 ``lebm_zoo/weights/index.json`` (sha256 and size of every file), store every entry's
 :func:`lebm_zoo.pretrained.fingerprint` in ``tests/fixtures/pretrained_fingerprints.json``
 (``tests/test_shipped_weights.py`` recomputes it), and, for image models, write a 64-sample grid to
-``benchmarks/results/pretrained/<name>.png``. It prints the table of docs/pretrained.md at the end (benchmarks/pretrained_table.py writes it there).
+``benchmarks/results/pretrained/<name>.png``. It prints the table of docs/pretrained.md at the end
+(``benchmarks/pretrained_table.py`` writes it there).
 
 Usage (from the repository root, after the runs of docs/pretrained.md finished)::
 
@@ -295,7 +296,7 @@ def _fmt(v: float) -> str:
 
 
 def readme_table() -> str:
-    """The table of the shipped models (docs/pretrained.md) and the commands behind it, from the shipped config.json files."""
+    """The table of the shipped models (docs/pretrained.md) and the commands behind it, from their config.json files."""
     rows = ["| name | family, recipe | data | iterations (budget, one thread) | MB | metrics |",
             "|---|---|---|---|---|---|"]
     cmds = []
