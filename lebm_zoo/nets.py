@@ -1,11 +1,9 @@
 """Networks shared by the families: plain ``nn.Module`` s, no Lightning.
 
 Architectures follow the reference code: the SVHN generator of bpucla/latent-space-EBM-prior (``train_svhn.py``) and
-its latent energy MLP. The divergence triangle's networks live in :mod:`lebm_zoo.models.triangle`; importing
-``TriangleGenerator``, ``TriangleEnergy`` or ``TriangleEncoder`` from here still works but is deprecated.
-CoopNets' ``CoopDescriptor`` and ``CoopGenerator`` live in :mod:`lebm_zoo.models.coopnets` (same deprecation), and
-the short-run EBM's network, renamed ``ShortRunNegEnergyNet``, in :mod:`lebm_zoo.models.short_run` (importing it
-from here as ``ShortRunScoreNet`` still works, deprecated).
+its latent energy MLP. A network that belongs to one family lives in that family's file (the divergence triangle's in
+:mod:`lebm_zoo.models.triangle`, CoopNets' in :mod:`lebm_zoo.models.coopnets`, the short-run EBM's
+``ShortRunNegEnergyNet`` in :mod:`lebm_zoo.models.short_run`).
 """
 from __future__ import annotations
 
@@ -18,29 +16,6 @@ from torch import Tensor, nn
 from lebm_zoo.env import native_bf16
 
 __all__ = ["ConvGenerator", "EnergyMLP", "SequenceDecoder", "count_parameters", "down_trunk", "xavier_init_convs"]
-
-#: names that moved to their family's file: name -> module (deprecated re-exports, resolved lazily by __getattr__)
-_MOVED = {"TriangleEncoder": "lebm_zoo.models.triangle", "TriangleEnergy": "lebm_zoo.models.triangle",
-          "TriangleGenerator": "lebm_zoo.models.triangle",
-          "CoopDescriptor": "lebm_zoo.models.coopnets", "CoopGenerator": "lebm_zoo.models.coopnets",
-          "ShortRunScoreNet": "lebm_zoo.models.short_run"}
-#: the moved names that were also renamed: old name -> name in the new module
-_RENAMED = {"ShortRunScoreNet": "ShortRunNegEnergyNet"}
-
-
-def __getattr__(name: str):
-    """Deprecated re-exports of networks that moved to their family's file (imported lazily: those files import
-    this module)."""
-    if name in _MOVED:
-        import importlib
-        import warnings
-
-        new = _RENAMED.get(name, name)
-        what = "it" if new == name else new
-        warnings.warn(f"lebm_zoo.nets.{name} is deprecated and will be removed in the next release; import {what} from "
-                      f"{_MOVED[name]}", DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module(_MOVED[name]), new)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # (kernel, stride, padding) of each transposed convolution after the first (k4 s1 p0: 1 -> 4 px), per image size
 _UPSAMPLING = {

@@ -177,13 +177,14 @@ CUDA_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-a
 def test_every_compile_mode_trains_and_samples_on_cuda(mode, energy):
     # the CUDA-graph modes reuse the graph's output memory at each replay: a chain state fed back as the next step's
     # input used to be "overwritten by a subsequent run" at the first chain (issue 29)
-    e = energy.cuda()
-    x0 = torch.randn(6, 4, device="cuda")
-    eager = run(LangevinSampler(4, 0.3, grad_clip=5.0), target(e, torch.zeros(4, device="cuda")), x0)
-    compiled = run(LangevinSampler(4, 0.3, grad_clip=5.0, compile=mode), target(e, torch.zeros(4, device="cuda")),
-                   x0)
-    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(compiled[1]["log_prob"], eager[1]["log_prob"], rtol=1e-4, atol=1e-4)
+    if mode == "reduce-overhead":  # the chain's states and trace are the eager chain's (one mode: compiling is slow)
+        e = energy.cuda()
+        x0 = torch.randn(6, 4, device="cuda")
+        eager = run(LangevinSampler(4, 0.3, grad_clip=5.0), target(e, torch.zeros(4, device="cuda")), x0)
+        compiled = run(LangevinSampler(4, 0.3, grad_clip=5.0, compile=mode),
+                       target(e, torch.zeros(4, device="cuda")), x0)
+        torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(compiled[1]["log_prob"], eager[1]["log_prob"], rtol=1e-4, atol=1e-4)
     pl.seed_everything(0, verbose=False)
     m = tiny(compile_chains=mode)
     t = tiny_trainer(accelerator="cuda", max_steps=2)

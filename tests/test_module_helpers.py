@@ -1,8 +1,7 @@
 """The thin helpers every family shares (issue 17): ``EBMModule.data_from_batch``, ``log_train``, ``adam`` and
-``refine``; the latent-prior base class; the short-run family's negative-energy names and their deprecated aliases.
+``refine``; the latent-prior base class; the short-run family's negative-energy names.
 Tiny models, one training step each."""
 import inspect
-import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -14,7 +13,6 @@ import lebm_zoo
 from lebm_zoo import DataShapeError, EBMModule
 from lebm_zoo.models import short_run as short_run_module
 from lebm_zoo.models.latent_prior import LatentPriorBase
-from lebm_zoo.models.short_run import ShortRunNegEnergyNet
 from lebm_zoo.nets import EnergyMLP, SequenceDecoder
 from lebm_zoo.optim import AdamTF
 from lebm_zoo.samplers import LangevinSampler
@@ -258,37 +256,24 @@ def test_image_and_sequence_priors_share_one_base_and_keep_their_hyperparameters
 
 
 # ----------------------------------------------------------------------------------- short-run names and aliases
-def test_neg_energy_is_f_and_the_deprecated_score_warns_and_agrees():
+def test_neg_energy_is_f_and_the_networks_live_in_their_family_files():
     torch.manual_seed(0)
     m = lebm_zoo.ShortRunEBM(img_size=28, channels=1, nf=4)
     x = images(3)
     f = m.neg_energy(x)
     assert f.shape == (3,) and torch.equal(f, m.score_net(x)) and torch.equal(m.energy(x), -f)
-    with pytest.warns(DeprecationWarning, match=r"ShortRunEBM\.score is deprecated .* use neg_energy"):
-        old = m.score(x)
-    assert torch.equal(old, f)
-
-
-def test_the_old_network_name_is_a_deprecated_alias_of_the_new_one():
+    # the deprecated aliases of 0.1.0's development are gone (issue 31: nothing was released)
     import lebm_zoo.nets as nets
 
-    with pytest.warns(DeprecationWarning, match="lebm_zoo.nets.ShortRunScoreNet is deprecated.*ShortRunNegEnergyNet"):
-        old = nets.ShortRunScoreNet
-    assert old is ShortRunNegEnergyNet and "ShortRunScoreNet" not in nets.__all__
-    with pytest.warns(DeprecationWarning, match="short_run.ShortRunScoreNet is deprecated"):
-        exec("from lebm_zoo.models.short_run import ShortRunScoreNet as cls", ns := {})
-    assert ns["cls"] is ShortRunNegEnergyNet
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        from lebm_zoo.models.short_run import ShortRunNegEnergyNet as new  # noqa: F401  (the new name: no warning)
-    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
-        short_run_module.Nope  # noqa: B018
-    torch.manual_seed(0)
-    a = old(channels=1, img_size=28, nf=4)
-    torch.manual_seed(0)
-    b = ShortRunNegEnergyNet(channels=1, img_size=28, nf=4)
-    x = images(2)
-    assert torch.equal(a(x), b(x))
+    assert not hasattr(m, "score")
+    for name in ("ShortRunScoreNet", "TriangleGenerator", "TriangleEnergy", "TriangleEncoder", "CoopDescriptor",
+                 "CoopGenerator"):
+        with pytest.raises(AttributeError):
+            getattr(nets, name)
+    with pytest.raises(AttributeError):
+        short_run_module.ShortRunScoreNet  # noqa: B018
+    with pytest.raises(ModuleNotFoundError):
+        import datamodules.images  # noqa: F401
 
 
 def test_short_run_checkpoint_keys_are_unchanged_and_old_state_dicts_load():

@@ -8,7 +8,6 @@ updates, the losses as TF reduces them and TF1's Adam. One training iteration of
 Lightning ``fit``) at float64 with replayed noise must land on the transcription's parameters.
 """
 import math
-import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-import lebm_zoo.models.coopnets as coop_module
 from lebm_zoo.models.coopnets import CoopDescriptor, CoopGenerator, CoopNets
 from lebm_zoo.nets import count_parameters
 from lebm_zoo.optim import AdamTF
@@ -339,18 +337,6 @@ def test_parameter_counts_are_the_reference_graphs():
     #      convt5 5*5*3*64+3 = 4,803                                                             -> 5,126,723
     assert count_parameters(CoopDescriptor(3, 64)) == 6_927_588
     assert count_parameters(CoopGenerator(100, 64, 64, 3)) == 5_126_723
-
-
-def test_nets_moved_to_the_family_file_with_deprecated_re_exports():
-    import lebm_zoo.nets as nets
-
-    for name in ("CoopDescriptor", "CoopGenerator"):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            obj = getattr(nets, name)
-        assert obj is getattr(coop_module, name)
-        assert any(issubclass(w.category, DeprecationWarning) for w in caught)
-        assert name not in nets.__all__
 
 
 # ------------------------------------------------------------------------------------------------ AdamTF

@@ -10,10 +10,9 @@
   1e-2 (it clips all three).
 * The networks layer by layer at the CIFAR-10 settings (kernels, strides, paddings, biases, BatchNorm settings,
   activations), the parameter counts and the initialisation.
-* The per-epoch learning-rate schedule, and the deprecated imports from ``lebm_zoo.nets``.
+* The per-epoch learning-rate schedule.
 """
 import math
-import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -23,7 +22,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lebm_zoo import DivergenceTriangle
-from lebm_zoo.models import triangle as triangle_module
 from lebm_zoo.nets import count_parameters
 
 B, NZ, WIDTH, IMG, C = 4, 8, 8, 32, 3
@@ -315,16 +313,3 @@ def test_learning_rate_of_epoch_e_is_the_base_times_gamma_to_e_plus_one():
     lrs = [o.param_groups[0]["lr"] for o in t.optimizers]
     m.on_train_epoch_start()  # again for the same epoch (as after a mid-epoch resume): no further step
     assert [o.param_groups[0]["lr"] for o in t.optimizers] == lrs
-
-def test_nets_module_reexports_the_moved_networks_with_a_deprecation_warning():
-    for name in ("TriangleGenerator", "TriangleEnergy", "TriangleEncoder"):
-        with pytest.warns(DeprecationWarning, match=f"lebm_zoo.nets.{name} is deprecated"):
-            exec(f"from lebm_zoo.nets import {name} as cls", ns := {})
-        assert ns["cls"] is getattr(triangle_module, name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        from lebm_zoo.models.triangle import TriangleGenerator  # noqa: F401  (the new home: no warning)
-    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
-        import lebm_zoo.nets as nets
-
-        nets.Nope  # noqa: B018

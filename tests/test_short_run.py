@@ -49,7 +49,7 @@ def test_shortrun_sample_follows_the_tempered_update():
     torch.manual_seed(3)
     x1 = m.sample(4, n_steps=1, noise_std=0.05, x0=x0)
     x = x0.clone().requires_grad_(True)
-    grad = torch.autograd.grad(m.score(x).sum(), x)[0]
+    grad = torch.autograd.grad(m.neg_energy(x).sum(), x)[0]
     torch.manual_seed(3)
     expected = x0 + grad + 0.05 * torch.randn_like(x0)
     assert torch.allclose(x1, expected, atol=1e-5)
@@ -58,7 +58,7 @@ def test_shortrun_sample_follows_the_tempered_update():
 def test_gaussian_reference_form_adds_the_reference_term():
     m = shortrun(form="gaussian_reference", ref_sigma=0.5)
     x = torch.rand(5, 1, 28, 28) * 2 - 1
-    expected = m.score(x) - x.flatten(1).pow(2).sum(1) / (2 * 0.25)
+    expected = m.neg_energy(x) - x.flatten(1).pow(2).sum(1) / (2 * 0.25)
     assert torch.allclose(m.log_prob(x), expected) and torch.allclose(m.energy(x), -expected)
     assert m.samplers["train"].step_size == 0.002  # textbook Langevin with delta
 
@@ -71,7 +71,7 @@ def test_shortrun_update_sign_raises_data_scores_relative_to_samples():
 
     def gap():
         with torch.no_grad():
-            return float(m.score(x).mean() - m.score(x_q).mean())
+            return float(m.neg_energy(x).mean() - m.neg_energy(x_q).mean())
 
     before = gap()
     fit_steps(m, x, steps=5)

@@ -32,8 +32,6 @@ Deviations, all options off by default (= the reference) unless said otherwise:
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor, nn
 
@@ -47,19 +45,6 @@ __all__ = ["ShortRunEBM", "ShortRunNegEnergyNet"]
 _FORMS = ("short_run", "gaussian_reference")
 _INITS = ("uniform", "data", "persistent")
 
-#: deprecated names of this module (old name -> new name), resolved by __getattr__ with a DeprecationWarning
-_RENAMED = {"ShortRunScoreNet": "ShortRunNegEnergyNet"}
-
-
-def __getattr__(name: str):
-    """Deprecated aliases: ``ShortRunScoreNet`` is :class:`ShortRunNegEnergyNet` (removed in the next release)."""
-    if name in _RENAMED:
-        warnings.warn(f"lebm_zoo.models.short_run.{name} is deprecated and will be removed in the next release; use "
-                      f"{_RENAMED[name]}", DeprecationWarning, stacklevel=2)
-        return globals()[_RENAMED[name]]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 class ShortRunNegEnergyNet(nn.Module):
     """The negative energy f(x) = -E(x) (higher = more likely) of the short-run EBM (Nijkamp et al. 2019; the
     reference calls it the score).
@@ -67,8 +52,7 @@ class ShortRunNegEnergyNet(nn.Module):
     At 32 px with ``nf=64`` it is exactly ``train_cifar10_minimal.py``'s net: Conv(C->nf, k3 s1 p1), then
     Conv k4 s2 p1 to 2nf, 4nf, 8nf (32 -> 16 -> 8 -> 4 px), LeakyReLU(0.2) after each, and a final Conv(8nf -> 1)
     whose kernel covers the remaining map (k4 at 32 px, k3 at 28 px); at 64 px a fourth k4 s2 layer (8nf -> 8nf) is
-    added. No normalisation, PyTorch's default init. Formerly ``lebm_zoo.nets.ShortRunScoreNet`` (that name still
-    works, deprecated, for one release).
+    added. No normalisation, PyTorch's default init.
 
     Args:
         channels: image channels, 1 or 3.
@@ -128,10 +112,9 @@ class ShortRunEBM(EBMModule):
     Images are ``(B, channels, img_size, img_size)`` in [-1, 1].
 
     Names: f = -E is the *negative energy* (:meth:`neg_energy`, :class:`ShortRunNegEnergyNet`); the reference and
-    earlier releases called it the score, which in the field means grad log p. ``score()`` still works for one
-    release (deprecated). The network stays the attribute ``score_net``, deliberately: it is the state-dict prefix
-    (``score_net.net.0.weight``, ...), so checkpoints and published weights keep their keys and load in both
-    directions, old and new releases. The logged ``train/score_pos`` / ``train/score_neg`` keep their names too.
+    earlier code called it the score, which in the field means grad log p. The network stays the attribute
+    ``score_net``, deliberately: it is the state-dict prefix (``score_net.net.0.weight``, ...), so checkpoints and
+    published weights keep their keys. The logged ``train/score_pos`` / ``train/score_neg`` keep their names too.
 
     Raises:
         ValueError: for an unknown ``form`` or ``init`` or a non-positive size.
@@ -197,13 +180,6 @@ class ShortRunEBM(EBMModule):
             check_images(x, self.hparams.channels, self.hparams.img_size, where=f"{type(self).__name__}.neg_energy",
                          value_range=None)
         return full_precision(self.score_net(x))
-
-    def score(self, x: Tensor) -> Tensor:
-        """Deprecated (removed in the next release): :meth:`neg_energy`, f(x), under its old name (f is not the score
-        grad log p)."""
-        warnings.warn(f"{type(self).__name__}.score is deprecated and will be removed in the next release; use "
-                      "neg_energy (the same f(x) = -E(x))", DeprecationWarning, stacklevel=2)
-        return self.neg_energy(x)
 
     def energy(self, x: Tensor) -> Tensor:
         """Energy ``-f(x)`` (lower = more likely), ``(B, C, H, W) -> (B,)``, up to the unknown log-normaliser.
