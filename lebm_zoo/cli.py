@@ -254,7 +254,6 @@ class LebmCLI(LightningCLI):
                                   "clipping and loss weights may change.)")
 
     def _before(self) -> None:
-
         if hasattr(self.model, "recipe"):
             self.model.recipe = self.recipe
         ckpt = self.config_init[self.subcommand].get("ckpt_path")

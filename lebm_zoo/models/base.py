@@ -557,9 +557,9 @@ class StopCheckpoint(Checkpoint):
                 # resumes from the last checkpoint before it
                 if not diverged:
                     trainer.save_checkpoint(path)
+                    if str(path) not in self._paths:
+                        self._paths.append(str(path))
                 cb.last_model_path = str(path)  # its own file: a later save replaces it instead of writing last-v1
-                if str(path) not in self._paths:
-                    self._paths.append(str(path))
                 self._held.append((cb, cb.save_last))
                 cb.save_last = False
         trainer.lightning_module._saved_at_step = trainer.global_step
@@ -621,8 +621,8 @@ class StopCheckpoint(Checkpoint):
         self._restore_handlers()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """An error between training steps (a corrupt image while fetching the next batch, a failing evaluation):
-        the weights are those of the last finished step, so ``last.ckpt`` is written before the run ends."""
+        """An error between training steps (a corrupt image while fetching the next batch): the weights are those of
+        the last finished step, so ``last.ckpt`` is written before the run ends (one-process runs)."""
         between_steps = trainer.training and not getattr(self, "_in_step", True) and trainer.world_size == 1
         if between_steps and not isinstance(exception, (StoppedBySignal, KeyboardInterrupt)) and not self._held:
             try:
