@@ -1,8 +1,9 @@
 #!/bin/bash
 # The prepared GPU check (issue 29): one command, at most 6 minutes on one H200 (its steps' limits add up to 355 s),
 # built around the GPU machine kit
-# (../shared/device: no network, no FID weights, no RDKit, 64 MiB carried). It writes $OUT/gpu_check.json and
-# $OUT/gpu_check.md (default OUT: benchmarks/results/gpu_check) and the log of each step:
+# (../shared/device: no network, no FID weights, no RDKit, 64 MiB carried). It writes $OUT/gpu_check.json,
+# $OUT/gpu_check.md (default OUT: benchmarks/results/gpu_check) and $OUT/gpu_check_logs.tar.gz (each step's log, the
+# JUnit XML, the rows as JSON lines: three files, as the GPU machine sends back at most 8). The steps:
 #
 #   1. env      the machine: `lebm-zoo env`, nvidia-smi, torch and CUDA versions
 #   2. pytest   `pytest -m cuda tests` (every CUDA case, no -x): every family trains, samples, round-trips a
@@ -80,5 +81,7 @@ step cifar10 "$REAL_LIMIT" "$PY" benchmarks/recipe_speed.py --device "$DEV" --it
   --real-data "$CIFAR" --out "$OUT/cifar10.jsonl" "${REAL[@]}"
 
 "$PY" benchmarks/gpu_check_report.py --out "$OUT" --dry-run "$DRY" || FAILED=1
-echo "written $OUT/gpu_check.json and $OUT/gpu_check.md" >&2
+# the GPU machine sends back at most 8 files: the step logs, JUnit XML and JSON lines go in one archive
+(cd "$OUT" && tar -czf gpu_check_logs.tar.gz --remove-files $(ls -- *.log *.jsonl *.xml 2>/dev/null))
+echo "written $OUT/gpu_check.json, $OUT/gpu_check.md and the steps' logs in $OUT/gpu_check_logs.tar.gz" >&2
 exit $FAILED

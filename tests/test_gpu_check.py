@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -43,13 +44,17 @@ def test_gpu_check_dry_run_runs_every_step_and_reports(tmp_path, monkeypatch):
            "OMP_NUM_THREADS": "1", "LEBM_ZOO_CACHE": str(tmp_path / "cache")}
     p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
-    logs = {f.name: f.read_text(errors="replace")[-1500:] for f in out.glob("*.log")}
+    assert sorted(f.name for f in out.iterdir()) == ["gpu_check.json", "gpu_check.md", "gpu_check_logs.tar.gz"]
+    with tarfile.open(out / "gpu_check_logs.tar.gz") as tar:
+        names = tar.getnames()
+        logs = {n: tar.extractfile(n).read().decode(errors="replace")[-1500:] for n in names if n.endswith(".log")}
     assert p.returncode == 0, (p.stderr[-3000:], logs)
-    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert {"env.log", "pytest.log", "pytest.xml", "recipes.jsonl", "cifar10.jsonl", "steps.jsonl"} <= set(names)
+    res = json.loads((out / "gpu_check.json").read_text())
+    steps = res["steps"]
     assert [s["step"] for s in steps] == ["env", "pytest", "recipes", "cifar10"]
     assert all(s["rc"] == 0 and s["seconds"] > 0 for s in steps), steps
 
-    res = json.loads((out / "gpu_check.json").read_text())
     assert res["dry_run"] is True
     assert res["pytest_cuda"]["tests"] > 0 and res["pytest_cuda"]["failures"] == 0  # CUDA cases: skipped here
     rows = res["recipes"]
