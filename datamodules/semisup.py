@@ -1,6 +1,8 @@
 """Semi-supervised data: :class:`SemiSupervisedDataModule`, a labelled datamodule with only a few labels kept."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -72,6 +74,8 @@ class SemiSupervisedDataModule(ShuffleStateMixin, pl.LightningDataModule):
         labels_per_class: labelled items per class (>= 1); every class of the training split keeps exactly this many.
         labelled_batch_size: ``B_l`` (default: the inner datamodule's ``batch_size``).
         seed: seed of the labelled subset's choice.
+        data_dir: if given, the inner datamodule's ``data_dir`` (so ``--data.data_dir`` works as for every recipe;
+            ``--data.datamodule.data_dir`` too).
 
     Attributes:
         datamodule: the inner datamodule.
@@ -84,17 +88,22 @@ class SemiSupervisedDataModule(ShuffleStateMixin, pl.LightningDataModule):
             none).
 
     Raises:
-        ValueError: for ``labels_per_class`` < 1 or a bad ``labelled_batch_size``; in ``setup``: a training split
+        ValueError: for ``labels_per_class`` < 1, a bad ``labelled_batch_size``, or a ``data_dir`` for an inner
+            datamodule that reads none; in ``setup``: a training split
             without labels, with fewer than two classes, negative labels, or a class with fewer than
             ``labels_per_class`` items (all such classes named).
         TypeError: for an inner object that is not a LightningDataModule.
     """
 
     def __init__(self, datamodule: pl.LightningDataModule, labels_per_class: int,
-                 labelled_batch_size: int | None = None, seed: int = 0):
+                 labelled_batch_size: int | None = None, seed: int = 0, data_dir: str | None = None):
         super().__init__()
         if not isinstance(datamodule, pl.LightningDataModule):
             raise TypeError(f"datamodule must be a LightningDataModule, got {type(datamodule).__name__}")
+        if data_dir is not None:  # --data.data_dir, as for every other recipe
+            if not hasattr(datamodule, "data_dir"):
+                raise ValueError(f"data_dir: the inner {type(datamodule).__name__} reads no data folder")
+            datamodule.data_dir = Path(data_dir).expanduser()
         if isinstance(labels_per_class, bool) or not isinstance(labels_per_class, int) or labels_per_class < 1:
             raise ValueError(f"labels_per_class must be an integer >= 1, got {labels_per_class!r}")
         if labelled_batch_size is not None and (isinstance(labelled_batch_size, bool) or

@@ -257,11 +257,12 @@ def test_errors_are_named(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ command, files
-def test_recipe_fits_through_the_command_then_tests(tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--data.data_dir", "--data.datamodule.data_dir"])  # the first, as every recipe
+def test_recipe_fits_through_the_command_then_tests(tmp_path, capsys, flag):
     from lebm_zoo.cli import main
 
     root = labelled_mnist(tmp_path / "mnist")
-    data = ["--data.datamodule.data_dir", str(root), "--data.datamodule.download", "false",
+    data = [flag, str(root), "--data.datamodule.download", "false",
             "--data.datamodule.val_size", "4", "--data.datamodule.batch_size", "8",
             "--data.datamodule.num_workers", "0", "--data.labels_per_class", "2", "--data.labelled_batch_size", "8"]
     common = ["--recipe", "mnist_semisup", *data, "--trainer.enable_progress_bar", "false",
