@@ -5,7 +5,7 @@
 >>> x = model.sample(64)  # (64, C, H, W) in [-1, 1]                                     # doctest: +SKIP
 """
 from lebm_zoo._version import __version__
-from lebm_zoo.checkpoint import CheckpointError  # noqa: E402
+from lebm_zoo.errors import CheckpointError, DataShapeError, TrainingDivergedError  # noqa: E402  (every error class)
 from lebm_zoo.models import (  # noqa: E402
     CoopNets,
     DiffusionRecoveryEBM,
@@ -20,7 +20,6 @@ from lebm_zoo.models import (  # noqa: E402
     ShortRunEBM,
     SymbolVectorLEBM,
 )
-from lebm_zoo.models.base import DataShapeError, TrainingDivergedError  # noqa: E402  (the errors' owner)
 from lebm_zoo.pretrained import list_pretrained, load_pretrained  # noqa: E402
 from lebm_zoo.samplers import HMCSampler, LangevinSampler, SamplerMixin  # noqa: E402
 

@@ -22,15 +22,15 @@ from fsspec.core import url_to_fs
 from lightning_fabric.utilities.cloud_io import get_filesystem
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from lebm_zoo._version import __version__
+from lebm_zoo.errors import CheckpointError
+from lebm_zoo.utils import get_rng_state
+
 __all__ = ["AtomicCheckpointIO", "CheckpointError", "TMP_PREFIX", "check_model_class", "class_path",
-           "find_last_checkpoint", "model_class", "read_checkpoint", "write_record", "zoo_model_types"]
+           "find_last_checkpoint", "is_zoo_model", "model_class", "read_checkpoint", "write_record"]
 
 #: name prefix of a checkpoint being written (``.<name>.tmp-<pid>`` beside the target file)
 TMP_PREFIX = "."
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used: missing, corrupt, not from lebm-zoo, or of another model class."""
 
 
 def _check_crcs(path: Path) -> None:
@@ -98,14 +98,11 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def zoo_model_types() -> tuple[type, ...]:
-    """The classes whose subclasses are zoo models, i.e. may write and load lebm-zoo checkpoints:
-    :class:`~lebm_zoo.EBMModule` and :class:`~lebm_zoo.LSTMLanguageModel` (imported lazily: both import this
-    module)."""
-    from lebm_zoo.models.base import EBMModule
-    from lebm_zoo.models.language_model import LSTMLanguageModel
-
-    return EBMModule, LSTMLanguageModel
+def is_zoo_model(cls) -> bool:
+    """Whether ``cls`` is a class whose checkpoints and published folders lebm-zoo reads: one that inherits
+    :class:`lebm_zoo.pretrained.PretrainedMixin` (the zoo's ``EBMModule`` subclasses and its LSTM language model),
+    which marks it with ``lebm_zoo_model = True`` (read here, so that this module imports no model)."""
+    return inspect.isclass(cls) and getattr(cls, "lebm_zoo_model", False) is True
 
 
 def model_class(ckpt: dict, path: Path) -> type:
@@ -123,7 +120,7 @@ def model_class(ckpt: dict, path: Path) -> type:
         cls = getattr(importlib.import_module(module_name), cls_name)
     except (ImportError, AttributeError) as e:
         raise CheckpointError(f"{path} holds a {meta['class_path']}, which cannot be imported here ({e}).") from None
-    if not (inspect.isclass(cls) and issubclass(cls, zoo_model_types())):
+    if not is_zoo_model(cls):
         raise CheckpointError(f"{path} names {meta['class_path']}, which is not a lebm-zoo model.")
     return cls
 
@@ -158,9 +155,6 @@ def write_record(checkpoint: dict, module) -> None:
     """Add the lebm-zoo record to a checkpoint being saved (``on_save_checkpoint`` of every zoo model): the class
     path, the lebm-zoo version, the recipe (set by ``lebm-zoo``) and the RNG states (for an exact resume; ``"at"``
     says whether it was written inside an epoch or at its end)."""
-    from lebm_zoo._version import __version__
-    from lebm_zoo.utils import get_rng_state
-
     at = "epoch_end" if getattr(module, "_saving_at_epoch_end", False) else "batch"
     checkpoint["lebm_zoo"] = {"class_path": class_path(type(module)), "version": __version__,
                               "recipe": getattr(module, "recipe", None), "rng": {**get_rng_state(), "at": at}}

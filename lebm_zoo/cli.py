@@ -34,16 +34,12 @@ from lebm_zoo.checkpoint import (
     model_class,
     read_checkpoint,
 )
-from lebm_zoo.models.base import DataShapeError, StoppedBySignal
+from lebm_zoo.errors import DataShapeError, RecipeError, StoppedBySignal
 from lebm_zoo.utils import tune_cpu_allocator
 
 __all__ = ["main", "list_recipes", "recipe_path", "RecipeError"]
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-
-
-class RecipeError(ValueError):
-    """An unknown recipe name or an unreadable recipe file."""
 
 
 def _recipe_files() -> dict[str, Path]:

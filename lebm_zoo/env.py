@@ -8,9 +8,7 @@ prints it with the rest, and ``lebm-zoo fit`` warns once when bf16 is asked for 
 from __future__ import annotations
 
 import argparse
-import functools
 import os
-import platform
 import statistics
 import sys
 import time
@@ -18,51 +16,9 @@ import warnings
 
 import torch
 
+from lebm_zoo.hardware import cpu_info, native_bf16
+
 __all__ = ["cpu_info", "native_bf16", "probe_precision", "warn_if_emulated_bf16", "main"]
-
-_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
-
-
-def _cpuinfo() -> tuple[str, set[str]]:
-    """(model name, flags) from ``/proc/cpuinfo`` (Linux); ('', empty) elsewhere."""
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        return platform.processor(), set()
-    model, flags = "", set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and not model:
-            model = value.strip()
-        elif key.strip() in ("flags", "Features") and not flags:
-            flags = set(value.split())
-    return model, flags
-
-
-@functools.lru_cache(maxsize=1)
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively as PyTorch's oneDNN sees it (AVX512-BF16 or AMX; ARM BF16).
-
-    False means bf16 on the CPU is emulated (converted to fp32 and back around every operation): correct, but slow.
-    """
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN: ATen's own kernels, emulated
-        return False
-
-
-def cpu_info() -> dict:
-    """The CPU as the zoo sees it.
-
-    Returns:
-        ``{"model": str, "capability": str, "flags": {flag: bool}, "native_bf16": bool}``: the model name, ATen's
-        vector capability (``torch.backends.cpu.get_cpu_capability()``: ``"AVX2"``, ``"AVX512"``, ...), the
-        relevant ``/proc/cpuinfo`` flags (avx2, avx512f, avx512_bf16, amx_tile, amx_bf16), and :func:`native_bf16`.
-    """
-    model, flags = _cpuinfo()
-    return {"model": model or platform.machine(), "capability": torch.backends.cpu.get_cpu_capability(),
-            "flags": {f: f in flags for f in _FLAGS}, "native_bf16": native_bf16()}
-
 
 def probe_precision(seconds: float = 10.0, batch: int = 100) -> dict:
     """Time one generator step in fp32 and in bf16-mixed: the SVHN recipe's ConvGenerator, forward and backward to

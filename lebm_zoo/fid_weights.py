@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lebm_zoo.errors import FIDWeightsBuildError, LayoutMismatchError
+
 #: the file name of the weights in the default cache folder (``~/.cache/lebm_zoo/``)
 WEIGHTS_NAME = "weights-inception-2015-12-05-pool3-only.pth"
 
@@ -62,14 +64,6 @@ _SOURCE_SUFFIXES = ("weight", "beta", "mean", "var")  # a source layer: conv wei
 _BN_KEYS = ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var")
 _ROUTE_ERRORS = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
                  subprocess.SubprocessError)
-
-
-class FIDWeightsBuildError(RuntimeError):
-    """The FID Inception weights could not be built; the message says what failed in each route tried."""
-
-
-class LayoutMismatchError(ValueError):
-    """A source state dict does not map layer for layer onto the target layout (count, names or shapes)."""
 
 
 def default_out_path() -> Path:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lebm_zoo.env import native_bf16
+from lebm_zoo.hardware import native_bf16
 
 __all__ = ["ConvGenerator", "EnergyMLP", "SequenceDecoder", "count_parameters", "down_trunk", "xavier_init_convs"]
 

@@ -31,12 +31,13 @@ from pathlib import Path
 
 import torch
 
-from lebm_zoo.checkpoint import CheckpointError, class_path, model_class, read_checkpoint, zoo_model_types
+from lebm_zoo.checkpoint import CheckpointError, class_path, model_class, read_checkpoint
+from lebm_zoo.text import VocabularyMixin
 
 _model_class = model_class  # the name this module used before lebm_zoo.checkpoint existed
 
 __all__ = ["CONFIG_NAME", "CheckpointError", "EXACT_FINGERPRINT_KEYS", "FORMAT", "INDEX_PATH", "PretrainedEntry",
-           "WEIGHTS_NAME",
+           "PretrainedMixin", "WEIGHTS_NAME",
            "fingerprint", "list_pretrained", "load_pretrained", "make_registry_entry", "push_to_hub", "read_checkpoint",
            "save_pretrained"]
 
@@ -239,7 +240,7 @@ def save_pretrained(model, folder: str | os.PathLike, *, recipe: str | None = No
 
     from lebm_zoo._version import __version__
 
-    if not isinstance(model, zoo_model_types()):
+    if not isinstance(model, PretrainedMixin):
         raise ValueError(f"save_pretrained writes lebm-zoo models, not a {type(model).__name__}")
     cls = type(model)
     hparams = dict(model.hparams)
@@ -370,12 +371,9 @@ def fingerprint(model, seed: int = 0, n: int = 16) -> dict[str, float]:
     between vector units and a chain can amplify it (a 60-step data-space chain turns a 1e-6 relative change of the
     weights into about 0.5%), so compare them with a loose tolerance and the weight numbers with a tight one.
     """
-    from lebm_zoo.models.language_model import LSTMLanguageModel
-    from lebm_zoo.text import VocabularyMixin
-
     model.eval()
     out: dict[str, float] = _weights_fingerprint(model, seed)
-    if isinstance(model, LSTMLanguageModel):
+    if isinstance(model, VocabularyMixin) and not hasattr(model, "sample_latent"):  # the language model
         with torch.no_grad():
             out.update(_stats("loglik", model.log_prob(_fixed_texts(model, n))))
         return out
@@ -607,3 +605,38 @@ def load_pretrained(name_or_path: str | os.PathLike, map_location: str | torch.d
     names = ", ".join(entries) or "none published yet"
     raise CheckpointError(f"no checkpoint file at {path.resolve()} and no published model named {text!r} "
                           f"(published: {names}).")
+
+
+class PretrainedMixin:
+    """The published-model methods of every zoo model (the ``EBMModule`` subclasses and the LSTM language model):
+    :meth:`load_pretrained`, :meth:`save_pretrained`, :meth:`push_to_hub`. Inheriting it also marks a class as one
+    whose checkpoints lebm-zoo reads (:func:`lebm_zoo.checkpoint.is_zoo_model`)."""
+
+    lebm_zoo_model = True
+
+    @classmethod
+    def load_pretrained(cls, name_or_path: str, map_location: str | torch.device = "cpu"):
+        """Load a checkpoint of this class (or a subclass); see :func:`lebm_zoo.load_pretrained`.
+
+        Raises:
+            lebm_zoo.CheckpointError: if the file holds another model, is corrupt or is no checkpoint.
+        """
+        return load_pretrained(name_or_path, map_location=map_location, expected_class=cls)
+
+    def save_pretrained(self, folder, *, recipe: str | None = None, data: str | None = None,
+                        training_steps: int | None = None, metrics: dict | None = None, license: str = "MIT"):
+        """Write this model as a published folder, ``config.json`` + ``model.safetensors`` (fp32 weights and buffers,
+        no optimiser state), that :func:`lebm_zoo.load_pretrained` loads; see
+        :func:`lebm_zoo.pretrained.save_pretrained` for the arguments.
+
+        Returns:
+            the folder (a ``Path``).
+        """
+        return save_pretrained(self, folder, recipe=recipe, data=data, training_steps=training_steps,
+                               metrics=metrics, license=license)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Publish this model on the Hugging Face Hub (``save_pretrained`` into a temporary folder, then
+        ``HfApi().upload_folder``); it loads back with ``lebm_zoo.load_pretrained("hf://<repo_id>")``. See
+        :func:`lebm_zoo.pretrained.push_to_hub` for the arguments."""
+        return push_to_hub(self, repo_id, **kwargs)

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from lebm_zoo.errors import DataShapeError
+
 __all__ = ["BOS", "EOS", "PAD", "SMILES_REGEX", "SPECIALS", "UNK", "Vocabulary", "VocabularyMixin", "pad_batch",
            "tokenize", "tokenize_smiles"]
 
@@ -139,13 +141,6 @@ def pad_batch(rows: Sequence[Sequence[int]], pad_index: int = 0) -> dict[str, Te
     return {"tokens": tokens, "mask": mask}
 
 
-def _data_shape_error(message: str) -> ValueError:
-    # lazily: this module is below the models (lebm_zoo.models.* import it), and imports only torch at load time
-    from lebm_zoo.models.base import DataShapeError
-
-    return DataShapeError(message)
-
-
 class VocabularyMixin:
     """The vocabulary of a sequence model, kept in its hyperparameters (``vocab``: list of tokens, ``sep``) so that a
     checkpoint decodes text by itself.
@@ -176,14 +171,14 @@ class VocabularyMixin:
         dm_vocab = getattr(dm, "vocab", None)  # Lightning has run the datamodule's setup before this one
         if self.vocab_obj is None:
             if dm_vocab is None:
-                raise _data_shape_error(f"{type(self).__name__} has no vocabulary: give it one (vocab=...) or train "
+                raise DataShapeError(f"{type(self).__name__} has no vocabulary: give it one (vocab=...) or train "
                                         "it with a token-sequence datamodule (datamodules.PTBDataModule, "
                                         "ZINCDataModule)")
             self.hparams.vocab, self.hparams.sep = dm_vocab.to_list(), dm_vocab.sep
             self.vocab_obj = dm_vocab
             self.build_networks(len(dm_vocab))
         elif dm_vocab is not None and dm_vocab != self.vocab_obj:
-            raise _data_shape_error(f"the datamodule's vocabulary ({len(dm_vocab)} tokens) differs from the model's "
+            raise DataShapeError(f"the datamodule's vocabulary ({len(dm_vocab)} tokens) differs from the model's "
                                     f"({len(self.vocab_obj)} tokens): token indices would mean other tokens. Use the "
                                     "data the model was trained on, or a new model.")
 
@@ -202,6 +197,6 @@ class VocabularyMixin:
             DataShapeError: the model has no vocabulary yet. ValueError: a string that is no SMILES (``sep=""``).
         """
         if self.vocab_obj is None:
-            raise _data_shape_error(f"{type(self).__name__} has no vocabulary yet")
+            raise DataShapeError(f"{type(self).__name__} has no vocabulary yet")
         batch = pad_batch([self.vocab_obj.encode(tokenize(t, self.vocab_obj.sep)) for t in texts])
         return {k: v.to(self.device) for k, v in batch.items()}

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from lebm_zoo.errors import DataShapeError
+
 
 def images_from_batch(batch) -> torch.Tensor:
     """Return the image tensor of a batch.
@@ -124,12 +126,6 @@ def tune_cpu_allocator(threshold_bytes: int = 1 << 30) -> bool:
 RANGE_TOLERANCE = 1e-3
 
 
-def _data_shape_error(message: str) -> ValueError:
-    from lebm_zoo.models.base import DataShapeError  # lazily: lebm_zoo.models.base imports this module
-
-    return DataShapeError(message)
-
-
 def _at(where: str) -> str:
     return f"{where}: " if where else ""
 
@@ -187,14 +183,14 @@ def _check_finite_values(tensors: list[torch.Tensor], name: str, where: str) -> 
         nan = sum(int(t.isnan().sum()) for t in tensors)
         inf = sum(int(t.isinf().sum()) for t in tensors)
         total = sum(t.numel() for t in tensors)
-        raise _data_shape_error(f"{_at(where)}{name} has non-finite values: {nan} NaN and {inf} inf of {total} "
+        raise DataShapeError(f"{_at(where)}{name} has non-finite values: {nan} NaN and {inf} inf of {total} "
                                 "values. Remove or replace them (e.g. torch.nan_to_num) first.")
     return lo, hi
 
 
 def _float_dtype(x: torch.Tensor, name: str, where: str, what: str, hint: str) -> None:
     if not x.is_floating_point():
-        raise _data_shape_error(f"{_at(where)}{name} has dtype {x.dtype}, but {what} must be floating-point. {hint}")
+        raise DataShapeError(f"{_at(where)}{name} has dtype {x.dtype}, but {what} must be floating-point. {hint}")
 
 
 def check_images(x, channels: int, img_size: int, *, name: str = "x", where: str = "", batch: int | None = None,
@@ -212,7 +208,7 @@ def check_images(x, channels: int, img_size: int, *, name: str = "x", where: str
     expected = (channels, img_size, img_size)
     layout = f"(B, C, H, W) = (B, {channels}, {img_size}, {img_size})"
     if not isinstance(x, torch.Tensor):
-        raise _data_shape_error(f"{_at(where)}{name} must be a torch.Tensor of images {layout}, got "
+        raise DataShapeError(f"{_at(where)}{name} must be a torch.Tensor of images {layout}, got "
                                 f"{type(x).__name__}")
     shape = tuple(x.shape)
     if x.ndim != 4 or shape[1:] != expected:
@@ -229,12 +225,12 @@ def check_images(x, channels: int, img_size: int, *, name: str = "x", where: str
         elif x.ndim == 4 and shape[1] == channels:
             hint = (f" The model has img_size={img_size} but the images are {shape[2]}x{shape[3]}: resize them, or "
                     "use a model built for that size.")
-        raise _data_shape_error(f"{_at(where)}{name} must be images of shape {layout}, got shape {shape}.{hint}")
+        raise DataShapeError(f"{_at(where)}{name} must be images of shape {layout}, got shape {shape}.{hint}")
     if batch is not None and shape[0] != batch:
-        raise _data_shape_error(f"{_at(where)}{name} must hold {batch} images, {layout} with B = {batch}, got shape "
+        raise DataShapeError(f"{_at(where)}{name} must hold {batch} images, {layout} with B = {batch}, got shape "
                                 f"{shape}")
     if shape[0] == 0:
-        raise _data_shape_error(f"{_at(where)}{name} is an empty batch, shape {shape}: give at least one image")
+        raise DataShapeError(f"{_at(where)}{name} is an empty batch, shape {shape}: give at least one image")
     _float_dtype(x, name, where, "images", "Convert 0..255 pixels to floats in [-1, 1] with x.float() / 127.5 - 1.")
     lo, hi = _check_finite_values([x], name, where)
     if value_range is not None:
@@ -244,7 +240,7 @@ def check_images(x, channels: int, img_size: int, *, name: str = "x", where: str
                 hint = "This looks like 0..255 pixels: scale to [-1, 1] with x / 127.5 - 1."
             else:
                 hint = "Scale the images to [-1, 1] (x / 127.5 - 1 for 0..255 pixels, 2 * x - 1 for 0..1 pixels)."
-            raise _data_shape_error(f"{_at(where)}{name} has values in [{lo:.4g}, {hi:.4g}], but images must be in "
+            raise DataShapeError(f"{_at(where)}{name} has values in [{lo:.4g}, {hi:.4g}], but images must be in "
                                     f"[{a:g}, {b:g}]. {hint}")
     return x
 
@@ -268,23 +264,23 @@ def check_latents(z, nz, *, name: str = "z", where: str = "", batch: int | None 
         parts, wanted = list(z), sizes
         layout = f"a list of {len(sizes)} tensors (B, nz_l) with nz = {sizes}, or one packed (B, {sum(sizes)})"
         if len(parts) != len(sizes):
-            raise _data_shape_error(f"{_at(where)}{name} must be {layout}, got a list of {len(parts)}")
+            raise DataShapeError(f"{_at(where)}{name} must be {layout}, got a list of {len(parts)}")
     for part, size in zip(parts, wanted):
         if not isinstance(part, torch.Tensor):
-            raise _data_shape_error(f"{_at(where)}{name} must be latents {layout}, got {type(part).__name__}")
+            raise DataShapeError(f"{_at(where)}{name} must be latents {layout}, got {type(part).__name__}")
         if part.ndim != 2 or part.shape[1] != size:
             got = [tuple(p.shape) for p in parts] if len(parts) > 1 else tuple(part.shape)
-            raise _data_shape_error(f"{_at(where)}{name} must be latents {layout}, got shape {got}")
+            raise DataShapeError(f"{_at(where)}{name} must be latents {layout}, got shape {got}")
     rows = {p.shape[0] for p in parts}
     if len(rows) > 1:
-        raise _data_shape_error(f"{_at(where)}{name}: every layer needs the same batch size B, got shapes "
+        raise DataShapeError(f"{_at(where)}{name}: every layer needs the same batch size B, got shapes "
                                 f"{[tuple(p.shape) for p in parts]}")
     (b,) = rows
     if batch is not None and b != batch:
-        raise _data_shape_error(f"{_at(where)}{name} must have B = {batch} rows (one per chain or item), got "
+        raise DataShapeError(f"{_at(where)}{name} must have B = {batch} rows (one per chain or item), got "
                                 f"{[tuple(p.shape) for p in parts] if len(parts) > 1 else tuple(parts[0].shape)}")
     if b == 0:
-        raise _data_shape_error(f"{_at(where)}{name} is an empty batch (B = 0): give at least one latent")
+        raise DataShapeError(f"{_at(where)}{name} is an empty batch (B = 0): give at least one latent")
     for part in parts:
         _float_dtype(part, name, where, "latents", "Convert them with z.float().")
     _check_finite_values(parts, name, where)
@@ -302,25 +298,25 @@ def check_tokens(tokens, vocab_size: int, mask=None, *, name: str = "tokens", wh
     """
     layout = "{'tokens': (B, T) int64, 'mask': (B, T) bool}"
     if not isinstance(tokens, torch.Tensor):
-        raise _data_shape_error(f"{_at(where)}{name} must be a (B, T) tensor of token indices (a batch {layout}, "
+        raise DataShapeError(f"{_at(where)}{name} must be a (B, T) tensor of token indices (a batch {layout}, "
                                 f"or a list of strings), got {type(tokens).__name__}")
     if tokens.ndim != 2 or 0 in tokens.shape:
-        raise _data_shape_error(f"{_at(where)}{name} must be token indices of shape (B, T) with B, T >= 1 (a batch "
+        raise DataShapeError(f"{_at(where)}{name} must be token indices of shape (B, T) with B, T >= 1 (a batch "
                                 f"{layout}), got shape {tuple(tokens.shape)}")
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-        raise _data_shape_error(f"{_at(where)}{name} has dtype {tokens.dtype}, but token indices must be integers "
+        raise DataShapeError(f"{_at(where)}{name} has dtype {tokens.dtype}, but token indices must be integers "
                                 "(torch.long): encode strings with model.encode(texts), or convert with tokens.long().")
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(tokens.shape):
             got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise _data_shape_error(f"{_at(where)}the mask must have the tokens' shape {tuple(tokens.shape)}, got "
+            raise DataShapeError(f"{_at(where)}the mask must have the tokens' shape {tuple(tokens.shape)}, got "
                                     f"{got}")
         if mask.dtype != torch.bool:
-            raise _data_shape_error(f"{_at(where)}the mask has dtype {mask.dtype}, but must be torch.bool (True on "
+            raise DataShapeError(f"{_at(where)}the mask has dtype {mask.dtype}, but must be torch.bool (True on "
                                     "real tokens): convert it with mask.bool()")
     lo, hi = (int(v) for v in torch.stack(torch.aminmax(tokens.detach().reshape(-1))).cpu())
     if lo < 0 or hi >= vocab_size:
-        raise _data_shape_error(f"{_at(where)}{name} must be indices in [0, {vocab_size}) of the model's "
+        raise DataShapeError(f"{_at(where)}{name} must be indices in [0, {vocab_size}) of the model's "
                                 f"{vocab_size}-token vocabulary, got values in [{lo}, {hi}]: were they encoded with "
                                 "another vocabulary? Encode strings with model.encode(texts).")
     return tokens

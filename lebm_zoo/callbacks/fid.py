@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 from tqdm.auto import tqdm
 
+from lebm_zoo.errors import FIDWeightsNotFoundError
 from lebm_zoo.fid_weights import WEIGHTS_NAME, read_fid_weights
 from lebm_zoo.utils import images_from_batch, to_uint8
 
@@ -23,11 +24,6 @@ __all__ = ["FIDCallback", "FIDWeightsNotFoundError", "default_fid_weights"]
 
 _REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 _CACHE_VERSION = 1  # bump when the way real statistics are gathered changes
-
-
-class FIDWeightsNotFoundError(FileNotFoundError):
-    """The FID Inception weights are not on disk (torchmetrics would download them, which is impossible offline), or
-    the file there is not the standard weights (unreadable, another state dict, or a pickle that would run code)."""
 
 
 def default_fid_weights(weights_path: str | os.PathLike | None = None) -> Path:

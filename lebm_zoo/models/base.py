@@ -37,21 +37,15 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from lebm_zoo.checkpoint import check_model_class, write_record
+from lebm_zoo.errors import DataShapeError, StoppedBySignal, TrainingDivergedError
+from lebm_zoo.pretrained import PretrainedMixin
 from lebm_zoo.samplers import LangevinSampler, SamplerMixin
 from lebm_zoo.utils import images_from_batch, in_training_loop, set_rng_state
 
 __all__ = ["DataShapeError", "EBMModule", "StopCheckpoint", "StoppedBySignal", "TrainingDivergedError"]
 
 
-class DataShapeError(ValueError):
-    """The data does not have the shape the model was configured for."""
-
-
-class TrainingDivergedError(RuntimeError):
-    """Training produced a non-finite or exploding loss and was stopped (no checkpoint is written at that stop)."""
-
-
-class EBMModule(SamplerMixin, pl.LightningModule):
+class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
     """Base LightningModule of the zoo (manual optimisation, shared samplers, divergence guard, tagged checkpoints).
 
     Attributes:
@@ -94,39 +88,6 @@ class EBMModule(SamplerMixin, pl.LightningModule):
     def sample(self, n: int) -> Tensor:  # pragma: no cover - abstract
         """Draw ``n`` samples from the model. Subclasses implement it."""
         raise NotImplementedError(f"{type(self).__name__} does not implement sample(n)")
-
-    @classmethod
-    def load_pretrained(cls, name_or_path: str, map_location: str | torch.device = "cpu"):
-        """Load a checkpoint of this class (or a subclass); see :func:`lebm_zoo.load_pretrained`.
-
-        Raises:
-            lebm_zoo.pretrained.CheckpointError: if the file holds another model, is corrupt or is no checkpoint.
-        """
-        from lebm_zoo.pretrained import load_pretrained
-
-        return load_pretrained(name_or_path, map_location=map_location, expected_class=cls)
-
-    def save_pretrained(self, folder, *, recipe: str | None = None, data: str | None = None,
-                        training_steps: int | None = None, metrics: dict | None = None, license: str = "MIT"):
-        """Write this model as a published folder, ``config.json`` + ``model.safetensors`` (fp32 weights and buffers,
-        no optimiser state), that :func:`lebm_zoo.load_pretrained` loads; see
-        :func:`lebm_zoo.pretrained.save_pretrained` for the arguments.
-
-        Returns:
-            the folder (a ``Path``).
-        """
-        from lebm_zoo.pretrained import save_pretrained
-
-        return save_pretrained(self, folder, recipe=recipe, data=data, training_steps=training_steps,
-                               metrics=metrics, license=license)
-
-    def push_to_hub(self, repo_id: str, **kwargs):
-        """Publish this model on the Hugging Face Hub (``save_pretrained`` into a temporary folder, then
-        ``HfApi().upload_folder``); it loads back with ``lebm_zoo.load_pretrained("hf://<repo_id>")``. See
-        :func:`lebm_zoo.pretrained.push_to_hub` for the arguments."""
-        from lebm_zoo.pretrained import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         """No model-side validation loss by default: the metric callbacks (FID, ReconstructionMSE, SampleGrid, ...)
@@ -496,21 +457,6 @@ def epoch_completed(trainer: pl.Trainer) -> bool:
     loop = trainer.fit_loop.epoch_loop
     return bool(loop._num_ready_batches_reached()) if hasattr(loop, "_num_ready_batches_reached") else bool(
         loop.batch_progress.is_last_batch)
-
-
-class StoppedBySignal(SystemExit):
-    """A run stopped by SIGTERM or SIGINT after writing ``last.ckpt`` where it stopped (:class:`StopCheckpoint`).
-
-    A ``SystemExit`` whose code is the shell's for that signal (143 for SIGTERM, 130 for SIGINT), so that a cluster's
-    scheduler and a shell see an interrupted job, not a success; ``message`` says where it stopped and what was saved.
-    """
-
-    def __init__(self, signum: int, step: int, paths: list[str]):
-        super().__init__(128 + signum)
-        name = signal.Signals(signum).name
-        saved = (f"last.ckpt written: {', '.join(paths)}" if paths
-                 else "no ModelCheckpoint(save_last=True): nothing saved")
-        self.message = f"stopped by {name} after step {step}; {saved} (resume with --ckpt_path last)"
 
 
 class StopCheckpoint(Checkpoint):

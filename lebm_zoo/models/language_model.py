@@ -15,15 +15,16 @@ from torch import Tensor
 from torchmetrics.text import Perplexity
 
 from lebm_zoo.checkpoint import check_model_class, write_record
-from lebm_zoo.models.base import DataShapeError, EBMModule
+from lebm_zoo.errors import DataShapeError
 from lebm_zoo.nets import SequenceDecoder
+from lebm_zoo.pretrained import PretrainedMixin
 from lebm_zoo.text import VocabularyMixin
 from lebm_zoo.utils import check_count, check_tokens
 
 __all__ = ["LSTMLanguageModel"]
 
 
-class LSTMLanguageModel(VocabularyMixin, pl.LightningModule):
+class LSTMLanguageModel(VocabularyMixin, PretrainedMixin, pl.LightningModule):
     """LSTM language model p(x) = prod_t p(x_t | x_<t) on token batches (:mod:`lebm_zoo.text`).
 
     Trained by cross-entropy with Adam; validation and test log the perplexity ``exp(total NLL / total tokens)``
@@ -132,11 +133,6 @@ class LSTMLanguageModel(VocabularyMixin, pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another model class (:func:`lebm_zoo.checkpoint.check_model_class`)."""
         check_model_class(checkpoint, self)
-
-    # the same published format as the zoo's models (save_pretrained / push_to_hub / load_pretrained)
-    save_pretrained = EBMModule.save_pretrained
-    push_to_hub = EBMModule.push_to_hub
-    load_pretrained = classmethod(EBMModule.load_pretrained.__func__)
 
     @torch.no_grad()
     def perplexity(self, batches) -> float:
