@@ -46,7 +46,7 @@ def test_coopnets_descriptor_langevin_is_the_reference_update():
     torch.manual_seed(5)
     y1 = m.revise(y0)
     y = y0.clone().requires_grad_(True)
-    grad_f = torch.autograd.grad(m.score(y).sum(), y)[0]
+    grad_f = torch.autograd.grad(m.neg_energy(y).sum(), y)[0]
     torch.manual_seed(5)
     d, sd = 0.002, 0.016
     expected = y0 - d ** 2 / 2 * (y0 / sd ** 2 - grad_f) + d * torch.randn_like(y0)
@@ -62,7 +62,7 @@ def test_coopnets_updates_raise_data_scores_and_pull_the_generator_to_the_revisi
     def state():
         with torch.no_grad():
             y = m.revise(m.generator(z))
-            return float(m.score(x).mean() - m.score(y).mean()), float((y - m.generator(z)).pow(2).mean())
+            return float(m.neg_energy(x).mean() - m.neg_energy(y).mean()), float((y - m.generator(z)).pow(2).mean())
 
     gap0, _ = state()
     t = fit_steps(m, x, steps=5)

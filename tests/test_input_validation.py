@@ -362,7 +362,7 @@ def _density_calls(name, m):
                  [lambda: m.log_joint(img[:, 0], z), lambda: m.log_joint(img.repeat(1, 3, 1, 1), z),
                   lambda: m.log_joint(((img + 1) * 127.5).to(torch.uint8), z), lambda: m.log_joint(img, z[:2]),
                   lambda: m.log_joint(img * float("nan"), z)])]
-    method = {"ShortRunEBM": "neg_energy", "CoopNets": "score"}.get(name, "energy")
+    method = "neg_energy" if name in ("ShortRunEBM", "CoopNets") else "energy"
     f = getattr(m, method)
     if name == "FlowContrastiveEBM-2d":
         pts = torch.randn(4, 2)

@@ -291,8 +291,8 @@ def _flip_descriptor_sign(model):
 
 
 def _sum_over_chains(model):
-    score = model.score
-    model.score = lambda x: score(x) * x.shape[0]  # a sum over chains and images where the reference takes means
+    neg_energy = model.neg_energy
+    model.neg_energy = lambda x: neg_energy(x) * x.shape[0]  # a sum over chains and images, not the reference's means
 
 
 @pytest.mark.parametrize("sabotage", [_flip_descriptor_sign, _sum_over_chains])

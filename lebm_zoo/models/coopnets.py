@@ -317,21 +317,22 @@ class CoopNets(EBMModule):
         }
 
     # ------------------------------------------------------------------------------------------------ densities
-    def score(self, x: Tensor) -> Tensor:
-        """Descriptor score f(Y) (higher = more likely): ``(B, C, H, W)`` in [-1, 1] -> ``(B,)``, fp32 or wider.
+    def neg_energy(self, x: Tensor) -> Tensor:
+        """The descriptor's negative energy f(Y) (the reference's score; higher = more likely): ``(B, C, H, W)`` in
+        [-1, 1] -> ``(B,)``, fp32 or wider.
 
         Raises:
             DataShapeError: for images of another shape, an integer dtype or non-finite values (any finite value is
                 accepted: revisions leave [-1, 1]).
         """
         if self.called_by_user():
-            check_images(x, self.hparams.channels, self.hparams.img_size, where=f"{type(self).__name__}.score",
+            check_images(x, self.hparams.channels, self.hparams.img_size, where=f"{type(self).__name__}.neg_energy",
                          value_range=None)
         return _wide(self.descriptor(x))
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Descriptor's unnormalised log-density ``f(Y) - ||Y||^2 / (2 sigma_d^2)``, ``(B,)`` in nats."""
-        return self.score(x) - _wide(x).flatten(1).pow(2).sum(1) / (2 * self.hparams.descriptor_sigma ** 2)
+        return self.neg_energy(x) - _wide(x).flatten(1).pow(2).sum(1) / (2 * self.hparams.descriptor_sigma ** 2)
 
     def energy(self, x: Tensor) -> Tensor:
         """Descriptor energy ``-log_prob(x)`` (lower = more likely), ``(B,)``, up to the log-normaliser."""
@@ -423,7 +424,7 @@ class CoopNets(EBMModule):
             x_draft = self.generator(z)
 
         # 4. and 5. the losses (model.py:80, 92-93)
-        f_pos, f_neg = self.score(x_obs), self.score(y)  # (B,), (N,)
+        f_pos, f_neg = self.neg_energy(x_obs), self.neg_energy(y)  # (B,), (N,)
         loss_d = f_neg.mean() - f_pos.mean()  # descriptor: data up, revisions down
         loss_g = (y - _wide(x_draft)).flatten(1).pow(2).sum(1).mean() / (2 * hp.generator_sigma ** 2)
         if not self.check_finite({"loss_d": loss_d, "loss_g": loss_g}):

@@ -27,8 +27,9 @@ from lebm_zoo.utils import check_count, check_images, check_latents, images_from
 __all__ = ["FlowContrastiveEBM"]
 
 
-class EnergyMLP2(nn.Module):
-    """The fce-2d energy f(x): MLP ``dim -> hidden -> hidden -> 1`` with LeakyReLU(0.2); ``(B, dim) -> (B,)``."""
+class PointEnergyMLP(nn.Module):
+    """The fce-2d energy E(x) of points (written f in the FCE paper, log p = -f - c; lower = more likely): MLP
+    ``dim -> hidden -> hidden -> 1`` with LeakyReLU(0.2); ``(B, dim) -> (B,)``."""
 
     def __init__(self, dim: int = 2, hidden: int = 128):
         super().__init__()
@@ -105,7 +106,7 @@ class FlowContrastiveEBM(EBMModule):
         self.save_hyperparameters()
         if dim is not None:
             self.data_shape: tuple[int, ...] = (dim,)
-            self.energy_net = EnergyMLP2(dim, energy_hidden)
+            self.energy_net = PointEnergyMLP(dim, energy_hidden)
         else:
             self.data_shape = (channels, img_size, img_size)
             self.energy_net = TriangleEnergy(channels=channels, img_size=img_size, nf=ndf)

@@ -211,28 +211,29 @@ class JointHierarchicalEBMPrior(EBMModule):
         mu, sigma = self.conditional(level, z_above)
         return (-0.5 * ((z - mu) / sigma).pow(2) - sigma.log()).sum(1)
 
-    def scores(self, z) -> list[Tensor]:
-        """The per-layer scores ``[f_1(z_1), ..., f_L(z_L)]`` (negative energies), each ``(B,)``, at least fp32.
+    def neg_energies(self, z) -> list[Tensor]:
+        """The per-layer negative energies ``[f_1(z_1), ..., f_L(z_L)]`` (the reference's scores), each ``(B,)``, at
+        least fp32.
 
         Raises:
             DataShapeError: for latents that are neither ``(B, sum nz)`` nor a list of ``(B, nz_l)`` finite floats.
         """
         if self.called_by_user():
-            check_latents(z, self.nz, where=f"{type(self).__name__}.scores")
-        return self._scores(z)
+            check_latents(z, self.nz, where=f"{type(self).__name__}.neg_energies")
+        return self._neg_energies(z)
 
-    def _scores(self, z) -> list[Tensor]:
+    def _neg_energies(self, z) -> list[Tensor]:
         return [full_precision(net(zl)).squeeze(-1) for net, zl in zip(self.energy_nets, self._as_list(z))]
 
     def energy(self, z) -> Tensor:
         """Total prior energy ``-sum_l f_l(z_l)`` (lower = more likely), ``(B,)``; ``z`` packed or a list.
 
         Raises:
-            DataShapeError: as :meth:`scores`.
+            DataShapeError: as :meth:`neg_energies`.
         """
         if self.called_by_user():
             check_latents(z, self.nz, where=f"{type(self).__name__}.energy")
-        return -torch.stack(self._scores(z)).sum(0)
+        return -torch.stack(self._neg_energies(z)).sum(0)
 
     def prior_log_prob(self, z, levels: range | None = None) -> Tensor:
         """Unnormalised log p(z_1..z_L): scores, conditionals and the N(0, top_prior_sigma^2 I) top, ``(B,)`` in nats
@@ -252,7 +253,7 @@ class JointHierarchicalEBMPrior(EBMModule):
         top = len(zs) - 1
         levels = range(len(zs)) if levels is None else levels
         s_top = self.hparams.top_prior_sigma
-        scores = self._scores(zs)
+        scores = self._neg_energies(zs)
         lp = zs[0].new_zeros(zs[0].shape[0])
         for i in levels:
             lp = lp + scores[i]
@@ -438,7 +439,7 @@ class JointHierarchicalEBMPrior(EBMModule):
         # contrastive update of each conditional prior; the energy update of each layer
         loss_conds = [self.conditional_log_prob(i, z_neg[i], z_neg[i + 1]).mean()
                       - self.conditional_log_prob(i, z_pos[i], z_pos[i + 1]).mean() for i in range(len(self.nz) - 1)]
-        s_pos, s_neg = self.scores(z_pos), self.scores(z_neg)
+        s_pos, s_neg = self.neg_energies(z_pos), self.neg_energies(z_neg)
         loss_es = [sn.mean() - sp.mean() for sp, sn in zip(s_pos, s_neg)]
         loss_cond = sum(loss_conds, x.new_zeros(()))
         loss_e = sum(loss_es[1:], loss_es[0])
