@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -27,15 +26,10 @@ from pathlib import Path
 import torch
 
 from lebm_zoo import LangevinSampler, LatentEBMPrior
-from lebm_zoo.env import cpu_info
+from lebm_zoo.hardware import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "compile.json"
-
-
-def cpu_model() -> str:
-    """The CPU's model name (:func:`lebm_zoo.env.cpu_info`, else what ``platform`` knows)."""
-    return cpu_info()["model"] or platform.processor() or platform.machine()
 
 
 def sync(device: torch.device) -> None:
@@ -89,7 +83,7 @@ def main() -> None:
             compile_s[m] = first_s[m] - median[m]
 
     name = {None: "eager"}
-    res = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    res = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
            "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
            "batch": a.batch, "nz": hp.nz, "n_steps": hp.prior_steps, "step_size": hp.prior_step_size,
            "rounds": a.rounds,

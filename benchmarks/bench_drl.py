@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -30,14 +29,10 @@ import torch
 import yaml
 
 from lebm_zoo import DiffusionRecoveryEBM
-from lebm_zoo.env import cpu_info, native_bf16
+from lebm_zoo.hardware import cpu_name, native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "mnist_drl.yaml"
-
-
-def cpu_model() -> str:
-    return cpu_info()["model"] or platform.processor() or platform.machine()
 
 
 def build_model(mcmc_steps: int | None) -> DiffusionRecoveryEBM:
@@ -114,7 +109,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     if a.cifar10_iteration:
         r = cifar10_iteration(a.cifar10_iteration, a.precision)
-        r.update(cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__)
+        r.update(cpu=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__)
         print(f"cifar10_drl training iteration on {r['cpu']}, {r['threads']} threads, {a.precision}, batch "
               f"{r['batch']}: {r['s_per_iter_k1']:.2f} s at K=1, {r['s_per_iter_k3']:.2f} s at K=3 -> "
               f"{r['s_per_chain_step']:.2f} s per chain step, {r['s_rest']:.2f} s the rest; scaled to batch 256 "
@@ -128,7 +123,7 @@ def main() -> None:
     hp = model.hparams
     rows = {"fp32": images_per_second(model, a.n, a.repeats, bf16=False),
             "bf16-mixed": images_per_second(model, a.n, a.repeats, bf16=True)}
-    res = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "native_bf16": native_bf16(),
+    res = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "native_bf16": native_bf16(),
            "torch": torch.__version__, "n": a.n, "num_timesteps": hp.num_timesteps, "mcmc_steps": hp.mcmc_steps,
            "ch": hp.ch, "images_per_s": rows}
     print(f"DiffusionRecoveryEBM.sample at mnist_drl size (ch {hp.ch}, T={hp.num_timesteps}, K={hp.mcmc_steps}, "

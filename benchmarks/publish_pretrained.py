@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from lebm_zoo import pretrained as P  # noqa: E402
+from lebm_zoo.hardware import cpu_name  # noqa: E402
 
 FINGERPRINTS = ROOT / "tests" / "fixtures" / "pretrained_fingerprints.json"
 GRIDS = ROOT / "benchmarks" / "results" / "pretrained"
@@ -176,12 +176,6 @@ def _scalars(run: Path) -> dict[str, float]:
     return out
 
 
-def _cpu() -> str:
-    from lebm_zoo.env import cpu_info
-
-    return cpu_info()["model"] or platform.processor() or platform.machine()
-
-
 def _commands(name: str, spec: dict) -> tuple[str, str]:
     extra = spec.get("extra", "")
     fit = spec.get("fit_override") or FIT.format(recipe=spec["recipe"], data=spec["data_flags"], name=name,
@@ -221,7 +215,7 @@ def publish(name: str, spec: dict, runs: Path) -> dict | None:
         old.unlink()
     P.save_pretrained(model, folder, recipe=spec["recipe"], data=spec["data"], training_steps=steps, metrics=metrics,
                       training={"command": fit, "evaluation": test, "budget": spec["budget"] or "5 epochs",
-                                "threads": 1, "cpu": _cpu()})
+                                "threads": 1, "cpu": cpu_name()})
     model = P.load_pretrained(folder)
     GRIDS.mkdir(parents=True, exist_ok=True)
     if model.hparams.get("dim"):  # 2-D points: a scatter of 2,000 samples

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,19 +33,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lebm_zoo import LangevinSampler, LatentEBMPrior
+from lebm_zoo.hardware import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "bench" / "reference_lebm_step.py"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class _Timer(pl.Callback):
@@ -280,7 +270,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     dev = a.device
-    res: dict = {"cpu": cpu_model(), "threads": a.threads, "torch": torch.__version__, "device": dev,
+    res: dict = {"cpu": cpu_name(), "threads": a.threads, "torch": torch.__version__, "device": dev,
                  "gpu": torch.cuda.get_device_name() if dev == "cuda" else None, "batch": a.batch}
     mode = a.compile_mode or ("reduce-overhead" if dev == "cuda" else "default")
     res["compile_mode"] = mode

@@ -10,7 +10,7 @@ import platform
 
 import torch
 
-__all__ = ["cpu_info", "native_bf16"]
+__all__ = ["cpu_info", "cpu_name", "native_bf16"]
 
 _FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 
@@ -54,3 +54,8 @@ def cpu_info() -> dict:
     model, flags = _cpuinfo()
     return {"model": model or platform.machine(), "capability": torch.backends.cpu.get_cpu_capability(),
             "flags": {f: f in flags for f in _FLAGS}, "native_bf16": native_bf16()}
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as speed figures name it (``/proc/cpuinfo``, else what ``platform`` knows)."""
+    return cpu_info()["model"] or platform.processor() or platform.machine()
