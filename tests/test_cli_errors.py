@@ -258,3 +258,23 @@ def test_flag_and_yaml_errors_are_one_line_without_the_usage(tmp_path, capsys, e
     err = capsys.readouterr().err
     assert code == 2 and message in err and "usage:" not in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_read_only_run_folder_is_a_one_line_error(tmp_path, capsys):
+    # issue 30 finding 6: a read-only lightning_logs/ ended in exit code 1 and a traceback
+    logs = tmp_path / "lightning_logs"
+    logs.mkdir()
+    if os.geteuid() != 0:
+        logs.chmod(0o555)
+    elif subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(logs)], capture_output=True).returncode:
+        pytest.skip("running as root without a read-only mount: a folder cannot be made read-only here")
+    try:
+        code = main(quick(tmp_path))
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(logs)], capture_output=True)
+        logs.chmod(0o755)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert "Read-only file system" in err or "Permission denied" in err, err
+    assert len([ln for ln in err.splitlines() if ln.startswith("lebm-zoo: error:")]) == 1
