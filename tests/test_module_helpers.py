@@ -287,3 +287,26 @@ def test_short_run_checkpoint_keys_are_unchanged_and_old_state_dicts_load():
     fresh = lebm_zoo.ShortRunEBM(img_size=28, channels=1, nf=4)
     fresh.load_state_dict(old, strict=True)
     assert all(torch.equal(fresh.state_dict()[k], old[k]) for k in old_keys)
+
+
+@pytest.mark.parametrize("name", ["CoopNets", "DiffusionRecoveryEBM", "ShortRunEBM", "DivergenceTriangle",
+                                  "FlowContrastiveEBM"])
+def test_every_image_family_samples_images_in_range_and_keeps_the_raw_chain_as_an_option(name):
+    # issue 31: CoopNets' revisions and DiffusionRecoveryEBM's x_0 left [-1, 1]; the references clip when they write
+    # pixels. Chains made to overshoot (large steps) show that clamp=False returns them as they are.
+    from _data import TINY_MODELS
+
+    torch.manual_seed(0)
+    m = TINY_MODELS[name]().eval()
+    wild = {"CoopNets": dict(n_steps=3), "DiffusionRecoveryEBM": dict(noise_scale=50.0),
+            "ShortRunEBM": dict(noise_std=3.0), "DivergenceTriangle": dict(refine_steps=3, refine_step_size=3.0),
+            "FlowContrastiveEBM": dict(refine_steps=3, refine_step_size=3.0)}[name]
+    if name == "CoopNets":
+        m.samplers["descriptor"] = LangevinSampler(3, 3.0)  # a revision that overshoots
+    torch.manual_seed(1)
+    clipped = m.sample(4, **wild)
+    torch.manual_seed(1)
+    raw = m.sample(4, clamp=False, **wild)
+    assert clipped.min() >= -1 and clipped.max() <= 1
+    assert raw.abs().max() > 1  # the raw chain left the range, so the clamp did something
+    assert torch.equal(clipped, raw.clamp(-1, 1))

@@ -374,7 +374,7 @@ class CoopNets(EBMModule):
         return self.langevin(self.log_prob, _wide(x), "descriptor", n_steps=n_steps)
 
     @torch.no_grad()
-    def sample(self, n: int, refine: bool = True, n_steps: int | None = None) -> Tensor:
+    def sample(self, n: int, refine: bool = True, n_steps: int | None = None, clamp: bool = True) -> Tensor:
         """Draw ``n`` images: the generator's draft g(z), z ~ N(0, I), revised by descriptor Langevin if ``refine``.
 
         The generator's BatchNorm uses the statistics of the batch being drawn (as the reference, which draws in
@@ -387,9 +387,11 @@ class CoopNets(EBMModule):
             refine: revise the drafts by ``n_steps`` descriptor Langevin steps (the model's samples); False returns
                 the generator's drafts.
             n_steps: revision length (default: ``descriptor_steps``, as in training).
+            clamp: clip the revised images to [-1, 1], the data range every image family's ``sample`` returns (the
+                reference clips when it writes pixels); False returns the raw chain states, which overshoot a little.
 
         Returns:
-            ``(n, C, H, W)`` images on the model's device (revised images are not clamped to [-1, 1]).
+            ``(n, C, H, W)`` images on the model's device, in [-1, 1] (unless ``clamp=False``).
 
         Raises:
             ValueError: for ``n`` < 1 or not an integer.
@@ -397,7 +399,10 @@ class CoopNets(EBMModule):
         n = check_count(n, where=f"{type(self).__name__}.sample")
         z = torch.randn(n, self.hparams.nz, device=self.device, dtype=self.dtype)
         draft = _wide(self.generator(z))
-        return self._revise(draft, n_steps) if refine else draft
+        if not refine:
+            return draft
+        y = self._revise(draft, n_steps)
+        return y.clamp(-1, 1) if clamp else y
 
     # ------------------------------------------------------------------------------------------------ training
     def configure_optimizers(self):

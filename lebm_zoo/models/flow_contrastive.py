@@ -156,16 +156,19 @@ class FlowContrastiveEBM(EBMModule):
 
     # ------------------------------------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def sample(self, n: int, refine_steps: int | None = None, refine_step_size: float | None = None) -> Tensor:
+    def sample(self, n: int, refine_steps: int | None = None, refine_step_size: float | None = None,
+               clamp: bool = True) -> Tensor:
         """Flow samples, optionally refined by Langevin on the EBM's ``-f(x)``.
 
         Args:
             n: number of samples.
             refine_steps: Langevin steps (default: the ``refine_steps`` hyperparameter, 0).
             refine_step_size: their step size (default: the ``refine_step_size`` hyperparameter).
+            clamp: clip images to [-1, 1], the data range every image family's ``sample`` returns; False returns the
+                raw states. Vectors (``dim``) are never clipped.
 
         Returns:
-            ``(n, *data_shape)`` on the model's device (images are clamped to [-1, 1]).
+            ``(n, *data_shape)`` on the model's device (images in [-1, 1] unless ``clamp=False``).
 
         Raises:
             ValueError: for ``n`` < 1 or not an integer, a negative ``refine_steps`` or a non-positive
@@ -173,7 +176,7 @@ class FlowContrastiveEBM(EBMModule):
         """
         n = check_count(n, where=f"{type(self).__name__}.sample")
         x = self.refine(self.flow.sample(n).to(self.device), refine_steps, refine_step_size)
-        return x.clamp(-1, 1) if self.hparams.dim is None else x
+        return x.clamp(-1, 1) if clamp and self.hparams.dim is None else x
 
     # ------------------------------------------------------------------------------------------------ training
     def configure_optimizers(self):

@@ -590,7 +590,8 @@ class DiffusionRecoveryEBM(EBMModule):
 
     @torch.no_grad()
     def sample(self, n: int, return_levels: bool = False, mcmc_steps: int | None = None,
-               noise_scale: float | None = None, use_ema: bool | None = None, x_T: Tensor | None = None):
+               noise_scale: float | None = None, use_ema: bool | None = None, x_T: Tensor | None = None,
+               clamp: bool = True):
         """Progressive sampling (``model.py`` ``p_sample_progressive``): x_T ~ N(0, I), then for t = T-1 down to 0
         ``mcmc_steps`` Langevin steps on level t's target from y = x_{t+1}, and x_t = y / a_{t+1}.
 
@@ -601,10 +602,12 @@ class DiffusionRecoveryEBM(EBMModule):
             noise_scale: the chains' noise scale (default: ``sample_noise_scale``, 0.99).
             use_ema: sample with the EMA net (default: when the model has one, as the reference samples with it).
             x_T: the initial level ``(n, *data_shape)`` (default: N(0, I)).
+            clamp: clip images to [-1, 1], the data range every image family's ``sample`` returns (the reference
+                clips when it writes pixels); False returns the raw x_0. Vectors (``dim``) are never clipped.
 
         Returns:
-            x_0 ``(n, *data_shape)`` on the model's device (images not clamped; the reference clips to [-1, 1] only
-            when it writes pixels), or ``(x_0, levels)`` with ``levels`` ``(T+1, n, *data_shape)``, ``levels[t]`` =
+            x_0 ``(n, *data_shape)`` on the model's device (images in [-1, 1] unless ``clamp=False``; ``levels`` are
+            the raw chain states), or ``(x_0, levels)`` with ``levels`` ``(T+1, n, *data_shape)``, ``levels[t]`` =
             x_t (``levels[T]`` = x_T, ``levels[0]`` = x_0), the reference's ``x_neg`` layout.
 
         Raises:
@@ -631,9 +634,10 @@ class DiffusionRecoveryEBM(EBMModule):
                 y = self._chain(net, x, t, k, noise)
                 x = y / self._per_item(self.a_prev, t + 1, y)
                 levels.append(x)
+        out = x.clamp(-1, 1) if clamp and self.hparams.get("dim") is None else x
         if not return_levels:
-            return x
-        return x, torch.stack(levels[::-1])
+            return out
+        return out, torch.stack(levels[::-1])
 
     # ------------------------------------------------------------------------------------------------ training
     def configure_optimizers(self):

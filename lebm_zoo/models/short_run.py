@@ -204,7 +204,8 @@ class ShortRunEBM(EBMModule):
 
     @torch.no_grad()
     def sample(self, n: int, n_steps: int | None = None, noise_std: float | None = None,
-               step_size: float | None = None, x0: Tensor | None = None, return_trace: bool = False):
+               step_size: float | None = None, x0: Tensor | None = None, return_trace: bool = False,
+               clamp: bool = True):
         """Draw ``n`` images by short-run Langevin from U[-1, 1] noise (the paper's sampler, also for evaluation).
 
         Args:
@@ -214,10 +215,12 @@ class ShortRunEBM(EBMModule):
             step_size: step size for the ``gaussian_reference`` form (default: the training value).
             x0: initial states ``(n, C, H, W)`` (default: U[-1, 1]).
             return_trace: also return ``{"log_prob": (n_steps,)}``, the mean log-density along the chain.
+            clamp: clip the images to [-1, 1], the data range every image family's ``sample`` returns; False returns
+                the raw chain states.
 
         Returns:
-            ``(n, C, H, W)`` images on the model's device (not clamped: the chains may leave [-1, 1] slightly), or
-            ``(images, trace)``.
+            ``(n, C, H, W)`` images on the model's device, in [-1, 1] unless ``clamp=False`` (the chains may leave it
+            slightly), or ``(images, trace)``.
 
         Raises:
             ValueError: for ``n`` < 1 or not an integer. DataShapeError: for an ``x0`` that is not ``(n, C, H, W)``
@@ -229,8 +232,10 @@ class ShortRunEBM(EBMModule):
             check_images(x0, hp.channels, hp.img_size, name="x0", batch=n, value_range=None, where=where)
         k = self.hparams.n_steps if n_steps is None else int(n_steps)
         x0 = self._uniform(n) if x0 is None else as_normal_tensor(x0.to(self.device))
-        return self.langevin(self.log_prob, x0, self._make_sampler(k, noise_std, step_size),
-                             return_trace=return_trace)
+        out = self.langevin(self.log_prob, x0, self._make_sampler(k, noise_std, step_size), return_trace=return_trace)
+        if not clamp:
+            return out
+        return (out[0].clamp(-1, 1), out[1]) if return_trace else out.clamp(-1, 1)
 
     def reconstruct(self, x: Tensor, n_iters: int = 100, lr: float = 0.05, progress: bool = True,
                     seed: int | None = 0) -> Tensor:

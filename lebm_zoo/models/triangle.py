@@ -258,16 +258,20 @@ class DivergenceTriangle(EBMModule):
         return _full(self.generator(self._infer_latent(x, f"{type(self).__name__}.reconstruct")))
 
     @torch.no_grad()
-    def sample(self, n: int, refine_steps: int | None = None, refine_step_size: float | None = None) -> Tensor:
+    def sample(self, n: int, refine_steps: int | None = None, refine_step_size: float | None = None,
+               clamp: bool = True) -> Tensor:
         """Draw ``n`` images G(z), z ~ N(0, I), optionally refined by Langevin on the energy.
 
         Args:
             n: number of images.
             refine_steps: Langevin steps on ``-E(x)`` after G (default: the ``refine_steps`` hyperparameter, 0).
             refine_step_size: their step size (default: the ``refine_step_size`` hyperparameter).
+            clamp: clip the images to [-1, 1], the data range every image family's ``sample`` returns; False returns
+                the raw chain states.
 
         Returns:
-            ``(n, C, H, W)`` images on the model's device; G's outputs are in [-1, 1], refined ones are not clamped.
+            ``(n, C, H, W)`` images on the model's device in [-1, 1] (G's outputs are; refined ones are clipped unless
+            ``clamp=False``).
 
         Raises:
             ValueError: for ``n`` < 1 or not an integer, a negative ``refine_steps`` or a non-positive
@@ -275,7 +279,8 @@ class DivergenceTriangle(EBMModule):
         """
         n = check_count(n, where=f"{type(self).__name__}.sample")
         x = _full(self.generator(self._prior_noise(n)))
-        return self.refine(x, refine_steps, refine_step_size)
+        x = self.refine(x, refine_steps, refine_step_size)
+        return x.clamp(-1, 1) if clamp else x
 
     # ------------------------------------------------------------------------------------------------ training
     def configure_optimizers(self):
