@@ -8,7 +8,7 @@
 #   1. env      the machine: `lebm-zoo env`, nvidia-smi, torch and CUDA versions
 #   2. pytest   `pytest -m cuda tests` (every CUDA case, no -x): every family trains, samples, round-trips a
 #               checkpoint, resumes and runs its recipe's test metrics in fp32 and bf16-mixed; samplers; FID
-#               placement; every compile_chains mode
+#               placement; then (step "compile") every compile_chains mode
 #   3. recipes  every GPU-scale recipe (svhn_prior, cifar10_*, celeba64_*) for WARMUP + ITERS iterations on random
 #               data of its shape, fp32 and bf16-mixed: s/iter, peak memory, the full schedule's implied time
 #               (benchmarks/recipe_speed.py)
@@ -72,7 +72,12 @@ step() {  # step NAME TIMEOUT_S CMD...: runs CMD with a time limit, logs to $OUT
 step env 20 bash -c "'$PY' -m lebm_zoo.cli env --probe-seconds 0; \
   command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true"
 
-step pytest 200 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests --junitxml "$OUT/pytest.xml"
+# every CUDA case, in two steps so that compiling (slow, and slowest in max-autotune) cannot crowd out the rest;
+# a test that hangs fails after 60 s instead of taking the step's whole limit
+step pytest 150 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests -k "not every_compile_mode" --timeout 60 \
+  --junitxml "$OUT/pytest.xml"
+step compile 50 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_compiled_chain.py -k every_compile_mode \
+  --timeout 45 --junitxml "$OUT/pytest_compile.xml"
 
 step recipes 100 "$PY" benchmarks/recipe_speed.py --device "$DEV" --iters "$ITERS" --warmup "$WARMUP" \
   --out "$OUT/recipes.jsonl" "${RECIPES[@]}"

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Collect the outputs of ``benchmarks/gpu_check.sh`` into ``gpu_check.json`` and ``gpu_check.md`` in its OUT folder.
 
-Reads: ``steps.jsonl`` (rc and seconds of each step), ``env.log``, ``pytest.xml`` (JUnit counts of ``pytest -m
-cuda``, and the names of the failed cases), ``recipes.jsonl`` and ``cifar10.jsonl`` (rows of
-``benchmarks/recipe_speed.py``: random-data recipes, and cifar10_prior on real images).
+Reads: ``steps.jsonl`` (rc and seconds of each step), ``env.log``, ``pytest.xml`` and ``pytest_compile.xml``
+(JUnit counts of ``pytest -m cuda``, added up, and the names of the failed cases), ``recipes.jsonl`` and
+``cifar10.jsonl`` (rows of ``benchmarks/recipe_speed.py``: random-data recipes, and cifar10_prior on real images).
 
 Usage: python benchmarks/gpu_check_report.py --out DIR [--dry-run 0|1]
 """
@@ -49,8 +49,13 @@ def main() -> None:
     steps = _rows(out / "steps.jsonl")
     env = _read(out / "env.log")
     gpu = next((line for line in env.splitlines()[1:] if "," in line and "MiB" in line), None)
+    counts = [c for c in (pytest_counts(out / "pytest.xml"), pytest_counts(out / "pytest_compile.xml")) if c]
+    total = {k: sum(c[k] for c in counts) for k in ("tests", "failures", "errors", "skipped", "passed")} if counts \
+        else None
+    if total is not None:
+        total["failed_cases"] = [case for c in counts for case in c["failed_cases"]]
     res = {"dry_run": bool(a.dry_run), "gpu": gpu, "env": env.strip().splitlines(), "steps": steps,
-           "total_seconds": sum(s["seconds"] for s in steps), "pytest_cuda": pytest_counts(out / "pytest.xml"),
+           "total_seconds": sum(s["seconds"] for s in steps), "pytest_cuda": total,
            "recipes": _rows(out / "recipes.jsonl"), "cifar10_real": _rows(out / "cifar10.jsonl")}
     (out / "gpu_check.json").write_text(json.dumps(res, indent=2) + "\n")
 

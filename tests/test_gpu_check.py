@@ -49,10 +49,11 @@ def test_gpu_check_dry_run_runs_every_step_and_reports(tmp_path, monkeypatch):
         names = tar.getnames()
         logs = {n: tar.extractfile(n).read().decode(errors="replace")[-1500:] for n in names if n.endswith(".log")}
     assert p.returncode == 0, (p.stderr[-3000:], logs)
-    assert {"env.log", "pytest.log", "pytest.xml", "recipes.jsonl", "cifar10.jsonl", "steps.jsonl"} <= set(names)
+    assert {"env.log", "pytest.log", "pytest.xml", "pytest_compile.xml", "recipes.jsonl", "cifar10.jsonl",
+            "steps.jsonl"} <= set(names)
     res = json.loads((out / "gpu_check.json").read_text())
     steps = res["steps"]
-    assert [s["step"] for s in steps] == ["env", "pytest", "recipes", "cifar10"]
+    assert [s["step"] for s in steps] == ["env", "pytest", "compile", "recipes", "cifar10"]
     assert all(s["rc"] == 0 and s["seconds"] > 0 for s in steps), steps
 
     assert res["dry_run"] is True
