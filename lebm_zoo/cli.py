@@ -27,7 +27,6 @@ import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningCLI
 
 from lebm_zoo.checkpoint import (
-    TMP_PREFIX,
     AtomicCheckpointIO,
     CheckpointError,
     find_last_checkpoint,
@@ -430,8 +429,9 @@ def main(args: list[str] | None = None) -> int:
         args, recipe = _expand_recipe(args)
         root = _preflight_root_dir(args)
         before = _version_dirs(root)
-        for folder in {p.parent for d in before for p in d.rglob(f"{TMP_PREFIX}*.tmp-*")}:
-            AtomicCheckpointIO.remove_stale_temporaries(folder)  # of runs killed while writing a checkpoint
+        for d in before:  # the temporaries of runs killed while writing a checkpoint (beside it, in checkpoints/)
+            if (d / "checkpoints").is_dir():
+                AtomicCheckpointIO.remove_stale_temporaries(d / "checkpoints")
         args = _preflight_checkpoint(args, recipe)
         LebmCLI.recipe = recipe
         LebmCLI.explicit_model_keys = _explicit_model_keys(args)
