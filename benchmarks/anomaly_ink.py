@@ -36,12 +36,11 @@ FIT = re.compile(r"^(?P<model>[a-z]+)_d(?P<digit>\d)_s(?P<seed>\d+)$")
 
 
 def auroc_auprc(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """(AUROC, the protocol's trapezoidal AUPRC) of ``scores`` (higher = more anomalous), ``labels`` 1 = anomaly."""
-    from sklearn.metrics import auc, precision_recall_curve, roc_auc_score
+    """(AUROC, the protocol's trapezoidal AUPRC) of ``scores`` (higher = more anomalous), ``labels`` 1 = anomaly:
+    the package's metrics, as ``lebm-zoo test`` logs them."""
+    from lebm_zoo.callbacks.anomaly import anomaly_auprc, anomaly_auroc
 
-    s, y = scores.double().numpy(), labels.numpy()
-    precision, recall, _ = precision_recall_curve(y, s)
-    return float(roc_auc_score(y, s)), float(auc(recall, precision))
+    return anomaly_auroc(scores, labels), anomaly_auprc(scores, labels)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -18,14 +18,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import statistics
 from pathlib import Path
 
 DIGITS = (1, 4, 5, 7, 9)
-#: images of each digit among MNIST's 70,000 (train + test)
-DIGIT_COUNTS = {0: 6903, 1: 7877, 2: 6990, 3: 7141, 4: 6824, 5: 6313, 6: 6876, 7: 7293, 8: 6825, 9: 6958}
 #: the papers' AUPRC (mean +- std over their runs)
 PAPER = {
     "LEBM (Pang et al. 2020)": {1: (0.336, 0.008), 4: (0.630, 0.017), 5: (0.619, 0.013), 7: (0.463, 0.009),
@@ -41,23 +38,27 @@ RUN = re.compile(r"^(?P<model>[a-z]+)_d(?P<digit>\d)_s(?P<seed>\d+)_test$")
 
 def split_counts(digit: int, train_fraction: float = 0.8) -> tuple[int, int]:
     """(normal, anomalous) images in the test split of MNISTAnomalyDataModule for ``digit``."""
-    anomalies = DIGIT_COUNTS[digit]
+    from datamodules.anomaly import MNIST_DIGIT_COUNTS, training_pool_sizes
+
+    anomalies = MNIST_DIGIT_COUNTS[digit]
     normals = 70_000 - anomalies
-    return normals - math.floor(train_fraction * normals), anomalies
+    return normals - training_pool_sizes(normals, train_fraction)[0], anomalies
 
 
 def baseline_auprc(digit: int) -> tuple[float, float]:
-    """(random, worst) AUPRC of the split, the protocol's ``auc(recall, precision)``: of uniform random scores (the
-    mean of 5 seeds; about the anomaly share) and of a score ranking every anomaly below every normal. (A constant
-    score is no baseline for this metric: its curve is one step and the trapezoid gives (1 + share) / 2.)"""
-    import numpy as np
-    from sklearn.metrics import auc, precision_recall_curve
+    """(random, worst) AUPRC of the split, the protocol's (:func:`lebm_zoo.callbacks.anomaly.anomaly_auprc`): of
+    uniform random scores (the mean of 5 seeds; about the anomaly share) and of a score ranking every anomaly below
+    every normal. (A constant score is no baseline for this metric: its curve is one step and the trapezoid gives
+    (1 + share) / 2.)"""
+    import torch
+
+    from lebm_zoo.callbacks.anomaly import anomaly_auprc
 
     n, a = split_counts(digit)
-    y = np.r_[np.zeros(n), np.ones(a)]
-    random = np.mean([auc(*precision_recall_curve(y, np.random.RandomState(s).rand(n + a))[1::-1])
-                      for s in range(5)])
-    worst = auc(*precision_recall_curve(y, np.r_[np.ones(n), np.zeros(a)])[1::-1])
+    y = torch.cat([torch.zeros(n), torch.ones(a)])
+    random = statistics.mean(anomaly_auprc(torch.rand(n + a, generator=torch.Generator().manual_seed(s)), y)
+                             for s in range(5))
+    worst = anomaly_auprc(torch.cat([torch.ones(n), torch.zeros(a)]), y)
     return float(random), float(worst)
 
 

@@ -15,7 +15,28 @@ from torchvision import datasets
 
 from datamodules.mnist import MNISTDataModule
 
-__all__ = ["MNISTAnomalyDataModule"]
+__all__ = ["MNIST_DIGIT_COUNTS", "MNISTAnomalyDataModule", "training_pool_sizes"]
+
+
+#: images of each digit in MNIST's 70,000 (training and test sets together): the reference split's pool
+MNIST_DIGIT_COUNTS = {0: 6903, 1: 7877, 2: 6990, 3: 7141, 4: 6824, 5: 6313, 6: 6876, 7: 7293, 8: 6825, 9: 6958}
+
+
+def training_pool_sizes(num_normal: int, train_fraction: float = 0.8, val_fraction: float = 0.0) -> tuple[int, int]:
+    """``(pool, val)``: how many of ``num_normal`` normal images :class:`MNISTAnomalyDataModule` draws for training
+    (``floor(train_fraction * num_normal)``, of which ``val`` are held out for validation: ``max(1,
+    floor(val_fraction * pool))`` when ``val_fraction > 0``, else 0). The test split holds the other
+    ``num_normal - pool`` normal images and every anomaly.
+
+    Raises:
+        ValueError: if the fractions leave the training, validation or test split without images.
+    """
+    n_pool = math.floor(train_fraction * num_normal)
+    n_val = max(1, math.floor(val_fraction * n_pool)) if val_fraction > 0 else 0
+    if n_pool - n_val < 1 or n_pool == num_normal:
+        raise ValueError(f"train_fraction={train_fraction} and val_fraction={val_fraction} leave an empty split out "
+                         f"of {num_normal} normal images")
+    return n_pool, n_val
 
 
 class _PooledDigits(Dataset):
@@ -165,11 +186,7 @@ class MNISTAnomalyDataModule(MNISTDataModule):
         normal_idx = torch.nonzero(~anomalous).squeeze(1)
         anomaly_idx = torch.nonzero(anomalous).squeeze(1)
         n = len(normal_idx)
-        n_pool = math.floor(self.train_fraction * n)
-        n_val = max(1, math.floor(self.val_fraction * n_pool)) if self.val_fraction > 0 else 0
-        if n_pool - n_val < 1 or n_pool == n:
-            raise ValueError(f"train_fraction={self.train_fraction} and val_fraction={self.val_fraction} leave an "
-                             f"empty split out of {n} normal images")
+        n_pool, n_val = training_pool_sizes(n, self.train_fraction, self.val_fraction)
         if self.split == "reference":
             rng = np.random.RandomState(self.seed)
             train_order = normal_idx[torch.from_numpy(rng.permutation(n))]  # get_train: the first permutation...

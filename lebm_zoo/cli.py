@@ -297,17 +297,6 @@ class LebmCLI(LightningCLI):
         print("\n".join(lines))
 
 
-def _leave_process_group() -> None:
-    """After a multi-process run that every rank finished: leave the process group together. Torn down one rank at a
-    time at exit (Lightning's ``atexit`` handler), a rank still talking to a peer that has gone can abort ("terminate
-    called without an active exception", exit code -6) after a successful run."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def _parse_error(message: str) -> str:
     """jsonargparse's multi-line parse error as one line: the key, the class and what was wrong, without the lists of
     the types it tried."""
@@ -470,7 +459,9 @@ def main(args: list[str] | None = None) -> int:
         _remove_empty_runs(root, before if root is not None else set())
         print(f"lebm-zoo: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    _leave_process_group()
+    from lebm_zoo.models.base import leave_process_group
+
+    leave_process_group()  # ddp: every rank ran main(); ddp_spawn workers left in EBMModule.teardown
     model = getattr(cli, "model", None)
     if getattr(model, "divergence", None):
         print(f"lebm-zoo: error: {model.divergence}", file=sys.stderr)

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from lebm_zoo.hardware import native_bf16
 
-__all__ = ["ConvGenerator", "EnergyMLP", "SequenceDecoder", "count_parameters", "down_trunk", "xavier_init_convs"]
+__all__ = ["ConvEnergy", "ConvGenerator", "EnergyMLP", "SequenceDecoder", "count_parameters", "down_trunk",
+           "normal_init", "xavier_init_convs"]
 
 # (kernel, stride, padding) of each transposed convolution after the first (k4 s1 p0: 1 -> 4 px), per image size
 _UPSAMPLING = {
@@ -180,6 +181,42 @@ def down_trunk(channels: int, img_size: int, widths: list[int], leak: float = 0.
 def _check_size(img_size: int) -> None:
     if img_size not in (28, 32, 64):
         raise ValueError(f"img_size must be 28, 32 or 64, got {img_size}")
+
+
+def normal_init(module: nn.Module, std: float = 0.02) -> None:
+    """The divergence triangle's init (``enijkamp/triangle`` ``train_cifar10.py`` lines 122-128): every conv and
+    transposed-conv weight N(0, std), BatchNorm weights N(1, std) and biases 0. Conv biases (only the final layers
+    have one) keep PyTorch's default init."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, std)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, std)
+            nn.init.zeros_(m.bias)
+
+
+class ConvEnergy(nn.Module):
+    """ConvNet energy E(x) on images (lower = more likely): the divergence triangle's E (``enijkamp/triangle``
+    ``train_cifar10.py`` lines 161-177), also the image energy of flow contrastive estimation.
+
+    Conv(channels -> nf, k3 s1 p1), Conv k4 s2 p1 to 2nf, 4nf, 4nf (32 -> 16 -> 8 -> 4 px), all without bias and
+    each followed by LeakyReLU(0.2), no normalisation, then Conv(4nf -> 1, with bias) whose kernel covers the
+    remaining map (k4 at 32 px). Init: see :func:`normal_init`. Extensions: at 28 px the maps are 28 -> 14 -> 7 -> 3
+    and the last kernel is 3; at 64 px one more Conv k4 s2 p1 (4nf -> 4nf).
+
+    Shapes: ``x`` ``(B, channels, img_size, img_size)`` -> ``(B,)``.
+    """
+
+    def __init__(self, channels: int = 3, img_size: int = 32, nf: int = 64):
+        super().__init__()
+        _check_size(img_size)
+        widths = [nf, 2 * nf, 4 * nf, 4 * nf] + ([4 * nf] if img_size == 64 else [])
+        trunk, size = down_trunk(channels, img_size, widths, bias=False)
+        self.net = nn.Sequential(*trunk, nn.Conv2d(widths[-1], 1, size, 1, 0))
+        normal_init(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).flatten()
 
 
 class SequenceDecoder(nn.Module):

@@ -12,7 +12,7 @@ from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision, Bin
 from lebm_zoo.samplers import as_normal_tensor
 from lebm_zoo.utils import images_from_batch
 
-__all__ = ["AnomalyDetectionCallback"]
+__all__ = ["AnomalyDetectionCallback", "anomaly_auprc", "anomaly_auroc"]
 
 
 class _RawScores:
@@ -45,6 +45,31 @@ class _AUPRC(_RawScores, BinaryPrecisionRecallCurve):
 
 class _AUROC(_RawScores, BinaryAUROC):
     """``BinaryAUROC`` of raw scores."""
+
+
+def _of_scores(metric, scores: Tensor, labels: Tensor) -> float:
+    metric.update(scores.detach().double().cpu(), labels.detach().long().cpu())
+    return float(metric.compute())
+
+
+def anomaly_auprc(scores: Tensor, labels: Tensor) -> float:
+    """The protocol's AUPRC of anomaly ``scores``: the trapezoidal area under the exact precision-recall curve, as
+    :class:`AnomalyDetectionCallback` logs it (``test/auprc``).
+
+    Args:
+        scores: ``(N,)`` real scores, higher = more anomalous (any range; ranked as they are, no sigmoid).
+        labels: ``(N,)`` 1 = anomaly (the positive class), 0 = normal; both classes present.
+
+    Returns:
+        The AUPRC in [0, 1].
+    """
+    return _of_scores(_AUPRC(), scores, labels)
+
+
+def anomaly_auroc(scores: Tensor, labels: Tensor) -> float:
+    """The AUROC in [0, 1] of anomaly ``scores`` ``(N,)`` (higher = more anomalous) against ``labels`` ``(N,)`` (1 =
+    anomaly), as :class:`AnomalyDetectionCallback` logs it (``test/auroc``)."""
+    return _of_scores(_AUROC(), scores, labels)
 
 
 class AnomalyDetectionCallback(pl.Callback):

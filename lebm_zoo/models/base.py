@@ -288,6 +288,14 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
                 raise DataShapeError(f"the datamodule yields {attr}={have} but the model has {attr}={want}: set "
                                      f"--model.{attr} {have} (or change the data's {attr}).")
 
+    def teardown(self, stage: str) -> None:
+        """In a worker process that ``ddp_spawn`` / ``ddp_fork`` started for this one run: leave the process group
+        together with the other ranks (see :func:`leave_process_group`); the worker exits right after."""
+        super().teardown(stage)
+        trainer = self._trainer
+        if trainer is not None and isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+            leave_process_group()
+
     def check_data_shape(self, x: Tensor, expected: tuple[int, ...], hint: str = "") -> None:
         """Raise a clear :class:`DataShapeError` if a batch's per-item shape differs from ``expected``."""
         if tuple(x.shape[1:]) != tuple(expected):
@@ -426,6 +434,16 @@ def _all_gather(trainer: pl.Trainer, t: Tensor) -> Tensor:
         torch.distributed.all_gather(parts, t.contiguous())
         return torch.stack(parts)
     return trainer.strategy.all_gather(t)
+
+
+def leave_process_group() -> None:
+    """After a multi-process run that every rank finished: leave the process group together (a barrier, then
+    ``destroy_process_group``). Torn down one rank at a time at interpreter exit (Lightning's ``atexit`` handler), a
+    rank whose peer has already gone can abort ("terminate called without an active exception", SIGABRT) after a
+    successful run. Does nothing without a process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 _DIVERGENCE_KEY = "_lebm_zoo_divergence"

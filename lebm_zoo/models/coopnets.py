@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from lebm_zoo.models.base import EBMModule
 from lebm_zoo.optim import AdamTF
 from lebm_zoo.samplers import LangevinSampler
-from lebm_zoo.utils import check_count, check_images, in_training_loop
+from lebm_zoo.utils import check_count, check_images, full_precision, in_training_loop
 
 __all__ = ["CoopDescriptor", "CoopGenerator", "CoopNets"]
 
@@ -56,10 +56,6 @@ _ADAM = ("tf", "torch")
 _GEN_GRAD = ("batch_mean", "per_chain")
 _SCALING = ("reference", "minmax", "none")
 
-
-def _wide(t: Tensor) -> Tensor:
-    """``t`` in float32, or as it is when it is already float32 or wider (float64 stays float64)."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 # ------------------------------------------------------------------------------------------------ TF layers
@@ -328,11 +324,12 @@ class CoopNets(EBMModule):
         if self.called_by_user():
             check_images(x, self.hparams.channels, self.hparams.img_size, where=f"{type(self).__name__}.neg_energy",
                          value_range=None)
-        return _wide(self.descriptor(x))
+        return full_precision(self.descriptor(x))
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Descriptor's unnormalised log-density ``f(Y) - ||Y||^2 / (2 sigma_d^2)``, ``(B,)`` in nats."""
-        return self.neg_energy(x) - _wide(x).flatten(1).pow(2).sum(1) / (2 * self.hparams.descriptor_sigma ** 2)
+        sq_norm = full_precision(x).flatten(1).pow(2).sum(1)
+        return self.neg_energy(x) - sq_norm / (2 * self.hparams.descriptor_sigma ** 2)
 
     def energy(self, x: Tensor) -> Tensor:
         """Descriptor energy ``-log_prob(x)`` (lower = more likely), ``(B,)``, up to the log-normaliser."""
@@ -341,7 +338,7 @@ class CoopNets(EBMModule):
     def generator_log_joint(self, y: Tensor, z: Tensor, likelihood_scale: float = 1.0) -> Tensor:
         """``log p(Y, z) = -s ||Y - g(z)||^2 / (2 sigma_g^2) - ||z||^2 / 2`` up to constants, ``(B,)``; ``s`` is
         ``likelihood_scale`` (1: the true log joint; the z Langevin uses ``1 / n_chains`` by default)."""
-        rec = (y - _wide(self.generator(z))).flatten(1).pow(2).sum(1)
+        rec = (y - full_precision(self.generator(z))).flatten(1).pow(2).sum(1)
         return -likelihood_scale * rec / (2 * self.hparams.generator_sigma ** 2) - z.pow(2).sum(1) / 2
 
     def scale_observed(self, x: Tensor) -> Tensor:
@@ -371,7 +368,7 @@ class CoopNets(EBMModule):
 
     def _revise(self, x: Tensor, n_steps: int | None = None) -> Tensor:
         """:meth:`revise` of images the model made (unchecked)."""
-        return self.langevin(self.log_prob, _wide(x), "descriptor", n_steps=n_steps)
+        return self.langevin(self.log_prob, full_precision(x), "descriptor", n_steps=n_steps)
 
     @torch.no_grad()
     def sample(self, n: int, refine: bool = True, n_steps: int | None = None, clamp: bool = True) -> Tensor:
@@ -398,7 +395,7 @@ class CoopNets(EBMModule):
         """
         n = check_count(n, where=f"{type(self).__name__}.sample")
         z = torch.randn(n, self.hparams.nz, device=self.device, dtype=self.dtype)
-        draft = _wide(self.generator(z))
+        draft = full_precision(self.generator(z))
         if not refine:
             return draft
         y = self._revise(draft, n_steps)
@@ -431,7 +428,7 @@ class CoopNets(EBMModule):
         # 4. and 5. the losses (model.py:80, 92-93)
         f_pos, f_neg = self.neg_energy(x_obs), self.neg_energy(y)  # (B,), (N,)
         loss_d = f_neg.mean() - f_pos.mean()  # descriptor: data up, revisions down
-        loss_g = (y - _wide(x_draft)).flatten(1).pow(2).sum(1).mean() / (2 * hp.generator_sigma ** 2)
+        loss_g = (y - full_precision(x_draft)).flatten(1).pow(2).sum(1).mean() / (2 * hp.generator_sigma ** 2)
         if not self.check_finite({"loss_d": loss_d, "loss_g": loss_g}):
             return
         # f depends only on the descriptor and Y is detached; g(z) depends only on the generator: one backward of the
@@ -444,7 +441,7 @@ class CoopNets(EBMModule):
                 "grad_norm_d": self.grad_norm_and_clip(self.descriptor.parameters(), hp.grad_clip_d),
                 "grad_norm_g": self.grad_norm_and_clip(self.generator.parameters(), hp.grad_clip_g),
                 # how far the descriptor moved the drafts: per-pixel RMS of Y - g(z)
-                "revision_rms": (y - _wide(x_draft.detach())).pow(2).mean().sqrt()}
+                "revision_rms": (y - full_precision(x_draft.detach())).pow(2).mean().sqrt()}
         opt_d.step()  # descriptor first, then generator (model.py:211-215; independent updates)
         self.step_uncounted(opt_g)
         self.log_train(logs, {"loss_g": logs["loss_g"], "gap": -logs["loss_d"]}, batch_size=b)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lebm_zoo.flows import Flow
 from lebm_zoo.models.base import EBMModule
-from lebm_zoo.models.triangle import TriangleEnergy
+from lebm_zoo.nets import ConvEnergy
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
 from lebm_zoo.utils import check_count, check_images, check_latents, images_from_batch
 
@@ -109,7 +109,7 @@ class FlowContrastiveEBM(EBMModule):
             self.energy_net = PointEnergyMLP(dim, energy_hidden)
         else:
             self.data_shape = (channels, img_size, img_size)
-            self.energy_net = TriangleEnergy(channels=channels, img_size=img_size, nf=ndf)
+            self.energy_net = ConvEnergy(channels=channels, img_size=img_size, nf=ndf)
         kind = flow_kind or ("maf" if dim is not None else "realnvp")
         self.flow = Flow(self.data_shape, kind=kind, transforms=flow_transforms, hidden=flow_hidden,
                          levels=flow_levels)

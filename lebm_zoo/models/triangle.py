@@ -22,7 +22,7 @@ clipped to L2 norm 100 before its step:
    The gradients this leaves on E and I are cleared before their next backward.
 
 Identical to the reference at its CIFAR-10 settings (32 px RGB, nz 100, widths 64): the three networks, layer by
-layer (see :class:`TriangleGenerator`, :class:`TriangleEnergy`, :class:`TriangleEncoder`; 13,743,820 parameters),
+layer (see :class:`TriangleGenerator`, :class:`ConvEnergy`, :class:`TriangleEncoder`; 13,743,820 parameters),
 their initialisation (every conv / transposed-conv weight N(0, 0.02), BatchNorm weights N(1, 0.02) and biases 0,
 the biases of the final convs left at PyTorch's default, lines 122-128), the three losses and their reductions, the
 update order, Adam with lr 1e-4 (E), 3e-4 (G, I), betas (0.5, 0.999), eps 1e-8, L2 weight decay 5e-4 on G only,
@@ -47,19 +47,15 @@ import torch
 from torch import Tensor, nn
 
 from lebm_zoo.models.base import EBMModule
-from lebm_zoo.nets import _check_size, down_trunk
+from lebm_zoo.nets import ConvEnergy, _check_size, down_trunk, normal_init
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
-from lebm_zoo.utils import check_count, check_images
+from lebm_zoo.utils import check_count, check_images, full_precision
 
-__all__ = ["DivergenceTriangle", "TriangleEncoder", "TriangleEnergy", "TriangleGenerator", "diag_normal_nll"]
+__all__ = ["DivergenceTriangle", "TriangleEncoder", "TriangleGenerator", "diag_normal_nll"]
 
 #: added to the variance in the latent negative log-density (reference line 237)
 NLL_VAR_EPS = 1e-6
 
-
-def _full(t: Tensor) -> Tensor:
-    """``t`` in at least float32 (bf16 / fp16 autocast outputs become float32; float64 stays float64)."""
-    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
 def diag_normal_nll(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
@@ -73,23 +69,12 @@ def diag_normal_nll(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------ networks
-def _normal_init(module: nn.Module, std: float = 0.02) -> None:
-    """The reference's init (lines 122-128): every conv and transposed-conv weight N(0, std), BatchNorm weights
-    N(1, std) and biases 0. Conv biases (only the final layers have one) keep PyTorch's default init."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.normal_(m.weight, 0.0, std)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.normal_(m.weight, 1.0, std)
-            nn.init.zeros_(m.bias)
-
-
 class TriangleGenerator(nn.Module):
     """Divergence-triangle generator G(z) (reference lines 135-159).
 
     ConvT(nz -> 8ngf, k4 s1 p0), then ConvT k4 s2 p1 to 8ngf, 4ngf, 2ngf (1 -> 4 -> 8 -> 16 -> 32 px), each without
     bias and followed by BatchNorm (PyTorch defaults: eps 1e-5, momentum 0.1, affine) and ReLU, then
-    ConvT(2ngf -> channels, k3 s1 p1, with bias) and Tanh. Init: see :func:`_normal_init`. Extensions beyond the
+    ConvT(2ngf -> channels, k3 s1 p1, with bias) and Tanh. Init: see :func:`normal_init`. Extensions beyond the
     reference (32 px): at 28 px the second ConvT is k3 (4 -> 7 -> 14 -> 28); at 64 px one more ConvT k4 s2 p1 to ngf
     (with BN and ReLU) precedes the output layer.
 
@@ -108,33 +93,10 @@ class TriangleGenerator(nn.Module):
         layers += [nn.ConvTranspose2d(widths[-1], channels, 3, 1, 1), nn.Tanh()]
         self.net = nn.Sequential(*layers)
         self.nz = nz
-        _normal_init(self)
+        normal_init(self)
 
     def forward(self, z: Tensor) -> Tensor:
         return self.net(z.view(z.shape[0], -1, 1, 1))
-
-
-class TriangleEnergy(nn.Module):
-    """Divergence-triangle energy E(x) (lower = more likely; reference lines 161-177).
-
-    Conv(channels -> nf, k3 s1 p1), Conv k4 s2 p1 to 2nf, 4nf, 4nf (32 -> 16 -> 8 -> 4 px), all without bias and
-    each followed by LeakyReLU(0.2), no normalisation, then Conv(4nf -> 1, with bias) whose kernel covers the
-    remaining map (k4 at 32 px). Init: see :func:`_normal_init`. Extensions: at 28 px the maps are 28 -> 14 -> 7 -> 3
-    and the last kernel is 3; at 64 px one more Conv k4 s2 p1 (4nf -> 4nf).
-
-    Shapes: ``x`` ``(B, channels, img_size, img_size)`` -> ``(B,)``.
-    """
-
-    def __init__(self, channels: int = 3, img_size: int = 32, nf: int = 64):
-        super().__init__()
-        _check_size(img_size)
-        widths = [nf, 2 * nf, 4 * nf, 4 * nf] + ([4 * nf] if img_size == 64 else [])
-        trunk, size = down_trunk(channels, img_size, widths, bias=False)
-        self.net = nn.Sequential(*trunk, nn.Conv2d(widths[-1], 1, size, 1, 0))
-        _normal_init(self)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x).flatten()
 
 
 class TriangleEncoder(nn.Module):
@@ -144,7 +106,7 @@ class TriangleEncoder(nn.Module):
     Conv(channels -> nf, k3 s1 p1), Conv k4 s2 p1 to 2nf, 4nf, 8nf, all without bias and each followed by
     LeakyReLU(0.2), then two heads Conv(8nf -> nz, with bias) over the remaining map for mu and log sigma^2 (the
     reference's ``log_sigma`` is a log-variance: it is halved for the standard deviation). Init: see
-    :func:`_normal_init`. Extensions as :class:`TriangleEnergy` (at 64 px the extra conv is 8nf -> 8nf).
+    :func:`normal_init`. Extensions as :class:`~lebm_zoo.nets.ConvEnergy` (at 64 px the extra conv is 8nf -> 8nf).
 
     Shapes: ``x`` ``(B, channels, img_size, img_size)`` -> ``(mu, logvar)``, each ``(B, nz)``.
     """
@@ -156,7 +118,7 @@ class TriangleEncoder(nn.Module):
         self.trunk, size = down_trunk(channels, img_size, widths, bias=False)
         self.mu = nn.Conv2d(widths[-1], nz, size, 1, 0)
         self.logvar = nn.Conv2d(widths[-1], nz, size, 1, 0)
-        _normal_init(self)
+        normal_init(self)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         h = self.trunk(x)
@@ -219,7 +181,7 @@ class DivergenceTriangle(EBMModule):
         super().__init__()
         self.save_hyperparameters()
         self.generator = TriangleGenerator(nz=nz, ngf=ngf, img_size=img_size, channels=channels)
-        self.energy_net = TriangleEnergy(channels=channels, img_size=img_size, nf=ndf)
+        self.energy_net = ConvEnergy(channels=channels, img_size=img_size, nf=ndf)
         self.encoder = TriangleEncoder(channels=channels, img_size=img_size, nz=nz, nf=nif)
         self.samplers = {"refine": LangevinSampler(refine_steps, refine_step_size)}
 
@@ -233,7 +195,7 @@ class DivergenceTriangle(EBMModule):
         if self.called_by_user():
             check_images(x, self.hparams.channels, self.hparams.img_size, where=f"{type(self).__name__}.energy",
                          value_range=None)
-        return _full(self.energy_net(x))
+        return full_precision(self.energy_net(x))
 
     @torch.no_grad()
     def infer_latent(self, x: Tensor) -> Tensor:
@@ -246,7 +208,7 @@ class DivergenceTriangle(EBMModule):
 
     def _infer_latent(self, x: Tensor, where: str) -> Tensor:
         check_images(x, self.hparams.channels, self.hparams.img_size, where=where)
-        return _full(self.encoder(as_normal_tensor(x.to(self.device)))[0])
+        return full_precision(self.encoder(as_normal_tensor(x.to(self.device)))[0])
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
@@ -255,7 +217,7 @@ class DivergenceTriangle(EBMModule):
         Raises:
             DataShapeError: for bad images, as :meth:`infer_latent`.
         """
-        return _full(self.generator(self._infer_latent(x, f"{type(self).__name__}.reconstruct")))
+        return full_precision(self.generator(self._infer_latent(x, f"{type(self).__name__}.reconstruct")))
 
     @torch.no_grad()
     def sample(self, n: int, refine_steps: int | None = None, refine_step_size: float | None = None,
@@ -278,7 +240,7 @@ class DivergenceTriangle(EBMModule):
                 ``refine_step_size`` (see :meth:`~lebm_zoo.models.base.EBMModule.refine`).
         """
         n = check_count(n, where=f"{type(self).__name__}.sample")
-        x = _full(self.generator(self._prior_noise(n)))
+        x = full_precision(self.generator(self._prior_noise(n)))
         x = self.refine(x, refine_steps, refine_step_size)
         return x.clamp(-1, 1) if clamp else x
 
@@ -300,16 +262,16 @@ class DivergenceTriangle(EBMModule):
         """``sum (G(z_x) - x)^2 / B`` at a reparameterised z_x ~ q(z | x), and the KL to N(0, I) averaged over all
         B x nz entries (reference lines 329-333)."""
         mu, logvar = self.encoder(x)
-        mu, logvar = _full(mu), _full(logvar)
+        mu, logvar = full_precision(mu), full_precision(logvar)
         z_x = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-        recon = (_full(self.generator(z_x)) - x).pow(2).sum() / x.shape[0]
+        recon = (full_precision(self.generator(z_x)) - x).pow(2).sum() / x.shape[0]
         kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).mean()
         return recon, kl
 
     def _latent_nll(self, x_gen: Tensor, z: Tensor) -> Tensor:
         """``mean_b -log q(z_b | x_gen_b)`` up to a constant, summed over the nz dimensions (reference line 337)."""
         mu, logvar = self.encoder(x_gen)
-        return diag_normal_nll(z, _full(mu), _full(logvar)).mean()
+        return diag_normal_nll(z, full_precision(mu), full_precision(logvar)).mean()
 
     def training_step(self, batch, batch_idx: int) -> None:
         hp = self.hparams
