@@ -6,43 +6,24 @@
 """
 from lebm_zoo._version import __version__
 from lebm_zoo.errors import CheckpointError, DataShapeError, TrainingDivergedError  # noqa: E402  (every error class)
-from lebm_zoo.models import (  # noqa: E402
-    CoopNets,
-    DiffusionRecoveryEBM,
-    DivergenceTriangle,
-    EBMModule,
-    FlowContrastiveEBM,
-    JointHierarchicalEBMPrior,
-    LatentEBMPrior,
-    LatentPriorBase,
-    LSTMLanguageModel,
-    SequenceLatentEBMPrior,
-    ShortRunEBM,
-    SymbolVectorLEBM,
-)
+from lebm_zoo.models import FAMILIES, EBMModule, LatentPriorBase, register_family  # noqa: E402
 from lebm_zoo.pretrained import list_pretrained, load_pretrained  # noqa: E402
 from lebm_zoo.samplers import HMCSampler, LangevinSampler, SamplerMixin  # noqa: E402
+
+globals().update(FAMILIES)  # every registered model family: lebm_zoo.LatentEBMPrior, ...
 
 __all__ = [
     "__version__",
     "CheckpointError",
-    "CoopNets",
     "DataShapeError",
-    "DiffusionRecoveryEBM",
-    "DivergenceTriangle",
     "EBMModule",
-    "FlowContrastiveEBM",
     "HMCSampler",
-    "JointHierarchicalEBMPrior",
     "LangevinSampler",
-    "LatentEBMPrior",
     "LatentPriorBase",
-    "LSTMLanguageModel",
     "SamplerMixin",
-    "SequenceLatentEBMPrior",
-    "ShortRunEBM",
-    "SymbolVectorLEBM",
     "TrainingDivergedError",
     "list_pretrained",
     "load_pretrained",
+    "register_family",
+    *FAMILIES,
 ]

@@ -149,20 +149,6 @@ def _preflight_checkpoint(args: list[str], recipe: str | None) -> list[str]:
     return args
 
 
-#: hyperparameters that may differ from a checkpoint's when training resumes from it: chains, step sizes, learning
-#: rates and schedules, clipping, loss weights and stops (names matched by these endings); every other hyperparameter
-#: (the architecture, the data layout) comes from the checkpoint.
-RESUME_OVERRIDABLE = ("_steps", "step_size", "step_sizes", "lr", "lr_e", "lr_g", "lr_i", "lr_d", "lr_ebm", "lr_flow",
-                      "lr_cond", "betas", "lr_decay", "lr_schedule", "grad_clip", "grad_clip_g", "grad_clip_e",
-                      "grad_clip_d", "loss_g_limit", "loss_g_limit_after_epoch", "loss_g_limit_check", "noise",
-                      "noise_std", "_weight", "temperature", "reinit_prob", "energy_l2", "refine_steps", "data_noise",
-                      "weight_decay_g")
-
-
-def _overridable(key: str) -> bool:
-    return key.startswith("lr_") or any(key == e or key.endswith(e) for e in RESUME_OVERRIDABLE)
-
-
 def _explicit_model_keys(args: list[str]) -> set[str]:
     """The model hyperparameters given on the command line (``--model.K V``, ``--model.init_args.K=V``)."""
     keys = set()
@@ -202,7 +188,8 @@ class LebmCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """With ``--ckpt_path``, build the model from the checkpoint's hyperparameters, except those given on the
-        command line that may change on resume (:data:`RESUME_OVERRIDABLE`: chains, step sizes, learning rates...).
+        command line that may change on resume (the family's ``resume_hparams``: chains, step sizes, learning
+        rates...).
 
         Lightning's own version puts the checkpoint's values over the command line silently (and its class over the
         recipe's); here a checkpoint of another model class is refused, naming both, and an explicit override of an
@@ -235,7 +222,7 @@ class LebmCLI(LightningCLI):
                 continue
             given = init_args[key]
             if key in self.explicit_model_keys and _as_plain(given) != _as_plain(value):
-                if _overridable(key):
+                if key in getattr(cls, "resume_hparams", ()):
                     print(f"lebm-zoo: resuming with --model.{key} {given} (the checkpoint has {value})",
                           file=sys.stderr)
                     continue

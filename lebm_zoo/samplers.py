@@ -46,15 +46,34 @@ def _clip_per_chain(grad: Tensor, max_norm: float) -> Tensor:
     return grad * scale.view(-1, *([1] * (grad.dim() - 1)))
 
 
+def _langevin_move(x: Tensor, grad: Tensor, noise: Tensor | None, drift: float, noise_coef: float,
+                   grad_clip: float | None, clamp: tuple[float, float] | None) -> Tensor:
+    """The Langevin update, the one place it is written: ``clamp(x + drift * clip(grad) + noise_coef * noise)``.
+
+    ``grad`` is ``grad log_prob(x)`` (same shape as ``x``), ``clip`` rescales each chain's gradient to L2 norm at most
+    ``grad_clip`` (None: no clipping), ``noise`` a standard-normal draw of ``x``'s shape (None: no noise) and
+    ``clamp`` an optional ``(low, high)`` box. Out of place and differentiable (:meth:`LangevinSampler.unroll` keeps
+    the graph); :meth:`LangevinSampler.step` calls it eagerly, :func:`_langevin_update` inside ``torch.compile``.
+    """
+    if grad_clip is not None:
+        grad = _clip_per_chain(grad, grad_clip)
+    x = torch.add(x, grad.to(x.dtype), alpha=drift)
+    if noise is not None:
+        x = torch.add(x, noise, alpha=noise_coef)
+    if clamp is not None:
+        x = x.clamp(*clamp)
+    return x
+
+
 def _langevin_update(log_prob: LogProb, x: Tensor, noise: Tensor | None, drift: float, noise_coef: float,
                      grad_clip: float | None, clamp: tuple[float, float] | None) -> tuple[Tensor, Tensor]:
-    """The Langevin step as one pure function, for ``torch.compile``: ``(x', log_prob(x))``, both detached.
+    """One whole Langevin step as one pure function, for ``torch.compile``: ``(x', log_prob(x))``, both detached.
 
-    ``x' = clamp(x + drift * clip(grad log_prob(x)) + noise_coef * noise)``, the same arithmetic as
-    :meth:`LangevinSampler.step`. The gradient comes from ``torch.func.grad_and_value``, which dynamo traces into a
-    single graph with the forward and the backward of ``log_prob`` (``torch.autograd.grad`` would break the graph);
-    being a function transform it also works under the caller's ``torch.no_grad()``, which keeps any parameter
-    graph out. ``noise`` is drawn by the caller, from the global generator (inductor's RNG is another stream).
+    The gradient comes from ``torch.func.grad_and_value``, which dynamo traces into a single graph with the forward
+    and the backward of ``log_prob`` (``torch.autograd.grad`` would break the graph); being a function transform it
+    also works under the caller's ``torch.no_grad()``, which keeps any parameter graph out. The move is
+    :func:`_langevin_move`. ``noise`` is drawn by the caller, from the global generator (inductor's RNG is another
+    stream).
     """
     def total(z: Tensor) -> tuple[Tensor, Tensor]:
         lp = log_prob(z)
@@ -64,13 +83,7 @@ def _langevin_update(log_prob: LogProb, x: Tensor, noise: Tensor | None, drift: 
         return lp.sum(), lp
 
     grad, (_, lp) = torch.func.grad_and_value(total, has_aux=True)(x)
-    if grad_clip is not None:
-        grad = _clip_per_chain(grad, grad_clip)
-    x = x + drift * grad.to(x.dtype)
-    if noise is not None:
-        x = x + noise_coef * noise
-    if clamp is not None:
-        x = x.clamp(*clamp)
+    x = _langevin_move(x, grad, noise, drift, noise_coef, grad_clip, clamp)
     return x.detach(), lp.detach()
 
 
@@ -213,16 +226,11 @@ class LangevinSampler:
             with grad_enabled():
                 return self._compiled_step(log_prob, x)
         lp, grad = _log_prob_and_grad(log_prob, x)
-        if self.grad_clip is not None:
-            grad = _clip_per_chain(grad, self.grad_clip)
         s = self.step_size
-        with torch.no_grad():  # in place on a fresh alias: the step's graph is already freed
-            x = x.detach()
-            x.add_(grad.to(x.dtype), alpha=0.5 * s * s)
-            if self.noise_scale > 0:
-                x.add_(torch.randn_like(x), alpha=s * self.noise_scale)
-            if self.clamp is not None:
-                x.clamp_(*self.clamp)
+        x = x.detach()
+        noise = torch.randn_like(x) if self.noise_scale > 0 else None
+        with torch.no_grad():  # the step's graph is already freed
+            x = _langevin_move(x, grad, noise, 0.5 * s * s, s * self.noise_scale, self.grad_clip, self.clamp)
         return x, lp
 
     def _compiled_step(self, log_prob: LogProb, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -274,7 +282,6 @@ class LangevinSampler:
         trace = {"log_prob": torch.stack(lps) if lps else x.new_zeros(0)}
         return x, trace
 
-
     def unroll(self, log_prob: LogProb, x0: Tensor, noise: Tensor | None = None) -> Tensor:
         """Run the chain keeping the graph: ``x_K`` is differentiable w.r.t. ``x0`` (and any parameters in use).
 
@@ -303,13 +310,8 @@ class LangevinSampler:
                 if not x.requires_grad:
                     x = x.requires_grad_(True)
                 grad = torch.autograd.grad(log_prob(x).sum(), x, create_graph=True)[0]
-                if self.grad_clip is not None:
-                    norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
-                    grad = grad * (self.grad_clip / norm).clamp(max=1.0).view(-1, *([1] * (grad.dim() - 1)))
                 eps = torch.randn_like(x) if noise is None else noise[i]
-                x = x + (0.5 * s * s) * grad.to(x.dtype) + (s * self.noise_scale) * eps
-                if self.clamp is not None:
-                    x = x.clamp(*self.clamp)
+                x = _langevin_move(x, grad, eps, 0.5 * s * s, s * self.noise_scale, self.grad_clip, self.clamp)
         return x
 
 

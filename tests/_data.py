@@ -22,18 +22,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from datamodules.text import Vocabulary
-from lebm_zoo import (
-    CoopNets,
-    DiffusionRecoveryEBM,
-    DivergenceTriangle,
-    FlowContrastiveEBM,
-    JointHierarchicalEBMPrior,
-    LatentEBMPrior,
-    LSTMLanguageModel,
-    SequenceLatentEBMPrior,
-    ShortRunEBM,
-    SymbolVectorLEBM,
-)
+from lebm_zoo.models.registry import tiny_models
 
 TESTS = Path(__file__).resolve().parent
 FIXTURES = TESTS / "fixtures"
@@ -131,25 +120,5 @@ def write_mnist(root: Path, n: int = 24, seed: int = 0, labels=None) -> None:
 
 
 TINY_VOCAB = Vocabulary(["a", "b", "c"]).to_list()  # 7 tokens with the specials
-#: the smallest model of each class (and the 2-D FCE), by name: what tests of every family build
-TINY_MODELS = {
-    "LatentEBMPrior": lambda: LatentEBMPrior(img_size=28, channels=1, nz=8, ngf=4, ndf=16, prior_steps=2,
-                                             posterior_steps=2),
-    "JointHierarchicalEBMPrior": lambda: JointHierarchicalEBMPrior(
-        img_size=28, channels=1, nz=(4, 3), ngf=4, cond_hidden=8, cond_layers=1, energy_hidden=8, energy_layers=1,
-        prior_steps=2, posterior_steps=2),
-    "ShortRunEBM": lambda: ShortRunEBM(img_size=28, channels=1, nf=4, n_steps=2),
-    "CoopNets": lambda: CoopNets(img_size=28, channels=1, nz=8, ngf=4, ndf=4, n_out=4, n_chains=4,
-                                 descriptor_steps=2),
-    "DivergenceTriangle": lambda: DivergenceTriangle(img_size=28, channels=1, nz=8, ngf=4, ndf=4, nif=4),
-    "FlowContrastiveEBM": lambda: FlowContrastiveEBM(img_size=28, channels=1, ndf=4, flow_transforms=1,
-                                                     flow_hidden=8),
-    "FlowContrastiveEBM-2d": lambda: FlowContrastiveEBM(dim=2, energy_hidden=8, flow_transforms=1, flow_hidden=8),
-    "SequenceLatentEBMPrior": lambda: SequenceLatentEBMPrior(vocab=TINY_VOCAB, nz=2, ndf=8, emb_dim=8, hidden=8,
-                                                             prior_steps=2, posterior_steps=2, max_decode_length=5),
-    "LSTMLanguageModel": lambda: LSTMLanguageModel(vocab=TINY_VOCAB, emb_dim=8, hidden=8),
-    "DiffusionRecoveryEBM": lambda: DiffusionRecoveryEBM(img_size=28, channels=1, ch=4, num_res_blocks=1,
-                                                         num_timesteps=2, mcmc_steps=2, ema_decay=None),
-    "SymbolVectorLEBM": lambda: SymbolVectorLEBM(img_size=28, channels=1, nz=8, ngf=4, ndf=16, n_classes=3,
-                                                 prior_steps=2, posterior_steps=2),
-}
+#: the smallest model of each family (and the 2-D FCE), by name, from each family's `register_family(tiny=...)`
+TINY_MODELS = tiny_models()

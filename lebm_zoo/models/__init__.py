@@ -1,16 +1,17 @@
-"""Model families, one file each. Every model subclasses :class:`EBMModule`."""
-from lebm_zoo.models.base import DataShapeError, EBMModule, TrainingDivergedError
-from lebm_zoo.models.coopnets import CoopNets
-from lebm_zoo.models.flow_contrastive import FlowContrastiveEBM
-from lebm_zoo.models.joint_hierarchical import JointHierarchicalEBMPrior
-from lebm_zoo.models.language_model import LSTMLanguageModel
-from lebm_zoo.models.latent_prior import LatentEBMPrior, LatentPriorBase
-from lebm_zoo.models.latent_sequence import SequenceLatentEBMPrior
-from lebm_zoo.models.recovery_likelihood import DiffusionRecoveryEBM
-from lebm_zoo.models.short_run import ShortRunEBM
-from lebm_zoo.models.symbol_vector import SymbolVectorLEBM
-from lebm_zoo.models.triangle import DivergenceTriangle
+"""Model families, one file each: every module here that defines a family registers it with
+:func:`~lebm_zoo.models.registry.register_family`, and this package exports what is registered (as
+``lebm_zoo.models.<Family>`` and ``lebm_zoo.<Family>``). Every EBM family subclasses :class:`EBMModule`."""
+import importlib
+import pkgutil
 
-__all__ = ["CoopNets", "DataShapeError", "DiffusionRecoveryEBM", "DivergenceTriangle", "EBMModule",
-           "FlowContrastiveEBM", "JointHierarchicalEBMPrior", "LatentEBMPrior", "LatentPriorBase", "LSTMLanguageModel",
-           "SequenceLatentEBMPrior", "ShortRunEBM", "SymbolVectorLEBM", "TrainingDivergedError"]
+from lebm_zoo.errors import DataShapeError, TrainingDivergedError
+from lebm_zoo.models.base import EBMModule
+from lebm_zoo.models.latent_prior import LatentPriorBase
+from lebm_zoo.models.registry import FAMILIES, register_family
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+globals().update(FAMILIES)
+
+__all__ = ["DataShapeError", "EBMModule", "FAMILIES", "LatentPriorBase", "TrainingDivergedError", "register_family",
+           *FAMILIES]

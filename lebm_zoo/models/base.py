@@ -65,9 +65,12 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
         self.register_state_dict_post_hook(_divergence_to_main_process)
         self.register_load_state_dict_pre_hook(_divergence_from_worker)
 
-    #: hyperparameters that are layer sizes: each must be an integer >= 1 (checked by :meth:`save_hyperparameters`)
-    SIZE_HPARAMS = ("nz", "ngf", "ndf", "nf", "nif", "hidden", "emb_dim", "num_layers", "n_chains", "flow_hidden",
-                    "flow_transforms", "energy_hidden")
+    #: the family's hyperparameters that are layer sizes: each must be an integer >= 1 (or None where the family
+    #: allows it), checked by :meth:`save_hyperparameters`; each family declares its own
+    size_hparams: tuple[str, ...] = ()
+    #: the family's hyperparameters that a run resumed with ``lebm-zoo fit --ckpt_path`` may change (chains, step
+    #: sizes, learning rates and schedules, clipping, loss weights); every other one comes from the checkpoint
+    resume_hparams: tuple[str, ...] = ()
 
     def save_hyperparameters(self, *args, **kwargs) -> None:
         """Lightning's ``save_hyperparameters``, then a check that the layer sizes are integers >= 1, so that a bad
@@ -78,7 +81,7 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
         """
         kwargs.setdefault("frame", inspect.currentframe().f_back)
         super().save_hyperparameters(*args, **kwargs)
-        for key in self.SIZE_HPARAMS:
+        for key in self.size_hparams:
             value = self.hparams.get(key)
             for v in value if isinstance(value, (list, tuple)) else [value]:
                 if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):

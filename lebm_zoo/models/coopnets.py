@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lebm_zoo.models.base import EBMModule
+from lebm_zoo.models.registry import register_family
 from lebm_zoo.optim import AdamTF
 from lebm_zoo.samplers import LangevinSampler
 from lebm_zoo.utils import check_count, check_images, full_precision, in_training_loop
@@ -227,6 +228,9 @@ class CoopGenerator(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ the model
+@register_family(tiny={
+    "CoopNets": dict(img_size=28, channels=1, nz=8, ngf=4, ndf=4, n_out=4, n_chains=4, descriptor_steps=2),
+})
 class CoopNets(EBMModule):
     """Descriptor (EBM) plus generator trained cooperatively by MCMC teaching (Xie et al. 2018).
 
@@ -267,6 +271,13 @@ class CoopNets(EBMModule):
     Raises:
         ValueError: for out-of-range or unknown option values.
     """
+
+    #: layer sizes, each an integer >= 1 (checked when the hyperparameters are saved)
+    size_hparams = ("nz", "ngf", "ndf", "n_chains")
+    #: hyperparameters a resumed run may change (the others come from the checkpoint)
+    resume_hparams = (
+        "descriptor_steps", "descriptor_step_size", "descriptor_noise", "generator_steps", "generator_step_size",
+        "lr_d", "lr_g", "betas", "grad_clip_d", "grad_clip_g")
 
     def __init__(
         self,

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from lebm_zoo.flows import Flow
 from lebm_zoo.models.base import EBMModule
+from lebm_zoo.models.registry import register_family
 from lebm_zoo.nets import ConvEnergy
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
 from lebm_zoo.utils import check_count, check_images, check_latents, images_from_batch
@@ -40,6 +41,10 @@ class PointEnergyMLP(nn.Module):
         return self.net(x.flatten(1)).squeeze(-1)
 
 
+@register_family(tiny={
+    "FlowContrastiveEBM": dict(img_size=28, channels=1, ndf=4, flow_transforms=1, flow_hidden=8),
+    "FlowContrastiveEBM-2d": dict(dim=2, energy_hidden=8, flow_transforms=1, flow_hidden=8),
+})
 class FlowContrastiveEBM(EBMModule):
     """An EBM with a learned normaliser, trained by noise-contrastive estimation against an adversarial flow.
 
@@ -73,6 +78,12 @@ class FlowContrastiveEBM(EBMModule):
 
     Shapes: data ``(B, dim)`` or ``(B, channels, img_size, img_size)`` in [-1, 1].
     """
+
+    #: layer sizes, each an integer >= 1 (checked when the hyperparameters are saved)
+    size_hparams = ("ndf", "energy_hidden", "flow_transforms", "flow_hidden")
+    #: hyperparameters a resumed run may change (the others come from the checkpoint)
+    resume_hparams = (
+        "lr_ebm", "lr_flow", "betas", "refine_steps", "refine_step_size", "flow_pretrain_steps", "flow_mle_weight")
 
     def __init__(
         self,

@@ -60,6 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from lebm_zoo.models.base import EBMModule
+from lebm_zoo.models.registry import register_family
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
 from lebm_zoo.utils import check_count, check_images, check_latents, full_precision, in_training_loop
 
@@ -106,6 +107,10 @@ class HierarchicalGenerator(nn.Module):
         return self.net(z.view(z.shape[0], -1, 1, 1))
 
 
+@register_family(tiny={
+    "JointHierarchicalEBMPrior": dict(img_size=28, channels=1, nz=(4, 3), ngf=4, cond_hidden=8, cond_layers=1,
+        energy_hidden=8, energy_layers=1, prior_steps=2, posterior_steps=2),
+})
 class JointHierarchicalEBMPrior(EBMModule):
     """Multi-layer generator with an energy term on every latent layer, learned by joint short-run Langevin.
 
@@ -137,6 +142,12 @@ class JointHierarchicalEBMPrior(EBMModule):
     Raises:
         ValueError: for fewer than one layer, mismatched per-layer settings or non-positive sigmas.
     """
+
+    #: layer sizes, each an integer >= 1 (checked when the hyperparameters are saved)
+    size_hparams = ("nz", "ngf", "energy_hidden")
+    #: hyperparameters a resumed run may change (the others come from the checkpoint)
+    resume_hparams = (
+        "prior_steps", "prior_step_size", "posterior_steps", "posterior_step_size", "lr_e", "lr_g", "lr_cond", "betas")
 
     def __init__(
         self,

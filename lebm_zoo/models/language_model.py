@@ -16,6 +16,7 @@ from torchmetrics.text import Perplexity
 
 from lebm_zoo.checkpoint import check_model_class, write_record
 from lebm_zoo.errors import DataShapeError
+from lebm_zoo.models.registry import register_family
 from lebm_zoo.nets import SequenceDecoder
 from lebm_zoo.pretrained import PretrainedMixin
 from lebm_zoo.text import VocabularyMixin
@@ -24,6 +25,9 @@ from lebm_zoo.utils import check_count, check_tokens
 __all__ = ["LSTMLanguageModel"]
 
 
+@register_family(tiny={
+    "LSTMLanguageModel": dict(vocab=["<pad>", "<bos>", "<eos>", "<unk>", "a", "b", "c"], emb_dim=8, hidden=8),
+})
 class LSTMLanguageModel(VocabularyMixin, PretrainedMixin, pl.LightningModule):
     """LSTM language model p(x) = prod_t p(x_t | x_<t) on token batches (:mod:`lebm_zoo.text`).
 
@@ -37,6 +41,9 @@ class LSTMLanguageModel(VocabularyMixin, PretrainedMixin, pl.LightningModule):
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
     """
+
+    #: hyperparameters a resumed run may change (the others come from the checkpoint)
+    resume_hparams = ("lr",)
 
     def __init__(self, vocab: list[str] | None = None, sep: str = " ", emb_dim: int = 256, hidden: int = 256,
                  num_layers: int = 1, dropout: float = 0.3, lr: float = 1e-3, weight_decay: float = 0.0):

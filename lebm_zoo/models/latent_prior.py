@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from lebm_zoo.models.base import EBMModule, epoch_completed
+from lebm_zoo.models.registry import register_family
 from lebm_zoo.nets import ConvGenerator, EnergyMLP
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
 from lebm_zoo.utils import check_count, check_images, check_latents, full_precision, images_from_batch, in_training_loop
@@ -324,6 +325,9 @@ class LatentPriorBase(EBMModule):
                 "weights are in the last checkpoint. Try smaller learning rates or Langevin step sizes.")
 
 
+@register_family(tiny={
+    "LatentEBMPrior": dict(img_size=28, channels=1, nz=8, ngf=4, ndf=16, prior_steps=2, posterior_steps=2),
+})
 class LatentEBMPrior(LatentPriorBase):
     """Generator with a latent-space energy-based prior, learned by short-run prior and posterior Langevin.
 
@@ -370,6 +374,13 @@ class LatentEBMPrior(LatentPriorBase):
     Images are ``(B, channels, img_size, img_size)`` in [-1, 1]; latents ``(B, nz)``. The prior, both chains and the
     training step are :class:`LatentPriorBase`'s; this class adds the image generator G and the image data hooks.
     """
+
+    #: layer sizes, each an integer >= 1 (checked when the hyperparameters are saved)
+    size_hparams = ("nz", "ngf", "ndf")
+    #: hyperparameters a resumed run may change (the others come from the checkpoint)
+    resume_hparams = (
+        "prior_steps", "prior_step_size", "posterior_steps", "posterior_step_size", "lr_g", "lr_e", "betas", "lr_decay",
+        "lr_schedule", "grad_clip_g", "grad_clip_e", "loss_g_limit", "loss_g_limit_after_epoch", "loss_g_limit_check")
 
     def __init__(
         self,

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from lebm_zoo.models.base import DataShapeError
 from lebm_zoo.models.latent_prior import LatentPriorBase
+from lebm_zoo.models.registry import register_family
 from lebm_zoo.nets import SequenceDecoder
 from lebm_zoo.samplers import as_normal_tensor
 from lebm_zoo.text import VocabularyMixin
@@ -33,6 +34,10 @@ def log_mean_exp(a: Tensor, dim: int = 0) -> Tensor:
     return torch.logsumexp(a, dim) - math.log(a.shape[dim])
 
 
+@register_family(tiny={
+    "SequenceLatentEBMPrior": dict(vocab=["<pad>", "<bos>", "<eos>", "<unk>", "a", "b", "c"], nz=2, ndf=8, emb_dim=8,
+        hidden=8, prior_steps=2, posterior_steps=2, max_decode_length=5),
+})
 class SequenceLatentEBMPrior(VocabularyMixin, LatentPriorBase):
     """Latent EBM prior with an LSTM sequence decoder: the LEBM text model (PTB) and molecule model (SMILES).
 
@@ -62,6 +67,13 @@ class SequenceLatentEBMPrior(VocabularyMixin, LatentPriorBase):
         ValueError: bad hyperparameters (as :class:`~lebm_zoo.LatentEBMPrior`, and ``max_decode_length < 1``,
             ``temperature < 0``).
     """
+
+    #: layer sizes, each an integer >= 1 (checked when the hyperparameters are saved)
+    size_hparams = ("nz", "ndf", "emb_dim", "hidden", "num_layers")
+    #: hyperparameters a resumed run may change (the others come from the checkpoint)
+    resume_hparams = (
+        "prior_steps", "prior_step_size", "posterior_steps", "posterior_step_size", "lr_g", "lr_e", "betas", "lr_decay",
+        "grad_clip_g", "grad_clip_e", "temperature")
 
     def __init__(
         self,

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lebm_zoo.models.base import EBMModule
+from lebm_zoo.models.registry import register_family
 from lebm_zoo.optim import AdamTF
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
 from lebm_zoo.utils import check_count, check_images, check_latents, full_precision
@@ -329,6 +330,10 @@ class RecoveryEnergyMLP(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------- model
+@register_family(tiny={
+    "DiffusionRecoveryEBM": dict(img_size=28, channels=1, ch=4, num_res_blocks=1, num_timesteps=2, mcmc_steps=2,
+        ema_decay=None),
+})
 class DiffusionRecoveryEBM(EBMModule):
     """A sequence of T EBMs learned by diffusion recovery likelihood (Gao et al., ICLR 2021), the reference's T6
     setting; the equations and their numbers are in the module doc.
@@ -370,6 +375,11 @@ class DiffusionRecoveryEBM(EBMModule):
             ``loss_weight``, an ``ema_decay`` outside [0, 1), or an image size ``ch_mult`` does not divide.
     """
 
+    #: layer sizes, each an integer >= 1 (checked when the hyperparameters are saved)
+    size_hparams = ("img_size", "channels", "dim", "ch", "num_res_blocks", "energy_hidden")
+    #: hyperparameters a resumed run may change (the others come from the checkpoint)
+    resume_hparams = ("mcmc_steps", "lr", "betas", "grad_clip", "loss_weight")
+
     def __init__(
         self,
         img_size: int = 32,
@@ -399,10 +409,7 @@ class DiffusionRecoveryEBM(EBMModule):
         loss_weight: str = "sigma_ratio",
     ):
         super().__init__()
-        for name, value in (("ch", ch), ("num_res_blocks", num_res_blocks), ("img_size", img_size),
-                            ("channels", channels)) + ((("dim", dim),) if dim is not None else ()):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1 (a size), got {value!r}")
+        self.save_hyperparameters()  # first: it checks the sizes (size_hparams) that the checks below compare
         if ch < 4 or (dim is not None and energy_hidden < 4):
             raise ValueError(f"ch and energy_hidden must be >= 4 (the level embedding's dimension), got {ch}, "
                              f"{energy_hidden}")
@@ -422,7 +429,6 @@ class DiffusionRecoveryEBM(EBMModule):
         if dim is None and ch_mult is None and img_size not in DEFAULT_CH_MULT:
             raise ValueError(f"no default ch_mult for img_size {img_size} (defaults for {sorted(DEFAULT_CH_MULT)}): "
                              "set ch_mult")
-        self.save_hyperparameters()
         sched = recovery_schedule(num_timesteps, beta_start, beta_end, b_square)
         for name, values in sched.items():  # float32, as the reference gathers them (model.py _extract)
             self.register_buffer(name, torch.tensor(values, dtype=torch.float32), persistent=False)

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from lebm_zoo.models.base import EBMModule
+from lebm_zoo.models.registry import register_family
 from lebm_zoo.nets import _check_size, down_trunk
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
 from lebm_zoo.utils import check_count, check_images, full_precision
@@ -77,6 +78,7 @@ class ShortRunNegEnergyNet(nn.Module):
         return self.net(x).flatten()
 
 
+@register_family(tiny={"ShortRunEBM": dict(img_size=28, channels=1, nf=4, n_steps=2)})
 class ShortRunEBM(EBMModule):
     """Data-space EBM learned with non-convergent, non-persistent short-run Langevin (Nijkamp et al. 2019).
 
@@ -119,6 +121,12 @@ class ShortRunEBM(EBMModule):
     Raises:
         ValueError: for an unknown ``form`` or ``init`` or a non-positive size.
     """
+
+    #: layer sizes, each an integer >= 1 (checked when the hyperparameters are saved)
+    size_hparams = ("nf",)
+    #: hyperparameters a resumed run may change (the others come from the checkpoint)
+    resume_hparams = (
+        "n_steps", "noise_std", "step_size", "data_noise", "reinit_prob", "lr", "betas", "grad_clip", "energy_l2")
 
     def __init__(
         self,

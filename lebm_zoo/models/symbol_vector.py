@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from lebm_zoo.models.base import DataShapeError
 from lebm_zoo.models.latent_prior import LatentEBMPrior
+from lebm_zoo.models.registry import register_family
 from lebm_zoo.nets import ConvGenerator
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
 from lebm_zoo.utils import check_count, check_latents, full_precision, images_from_batch, in_training_loop
@@ -120,6 +121,10 @@ def mutual_information(logits: Tensor) -> Tensor:
     return marginal - conditional
 
 
+@register_family(tiny={
+    "SymbolVectorLEBM": dict(img_size=28, channels=1, nz=8, ngf=4, ndf=16, n_classes=3, prior_steps=2,
+        posterior_steps=2),
+})
 class SymbolVectorLEBM(LatentEBMPrior):
     """Latent EBM of symbol-vector coupling (Pang & Wu, ICML 2021): an LEBM whose prior energy net gives C class
     logits F(z), so that one network is the prior ``p(z) ~ exp(logsumexp F(z)) N(z; 0, sigma_p^2 I)`` and the
@@ -175,6 +180,14 @@ class SymbolVectorLEBM(LatentEBMPrior):
         ValueError: for a bad value of any argument (naming it), as :class:`LatentEBMPrior` and for ``n_classes`` < 2,
             negative ``class_weight`` / ``mi_weight``, ``classify_samples`` < 1, ``dim`` < 1.
     """
+
+    #: layer sizes, each an integer >= 1 (checked when the hyperparameters are saved)
+    size_hparams = ("nz", "ngf", "ndf")
+    #: hyperparameters a resumed run may change (the others come from the checkpoint)
+    resume_hparams = (
+        "class_weight", "mi_weight", "prior_steps", "prior_step_size", "posterior_steps", "posterior_step_size", "lr_g",
+        "lr_e", "betas", "lr_decay", "lr_schedule", "grad_clip_g", "grad_clip_e", "loss_g_limit",
+        "loss_g_limit_after_epoch", "loss_g_limit_check")
 
     def __init__(
         self,

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from lebm_zoo.models.base import EBMModule
+from lebm_zoo.models.registry import register_family
 from lebm_zoo.nets import ConvEnergy, _check_size, down_trunk, normal_init
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
 from lebm_zoo.utils import check_count, check_images, full_precision
@@ -126,6 +127,7 @@ class TriangleEncoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------ model
+@register_family(tiny={"DivergenceTriangle": dict(img_size=28, channels=1, nz=8, ngf=4, ndf=4, nif=4)})
 class DivergenceTriangle(EBMModule):
     """Generator, image energy and inference network trained by the divergence triangle (Han et al. 2019).
 
@@ -156,6 +158,13 @@ class DivergenceTriangle(EBMModule):
 
     Images are ``(B, channels, img_size, img_size)`` in [-1, 1]; latents ``(B, nz)``.
     """
+
+    #: layer sizes, each an integer >= 1 (checked when the hyperparameters are saved)
+    size_hparams = ("nz", "ngf", "ndf", "nif")
+    #: hyperparameters a resumed run may change (the others come from the checkpoint)
+    resume_hparams = (
+        "lr_e", "lr_g", "lr_i", "betas", "weight_decay_g", "grad_clip", "lr_decay", "latent_weight", "vae_weight",
+        "kl_weight", "refine_steps", "refine_step_size")
 
     def __init__(
         self,
