@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -112,13 +113,14 @@ def _option(args: list[str], name: str) -> tuple[int, str] | None:
 
 
 def _preflight_checkpoint(args: list[str], recipe: str | None) -> list[str]:
-    """Resolve ``--ckpt_path last`` and check a checkpoint file before Lightning reads it.
+    """Resolve ``--ckpt_path last`` and check that a checkpoint file given by path exists (:class:`LebmCLI` reads and
+    checks it, once, right after parsing).
 
     ``last`` becomes the newest ``last.ckpt`` of the same recipe under ``--trainer.default_root_dir`` (default: the
     current folder). For ``fit`` a missing one means starting from scratch; for the other subcommands it is an error.
 
     Raises:
-        CheckpointError: missing, corrupt or foreign checkpoint.
+        CheckpointError: a missing checkpoint.
     """
     hit = _option(args, "--ckpt_path")
     if hit is None or hit[1] in ("", "null", "None", "best", "hpc"):
@@ -142,10 +144,8 @@ def _preflight_checkpoint(args: list[str], recipe: str | None) -> list[str]:
         print(f"--ckpt_path last: using {found}", file=sys.stderr)
         args[i] = str(found) if args[i] == "last" else f"--ckpt_path={found}"
         value = str(found)
-    path = Path(value)
-    if not path.is_file():
+    if not Path(value).is_file():
         raise CheckpointError(f"--ckpt_path {value}: no such file.")
-    model_class(read_checkpoint(path), path)
     return args
 
 
@@ -162,51 +162,78 @@ def _explicit_model_keys(args: list[str]) -> set[str]:
 class _RunStarted(pl.Callback):
     """Marks where the model's own code starts to run (the sanity check or the first loop): a ValueError, TypeError or
     OSError before it comes from the user's input (the data set, a hyperparameter, the run folder, ``--ckpt_path``)
-    and is one line with exit code 2; after it, a traceback."""
+    and is one line with exit code 2; after it, a traceback.
+
+    Attributes:
+        started: False until the run starts.
+    """
+
+    def __init__(self) -> None:
+        self.started = False
 
     def _started(self, *args) -> None:
-        LebmCLI.phase = "run"
+        self.started = True
 
     on_sanity_check_start = on_train_start = on_validation_start = on_test_start = on_predict_start = _started
 
 
 class LebmCLI(LightningCLI):
-    """LightningCLI that tags checkpoints with their recipe, refuses a checkpoint of another model class, and merges a
-    checkpoint's hyperparameters with the command line's explicitly (see :meth:`_parse_ckpt_path`)."""
+    """LightningCLI that tags checkpoints with their recipe, writes them atomically, refuses a checkpoint of another
+    model class, and merges a checkpoint's hyperparameters with the command line's explicitly.
 
-    recipe: str | None = None
-    explicit_model_keys: set[str] = set()
+    With ``ckpt_path`` (``--ckpt_path`` or a ``--config`` file's), the checkpoint is read once, through the checked
+    reader (:func:`~lebm_zoo.checkpoint.read_checkpoint`), right after the arguments are parsed; the model is built
+    from its hyperparameters, except those given on the command line that the family may change on resume
+    (``resume_hparams``: chains, step sizes, learning rates...). Lightning's own merge puts the checkpoint's values
+    over the command line silently (and its class over the recipe's); here a checkpoint of another model class is
+    refused, naming both, and an explicit override of an architectural hyperparameter is refused, naming the keys
+    that come from the checkpoint.
 
-    phase: str = "setup"  # "run" once the subcommand starts: errors before it are the user's input
+    Args:
+        *args, **kwargs: LightningCLI's.
+        recipe: the recipe's name (stored in the model's checkpoints), None for a plain ``--config``.
+        explicit_model_keys: the model hyperparameters given on the command line (``--model.K``).
 
-    def _instantiate_trainer(self, config, callbacks):
-        """The trainer, with :class:`~lebm_zoo.checkpoint.AtomicCheckpointIO` unless plugins were given, and
-        :class:`_RunStarted`."""
-        if not config.get("plugins"):
-            config = {**config, "plugins": [AtomicCheckpointIO()]}
-        return super()._instantiate_trainer(config, [*callbacks, _RunStarted()])
+    Raises:
+        CheckpointError: an unreadable or foreign checkpoint, another model class, or a command-line value for a
+            hyperparameter fixed by the checkpoint.
+    """
 
-    def _parse_ckpt_path(self) -> None:
-        """With ``--ckpt_path``, build the model from the checkpoint's hyperparameters, except those given on the
-        command line that may change on resume (the family's ``resume_hparams``: chains, step sizes, learning
-        rates...).
+    def __init__(self, *args, recipe: str | None = None, explicit_model_keys: frozenset[str] = frozenset(),
+                 **kwargs):
+        self.recipe = recipe
+        self.explicit_model_keys = frozenset(explicit_model_keys)
+        self.checkpoint_class: type | None = None  # the class the checkpoint (if any) was written by
+        self._model_config = None  # the model's configuration merged with the checkpoint's, applied before it is built
+        super().__init__(*args, **kwargs)
 
-        Lightning's own version puts the checkpoint's values over the command line silently (and its class over the
-        recipe's); here a checkpoint of another model class is refused, naming both, and an explicit override of an
-        architectural hyperparameter is refused, naming the keys that come from the checkpoint.
+    def instantiate_trainer(self, **kwargs):
+        """The trainer, with :class:`~lebm_zoo.checkpoint.AtomicCheckpointIO` unless plugins were given."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        if not config["trainer"].get("plugins"):
+            kwargs.setdefault("plugins", [AtomicCheckpointIO()])
+        return super().instantiate_trainer(**kwargs)
 
-        Raises:
-            CheckpointError: another model class, or a command-line value for a hyperparameter fixed by the checkpoint.
-        """
-        from jsonargparse import Namespace
-
+    def parse_arguments(self, parser, args) -> None:
+        """Lightning's parsing, then the checkpoint read once and merged into the model's configuration (applied in
+        :meth:`before_instantiate_classes`, over whatever Lightning's own merge of it made)."""
+        super().parse_arguments(parser, args)
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        if not (ckpt_path and Path(ckpt_path).is_file()):
+        if ckpt_path in (None, "", "last", "best", "hpc"):
             return
+        self._model_config = self._merge_checkpoint(str(ckpt_path), self.config[sub]["model"])
+
+    def _merge_checkpoint(self, ckpt_path: str, model_cfg):
+        """A copy of the model's configuration with the checkpoint's hyperparameters (see the class docstring)."""
+        import copy
+
+        from jsonargparse import Namespace
+
         ckpt = read_checkpoint(ckpt_path)
         cls = model_class(ckpt, Path(ckpt_path))
-        model_cfg = self.config[sub]["model"]
+        self.checkpoint_class = cls
+        model_cfg = copy.deepcopy(model_cfg)
         want = _import_class(model_cfg["class_path"]) if isinstance(model_cfg, Namespace) else None
         if want is not None and not (issubclass(cls, want) or issubclass(want, cls)):
             what = f"recipe {self.recipe}" if self.recipe else "the configuration"
@@ -215,7 +242,7 @@ class LebmCLI(LightningCLI):
         stored = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
         init_args = model_cfg.get("init_args") if isinstance(model_cfg, Namespace) else None
         if init_args is None:
-            return
+            return model_cfg
         refused = []
         for key, value in stored.items():
             if key not in init_args:
@@ -234,16 +261,19 @@ class LebmCLI(LightningCLI):
                                   f"change when resuming: {'; '.join(refused)}. Drop those flags, or start a new run "
                                   "without --ckpt_path. (Chain lengths, step sizes, learning rates, schedules, "
                                   "clipping and loss weights may change.)")
+        return model_cfg
+
+    def before_instantiate_classes(self) -> None:
+        if self._model_config is not None:
+            self.config[self.subcommand]["model"] = self._model_config
 
     def _before(self) -> None:
         if hasattr(self.model, "recipe"):
             self.model.recipe = self.recipe
-        ckpt = self.config_init[self.subcommand].get("ckpt_path")
-        if ckpt and Path(ckpt).is_file():
-            cls = model_class(read_checkpoint(ckpt), Path(ckpt))
-            if not (issubclass(cls, type(self.model)) or issubclass(type(self.model), cls)):
-                raise CheckpointError(f"--ckpt_path {ckpt} holds a {cls.__name__} checkpoint but the recipe builds a "
-                                      f"{type(self.model).__name__}.")
+        cls = self.checkpoint_class
+        if cls is not None and not (issubclass(cls, type(self.model)) or issubclass(type(self.model), cls)):
+            raise CheckpointError(f"--ckpt_path {self.config_init[self.subcommand].get('ckpt_path')} holds a "
+                                  f"{cls.__name__} checkpoint but the recipe builds a {type(self.model).__name__}.")
 
     def before_fit(self) -> None:
         self._before()
@@ -401,6 +431,7 @@ def main(args: list[str] | None = None) -> int:
         tune_cpu_allocator()
 
     root = None
+    run_started = _RunStarted()
     try:
         args, recipe = _expand_recipe(args)
         root = _preflight_root_dir(args)
@@ -409,25 +440,25 @@ def main(args: list[str] | None = None) -> int:
             if (d / "checkpoints").is_dir():
                 AtomicCheckpointIO.remove_stale_temporaries(d / "checkpoints")
         args = _preflight_checkpoint(args, recipe)
-        LebmCLI.recipe = recipe
-        LebmCLI.explicit_model_keys = _explicit_model_keys(args)
-        LebmCLI.phase = "setup"
-        saved_argv = sys.argv
-        sys.argv = [saved_argv[0] if saved_argv else "lebm-zoo", *args]  # LightningCLI reads sys.argv
-        try:
+        with warnings.catch_warnings():
+            # args= is LightningCLI's way to run from Python; it warns when sys.argv holds arguments too, as it does
+            # under the `lebm-zoo` command, which hands them over here
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
             cli = LebmCLI(
                 pl.LightningModule,  # the zoo's models (EBMModule subclasses) and the LSTMLanguageModel of text metrics
                 pl.LightningDataModule,
+                args=args,
+                recipe=recipe,
+                explicit_model_keys=_explicit_model_keys(args),
                 subclass_mode_model=True,
                 subclass_mode_data=True,
+                trainer_defaults={"callbacks": [run_started]},
                 save_config_kwargs={"overwrite": True},
                 parser_kwargs={"description": "lebm-zoo: energy-based generative models. `lebm-zoo recipes` lists "
                                               "the paper recipes; use `--recipe NAME`. `lebm-zoo pretrained` lists "
                                               "the shipped weights, `lebm-zoo sample NAME` samples one.",
                                "exit_on_error": False},  # a bad flag or config: our one line, not 50 of usage
             )
-        finally:
-            sys.argv = saved_argv
     except argparse.ArgumentError as e:  # an unknown flag or key, a bad value, a YAML syntax error
         _remove_empty_runs(root, before if root is not None else set())
         helper = f"lebm-zoo {args[0]} --help" if args and not args[0].startswith("-") else "lebm-zoo --help"
@@ -441,7 +472,7 @@ def main(args: list[str] | None = None) -> int:
         print(f"lebm-zoo: error: {e}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, OSError) as e:
-        if LebmCLI.phase != "setup":  # raised while training: not an input error, keep the traceback
+        if run_started.started:  # raised while training: not an input error, keep the traceback
             raise
         _remove_empty_runs(root, before if root is not None else set())
         print(f"lebm-zoo: error: {_one_line(e)}", file=sys.stderr)
