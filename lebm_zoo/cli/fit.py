@@ -1,12 +1,10 @@
-"""The ``lebm-zoo`` command: LightningCLI plus paper recipes.
+"""``lebm-zoo fit / validate / test / predict`` and ``lebm-zoo recipes``: LightningCLI plus paper recipes.
 
 ::
 
     lebm-zoo recipes                                   # list the recipes
     lebm-zoo fit  --recipe svhn_prior [overrides]      # any --trainer.* / --model.* / --data.* override
     lebm-zoo test --recipe svhn_prior --ckpt_path last # the recipe's test metrics on a trained checkpoint
-    lebm-zoo pretrained                                # the shipped weights (lebm_zoo/pretrained_cli.py)
-    lebm-zoo sample lebm-mnist-quickstart -n 64        # samples of a shipped name, folder, .ckpt or hf:// id
 
 ``--recipe NAME`` stands for ``--config <the shipped recipes/NAME.yaml>`` (a path to a YAML file works too) and is
 placed before the other arguments, so overrides win. ``--ckpt_path last`` resolves to the newest ``last.ckpt`` of the
@@ -37,7 +35,7 @@ from lebm_zoo.checkpoint import (
 from lebm_zoo.errors import DataShapeError, RecipeError, StoppedBySignal
 from lebm_zoo.utils import tune_cpu_allocator
 
-__all__ = ["main", "list_recipes", "recipe_path", "RecipeError"]
+__all__ = ["LebmCLI", "list_recipes", "main", "print_recipes", "recipe_path"]
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -277,7 +275,7 @@ class LebmCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._before()
-        from lebm_zoo.env import warn_if_emulated_bf16
+        from lebm_zoo.precision import warn_if_emulated_bf16
 
         msg = warn_if_emulated_bf16(str(self.trainer.precision), self.trainer.strategy.root_device.type, emit=False)
         if msg and self.trainer.is_global_zero:
@@ -393,7 +391,8 @@ def _as_plain(v):
     return list(v) if isinstance(v, (list, tuple)) else v
 
 
-def _print_recipes() -> None:
+def print_recipes() -> None:
+    """Print every shipped recipe with its one-line description."""
     recipes = list_recipes()
     width = max(map(len, recipes), default=0)
     print("Recipes (lebm-zoo fit --recipe NAME):")
@@ -401,29 +400,9 @@ def _print_recipes() -> None:
         print(f"  {name:<{width}}  {desc}")
 
 
-def main(args: list[str] | None = None) -> int:
-    """Entry point of ``lebm-zoo``. Returns the process exit code (0 ok, 1 training diverged, 2 bad input, 143 / 130
-    stopped by SIGTERM / SIGINT after writing ``last.ckpt``)."""
-    args = list(sys.argv[1:] if args is None else args)
-    if args[:1] == ["recipes"]:
-        _print_recipes()
-        return 0
-    if args[:1] == ["env"]:
-        from lebm_zoo.env import main as env_main
-
-        return env_main(args[1:])
-    if args[:1] == ["fid-weights"]:
-        from lebm_zoo.fid_weights import main as fid_weights_main
-
-        return fid_weights_main(args[1:])
-    if args[:1] == ["pretrained"]:
-        from lebm_zoo.pretrained_cli import main_pretrained
-
-        return main_pretrained(args[1:])
-    if args[:1] == ["sample"]:
-        from lebm_zoo.pretrained_cli import main_sample
-
-        return main_sample(args[1:])
+def main(args: list[str]) -> int:
+    """``lebm-zoo fit | validate | test | predict``: LightningCLI with a recipe. Returns the process exit code (0 ok,
+    1 training diverged, 2 bad input, 143 / 130 stopped by SIGTERM / SIGINT after writing ``last.ckpt``)."""
     from datamodules import DatasetNotFoundError
     from lebm_zoo.callbacks import FIDWeightsNotFoundError
 
@@ -486,6 +465,3 @@ def main(args: list[str] | None = None) -> int:
         return 1
     return 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
