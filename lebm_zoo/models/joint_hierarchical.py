@@ -60,9 +60,10 @@ import torch
 from torch import Tensor, nn
 
 from lebm_zoo.models.base import EBMModule
+from lebm_zoo.models.latent_prior import LatentImagesMixin
 from lebm_zoo.models.registry import register_family
-from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
-from lebm_zoo.utils import check_count, check_images, check_latents, full_precision, in_training_loop
+from lebm_zoo.samplers import LangevinSampler
+from lebm_zoo.utils import check_count, check_latents, full_precision
 
 __all__ = ["JointHierarchicalEBMPrior"]
 
@@ -111,7 +112,7 @@ class HierarchicalGenerator(nn.Module):
     "JointHierarchicalEBMPrior": dict(img_size=28, channels=1, nz=(4, 3), ngf=4, cond_hidden=8, cond_layers=1,
         energy_hidden=8, energy_layers=1, prior_steps=2, posterior_steps=2),
 })
-class JointHierarchicalEBMPrior(EBMModule):
+class JointHierarchicalEBMPrior(LatentImagesMixin, EBMModule):
     """Multi-layer generator with an energy term on every latent layer, learned by joint short-run Langevin.
 
     Args:
@@ -320,29 +321,6 @@ class JointHierarchicalEBMPrior(EBMModule):
         return full_precision(self.generator(self._as_list(z)[0]))
 
     @torch.no_grad()
-    def sample(self, n: int, n_steps: int | None = None) -> Tensor:
-        """Draw ``n`` images ``(n, C, H, W)`` in [-1, 1]: joint prior Langevin, then G(z_1).
-
-        Raises:
-            ValueError: for ``n`` < 1 or not an integer.
-        """
-        n = check_count(n, where=f"{type(self).__name__}.sample")
-        return self._generate(self.sample_latent(n, n_steps))
-
-    def prepare_data_input(self, x: Tensor, where: str = "") -> Tensor:
-        """Check images given to a public method (named ``where`` in the error) and move them to the model's device.
-
-        The check (:func:`~lebm_zoo.utils.check_images`: shape, dtype, finite values in [-1, 1]; one host sync) is
-        skipped in the training loop, whose batches ``training_step`` has checked.
-
-        Raises:
-            DataShapeError: for images of another shape, an integer dtype, values outside [-1, 1] or non-finite ones.
-        """
-        if not in_training_loop(self):
-            check_images(x, self.hparams.channels, self.hparams.img_size, where=where)
-        return as_normal_tensor(x.to(self.device))
-
-    @torch.no_grad()
     def infer_latent(self, x: Tensor, n_steps: int | None = None) -> list[Tensor]:
         """Joint posterior Langevin on log p(x, z) from N(0, I): images ``(B, C, H, W)`` -> ``[z_1, ..., z_L]``.
 
@@ -355,16 +333,6 @@ class JointHierarchicalEBMPrior(EBMModule):
         """:meth:`infer_latent` of images :meth:`prepare_data_input` has checked and moved."""
         z = self.langevin(lambda zz: self.log_joint(x, zz), self._noise(x.shape[0]), "posterior", n_steps=n_steps)
         return self.split(z)
-
-    @torch.no_grad()
-    def reconstruct(self, x: Tensor, n_steps: int | None = None) -> Tensor:
-        """G(z_1) at the inferred posterior: images -> same shape and range.
-
-        Raises:
-            DataShapeError: for bad images (see :meth:`prepare_data_input`).
-        """
-        x = self.prepare_data_input(x, f"{type(self).__name__}.reconstruct")
-        return self._generate(self._infer_latent(x, n_steps))
 
     @torch.no_grad()
     def resample_below(self, z, k: int, n_steps: int | None = None) -> list[Tensor]:

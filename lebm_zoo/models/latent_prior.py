@@ -29,7 +29,7 @@ from lebm_zoo.nets import ConvGenerator, EnergyMLP
 from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
 from lebm_zoo.utils import check_count, check_images, check_latents, full_precision, images_from_batch, in_training_loop
 
-__all__ = ["LatentEBMPrior", "LatentPriorBase"]
+__all__ = ["LatentEBMPrior", "LatentImagesMixin", "LatentPriorBase"]
 
 
 class LatentPriorBase(EBMModule):
@@ -325,10 +325,65 @@ class LatentPriorBase(EBMModule):
                 "weights are in the last checkpoint. Try smaller learning rates or Langevin step sizes.")
 
 
+class LatentImagesMixin:
+    """What the image families with latent variables share (:class:`LatentEBMPrior` and
+    :class:`~lebm_zoo.models.joint_hierarchical.JointHierarchicalEBMPrior`): the checks of images given to their public
+    methods, :meth:`sample` and :meth:`reconstruct`, on the family's ``sample_latent``, ``_infer_latent`` and
+    ``_generate``."""
+
+    def prepare_data_input(self, x, where: str = ""):
+        """Check images given to a public method (named ``where`` in the error) and move them to the model's device,
+        as a normal (not inference-mode) tensor.
+
+        The check (:func:`~lebm_zoo.utils.check_images`: shape, dtype, finite values in [-1, 1]; one host sync) is
+        skipped in the training loop, whose batches :meth:`~lebm_zoo.models.base.EBMModule.data_from_batch` has
+        checked.
+
+        Raises:
+            DataShapeError: for images of another shape, an integer dtype, values outside [-1, 1] or non-finite ones.
+        """
+        if not in_training_loop(self):
+            hp = self.hparams
+            check_images(x, hp.channels, hp.img_size, where=where)
+        return as_normal_tensor(x.to(self.device))
+
+    @staticmethod
+    def data_batch_size(x) -> int:
+        return x.shape[0]
+
+    @torch.no_grad()
+    def sample(self, n: int, n_steps: int | None = None) -> Tensor:
+        """Draw ``n`` images: prior Langevin for the latents, then the generator.
+
+        Args:
+            n: number of images.
+            n_steps: prior chain length (default: ``prior_steps``, as in training).
+
+        Returns:
+            ``(n, C, H, W)`` images in [-1, 1] on the model's device.
+
+        Raises:
+            ValueError: for ``n`` < 1 or not an integer.
+        """
+        n = check_count(n, where=f"{type(self).__name__}.sample")
+        return self._generate(self.sample_latent(n, n_steps=n_steps))
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, n_steps: int | None = None) -> Tensor:
+        """The generator's output at latents inferred by posterior Langevin: images ``(B, C, H, W)`` in [-1, 1] ->
+        the same shape and range.
+
+        Raises:
+            DataShapeError: for bad images (see :meth:`prepare_data_input`).
+        """
+        x = self.prepare_data_input(x, f"{type(self).__name__}.reconstruct")
+        return self._generate(self._infer_latent(x, n_steps=n_steps))
+
+
 @register_family(tiny={
     "LatentEBMPrior": dict(img_size=28, channels=1, nz=8, ngf=4, ndf=16, prior_steps=2, posterior_steps=2),
 })
-class LatentEBMPrior(LatentPriorBase):
+class LatentEBMPrior(LatentImagesMixin, LatentPriorBase):
     """Generator with a latent-space energy-based prior, learned by short-run prior and posterior Langevin.
 
     Defaults are the reference SVHN recipe: 32x32x3 images, ``nz=100``, ``ngf=64`` (G of 3,447,683 parameters),
@@ -441,26 +496,6 @@ class LatentEBMPrior(LatentPriorBase):
         1/(2 sigma^2) factor)."""
         return (full_precision(self.generator(z)) - x).pow(2).sum() / x.shape[0]
 
-    # ------------------------------------------------------------------------------------------------ data hooks
-    def prepare_data_input(self, x, where: str = ""):
-        """Check data given to a public method (named ``where`` in the error) and move it to the model's device, as a
-        normal (not inference-mode) tensor.
-
-        The check (:func:`~lebm_zoo.utils.check_images`: shape, dtype, finite values in [-1, 1]; one host sync) is
-        skipped in the training loop, whose batches :meth:`data_from_batch` has checked.
-
-        Raises:
-            DataShapeError: for images of another shape, an integer dtype, values outside [-1, 1] or non-finite ones.
-        """
-        if not in_training_loop(self):
-            hp = self.hparams
-            check_images(x, hp.channels, hp.img_size, where=where)
-        return as_normal_tensor(x.to(self.device))
-
-    @staticmethod
-    def data_batch_size(x) -> int:
-        return x.shape[0]
-
     # ------------------------------------------------------------------------------------------------ sampling
     @torch.no_grad()
     def generate(self, z: Tensor) -> Tensor:
@@ -474,33 +509,6 @@ class LatentEBMPrior(LatentPriorBase):
     def _generate(self, z: Tensor) -> Tensor:
         """:meth:`generate` of latents the model made (unchecked)."""
         return full_precision(self.generator(z))
-
-    @torch.no_grad()
-    def sample(self, n: int, n_steps: int | None = None) -> Tensor:
-        """Draw ``n`` images: prior Langevin for z, then G(z).
-
-        Args:
-            n: number of images.
-            n_steps: prior chain length (default: ``prior_steps``, as in training).
-
-        Returns:
-            ``(n, C, H, W)`` images in [-1, 1] on the model's device.
-
-        Raises:
-            ValueError: for ``n`` < 1 or not an integer.
-        """
-        n = check_count(n, where=f"{type(self).__name__}.sample")
-        return self._generate(self.sample_latent(n, n_steps=n_steps))
-
-    @torch.no_grad()
-    def reconstruct(self, x: Tensor, n_steps: int | None = None) -> Tensor:
-        """G(z) at z inferred by posterior Langevin: images ``(B, C, H, W)`` in [-1, 1] -> same shape and range.
-
-        Raises:
-            DataShapeError: for bad images, as :meth:`infer_latent`.
-        """
-        x = self.prepare_data_input(x, f"{type(self).__name__}.reconstruct")
-        return self._generate(self._infer_latent(x, n_steps=n_steps))
 
     # ------------------------------------------------------------------------------------------------ predict
     def predict_step(self, batch, batch_idx: int) -> dict:
