@@ -34,12 +34,15 @@ class KeepMetrics(pl.Callback):
 
 def fit_one_float64_step(model, x, tmp_path, monkeypatch):
     """One training iteration of ``model`` on the batch ``x`` through Lightning at float64, recording the random
-    draws. Returns (draws, logged metrics). ``x`` must be exactly representable in float32 (the loader may cast)."""
+    draws. Returns (draws, logged metrics). ``x`` must be exactly representable in float32 (the loader may cast); a
+    tuple ``x`` is one whole batch, handed to the model as it is."""
     rec = Recorder(monkeypatch)
     keep = KeepMetrics()
     t = pl.Trainer(accelerator="cpu", precision="64-true", max_steps=1, logger=False, enable_progress_bar=False,
                    enable_model_summary=False, enable_checkpointing=False, callbacks=[keep],
                    default_root_dir=tmp_path)
-    t.fit(model, DataLoader(TensorDataset(x.float()), batch_size=x.shape[0]))
+    loader = (DataLoader([x], batch_size=None) if isinstance(x, tuple)
+              else DataLoader(TensorDataset(x.float()), batch_size=x.shape[0]))
+    t.fit(model, loader)
     monkeypatch.undo()
     return rec.draws, keep.metrics

@@ -62,25 +62,34 @@ __all__ = ["SymbolVectorEnergy", "SymbolVectorLEBM", "VectorGenerator", "mutual_
 
 
 class SymbolVectorEnergy(nn.Module):
-    """F_a(z): MLP ``nz -> ndf -> ndf -> C`` giving the C class logits (the reference's netE with C outputs).
+    """F_a(z): an MLP ``nz -> ndf [-> ndf] -> C`` giving the C class logits (the reference's netE with C outputs).
 
     Args:
         nz: latent size.
         ndf: hidden width (reference: 200).
         n_classes: C.
         activation: ``"gelu"`` (the reference's 2-D scripts) or ``"lrelu"`` (LeakyReLU 0.2, its AGNews script).
+        layers: hidden layers, each ``Linear`` then the activation (>= 1): 2 in the reference's AGNews script
+            (``semi_sup_classification.py`` ``_netE``), 1 in its 2-D scripts (``synthetic_8gaussian.py``,
+            ``synthetic_pinwell.py``).
 
     Shapes:
         ``z`` ``(B, nz)`` -> logits ``(B, C)``.
     """
 
-    def __init__(self, nz: int = 100, ndf: int = 200, n_classes: int = 10, activation: str = "gelu"):
+    def __init__(self, nz: int = 100, ndf: int = 200, n_classes: int = 10, activation: str = "gelu",
+                 layers: int = 2):
         super().__init__()
         acts = {"gelu": nn.GELU, "lrelu": lambda: nn.LeakyReLU(0.2)}
         if activation not in acts:
             raise ValueError(f"activation must be one of {sorted(acts)}, got {activation!r}")
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+            raise ValueError(f"layers must be an integer >= 1, got {layers!r}")
         act = acts[activation]
-        self.net = nn.Sequential(nn.Linear(nz, ndf), act(), nn.Linear(ndf, ndf), act(), nn.Linear(ndf, n_classes))
+        hidden: list[nn.Module] = [nn.Linear(nz, ndf), act()]
+        for _ in range(layers - 1):
+            hidden += [nn.Linear(ndf, ndf), act()]
+        self.net = nn.Sequential(*hidden, nn.Linear(ndf, n_classes))
 
     def forward(self, z: Tensor) -> Tensor:
         return self.net(z.flatten(1))
@@ -119,6 +128,20 @@ def mutual_information(logits: Tensor) -> Tensor:
     log_mean = torch.logsumexp(logp, dim=0) - math.log(logits.shape[0])  # (C,) log of the batch-mean p(y | z)
     marginal = -(log_mean.exp() * log_mean).sum()
     return marginal - conditional
+
+
+#: the authors' settings that differ between their scripts, (images: the AGNews script ``semi_sup_classification.py``,
+#: vectors: the 2-D scripts ``synthetic_8gaussian.py`` / ``synthetic_pinwell.py``); a hyperparameter left at None
+#: takes the one for the model's data (see :meth:`SymbolVectorLEBM.setting`)
+REFERENCE_SETTINGS = {
+    "mi_weight": (100.0, 15.0),  # the information-bottleneck weight (AGNews: 100 in both losses; 2-D: mi_weight 15)
+    "lr_e": (1e-5, 1e-4),  # F's Adam learning rate (AGNews: e_lr; 2-D: emb_lr)
+    "weight_decay_e": (1e-3, 0.0),  # F's Adam weight decay (AGNews: e_decay; 2-D: ebm_weight_decay)
+    "energy_layers": (2, 1),  # F's hidden layers (AGNews: _netE; 2-D: IBEBM.ebm)
+    "loss_g_reduction": ("sum", "mean"),  # the generator loss: sum over a data point / B (AGNews, LEBM), nn.MSELoss
+}
+UPDATE_ORDERS = ("reference", "joint")
+LOSS_G_REDUCTIONS = ("sum", "mean")
 
 
 @register_family(tiny={
@@ -182,12 +205,12 @@ class SymbolVectorLEBM(LatentEBMPrior):
     """
 
     #: layer sizes, each an integer >= 1 (checked when the hyperparameters are saved)
-    size_hparams = ("nz", "ngf", "ndf")
+    size_hparams = ("nz", "ngf", "ndf", "energy_layers")
     #: hyperparameters a resumed run may change (the others come from the checkpoint)
     resume_hparams = (
         "class_weight", "mi_weight", "prior_steps", "prior_step_size", "posterior_steps", "posterior_step_size", "lr_g",
-        "lr_e", "betas", "lr_decay", "lr_schedule", "grad_clip_g", "grad_clip_e", "loss_g_limit",
-        "loss_g_limit_after_epoch", "loss_g_limit_check")
+        "lr_e", "betas", "betas_e", "weight_decay_e", "lr_decay", "lr_schedule", "grad_clip_g", "grad_clip_e",
+        "loss_g_limit", "loss_g_limit_after_epoch", "loss_g_limit_check")
 
     def __init__(
         self,
@@ -197,20 +220,25 @@ class SymbolVectorLEBM(LatentEBMPrior):
         ngf: int = 64,
         ndf: int = 200,
         n_classes: int = 10,
-        class_weight: float = 1.0,
-        mi_weight: float = 0.0,
+        class_weight: float = 200.0,
+        mi_weight: float | None = None,
         classify_samples: int = 1,
         dim: int | None = None,
         e_activation: str = "gelu",
-        prior_steps: int = 60,
+        energy_layers: int | None = None,
+        prior_steps: int = 100,
         prior_step_size: float = 0.4,
         posterior_steps: int = 20,
         posterior_step_size: float = 0.1,
         prior_sigma: float = 1.0,
         llhd_sigma: float = 0.3,
         lr_g: float = 1e-4,
-        lr_e: float = 2e-5,
+        lr_e: float | None = None,
         betas: tuple[float, float] = (0.5, 0.999),
+        betas_e: tuple[float, float] = (0.9, 0.999),
+        weight_decay_e: float | None = None,
+        update_order: str = "reference",
+        loss_g_reduction: str | None = None,
         lr_decay: float = 0.998,
         lr_schedule: str = "reference",
         grad_clip_g: float | None = None,
@@ -238,10 +266,20 @@ class SymbolVectorLEBM(LatentEBMPrior):
         _check_int("classify_samples", classify_samples, 1)
         if dim is not None:
             _check_int("dim", dim, 1)
-        for name, value in (("class_weight", class_weight), ("mi_weight", mi_weight)):
+        for name, value in (("class_weight", class_weight), ("mi_weight", mi_weight),
+                            ("weight_decay_e", weight_decay_e)):
+            if name != "class_weight" and value is None:
+                continue
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
                     and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+                raise ValueError(f"{name} must be a finite number >= 0{'' if name == 'class_weight' else ' or None'},"
+                                 f" got {value!r}")
+        if update_order not in UPDATE_ORDERS:
+            raise ValueError(f"update_order must be one of {UPDATE_ORDERS}, got {update_order!r}")
+        if loss_g_reduction is not None and loss_g_reduction not in LOSS_G_REDUCTIONS:
+            raise ValueError(f"loss_g_reduction must be one of {LOSS_G_REDUCTIONS} or None, got {loss_g_reduction!r}")
+        if lr_e is not None and not lr_e > 0:
+            raise ValueError(f"lr_e must be a learning rate > 0 or None, got {lr_e}")
         self.save_hyperparameters()
         if dim is None:
             self.generator = ConvGenerator(nz=nz, ngf=ngf, img_size=img_size, channels=channels,
@@ -254,11 +292,22 @@ class SymbolVectorLEBM(LatentEBMPrior):
         """F (C logits) and the prior and posterior samplers."""
         hp = self.hparams
         self.energy_net = SymbolVectorEnergy(nz=hp.nz, ndf=hp.ndf, n_classes=hp.n_classes,
-                                             activation=hp.e_activation)
+                                             activation=hp.e_activation, layers=self.setting("energy_layers"))
         self.samplers = {
             "prior": LangevinSampler(hp.prior_steps, hp.prior_step_size),
             "posterior": LangevinSampler(hp.posterior_steps, hp.posterior_step_size),
         }
+
+    def setting(self, name: str):
+        """The value in use of ``name`` (``mi_weight``, ``lr_e``, ``weight_decay_e``, ``energy_layers``,
+        ``loss_g_reduction``): the hyperparameter, or where it is None the authors' setting for the model's data
+        (:data:`REFERENCE_SETTINGS`: the AGNews script's for images, the 2-D scripts' with ``dim``).
+
+        Raises:
+            KeyError: for another name.
+        """
+        value = self.hparams.get(name)
+        return REFERENCE_SETTINGS[name][self.hparams.dim is not None] if value is None else value
 
     # ------------------------------------------------------------------------------------------------ densities
     def logits(self, z: Tensor) -> Tensor:
@@ -508,44 +557,51 @@ class SymbolVectorLEBM(LatentEBMPrior):
                                                 name="y_labelled")
         return self.data_from_batch(batch), None, None
 
-    def training_step(self, batch, batch_idx: int) -> None:
-        hp = self.hparams
-        x_u, x_l, y_l = self.split_batch(batch)
-        b = x_u.shape[0]
-        opt_g, opt_e = self.optimizers()
+    def generator_loss(self, x: Tensor, z: Tensor) -> Tensor:
+        """The generator's loss at posterior latents: ``sum((G(z) - x)^2) / B`` (``loss_g_reduction="sum"``, the
+        AGNews script's and the LEBM's scale) or the mean over the ``B x dim`` entries (``"mean"``, the 2-D scripts'
+        ``nn.MSELoss()``); the default is the one for the model's data (:meth:`setting`)."""
+        if self.setting("loss_g_reduction") == "mean":
+            return (full_precision(self.generator(z)) - x).pow(2).mean()
+        return super().generator_loss(x, z)
 
-        x_all = x_u if x_l is None else torch.cat([x_u, x_l.to(x_u.dtype)])
-        z_all = self.infer_latent(x_all)  # (B + B_l, nz) posterior samples, K1 steps from N(0, I), marginal prior
-        z_pos = z_all[:b]
+    def configure_optimizers(self):
+        """G's Adam (``lr_g``, ``betas``) and F's Adam (``lr_e``, ``betas_e``, ``weight_decay_e``: the reference's
+        optimiser of its EBM, F), each with the ``lr_schedule`` schedule."""
+        hp = self.hparams
+        opt_g = self.adam(self.generator.parameters(), hp.lr_g)
+        opt_e = torch.optim.Adam(self.energy_net.parameters(), lr=self.setting("lr_e"), betas=tuple(hp.betas_e),
+                                 weight_decay=self.setting("weight_decay_e"))
+        return [opt_g, opt_e], [self._scheduler(opt_g), self._scheduler(opt_e)]
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        if self.hparams.update_order == "joint":
+            self._joint_training_step(batch)
+        else:
+            self._reference_training_step(batch)
+
+    def _unlabelled_losses(self, x_u: Tensor, z_pos: Tensor, z_neg: Tensor, logs: dict) -> tuple[Tensor, Tensor]:
+        """(loss_g, F's loss on the unlabelled part ``mean E(z+) - mean E(z-) - mi_weight * MI(F(z+))``), logging
+        their parts into ``logs``."""
         loss_g = self.generator_loss(x_u, z_pos)
-        z_neg = self.sample_latent(b)  # (B, nz) marginal prior samples, K0 steps from N(0, I)
         logits_pos = self.logits(z_pos)  # (B, C)
         en_pos, en_neg = -torch.logsumexp(logits_pos, dim=1), self.energy(z_neg)  # (B,), (B,)
         gap = en_pos.mean() - en_neg.mean()
+        logs.update(loss_g=loss_g.detach(), energy_pos=en_pos.mean().detach(), energy_neg=en_neg.mean().detach(),
+                    energy_gap=gap.detach())
+        mi_weight = self.setting("mi_weight")
         loss_e = gap
-        logs = {"loss_g": loss_g.detach(), "energy_pos": en_pos.mean().detach(),
-                "energy_neg": en_neg.mean().detach(), "energy_gap": gap.detach()}
-        loss_cls = gap.new_zeros(())
-        if x_l is not None:
-            logits_l = self.logits(z_all[b:])  # (B_l, C) at the labelled images' posterior samples
-            loss_cls = F.cross_entropy(logits_l, y_l)  # mean over the labelled part
-            loss_e = loss_e + hp.class_weight * loss_cls
-            logs["acc_labelled"] = (logits_l.detach().argmax(1) == y_l).float().mean()
-        logs["loss_cls"] = loss_cls.detach()
-        if hp.mi_weight > 0:
+        if mi_weight > 0:
             mi = mutual_information(logits_pos)
-            loss_e = loss_e - hp.mi_weight * mi
+            loss_e = gap - mi_weight * mi
             logs["mi"] = mi.detach()
-        logs["loss_e"] = loss_e.detach()
-        losses = {"loss_g": loss_g, "loss_e": loss_e, "loss_cls": loss_cls}  # the same names on every rank (DDP)
-        limits = {"loss_g": hp.loss_g_limit} if self._loss_g_limit_applies("per_batch") else None
-        if not self.check_finite(losses, limits):
-            return  # diverged: skip both updates; the trainer stops after this batch
-        self._last_loss_g = loss_g.detach()
+        return loss_g, loss_e
 
-        # One backward for both updates, as LatentPriorBase.training_step: F's loss (energy difference, cross-entropy,
-        # MI) does not depend on G's parameters and the chains' latents are detached, so G gets exactly
-        # grad(loss_g) and F exactly grad(loss_e).
+    def _step_g_and_f(self, loss_g: Tensor, loss_e: Tensor, logs: dict) -> None:
+        """One backward for G's and F's losses (F's does not depend on G's parameters and the chains' latents are
+        detached, so G gets exactly grad(loss_g) and F exactly grad(loss_e)), then G's step, then F's."""
+        hp = self.hparams
+        opt_g, opt_e = self.optimizers()
         opt_g.zero_grad(set_to_none=True)
         opt_e.zero_grad(set_to_none=True)
         self.manual_backward(loss_g + loss_e)
@@ -553,8 +609,68 @@ class SymbolVectorLEBM(LatentEBMPrior):
         opt_g.step()
         logs["grad_norm_e"] = self.grad_norm_and_clip(self.energy_net.parameters(), hp.grad_clip_e)
         self.step_uncounted(opt_e)  # global_step counts iterations, not optimiser steps
-        prog = {"loss_g": logs["loss_g"], "gap": logs["energy_gap"]}
+
+    def _reference_training_step(self, batch) -> None:
+        """``update_order="reference"``: F's classification step first, then the chains with the updated F, G's step
+        and F's unlabelled step (``semi_sup_classification.py`` lines 740-804)."""
+        hp = self.hparams
+        x_u, x_l, y_l = self.split_batch(batch)
+        b = x_u.shape[0]
+        _, opt_e = self.optimizers()
+        logs: dict = {}
+        loss_cls = full_precision(x_u.new_zeros(()))
         if x_l is not None:
+            z_l = self.infer_latent(x_l.to(x_u.dtype))  # (B_l, nz) posterior samples with F before this step
+            logits_l = self.logits(z_l)
+            loss_cls = F.cross_entropy(logits_l, y_l)  # mean over the labelled part
+            logs["acc_labelled"] = (logits_l.detach().argmax(1) == y_l).float().mean()
+            if not self.check_finite({"loss_cls": loss_cls}):
+                return  # diverged: skip every update; the trainer stops after this batch
+            opt_e.zero_grad(set_to_none=True)
+            self.manual_backward(hp.class_weight * loss_cls)
+            logs["grad_norm_e_cls"] = self.grad_norm_and_clip(self.energy_net.parameters(), hp.grad_clip_e)
+            self.step_uncounted(opt_e)
+        logs["loss_cls"] = loss_cls.detach()
+        z_pos = self.infer_latent(x_u)  # (B, nz) posterior samples, K1 steps from N(0, I), marginal prior, new F
+        z_neg = self.sample_latent(b)  # (B, nz) marginal prior samples, K0 steps from N(0, I)
+        loss_g, loss_e = self._unlabelled_losses(x_u, z_pos, z_neg, logs)
+        logs["loss_e"] = loss_e.detach()
+        limits = {"loss_g": hp.loss_g_limit} if self._loss_g_limit_applies("per_batch") else None
+        if not self.check_finite({"loss_g": loss_g, "loss_e": loss_e}, limits):
+            return
+        self._last_loss_g = loss_g.detach()
+        self._step_g_and_f(loss_g, loss_e, logs)
+        self._log_step(logs, b, x_l is not None)
+
+    def _joint_training_step(self, batch) -> None:
+        """``update_order="joint"``: both posterior chains in one call, one F step on the sum of all F's losses."""
+        hp = self.hparams
+        x_u, x_l, y_l = self.split_batch(batch)
+        b = x_u.shape[0]
+        x_all = x_u if x_l is None else torch.cat([x_u, x_l.to(x_u.dtype)])
+        z_all = self.infer_latent(x_all)  # (B + B_l, nz) posterior samples, K1 steps from N(0, I), marginal prior
+        z_neg = self.sample_latent(b)  # (B, nz) marginal prior samples, K0 steps from N(0, I)
+        logs: dict = {}
+        loss_g, loss_e = self._unlabelled_losses(x_u, z_all[:b], z_neg, logs)
+        loss_cls = full_precision(x_u.new_zeros(()))
+        if x_l is not None:
+            logits_l = self.logits(z_all[b:])  # (B_l, C) at the labelled images' posterior samples
+            loss_cls = F.cross_entropy(logits_l, y_l)  # mean over the labelled part
+            loss_e = loss_e + hp.class_weight * loss_cls
+            logs["acc_labelled"] = (logits_l.detach().argmax(1) == y_l).float().mean()
+        logs["loss_cls"] = loss_cls.detach()
+        logs["loss_e"] = loss_e.detach()
+        losses = {"loss_g": loss_g, "loss_e": loss_e, "loss_cls": loss_cls}  # the same names on every rank (DDP)
+        limits = {"loss_g": hp.loss_g_limit} if self._loss_g_limit_applies("per_batch") else None
+        if not self.check_finite(losses, limits):
+            return  # diverged: skip both updates; the trainer stops after this batch
+        self._last_loss_g = loss_g.detach()
+        self._step_g_and_f(loss_g, loss_e, logs)
+        self._log_step(logs, b, x_l is not None)
+
+    def _log_step(self, logs: dict, b: int, labelled: bool) -> None:
+        prog = {"loss_g": logs["loss_g"], "gap": logs["energy_gap"]}
+        if labelled:
             prog["acc_l"] = logs["acc_labelled"]
         self.log_train(logs, prog, batch_size=b)
 
