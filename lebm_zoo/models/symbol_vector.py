@@ -18,25 +18,37 @@ log p(x, z) for z+, prior Langevin on log p_a(z) for z-, the generator fits x at
 ``mean E(z+) - mean E(z-)``. The second term is estimated by ``cross_entropy(F(z+), y)`` at the labelled images'
 posterior samples z+ ~ p(z | x), i.e. log p(y | x) ~= log p(y | z+).
 
-Reference: the authors' public code, bpucla/ibebm @315b645 (text on AGNews and the 2-D toy scripts). What follows it:
-F is an MLP ``nz -> ndf (200) -> ndf -> C`` (LeakyReLU 0.2 in the AGNews script, GELU in the 2-D scripts: our
-``e_activation``); the marginal energy is ``-logsumexp`` of the logits at temperature 1; the prior Langevin is
-``z <- z - 0.5 s^2 (grad E(z) + z / sigma^2) + s eps`` from N(0, I), sigma = 1 (they use 100 steps of 0.4; the LEBM
-image recipes 60 of 0.4); the classification loss is the batch-mean cross-entropy of F at the labelled data's latents,
-weighted by ``labeled_weight`` (200 in the AGNews script); an information-bottleneck term
-``MI = H(mean_z softmax F(z)) - mean_z H(softmax F(z))`` at posterior z, weighted (100 AGNews, 15 in the 2-D scripts),
-is added to the losses (our ``mi_weight``, off by default).
+Reference: the authors' public code, bpucla/ibebm @315b645: ``semi_sup_classification.py`` (text, AGNews; the image
+models take its settings, there being no public image code) and ``synthetic_8gaussian.py`` / ``synthetic_pinwell.py``
+(2-D, unsupervised). Followed by default (``docs/fidelity.md``):
 
-What we chose, with no public code for the image experiments (deviations, named):
+* F: an MLP ``nz -> ndf (200) [-> ndf] -> C``, two hidden layers in the text script, one in the 2-D scripts
+  (``energy_layers``; LeakyReLU 0.2 in the text script, GELU in the 2-D ones: ``e_activation``); the marginal energy
+  ``-logsumexp`` of the logits at temperature 1;
+* the prior Langevin ``z <- z - 0.5 s^2 (grad E(z) + z / sigma^2) + s eps`` from N(0, I), sigma = 1, 100 steps of 0.4;
+* F's Adam: lr 1e-5, betas (0.9, 0.999), weight decay 1e-3 (text); lr 1e-4, betas (0.9, 0.999), no decay (2-D);
+* the semi-supervised iteration's order (text script): F steps first on ``class_weight * CE`` (200, the batch-mean
+  cross-entropy at the labelled data's latents), both unlabelled chains then run with the updated F, G steps, and F
+  steps again on ``mean E(z+) - mean E(z-) - mi_weight * MI`` with the information-bottleneck term
+  ``MI = H(mean_z softmax F(z)) - mean_z H(softmax F(z))`` at posterior z (weight 100 text, 15 in 2-D);
+* the generator loss: a sum over a data point's entries / B (text, as the LEBM), the mean over B x dim in 2-D
+  (``nn.MSELoss()``).
+
+Where the hyperparameters ``mi_weight``, ``lr_e``, ``weight_decay_e``, ``energy_layers`` and ``loss_g_reduction`` are
+None (the defaults), the script for the model's data decides (images: text; ``dim``: 2-D); :data:`REFERENCE_SETTINGS`
+lists them. The package's earlier choices are options: ``update_order="joint"`` (one F step on the sum of its
+losses, both posterior chains before any update), ``class_weight=1``, ``mi_weight=0``, ``betas_e=(0.5, 0.999)``,
+``weight_decay_e=0``, ``energy_layers=2`` and ``loss_g_reduction="sum"`` in 2-D, ``prior_steps=60``.
+
+What differs by necessity (named in ``docs/symbol_vector.md``):
 
 * inference: the reference infers z with an encoder (VAE-style); we use the LEBM way, short-run posterior Langevin on
-  log p(x, z) with the MARGINAL prior (K1 = 20 steps of s1 = 0.1, ``llhd_sigma`` 0.3), as :class:`LatentEBMPrior`;
+  log p(x, z) with the MARGINAL prior (K1 = 20 steps of s1 = 0.1, ``llhd_sigma`` 0.3), as :class:`LatentEBMPrior`,
+  and the cross-entropy is taken at a posterior sample where the reference takes the encoder's mean;
 * the classification (and MI) gradient therefore reaches only F: our z+ are detached chain samples, where the
   reference's cross-entropy also trains its encoder;
-* ``class_weight`` defaults to 1, not 200 (see :class:`SymbolVectorLEBM`);
 * the generator and the energy terms use the unlabelled part of a batch only (the whole training split, labelled
-  images included, cycles through it); the labelled part adds only the classification term, so the few labelled
-  images are not over-weighted in ``log p(x)``;
+  images included, cycles through it); the labelled part adds only the classification term;
 * 2-D data (``dim``): an MLP generator ``nz -> ngf -> ngf -> dim`` (LeakyReLU 0.2, linear output) with a Gaussian
   likelihood, in place of the reference's 2-D decoder and encoder.
 
@@ -130,7 +142,7 @@ def mutual_information(logits: Tensor) -> Tensor:
     return marginal - conditional
 
 
-#: the authors' settings that differ between their scripts, (images: the AGNews script ``semi_sup_classification.py``,
+#: the authors' settings that differ between their scripts: (images: the AGNews script ``semi_sup_classification.py``,
 #: vectors: the 2-D scripts ``synthetic_8gaussian.py`` / ``synthetic_pinwell.py``); a hyperparameter left at None
 #: takes the one for the model's data (see :meth:`SymbolVectorLEBM.setting`)
 REFERENCE_SETTINGS = {
@@ -155,10 +167,10 @@ class SymbolVectorLEBM(LatentEBMPrior):
 
     It is a :class:`LatentEBMPrior`: the marginal :meth:`energy` is ``-logsumexp_y F_y(z)``, so
     :meth:`prior_log_prob`, both chains (:meth:`sample_latent` without ``y``, :meth:`infer_latent`),
-    :meth:`anomaly_score`, :meth:`reconstruct`, the optimisers (E's Adam now trains F), the schedules and the early
-    stop are inherited as they are. Added: :meth:`logits`, :meth:`class_energy`, :meth:`conditional_prior_log_prob`,
-    :meth:`classify`, and ``y`` in :meth:`sample` / :meth:`sample_latent` (conditional prior Langevin on
-    ``F_y(z) - ||z||^2 / (2 sigma_p^2)``).
+    :meth:`anomaly_score`, :meth:`reconstruct`, G's optimiser, the schedules and the early stop are inherited as
+    they are; F's Adam has its own settings (``lr_e``, ``betas_e``, ``weight_decay_e``). Added: :meth:`logits`,
+    :meth:`class_energy`, :meth:`conditional_prior_log_prob`, :meth:`classify`, and ``y`` in :meth:`sample` /
+    :meth:`sample_latent` (conditional prior Langevin on ``F_y(z) - ||z||^2 / (2 sigma_p^2)``).
 
     Batches (training): ``(x_unlabelled, x_labelled, y_labelled)`` as :class:`~datamodules.SemiSupervisedDataModule`
     yields them: ``x_unlabelled`` ``(B, ...)``, ``x_labelled`` ``(B_l, ...)``, ``y_labelled`` ``(B_l,)`` integer
@@ -168,40 +180,49 @@ class SymbolVectorLEBM(LatentEBMPrior):
     (a tensor, ``(x,)``, ``(x, y)``) is all unlabelled: no classification term (``y`` is ignored). Items are images
     ``(channels, img_size, img_size)`` in [-1, 1], or vectors ``(dim,)`` when ``dim`` is set.
 
-    Training step, in this order (one backward, as :meth:`LatentPriorBase.training_step`): posterior Langevin from
-    N(0, I) for every image of the batch (both parts, one chain call; marginal prior); prior Langevin from N(0, I) for
-    ``B`` chains; generator loss ``sum((G(z+_u) - x_u)^2) / B``; energy-net loss ``mean E(z+_u) - mean E(z-)
-    + class_weight * CE(F(z+_l), y_l) - mi_weight * MI(F(z+_u))`` (CE a mean over the labelled part). Logged
-    (``train/``): ``loss_g``, ``loss_e`` (the whole energy-net loss), ``energy_pos``, ``energy_neg``, ``energy_gap``,
-    ``loss_cls`` (0 without labelled part), ``acc_labelled`` (training accuracy of F(z+_l); only with a labelled part),
-    ``mi`` (when ``mi_weight > 0``), ``grad_norm_g``, ``grad_norm_e``.
+    Training step (``update_order="reference"``, the default), in this order: posterior Langevin from N(0, I) for the
+    labelled part (marginal prior); F's Adam step on ``class_weight * CE(F(z+_l), y_l)`` (CE a mean over the labelled
+    part); posterior Langevin for the unlabelled part and prior Langevin for ``B`` chains, both with the updated F;
+    generator loss (see ``loss_g_reduction``) and G's step; F's step on ``mean E(z+_u) - mean E(z-) - mi_weight *
+    MI(F(z+_u))``. Without a labelled part the first two are skipped. ``update_order="joint"``: one posterior chain
+    call for both parts, then G's step and one F step on the sum of F's losses. Logged (``train/``): ``loss_g``,
+    ``loss_e`` (F's loss of the last step: without the cross-entropy in the reference order, with it in the joint
+    one), ``energy_pos``, ``energy_neg``, ``energy_gap``, ``loss_cls`` (0 without labelled part), ``acc_labelled``
+    (training accuracy of F(z+_l); only with a labelled part), ``mi`` (when the MI weight is > 0), ``grad_norm_g``,
+    ``grad_norm_e`` and, in the reference order with a labelled part, ``grad_norm_e_cls``.
 
-    Defaults are :class:`LatentEBMPrior`'s (the LEBM SVHN recipe) with C = 10.
+    Defaults: F and its training as the authors' scripts (module docstring); the generator, the posterior chain and
+    the schedules as :class:`LatentEBMPrior`'s (the LEBM SVHN recipe); C = 10.
 
     Args:
-        img_size, channels, nz, ngf, ndf, e_activation, prior_steps, prior_step_size, posterior_steps,
-            posterior_step_size, prior_sigma, llhd_sigma, lr_g, lr_e, betas, lr_decay, lr_schedule, grad_clip_g,
-            grad_clip_e, loss_g_limit, loss_g_limit_after_epoch, loss_g_limit_check, channels_last: as
-            :class:`LatentEBMPrior` (``ndf``: F's hidden width; ``lr_e``, ``grad_clip_e``: F's; ``ngf``: with ``dim``,
-            the MLP generator's width). There is no ``prior`` option: the prior is always the EBM (F is the classifier).
+        img_size, channels, nz, ngf, ndf, e_activation, prior_step_size, posterior_steps, posterior_step_size,
+            prior_sigma, llhd_sigma, lr_g, betas, lr_decay, lr_schedule, grad_clip_g, grad_clip_e, loss_g_limit,
+            loss_g_limit_after_epoch, loss_g_limit_check, channels_last: as :class:`LatentEBMPrior` (``ndf``: F's
+            hidden width; ``grad_clip_e``: F's; ``betas``: G's Adam only; ``ngf``: with ``dim``, the MLP generator's
+            width). There is no ``prior`` option: the prior is always the EBM (F is the classifier).
         n_classes: C, the number of classes (>= 2).
-        class_weight: lambda, the weight of the labelled cross-entropy (a mean over the labelled part of the batch) in
-            F's loss (>= 0; default 1). The reference's ``labeled_weight`` is 200 for its text model, where the
-            cross-entropy also trains the encoder and competes there with a reconstruction loss summed over tokens;
-            here it trains F only, beside the energy difference ``mean E(z+) - mean E(z-)``, also a per-example mean
-            of O(1) nats, so 1 weighs the two per-example terms equally (under Adam the weight sets the ratio of the two
-            gradients, not the step size).
+        class_weight: the weight of the labelled cross-entropy (a mean over the labelled part of the batch) in F's
+            classification step (>= 0; default 200, the reference's ``labeled_weight``).
         mi_weight: the weight of the information-bottleneck term MI (:func:`mutual_information`) at the unlabelled
-            part's posterior samples, subtracted from F's loss (>= 0; 0 = off, the default; the reference: 100 for
-            AGNews, 15 in its 2-D scripts).
+            part's posterior samples, subtracted from F's loss (>= 0; None: 100 for images, the text script's, and
+            15 with ``dim``, the 2-D scripts'; 0 turns it off).
         classify_samples: posterior samples (independent chains) whose class probabilities :meth:`classify` averages
             (>= 1; default 1).
         dim: None for images; an integer for vector data ``(B, dim)`` (the 2-D toys): the generator is then
             :class:`VectorGenerator` (``nz -> ngf -> ngf -> dim``) and ``img_size`` / ``channels`` are unused.
+        energy_layers: F's hidden layers (>= 1; None: 2 for images, 1 with ``dim``).
+        prior_steps: the prior chain's length K0 (default 100, the reference's).
+        lr_e: F's Adam learning rate (> 0; None: 1e-5 for images, 1e-4 with ``dim``).
+        betas_e: F's Adam betas (default (0.9, 0.999), the reference's).
+        weight_decay_e: F's Adam (L2) weight decay (>= 0; None: 1e-3 for images, 0 with ``dim``).
+        update_order: ``"reference"`` (F's classification step before the chains) or ``"joint"`` (one F step).
+        loss_g_reduction: ``"sum"`` (over a data point's entries, divided by B) or ``"mean"`` (over all B x entries);
+            None: ``"sum"`` for images, ``"mean"`` with ``dim``.
 
     Raises:
         ValueError: for a bad value of any argument (naming it), as :class:`LatentEBMPrior` and for ``n_classes`` < 2,
-            negative ``class_weight`` / ``mi_weight``, ``classify_samples`` < 1, ``dim`` < 1.
+            negative ``class_weight`` / ``mi_weight`` / ``weight_decay_e``, ``classify_samples`` < 1, ``dim`` < 1,
+            ``energy_layers`` < 1, ``lr_e`` <= 0, an unknown ``update_order`` or ``loss_g_reduction``.
     """
 
     #: layer sizes, each an integer >= 1 (checked when the hyperparameters are saved)
