@@ -62,3 +62,13 @@ def test_recipe_builds(name, tmp_path, monkeypatch):
     assert isinstance(seed, int) and not isinstance(seed, bool)
     assert cli.config["seed_everything"] == seed
     assert os.environ["PL_GLOBAL_SEED"] == str(seed)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_image_recipes_turn_on_cudnn_benchmark(name):
+    """The fixed-shape image recipes ask for ``cudnn.benchmark`` (the authors' setting; no effect on a CPU); the
+    sequence and 2-D recipes, whose shapes vary or whose nets have no convolution, do not."""
+    cfg = yaml.safe_load(recipe_path(name).read_text())
+    sequences = _import(cfg["model"]["class_path"]).__name__ in ("SequenceLatentEBMPrior", "LSTMLanguageModel")
+    images = not sequences and not (cfg["model"].get("init_args") or {}).get("dim")
+    assert cfg["trainer"].get("benchmark", False) is images, name
