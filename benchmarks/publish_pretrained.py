@@ -5,7 +5,7 @@ For each entry of :data:`ENTRIES` whose run exists under ``--runs``: load the ru
 metrics that ``lebm-zoo test`` logged for it (TensorBoard events of the test run), write the published folder
 (``config.json`` + fp32 ``model.safetensors``, no optimiser state) with the training and evaluation commands, rebuild
 ``lebm_zoo/weights/index.json`` (sha256 and size of every file), store every entry's
-:func:`lebm_zoo.pretrained.fingerprint` in ``tests/fixtures/pretrained_fingerprints.json``
+:func:`lebm_zoo.fingerprint.fingerprint` in ``tests/fixtures/pretrained_fingerprints.json``
 (``tests/test_shipped_weights.py`` recomputes it), and, for image models, write a 64-sample grid to
 ``benchmarks/results/pretrained/<name>.png``. It prints the table of docs/pretrained.md at the end
 (``benchmarks/pretrained_table.py`` writes it there).
@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from lebm_zoo import pretrained as P  # noqa: E402
+from lebm_zoo.fingerprint import fingerprint  # noqa: E402
 from lebm_zoo.hardware import cpu_name  # noqa: E402
 
 FINGERPRINTS = ROOT / "tests" / "fixtures" / "pretrained_fingerprints.json"
@@ -268,7 +269,7 @@ def main() -> int:
     # theirs (a recomputation differs in the last digits with the thread count, which would only churn the file)
     fps = json.loads(FINGERPRINTS.read_text()) if FINGERPRINTS.is_file() else {}
     fps = {e.name: fps[e.name] if e.name in fps and args.names and e.name not in args.names
-           else P.fingerprint(P.load_pretrained(e.name)) for e in P.list_pretrained()}
+           else fingerprint(P.load_pretrained(e.name)) for e in P.list_pretrained()}
     FINGERPRINTS.write_text(json.dumps(dict(sorted(fps.items())), indent=1) + "\n")
     total = sum(e.size for e in P.list_pretrained())
     print(f"registry: {len(index)} entries, {total / 1e6:.1f} MB")

@@ -15,6 +15,7 @@ import lebm_zoo
 import lebm_zoo.pretrained as pretrained
 from datamodules import Vocabulary
 from lebm_zoo import CheckpointError, LatentEBMPrior, SequenceLatentEBMPrior, ShortRunEBM
+from lebm_zoo.fingerprint import fingerprint
 
 
 def latent_prior():
@@ -71,9 +72,9 @@ def test_every_family_round_trips_with_its_fingerprint(name, tmp_path):
     loaded = lebm_zoo.load_pretrained(model.save_pretrained(tmp_path / name, data="tiny"))
     assert type(loaded) is type(model) and same_state(model, loaded)
     assert dict(loaded.hparams) == dict(model.hparams)
-    before = pretrained.fingerprint(model)
+    before = fingerprint(model)
     assert before and all(torch.isfinite(torch.tensor(v)) for v in before.values())
-    assert pretrained.fingerprint(loaded) == before
+    assert fingerprint(loaded) == before
     # the fingerprint sees the weights of every network: perturb one and it moves
     for net_name, net in loaded.named_children():
         params = [p for p in net.parameters() if p.is_floating_point()]
@@ -81,7 +82,7 @@ def test_every_family_round_trips_with_its_fingerprint(name, tmp_path):
             continue
         with torch.no_grad():
             params[0].add_(0.5)
-        assert pretrained.fingerprint(loaded) != before, net_name
+        assert fingerprint(loaded) != before, net_name
         with torch.no_grad():
             params[0].sub_(0.5)
 

@@ -9,8 +9,8 @@ from _data import fit_steps, recipe_fit_args, tensor_loader
 import lebm_zoo
 from lebm_zoo import CheckpointError, DiffusionRecoveryEBM, ShortRunEBM
 from lebm_zoo.cli import main
+from lebm_zoo.fingerprint import fingerprint
 from lebm_zoo.models.recovery_likelihood import recovery_schedule
-from lebm_zoo.pretrained import fingerprint
 
 
 def tiny_images(**kw):

@@ -11,8 +11,8 @@ from _data import FIXTURES
 
 import lebm_zoo
 from datamodules import QuickstartMNISTDataModule
-from lebm_zoo import pretrained
 from lebm_zoo.callbacks.reconstruction import ReconstructionMSE  # noqa: F401  (the protocol the metric names)
+from lebm_zoo.fingerprint import EXACT_FINGERPRINT_KEYS, fingerprint
 
 ENTRIES = {e.name: e for e in lebm_zoo.list_pretrained()}
 FINGERPRINTS = json.loads((FIXTURES / "pretrained_fingerprints.json").read_text())
@@ -61,10 +61,10 @@ def test_entry_loads_samples_and_reproduces_its_fingerprint(name):
     assert cfg["recipe"] == entry.recipe and cfg["training_steps"] and cfg["metrics"] == entry.metrics
     assert all(v.dtype in (torch.float32, torch.int64, torch.bool) for v in model.state_dict().values())
     _check_samples(model, entry)
-    got, stored = pretrained.fingerprint(model), FINGERPRINTS[name]
+    got, stored = fingerprint(model), FINGERPRINTS[name]
     assert got.keys() == stored.keys()
     for k in stored:
-        if k in pretrained.EXACT_FINGERPRINT_KEYS:  # float64 sums of the weights: the same on every machine
+        if k in EXACT_FINGERPRINT_KEYS:  # float64 sums of the weights: the same on every machine
             assert got[k] == pytest.approx(stored[k], rel=1e-9), (k, got[k], stored[k])
         else:
             # sampled: float rounding differs between CPUs' vector units (AVX2, AVX-512, AMX) and a chain can
@@ -77,8 +77,8 @@ def test_a_slightly_changed_weight_changes_the_fingerprint():
     with torch.no_grad():
         p = next(iter(model.parameters()))
         p.view(-1)[0] += 1e-4  # one weight, by 1e-4
-    got, stored = pretrained.fingerprint(model), FINGERPRINTS["lebm-mnist-quickstart"]
-    assert any(got[k] != pytest.approx(stored[k], rel=1e-9) for k in pretrained.EXACT_FINGERPRINT_KEYS)
+    got, stored = fingerprint(model), FINGERPRINTS["lebm-mnist-quickstart"]
+    assert any(got[k] != pytest.approx(stored[k], rel=1e-9) for k in EXACT_FINGERPRINT_KEYS)
 
 
 def test_shipped_quickstart_model_reconstructs_as_recorded():

@@ -11,8 +11,9 @@ from _data import tensor_loader, tiny_trainer, uniform_images, write_mnist
 import lebm_zoo
 from datamodules import EightGaussiansDataModule, MNISTDataModule, SemiSupervisedDataModule
 from datamodules.semisup import dataset_labels
-from lebm_zoo import DataShapeError, LatentEBMPrior, SymbolVectorLEBM, pretrained
+from lebm_zoo import DataShapeError, LatentEBMPrior, SymbolVectorLEBM
 from lebm_zoo.callbacks import ClassificationAccuracy, ClassRegionPlot2D
+from lebm_zoo.fingerprint import fingerprint
 from lebm_zoo.models.symbol_vector import mutual_information
 
 
@@ -297,4 +298,4 @@ def test_checkpoint_and_published_folder_round_trips(toy_model, tmp_path):
     small = tiny().eval()
     back = lebm_zoo.load_pretrained(small.save_pretrained(tmp_path / "pub", data="tiny"))
     assert type(back) is SymbolVectorLEBM and dict(back.hparams) == dict(small.hparams)
-    assert pretrained.fingerprint(back) == pretrained.fingerprint(small)
+    assert fingerprint(back) == fingerprint(small)
