@@ -47,21 +47,22 @@ def _clip_per_chain(grad: Tensor, max_norm: float) -> Tensor:
 
 
 def _langevin_move(x: Tensor, grad: Tensor, noise: Tensor | None, drift: float, noise_coef: float,
-                   grad_clip: float | None, clamp: tuple[float, float] | None) -> Tensor:
+                   grad_clip: float | None, clamp: tuple[float, float] | None, out: Tensor | None = None) -> Tensor:
     """The Langevin update, the one place it is written: ``clamp(x + drift * clip(grad) + noise_coef * noise)``.
 
     ``grad`` is ``grad log_prob(x)`` (same shape as ``x``), ``clip`` rescales each chain's gradient to L2 norm at most
     ``grad_clip`` (None: no clipping), ``noise`` a standard-normal draw of ``x``'s shape (None: no noise) and
-    ``clamp`` an optional ``(low, high)`` box. Out of place and differentiable (:meth:`LangevinSampler.unroll` keeps
-    the graph); :meth:`LangevinSampler.step` calls it eagerly, :func:`_langevin_update` inside ``torch.compile``.
+    ``clamp`` an optional ``(low, high)`` box. ``out=x`` updates ``x`` in place (:meth:`LangevinSampler.step`: no new
+    state tensor per step); without ``out`` it is out of place and differentiable (:meth:`LangevinSampler.unroll`
+    keeps the graph; :func:`_langevin_update` runs it inside ``torch.compile``).
     """
     if grad_clip is not None:
         grad = _clip_per_chain(grad, grad_clip)
-    x = torch.add(x, grad.to(x.dtype), alpha=drift)
+    x = torch.add(x, grad.to(x.dtype), alpha=drift, out=out)
     if noise is not None:
-        x = torch.add(x, noise, alpha=noise_coef)
+        x = torch.add(x, noise, alpha=noise_coef, out=out)
     if clamp is not None:
-        x = x.clamp(*clamp)
+        x = torch.clamp(x, *clamp, out=out)
     return x
 
 
@@ -229,8 +230,8 @@ class LangevinSampler:
         s = self.step_size
         x = x.detach()
         noise = torch.randn_like(x) if self.noise_scale > 0 else None
-        with torch.no_grad():  # the step's graph is already freed
-            x = _langevin_move(x, grad, noise, 0.5 * s * s, s * self.noise_scale, self.grad_clip, self.clamp)
+        with torch.no_grad():  # in place on a fresh alias: the step's graph is already freed
+            x = _langevin_move(x, grad, noise, 0.5 * s * s, s * self.noise_scale, self.grad_clip, self.clamp, out=x)
         return x, lp
 
     def _compiled_step(self, log_prob: LogProb, x: Tensor) -> tuple[Tensor, Tensor]:

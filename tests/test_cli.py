@@ -129,7 +129,7 @@ def test_wheel_ships_recipes_datamodules_and_embedded_digits(tmp_path):
     (wheel,) = tmp_path.glob("lebm_zoo-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"lebm_zoo/recipes/{r}.yaml" for r in RECIPES} <= names
-    assert "datamodules/__init__.py" in names and "lebm_zoo/cli.py" in names
+    assert "datamodules/__init__.py" in names and "lebm_zoo/cli/__init__.py" in names and "lebm_zoo/cli/fit.py" in names
     assert "lebm_zoo/assets/mnist-t10k-images-idx3-ubyte.gz" in names
     assert any(n.endswith("entry_points.txt") for n in names)
 
@@ -143,9 +143,12 @@ torch.manual_seed(0)
 m = LatentEBMPrior()
 x = torch.rand(100, 3, 32, 32) * 2 - 1
 m.infer_latent(x, n_steps=2)
-f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-m.infer_latent(x, n_steps=3)
-print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+counts = []
+for _ in range(3):  # the fewest of three: a thread's first stack pages can land in any one call
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    m.infer_latent(x, n_steps=3)
+    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(tuned, min(counts))
 """
 
 
