@@ -54,7 +54,7 @@ def mi_term(logits, eps=1e-15):
 
 def reference_f(model, hidden_layers, act):
     """F as the reference builds it, with our model's weights copied in by position."""
-    layers = [nn.Linear(NZ if model.hparams.dim is None else model.hparams.nz, NDF), act()]
+    layers = [nn.Linear(model.hparams.nz, NDF), act()]
     for _ in range(hidden_layers - 1):
         layers += [nn.Linear(NDF, NDF), act()]
     net = nn.Sequential(*layers, nn.Linear(NDF, C)).double()
