@@ -10,6 +10,7 @@ from datamodules.semisup import SemiSupervisedDataModule
 from datamodules.svhn import SVHNDataModule
 from datamodules.text import PTBDataModule, SequenceDataModule
 from datamodules.toy import EightGaussiansDataModule
+from datamodules.trajectories import SDDDataModule, TrajectoryDataModule
 from lebm_zoo.text import Vocabulary  # the models' vocabulary (stored in checkpoints)
 
 __all__ = [
@@ -25,7 +26,9 @@ __all__ = [
     "QuickstartMNISTDataModule",
     "SemiSupervisedDataModule",
     "SequenceDataModule",
+    "SDDDataModule",
     "SVHNDataModule",
+    "TrajectoryDataModule",
     "Vocabulary",
     "ZINCDataModule",
 ]

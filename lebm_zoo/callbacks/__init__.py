@@ -13,6 +13,8 @@
 - :class:`ReconstructionMSE`: per-pixel MSE of ``reconstruct`` on held-out images (``val/recon_mse``,
   ``test/recon_mse``) and a PNG of originals above reconstructions.
 - :class:`DensityPlot2D`: data, EBM and flow densities of a 2-D model side by side.
+- :class:`TrajectoryMetrics`: ADE and FDE, best of K, of trajectory predictions (``val/ade``, ``test/fde``, ...);
+  :func:`plot_trajectories`: predicted futures over observed pasts.
 - :class:`SampleGrid`: a PNG grid of ``sample`` with a fixed forked seed, also sent to image-capable loggers.
 """
 from lebm_zoo.callbacks.anomaly import AnomalyDetectionCallback
@@ -23,7 +25,8 @@ from lebm_zoo.callbacks.molecules import MoleculeMetricsCallback
 from lebm_zoo.callbacks.perplexity import PerplexityCallback
 from lebm_zoo.callbacks.reconstruction import ReconstructionMSE
 from lebm_zoo.callbacks.samples import SampleGrid
+from lebm_zoo.callbacks.trajectory import TrajectoryMetrics, plot_trajectories
 
 __all__ = ["AnomalyDetectionCallback", "ClassificationAccuracy", "ClassRegionPlot2D", "DensityPlot2D", "FIDCallback",
            "FIDWeightsNotFoundError", "MoleculeMetricsCallback", "PerplexityCallback", "ReconstructionMSE",
-           "SampleGrid", "default_fid_weights"]
+           "SampleGrid", "TrajectoryMetrics", "default_fid_weights", "plot_trajectories"]

@@ -1,0 +1,156 @@
+"""LB-EBM's ETH-UCY table: train the ``<scene>_lbebm`` recipes for several seeds on the CPU, test each run at its last
+epoch, and write the table (mean +- std over seeds) beside the paper's rows.
+
+    python benchmarks/lbebm_table.py run --out ~/lbebm-runs --data ../shared/data/eth_ucy --workers 2 \\
+        --scenes hotel univ eth zara1 zara2 --seeds 1 2 3 --epochs eth=25 zara1=25 zara2=25
+    python benchmarks/lbebm_table.py report ~/lbebm-runs            # Markdown table on stdout
+
+``run`` starts one ``lebm-zoo fit`` then ``lebm-zoo test --ckpt_path last`` per (scene, seed), ``--workers`` at a
+time, each single-threaded (``OMP_NUM_THREADS=1``), in ``<out>/<scene>-s<seed>/``; a run whose ``test.json`` exists
+is skipped (rerun the same command to continue). ``--epochs SCENE=N`` shortens a recipe's schedule (the recipes keep
+the reference's: 100 epochs, hotel 5); the report names the epochs each row was trained for, the CPU and the time.
+Nothing is selected on the test split: the test error is the last epoch's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+SCENES = ("eth", "hotel", "univ", "zara1", "zara2")
+#: ADE / FDE in metres, best of 20 (Pang et al. 2021, table 1)
+PAPER = {"LB-EBM (paper)": {"eth": (0.30, 0.52), "hotel": (0.13, 0.20), "univ": (0.27, 0.52), "zara1": (0.20, 0.37),
+                            "zara2": (0.15, 0.29), "avg": (0.21, 0.38)},
+         "PECNet (paper's table)": {"eth": (0.54, 0.87), "hotel": (0.18, 0.24), "univ": (0.35, 0.60),
+                                    "zara1": (0.22, 0.39), "zara2": (0.17, 0.30), "avg": (0.29, 0.48)}}
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def run_one(out: Path, data: str, scene: str, seed: int, epochs: int | None) -> dict:
+    """fit then test one (scene, seed); returns its record (also written to ``<run>/record.json``)."""
+    run = out / f"{scene}-s{seed}"
+    done = run / "record.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    run.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    common = ["--recipe", f"{scene}_lbebm", "--data.data_dir", data, "--trainer.default_root_dir", str(run),
+              "--trainer.enable_progress_bar", "false"]
+    fit = [sys.executable, "-m", "lebm_zoo.cli", "fit", *common, "--seed_everything", str(seed)]
+    if epochs is not None:
+        fit += ["--trainer.max_epochs", str(epochs)]
+    t0 = time.time()
+    with open(run / "fit.log", "w") as log:
+        rc = subprocess.run(fit, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    fit_s = time.time() - t0
+    if rc != 0:
+        raise RuntimeError(f"{scene} seed {seed}: fit exited {rc}; see {run / 'fit.log'}")
+    test = [sys.executable, "-m", "lebm_zoo.cli", "test", *common, "--ckpt_path", "last"]
+    t0 = time.time()
+    with open(run / "test.log", "w") as log:
+        rc = subprocess.run(test, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise RuntimeError(f"{scene} seed {seed}: test exited {rc}; see {run / 'test.log'}")
+    (result,) = sorted(run.rglob("trajectories/test.json"), key=lambda p: p.stat().st_mtime)[-1:]
+    test_rec = json.loads(result.read_text())
+    vals = [json.loads(p.read_text()) for p in sorted(run.rglob("trajectories/val-epoch=*.json"))]
+    record = {"scene": scene, "seed": seed, "epochs": test_rec["epoch"] + 1 if epochs is None else epochs,
+              "steps": test_rec["step"], "ade": test_rec["ade"], "fde": test_rec["fde"],
+              "windows": test_rec["windows"], "k": test_rec["k"], "fit_seconds": round(fit_s, 1),
+              "val": [{"epoch": v["epoch"], "ade": v["ade"], "fde": v["fde"]} for v in vals], "cpu": _cpu(),
+              "threads": 1}
+    done.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"{scene} seed {seed}: ADE {record['ade']:.3f} FDE {record['fde']:.3f} ({fit_s / 60:.1f} min)", flush=True)
+    return record
+
+
+def report(out: Path) -> str:
+    """The Markdown table of the records under ``out``."""
+    recs = [json.loads(p.read_text()) for p in sorted(out.glob("*/record.json"))]
+    if not recs:
+        raise SystemExit(f"no record.json under {out}: run `lbebm_table.py run` first")
+    by = {s: [r for r in recs if r["scene"] == s] for s in SCENES}
+
+    def cell(rs, key):
+        v = [r[key] for r in rs]
+        return f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
+    head = "| | " + " | ".join(s.upper() for s in SCENES) + " | AVG |\n|---|" + "---|" * (len(SCENES) + 1) + "\n"
+    rows = []
+    for name, vals in PAPER.items():
+        rows.append(f"| {name} | " + " | ".join(f"{vals[s][0]:.2f} / {vals[s][1]:.2f}" for s in (*SCENES, "avg"))
+                    + " |")
+    ours, means = [], []
+    for s in SCENES:
+        if by[s]:
+            ours.append(f"{cell(by[s], 'ade')} / {cell(by[s], 'fde')}")
+            means.append((statistics.mean(r["ade"] for r in by[s]), statistics.mean(r["fde"] for r in by[s])))
+        else:
+            ours.append("not run")
+    avg = (f"{statistics.mean(m[0] for m in means):.3f} / {statistics.mean(m[1] for m in means):.3f}"
+           if len(means) == len(SCENES) else "incomplete")
+    rows.append("| **ours**, last epoch, mean ± std over seeds | " + " | ".join(ours) + f" | {avg} |")
+    detail = ["", "| scene | seeds | epochs | steps | test windows | minutes per run (fit) |", "|---|---|---|---|---|---|"]
+    for s in SCENES:
+        if by[s]:
+            rs = by[s]
+            detail.append(f"| {s} | {', '.join(str(r['seed']) for r in rs)} | {rs[0]['epochs']} | {rs[0]['steps']} | "
+                          f"{rs[0]['windows']} | {statistics.mean(r['fit_seconds'] for r in rs) / 60:.1f} |")
+    cpu = sorted({r["cpu"] for r in recs})
+    return head + "\n".join(rows) + "\n" + "\n".join(detail) + f"\n\nCPU: {', '.join(cpu)}, one thread per run.\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="train and test the runs")
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--data", required=True, help="the folder of the five ETH-UCY scenes")
+    r.add_argument("--scenes", nargs="+", default=list(SCENES), choices=SCENES)
+    r.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    r.add_argument("--epochs", nargs="*", default=[], help="SCENE=N: train that scene for N epochs")
+    r.add_argument("--workers", type=int, default=1)
+    p = sub.add_parser("report", help="print the Markdown table")
+    p.add_argument("out", type=Path)
+    a = ap.parse_args(argv)
+    if a.cmd == "report":
+        print(report(a.out))
+        return 0
+    epochs = {}
+    for item in a.epochs:
+        scene, _, n = item.partition("=")
+        if scene not in SCENES or not n.isdigit():
+            ap.error(f"--epochs takes SCENE=N with SCENE one of {SCENES}, got {item!r}")
+        epochs[scene] = int(n)
+    jobs = [(s, seed) for s in a.scenes for seed in a.seeds]
+    with ThreadPoolExecutor(a.workers) as pool:
+        futures = [pool.submit(run_one, a.out, a.data, s, seed, epochs.get(s)) for s, seed in jobs]
+        failed = 0
+        for f in futures:
+            try:
+                f.result()
+            except RuntimeError as e:
+                print(e, file=sys.stderr)
+                failed += 1
+    print(report(a.out))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""Pedestrian trajectories: ETH-UCY in the Social-GAN leave-one-scene-out splits (:class:`TrajectoryDataModule`) and
+Stanford Drone in PECNet's pickle format (:class:`SDDDataModule`), as LB-EBM's reference (``bpucla/lbebm``) reads them.
+
+Batches are windows of ``past_length + future_length`` consecutive rows of one pedestrian, ``(B, T, 2)`` float32
+positions in the data's units (metres for ETH-UCY, pixels for SDD); SDD batches are ``(windows, mask)`` scene groups
+with a ``(B, B)`` social mask. The models make the coordinates relative and scale them.
+"""
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from datamodules.base import DatasetNotFoundError, summary
+from datamodules.loaders import ShuffleStateMixin, make_loader
+
+__all__ = ["ETH_UCY_SCENES", "SDDDataModule", "TrajectoryDataModule", "read_scene_file", "read_sdd_pickle",
+           "strided_windows"]
+
+#: the five leave-one-scene-out splits of ETH-UCY
+ETH_UCY_SCENES = ("eth", "hotel", "univ", "zara1", "zara2")
+
+
+def read_scene_file(path: str | Path, delimiter: str = "\t") -> np.ndarray:
+    """Rows ``(N, 4)`` float64 ``frame, ped, x, y`` of one Social-GAN text file.
+
+    Raises:
+        DatasetNotFoundError: naming the file, when it is unreadable or not four numeric columns.
+    """
+    path = Path(path)
+    try:
+        rows = np.loadtxt(path, delimiter=delimiter, dtype=np.float64, ndmin=2)
+    except Exception as e:
+        raise DatasetNotFoundError(f"{path.resolve()} is not a trajectory file ({summary(e)}): expected rows of "
+                                   "'frame<TAB>ped<TAB>x<TAB>y'") from None
+    if rows.shape[1] != 4 or not np.isfinite(rows).all():
+        raise DatasetNotFoundError(f"{path.resolve()} is not a trajectory file: expected 4 finite numeric columns "
+                                   f"'frame<TAB>ped<TAB>x<TAB>y', got {rows.shape[1]} columns")
+    return rows
+
+
+def strided_windows(rows: np.ndarray, length: int = 20) -> np.ndarray:
+    """Every window of ``length`` consecutive rows of each pedestrian, ``(W, length, 2)`` float32 ``(x, y)``.
+
+    As the reference (``utils.get_strided_data_clust``, stride 1, no rotation): rows sorted by frame then pedestrian,
+    pedestrians in the order they first appear, each one's rows in frame order, windows starting at each of its rows
+    (a pedestrian with fewer than ``length`` rows gives none). Positions are rounded to float32 first, as there.
+    """
+    if rows.size == 0:
+        return np.zeros((0, length, 2), np.float32)
+    rows = rows[np.lexsort((rows[:, 1], rows[:, 0]))]
+    peds, first = np.unique(rows[:, 1], return_index=True)
+    out = []
+    for p in peds[np.argsort(first)]:
+        xy = rows[rows[:, 1] == p, 2:4].astype(np.float32)
+        if len(xy) >= length:
+            out.append(np.lib.stride_tricks.sliding_window_view(xy, (length, 2))[:, 0])
+    return np.concatenate(out).copy() if out else np.zeros((0, length, 2), np.float32)
+
+
+class TrajectoryDataModule(ShuffleStateMixin, pl.LightningDataModule):
+    """One ETH-UCY scene's leave-one-out split: train and validation windows from the other scenes' ``train/`` and
+    ``val/`` files, test windows from the held-out scene's ``test/`` files (``<data_dir>/<scene>/{train,val,test}/
+    *.txt``, rows ``frame<TAB>ped<TAB>x<TAB>y`` in metres at 2.5 fps).
+
+    Batches are ``(B, past_length + future_length, 2)`` float32 windows (:func:`strided_windows`); training batches
+    are shuffled (batch 70, the reference's), evaluation batches of ``eval_batch_size`` are in file order.
+
+    Args:
+        data_dir: the folder holding the five scene folders (e.g. ``../shared/data/eth_ucy``).
+        scene: ``eth``, ``hotel``, ``univ``, ``zara1`` or ``zara2``.
+        batch_size: training windows per batch (>= 1).
+        eval_batch_size: validation and test windows per batch (the reference: 10 x batch_size).
+        past_length, future_length: observed and predicted steps (8 and 12).
+        num_workers: DataLoader workers (0 is best for in-memory tensors).
+        seed: seed of the training shuffle.
+
+    Attributes:
+        train_set, val_set, test_set: ``TensorDataset``s of windows after ``setup``.
+
+    Raises:
+        ValueError: an unknown scene or a non-positive size.
+        DatasetNotFoundError: in ``prepare_data`` / ``setup``, a missing split folder, a folder without ``.txt``
+            files, an unreadable file, or a split without a single window.
+    """
+
+    def __init__(self, data_dir: str, scene: str = "eth", batch_size: int = 70, eval_batch_size: int = 700,
+                 past_length: int = 8, future_length: int = 12, num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        if scene not in ETH_UCY_SCENES:
+            raise ValueError(f"scene must be one of {', '.join(ETH_UCY_SCENES)}, got {scene!r}")
+        if min(batch_size, eval_batch_size, past_length, future_length) < 1:
+            raise ValueError("batch_size, eval_batch_size, past_length and future_length must be >= 1")
+        self.data_dir = Path(data_dir).expanduser()
+        self.scene, self.batch_size, self.eval_batch_size = scene, batch_size, eval_batch_size
+        self.past_length, self.future_length = past_length, future_length
+        self.num_workers, self.seed = num_workers, seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def split_files(self, split: str) -> list[Path]:
+        """The ``.txt`` files of one split, sorted by name.
+
+        Raises:
+            DatasetNotFoundError: the folder is missing or holds no ``.txt`` file.
+        """
+        folder = self.data_dir / self.scene / split
+        files = sorted(folder.glob("*.txt")) if folder.is_dir() else []
+        if not files:
+            raise DatasetNotFoundError(f"ETH-UCY scene {self.scene!r}: no .txt files in {folder.resolve()} (expected "
+                                       f"<data_dir>/{self.scene}/{{train,val,test}}/*.txt, Social-GAN's splits). To "
+                                       "fix it, pass --data.data_dir PATH pointing at the folder of the five scenes.")
+        return files
+
+    def windows(self, split: str) -> torch.Tensor:
+        """All windows of one split ``(W, T, 2)`` float32, files in name order."""
+        length = self.past_length + self.future_length
+        parts = [strided_windows(read_scene_file(f), length) for f in self.split_files(split)]
+        w = np.concatenate(parts)
+        if len(w) == 0:
+            raise DatasetNotFoundError(f"ETH-UCY scene {self.scene!r}, split {split}: no pedestrian has {length} rows "
+                                       f"in {(self.data_dir / self.scene / split).resolve()}")
+        return torch.from_numpy(w)
+
+    def prepare_data(self) -> None:
+        for split in ("train", "val", "test"):
+            self.split_files(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        self.train_set = TensorDataset(self.windows("train"))
+        self.val_set = TensorDataset(self.windows("val"))
+        self.test_set = TensorDataset(self.windows("test"))
+
+    def _loader(self, ds, train: bool):
+        if ds is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader")
+        g = torch.Generator().manual_seed(self.seed) if train else None
+        return make_loader(ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
+                           generator=g, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                           collate_fn=_windows_only)
+
+    def train_dataloader(self):
+        return self.track_train_loaders(self._loader(self.train_set, True))
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, False)
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, False)
+
+
+def _windows_only(items) -> torch.Tensor:
+    return torch.stack([it[0] for it in items])
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles lists, tuples, dicts, numbers and numpy arrays only: any other global is refused, so a data file
+    cannot run code."""
+
+    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
+                ("numpy._core.numeric", "_frombuffer"), ("builtins", "bytearray")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name} (only numpy arrays are allowed)")
+
+
+def read_sdd_pickle(path: str | Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """PECNet's Stanford Drone pickle ``(trajectories, masks)``: per scene group an array ``(n, 20, 4)`` of ``frame,
+    ped, x, y`` (pixels) and a ``(n, n)`` social mask. Loaded with an unpickler that only builds numpy arrays and
+    builtin containers.
+
+    Returns:
+        ``(windows, masks)``: lists of ``(n, 20, 2)`` float64 positions and ``(n, n)`` float64 masks.
+
+    Raises:
+        DatasetNotFoundError: a missing or unreadable file, a refused object, or another layout.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DatasetNotFoundError(f"Stanford Drone pickle not found: {path.resolve()} (PECNet's "
+                                   "train_all_512_0_100.pickle / test_all_4096_0_100.pickle). To fix it, pass "
+                                   "--data.train_file / --data.test_file PATH.")
+    try:
+        data = _NumpyOnlyUnpickler(io.BytesIO(path.read_bytes())).load()
+        traj, masks = data
+        windows = [np.asarray(t, dtype=np.float64)[:, :, 2:4] for t in traj]
+        masks = [np.asarray(m, dtype=np.float64) for m in masks]
+    except Exception as e:
+        raise DatasetNotFoundError(f"{path.resolve()} is not a PECNet Stanford Drone pickle ({summary(e)}): expected "
+                                   "a pair (list of (n, 20, 4) frame/ped/x/y arrays, list of (n, n) masks)") from None
+    if len(windows) != len(masks) or not windows or any(
+            w.ndim != 3 or w.shape[2] != 2 or m.shape != (len(w), len(w)) for w, m in zip(windows, masks)):
+        raise DatasetNotFoundError(f"{path.resolve()} is not a PECNet Stanford Drone pickle: expected as many (n, n) "
+                                   "masks as (n, T, 4) trajectory groups")
+    return windows, masks
+
+
+class _Groups(Dataset):
+    def __init__(self, windows, masks):
+        self.windows = [torch.from_numpy(w.astype(np.float32)) for w in windows]
+        self.masks = [torch.from_numpy(m.astype(np.float32)) for m in masks]
+
+    def __len__(self):
+        return len(self.windows)
+
+    def __getitem__(self, i):
+        return self.windows[i], self.masks[i]
+
+
+class SDDDataModule(ShuffleStateMixin, pl.LightningDataModule):
+    """Stanford Drone in PECNet's pickles, as LB-EBM's ``lbebm_sdd.py`` reads them: each batch is one scene group
+    ``(windows (n, 20, 2) pixels, mask (n, n))``; training groups are doubled with their time-reversed copies (the
+    reference's augmentation). There is no validation split in the reference: validation uses the test file, so
+    select nothing on it.
+
+    The pickles themselves could not be had here: this module is tested on files the tests write in their format.
+
+    Args:
+        train_file, test_file: the two pickles (``train_all_512_0_100.pickle``, ``test_all_4096_0_100.pickle``).
+        num_workers: DataLoader workers.
+        seed: seed of the order of the training groups.
+
+    Raises:
+        DatasetNotFoundError: in ``setup``, see :func:`read_sdd_pickle`.
+    """
+
+    def __init__(self, train_file: str, test_file: str, num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        self.train_file, self.test_file = Path(train_file).expanduser(), Path(test_file).expanduser()
+        self.num_workers, self.seed = num_workers, seed
+        self.train_set = self.val_set = self.test_set = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        windows, masks = read_sdd_pickle(self.train_file)
+        aug_w, aug_m = [], []
+        for w, m in zip(windows, masks):
+            aug_w += [w, np.flip(w, axis=1).copy()]
+            aug_m += [m, m]
+        self.train_set = _Groups(aug_w, aug_m)
+        self.test_set = self.val_set = _Groups(*read_sdd_pickle(self.test_file))
+
+    def _loader(self, ds, train: bool):
+        g = torch.Generator().manual_seed(self.seed) if train else None
+        return make_loader(ds, batch_size=None, shuffle=train, generator=g, num_workers=self.num_workers,
+                           persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self):
+        return self.track_train_loaders(self._loader(self.train_set, True))
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, False)
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, False)
