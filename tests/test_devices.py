@@ -29,6 +29,7 @@ from lebm_zoo.callbacks import (
     MoleculeMetricsCallback,
     PerplexityCallback,
     ReconstructionMSE,
+    TrajectoryMetrics,
 )
 from lebm_zoo.samplers import HMCSampler, LangevinSampler
 from lebm_zoo.text import Vocabulary, pad_batch
@@ -38,6 +39,13 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.cuda,
 DEVICES = ["cpu", CUDA]
 PRECISIONS = ["32-true", "bf16-mixed"]
 TEXT = {"SequenceLatentEBMPrior", "LSTMLanguageModel"}
+TRAJECTORIES = {"TrajectoryLEBM"}
+
+
+def walks(n: int = 16, seed: int = 0) -> torch.Tensor:
+    """``n`` pedestrian windows ``(n, 20, 2)`` in metres: random walks of about 0.5 m per step."""
+    g = torch.Generator().manual_seed(seed)
+    return (0.2 * torch.randn(n, 20, 2, generator=g) + 0.4).cumsum(1) + torch.randn(n, 1, 2, generator=g)
 
 
 def training_data(name: str):
@@ -49,6 +57,8 @@ def training_data(name: str):
         return DataLoader(rows, batch_size=8, collate_fn=pad_batch)
     if name == "FlowContrastiveEBM-2d":
         return tensor_loader(torch.randn(16, 2, generator=g) * 0.5, batch_size=8)
+    if name in TRAJECTORIES:
+        return tensor_loader(walks(), batch_size=8)
     return tensor_loader(torch.rand(16, 1, 28, 28, generator=g) * 2 - 1, batch_size=8)
 
 
@@ -153,12 +163,13 @@ TEST_METRICS = {
     "LSTMLanguageModel": ["own_ppl"],  # ptb_lm pins no metric callback: the model's test_step logs test/ppl
     "DiffusionRecoveryEBM": ["fid"],
     "SymbolVectorLEBM": ["accuracy"],  # {mnist,svhn,cifar10}_semisup
+    "TrajectoryLEBM": ["ade_fde"],  # {eth,hotel,univ,zara1,zara2,sdd}_lbebm
 }
 #: the range of each test metric (all must also be finite)
 BOUNDS = {"test/fid": (0, math.inf), "test/recon_mse": (0, 1), "test/auprc": (0, 1), "test/ap": (0, 1),
           "test/auroc": (0, 1), "test/accuracy": (0, 1), "test/ppl": (1, math.inf), "test/nll": (0, math.inf),
           "test/nll_ppl": (1, math.inf), "test/fppl": (1, math.inf), "test/rppl": (1, math.inf),
-          "test/validity": (0, 1)}
+          "test/validity": (0, 1), "test/ade": (0, math.inf), "test/fde": (0, math.inf)}
 
 
 class LabelledImages(Data):
@@ -192,6 +203,8 @@ def metric_callback(kind: str, tmp_path):
     for ``own_ppl``, the language model's own test metric)."""
     if kind == "own_ppl":
         return None, ["test/ppl"]
+    if kind == "ade_fde":
+        return TrajectoryMetrics(k=2, plot=False), ["test/ade", "test/fde"]
     if kind == "fid":  # TinyFeature: no Inception weights needed (the GPU machine has none)
         return FIDCallback(feature=TinyFeature(), num_samples=8, batch_size=8, cache_dir=str(tmp_path / "fid")), \
             ["test/fid"]
@@ -218,6 +231,8 @@ def run_test_metrics(model, kinds, name, device, precision, tmp_path):
     callbacks, keys = [cb for cb, _ in made if cb is not None], [k for _, ks in made for k in ks]
     if name in TEXT:
         data = Tokens(name)
+    elif name in TRAJECTORIES:
+        data = Data(walks(8, seed=1))
     else:
         data = LabelledImages(torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1)
     t = tiny_trainer(tmp_path, callbacks, accelerator=device, precision=precision)

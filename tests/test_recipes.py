@@ -67,8 +67,9 @@ def test_recipe_builds(name, tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", RECIPES)
 def test_image_recipes_turn_on_cudnn_benchmark(name):
     """The fixed-shape image recipes ask for ``cudnn.benchmark`` (the authors' setting; no effect on a CPU); the
-    sequence and 2-D recipes, whose shapes vary or whose nets have no convolution, do not."""
+    sequence, trajectory and 2-D recipes, whose shapes vary or whose nets have no convolution, do not."""
     cfg = yaml.safe_load(recipe_path(name).read_text())
-    sequences = _import(cfg["model"]["class_path"]).__name__ in ("SequenceLatentEBMPrior", "LSTMLanguageModel")
+    sequences = _import(cfg["model"]["class_path"]).__name__ in ("SequenceLatentEBMPrior", "LSTMLanguageModel",
+                                                                 "TrajectoryLEBM")
     images = not sequences and not (cfg["model"].get("init_args") or {}).get("dim")
     assert cfg["trainer"].get("benchmark", False) is images, name

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lebm_zoo.callbacks._common import _epoch_stem, _run_dir
 
-__all__ = ["TrajectoryMetrics", "plot_trajectories"]
+__all__ = ["TrajectoryMetrics", "demo_pasts", "plot_trajectories"]
 
 
 def _windows_and_mask(batch) -> tuple[Tensor, Tensor | None]:
@@ -183,3 +183,21 @@ def plot_trajectories(model, windows: Tensor, path, n_samples: int = 20, mask: T
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def demo_pasts(past_length: int = 8, dt: float = 0.4) -> Tensor:
+    """Eight made-up observed pasts ``(8, past_length, 2)`` in metres, ending at the origin, at ``dt`` seconds per
+    step (2.5 fps): walks at 1.3 m/s east, north-east, north and west, a slow walk (0.5 m/s), a left and a right turn,
+    and a pedestrian standing still. What ``lebm-zoo sample`` draws predictions for when it is given no data."""
+    t = torch.arange(past_length - 1, -1, -1, dtype=torch.float64) * dt  # seconds before the last observation
+    pasts = []
+    for speed, angle in ((1.3, 0.0), (1.3, 45.0), (1.3, 90.0), (1.3, 180.0), (0.5, 0.0)):
+        a = torch.deg2rad(torch.tensor(angle, dtype=torch.float64))
+        pasts.append(-speed * t[:, None] * torch.stack([a.cos(), a.sin()]))
+    for turn in (1.0, -1.0):  # a walk whose heading turns by 60 degrees over the observation
+        heading = torch.deg2rad(turn * torch.linspace(-60, 0, past_length, dtype=torch.float64))
+        v = 1.3 * dt * torch.stack([heading.cos(), heading.sin()], 1)
+        pos = torch.cat([torch.zeros(1, 2, dtype=torch.float64), v[1:].cumsum(0)])
+        pasts.append(pos - pos[-1])
+    pasts.append(torch.zeros(past_length, 2, dtype=torch.float64))
+    return torch.stack(pasts).float()

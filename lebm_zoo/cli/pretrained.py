@@ -104,6 +104,22 @@ def _smiles_lines(samples: list[str]) -> list[str]:
     return [f"{'valid  ' if s and Chem.MolFromSmiles(s) is not None else 'invalid'}  {s}" for s in samples]
 
 
+def _trajectory_picture(model, args, out: Path | None) -> int:
+    """``-n`` predicted futures for each of :func:`~lebm_zoo.callbacks.trajectory.demo_pasts`, drawn as a PNG."""
+    from lebm_zoo.callbacks.trajectory import demo_pasts, plot_trajectories
+
+    out = out if out is not None else Path(f"{_default_stem(args.model)}_samples.png")
+    if out.suffix.lower() != ".png":
+        return _error(f"-o {out}: {type(model).__name__} samples are drawn as a picture; give a .png file")
+    try:
+        path = plot_trajectories(model, demo_pasts(model.hparams.past_length).to(model.device), out,
+                                 n_samples=args.n)
+    except (ValueError, OSError) as e:
+        return _error(f"-o {out}: cannot write the image ({type(e).__name__}: {e})")
+    print(path)
+    return 0
+
+
 def main_sample(argv: list[str]) -> int:
     """``lebm-zoo sample NAME_OR_PATH [-n N] [-o OUT] [--seed S] [--device D]``.
 
@@ -117,7 +133,8 @@ def main_sample(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="lebm-zoo sample",
         description="Sample a trained model: a grid PNG for image models, one sentence or SMILES per line for "
-                    "sequence models (SMILES marked valid/invalid by RDKit).")
+                    "sequence models (SMILES marked valid/invalid by RDKit), a PNG of -n predicted futures for each "
+                    "of eight made-up observed pasts for trajectory models.")
     parser.add_argument("model", metavar="NAME_OR_PATH",
                         help="a name from `lebm-zoo pretrained`, a save_pretrained folder, a .ckpt, a run folder "
                              "or hf://owner/repo[@revision]")
@@ -145,6 +162,8 @@ def main_sample(argv: list[str]) -> int:
         return _error(str(e))
     out = args.out.expanduser() if args.out is not None else None
     torch.manual_seed(args.seed)
+    if callable(getattr(model, "best_of_k_errors", None)):  # a trajectory model: futures over observed pasts
+        return _trajectory_picture(model, args, out)
     samples = _draw(model, args.n)  # the chains enable gradients themselves
 
     if isinstance(samples, torch.Tensor) and samples.ndim == 4:

@@ -26,10 +26,12 @@ per-epoch StepLR (every 4 epochs x0.5 on ETH; per scene: :data:`SCENE_SETTINGS`)
 point, ADE from the predictor's future for the best plan, summed over windows and divided by their number.
 
 Deviations: the replay memory is sampled with torch's generator (the reference: Python's ``random.sample``, the same
-distribution); the divergence guard of every family; on Stanford Drone the scene groups are visited in a shuffled
+distribution); the divergence guard of every family (here only for a non-finite loss); on Stanford Drone the scene groups are visited in a shuffled
 order each epoch (the reference: the pickle's order). See ``docs/fidelity.md``.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -114,9 +116,12 @@ class TrajectoryLEBM(EBMModule):
         ValueError: for bad sizes, sub-goals outside the future or not ending at its last step, non-positive scales.
     """
 
+    #: only a non-finite loss stops training: the KL term is summed over the batch, so a sound first iteration can be
+    #: above the other families' bound of 1e8 (the reference has no guard at all)
+    explode_threshold = math.inf
     size_hparams = ("past_length", "future_length", "fdim", "zdim", "enc_past_size", "enc_dest_size",
                     "enc_latent_size", "dec_size", "predictor_size", "non_local_theta_size", "non_local_phi_size",
-                    "non_local_g_size", "non_local_dim", "ebm_hidden", "ny", "memory_size", "n_values")
+                    "non_local_g_size", "non_local_dim", "ebm_hidden", "ny", "memory_size")
     resume_hparams = ("kld_coeff", "dest_loss_coeff", "future_loss_coeff", "lr", "lr_decay_step_size",
                       "lr_decay_gamma", "lr_milestones", "e_l_steps", "e_l_steps_pcd", "e_l_step_size",
                       "e_l_with_noise", "n_values")
@@ -158,6 +163,12 @@ class TrajectoryLEBM(EBMModule):
         n_values: int = 20,
     ):
         super().__init__()
+        # sequences are kept as tuples (what a published model's config gives back)
+        sub_goal_indexes, enc_past_size, enc_dest_size = tuple(sub_goal_indexes), tuple(enc_past_size), \
+            tuple(enc_dest_size)
+        enc_latent_size, dec_size, predictor_size = tuple(enc_latent_size), tuple(dec_size), tuple(predictor_size)
+        non_local_theta_size, non_local_phi_size, non_local_g_size = tuple(non_local_theta_size), \
+            tuple(non_local_phi_size), tuple(non_local_g_size)
         self.save_hyperparameters()
         sub_goal_indexes = [int(i) for i in sub_goal_indexes]
         if not sub_goal_indexes or sorted(set(sub_goal_indexes)) != sub_goal_indexes or \
@@ -167,9 +178,9 @@ class TrajectoryLEBM(EBMModule):
         for key in ("data_scale", "e_prior_sig", "e_init_sig", "e_l_step_size", "lr_decay_gamma"):
             if not float(locals()[key]) > 0:
                 raise ValueError(f"{key} must be > 0, got {locals()[key]}")
-        if nonlocal_pools < 0 or lr_decay_step_size < 1:
-            raise ValueError(f"nonlocal_pools must be >= 0 and lr_decay_step_size >= 1, got {nonlocal_pools} and "
-                             f"{lr_decay_step_size}")
+        if nonlocal_pools < 0 or lr_decay_step_size < 1 or n_values < 1 or min(e_l_steps, e_l_steps_pcd) < 0:
+            raise ValueError(f"nonlocal_pools and the chains' steps must be >= 0, lr_decay_step_size and n_values >= 1; "
+                             f"got {nonlocal_pools}, {e_l_steps}, {e_l_steps_pcd}, {lr_decay_step_size}, {n_values}")
         n_goal = 2 * len(sub_goal_indexes)
         # the reference's creation order (the same initial weights from the same seed)
         self.encoder_past = MLP(2 * past_length, fdim, enc_past_size)
@@ -236,7 +247,7 @@ class TrajectoryLEBM(EBMModule):
         z = torch.randn(c.shape[0], self.hparams.zdim, device=c.device, dtype=torch.float32)
         return (self.hparams.e_init_sig * z).to(c.dtype)
 
-    def sample_latent(self, c: Tensor, persistent: bool = False) -> Tensor:
+    def prior_latents(self, c: Tensor, persistent: bool = False) -> Tensor:
         """Prior latents ``(B, zdim)`` for past features ``c`` ``(B, fdim)``: the short-run chain from N(0,
         e_init_sig^2), or with ``persistent`` from the replay memory once it is full."""
         c = c.detach()
@@ -286,7 +297,7 @@ class TrajectoryLEBM(EBMModule):
         p = self.hparams.past_length
         x = ((past - past[:, p - 1:p]) * self.hparams.data_scale).reshape(past.shape[0], -1)
         c = self.encode_past(x, mask)
-        plans = [self.decoder(torch.cat([c, self.sample_latent(c)], 1)) for _ in range(k)]
+        plans = [self.decoder(torch.cat([c, self.prior_latents(c)], 1)) for _ in range(k)]
         return torch.stack(plans).reshape(k, past.shape[0], -1, 2)
 
     @torch.no_grad()
@@ -388,7 +399,7 @@ class TrajectoryLEBM(EBMModule):
         plan, future = y[:, sg].reshape(b, -1), y.reshape(b, -1)
         c = self.encode_past(x, mask)
         pcd = self.memory_count >= hp.memory_size
-        z_neg = self.sample_latent(c, persistent=True)
+        z_neg = self.prior_latents(c, persistent=True)
         self._push(z_neg)
 
         mu, logvar = self.encoder_latent(torch.cat([c, self.encoder_dest(plan)], 1)).chunk(2, dim=1)

@@ -1,0 +1,301 @@
+"""TrajectoryLEBM's data, metrics, replay memory, checkpoints and command line (the one-iteration equivalence with the
+reference is tests/test_reference_trajectory.py)."""
+import json
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from _data import DATA_ROOT, TINY_MODELS, tensor_loader, tiny_trainer
+from pytorch_lightning.callbacks import ModelCheckpoint
+from test_devices import walks
+
+import lebm_zoo
+from datamodules import DatasetNotFoundError, SDDDataModule, TrajectoryDataModule
+from datamodules.trajectories import read_scene_file, read_sdd_pickle, strided_windows
+from lebm_zoo import TrajectoryLEBM
+from lebm_zoo.callbacks import TrajectoryMetrics
+from lebm_zoo.callbacks.trajectory import demo_pasts
+from lebm_zoo.cli import main
+from lebm_zoo.errors import DataShapeError
+
+
+def tiny(**kw) -> TrajectoryLEBM:
+    args = dict(TINY_MODELS["TrajectoryLEBM"]().hparams) | kw
+    return TrajectoryLEBM(**args)
+
+
+def write_track_file(path, peds: dict[int, int], start_frame=0, seed=0):
+    """A Social-GAN file: pedestrian p walks for peds[p] frames (10 frames apart), rows interleaved by frame."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p, n in peds.items():
+        xy = np.cumsum(rng.normal(0.4, 0.1, size=(n, 2)), 0).round(2)
+        rows += [(start_frame + 10 * (i + p), p, *xy[i]) for i in range(n)]
+    rows.sort(key=lambda r: (-r[0], r[1]))  # out of order on purpose: the reader sorts by frame, then pedestrian
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{f:.1f}\t{p:.1f}\t{x:.2f}\t{y:.2f}\n" for f, p, x, y in rows))
+    return rows
+
+
+def write_scene_tree(root, scene="hotel", sizes=(30, 25, 12)):
+    for split, seed in (("train", 0), ("val", 1), ("test", 2)):
+        write_track_file(root / scene / split / f"a_{split}.txt", {1: sizes[0], 2: sizes[1], 3: sizes[2]}, seed=seed)
+    return root
+
+
+# ------------------------------------------------------------------------------------------------------- data
+def test_windows_follow_the_reference_strided_reading(tmp_path):
+    rows = write_track_file(tmp_path / "f.txt", {5: 22, 2: 20, 9: 19})
+    w = strided_windows(read_scene_file(tmp_path / "f.txt"), 20)
+    # pedestrians in order of first appearance (2 from frame 20, 5 from frame 50): 2 (20 rows: 1 window), then 5
+    # (22 rows: 3 windows); 9 (19 rows) none
+    assert w.shape == (4, 20, 2) and w.dtype == np.float32
+    ped2 = np.array(sorted([r for r in rows if r[1] == 2], key=lambda r: r[0]))[:, 2:]
+    assert np.array_equal(w[0], ped2.astype(np.float32))
+    ped5 = np.array(sorted([r for r in rows if r[1] == 5], key=lambda r: r[0]))[:, 2:]
+    assert np.array_equal(w[1], ped5[:20].astype(np.float32)) and np.array_equal(w[3], ped5[2:22].astype(np.float32))
+
+
+def test_datamodule_splits_and_batches(tmp_path):
+    dm = TrajectoryDataModule(str(write_scene_tree(tmp_path)), "hotel", batch_size=4, eval_batch_size=3)
+    dm.prepare_data()
+    dm.setup()
+    assert [len(d) for d in (dm.train_set, dm.val_set, dm.test_set)] == [11 + 6, 11 + 6, 11 + 6]
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.shape == (4, 20, 2) and batch.dtype == torch.float32
+    assert next(iter(dm.test_dataloader())).shape == (3, 20, 2)
+
+
+def test_datamodule_errors_name_the_folder_and_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="scene must be one of eth, hotel"):
+        TrajectoryDataModule(str(tmp_path), "biwi")
+    dm = TrajectoryDataModule(str(tmp_path / "nowhere"), "eth")
+    with pytest.raises(DatasetNotFoundError, match=r"no \.txt files in .*nowhere/eth/train.*--data\.data_dir"):
+        dm.prepare_data()
+    root = write_scene_tree(tmp_path / "d", "eth")
+    (root / "eth" / "test" / "a_test.txt").write_text("1\t2\tthree\n")
+    with pytest.raises(DatasetNotFoundError, match="a_test.txt is not a trajectory file"):
+        TrajectoryDataModule(str(root), "eth").setup()
+    (root / "eth" / "test" / "a_test.txt").write_text("1\t2\t3.0\n")
+    with pytest.raises(DatasetNotFoundError, match="a_test.txt is not a trajectory file"):
+        TrajectoryDataModule(str(root), "eth").setup()
+    write_track_file(root / "eth" / "test" / "a_test.txt", {1: 5})
+    with pytest.raises(DatasetNotFoundError, match="split test: no pedestrian has 20 rows"):
+        TrajectoryDataModule(str(root), "eth").setup()
+
+
+@pytest.mark.realdata("eth_ucy")
+def test_real_eth_ucy_has_the_standard_test_sizes():
+    """The test windows of the five scenes: the counts the trajectory-prediction literature reports for Social-GAN's
+    splits (364, 1197, 24334, 2356, 5910), so the windowing reads these files as the reference does."""
+    sizes = {}
+    for scene in ("eth", "hotel", "univ", "zara1", "zara2"):
+        sizes[scene] = len(TrajectoryDataModule(str(DATA_ROOT / "eth_ucy"), scene).windows("test"))
+    assert sizes == {"eth": 364, "hotel": 1197, "univ": 24334, "zara1": 2356, "zara2": 5910}
+
+
+def write_sdd_pickle(path, groups=(3, 4), seed=0):
+    rng = np.random.default_rng(seed)
+    traj, masks = [], []
+    for n in groups:
+        t = np.zeros((n, 20, 4))
+        t[:, :, 0] = np.arange(20) * 12
+        t[:, :, 1] = np.arange(n)[:, None]
+        t[:, :, 2:] = np.cumsum(rng.normal(3, 1, size=(n, 20, 2)), 1) + rng.uniform(0, 500, size=(n, 1, 2))
+        traj.append(t)
+        masks.append(np.ones((n, n)))
+    path.write_bytes(pickle.dumps((traj, masks)))
+    return traj
+
+
+class Evil:
+    def __reduce__(self):
+        return (open, ("/dev/null",))
+
+
+def test_sdd_pickles_are_read_as_pecnet_writes_them_and_code_is_refused(tmp_path):
+    traj = write_sdd_pickle(tmp_path / "train.pickle")
+    write_sdd_pickle(tmp_path / "test.pickle", groups=(5,), seed=1)
+    dm = SDDDataModule(str(tmp_path / "train.pickle"), str(tmp_path / "test.pickle"))
+    dm.setup()
+    assert len(dm.train_set) == 4 and len(dm.test_set) == 1  # each training group and its time-reversed copy
+    w, m = dm.train_set[1]
+    assert torch.equal(w, torch.from_numpy(traj[0][:, ::-1, 2:].copy()).float())  # reversed in time
+    assert m.shape == (3, 3)
+    windows, mask = next(iter(dm.test_dataloader()))
+    assert windows.shape == (5, 20, 2) and mask.shape == (5, 5)
+
+    (tmp_path / "evil.pickle").write_bytes(pickle.dumps(([Evil()], [np.ones((1, 1))])))
+    with pytest.raises(DatasetNotFoundError, match="refused global"):
+        read_sdd_pickle(tmp_path / "evil.pickle")
+    with pytest.raises(DatasetNotFoundError, match="Stanford Drone pickle not found"):
+        read_sdd_pickle(tmp_path / "missing.pickle")
+    (tmp_path / "bad.pickle").write_bytes(pickle.dumps(([np.zeros((2, 20, 4))], [np.ones((3, 3))])))
+    with pytest.raises(DatasetNotFoundError, match="as many"):
+        read_sdd_pickle(tmp_path / "bad.pickle")
+
+
+# ------------------------------------------------------------------------------------------------------ model
+def test_replay_memory_fills_then_starts_the_chains(tmp_path):
+    """The memory takes every chain's end state; once it holds memory_size latents the chains start from it."""
+    torch.manual_seed(0)
+    model = tiny(memory_size=16)
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((pl_module.memory_count, float(trainer.callback_metrics["train/pcd"])))
+
+    tiny_trainer(tmp_path, [Spy()], max_steps=4).fit(model, tensor_loader(walks(16), batch_size=8))
+    assert seen == [(8, 0.0), (16, 0.0), (24, 1.0), (32, 1.0)]
+    assert torch.isfinite(model.memory).all() and model.memory.abs().sum() > 0
+
+
+def test_training_checkpoints_keep_the_memory_and_published_weights_do_not(tmp_path):
+    torch.manual_seed(0)
+    model = tiny(memory_size=40)
+    ckpt_dir = tmp_path / "ckpt"
+    t = tiny_trainer(tmp_path, [ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True)], max_steps=3,
+                     enable_checkpointing=True)
+    t.fit(model, tensor_loader(walks(16), batch_size=8))
+    ckpt = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
+    assert int(ckpt["lbebm_memory"]["count"]) == 24 and ckpt["lbebm_memory"]["z"].shape == (24, 3)
+    resumed = tiny(memory_size=40)
+    resumed.on_load_checkpoint(ckpt)
+    assert resumed.memory_count == 24 and torch.equal(resumed.memory[:24], model.memory[:24])
+    assert "memory" not in model.state_dict()
+    folder = model.save_pretrained(tmp_path / "pub")
+    assert lebm_zoo.load_pretrained(folder).memory_count == 0
+
+
+def test_predictions_have_the_data_units_and_frame():
+    torch.manual_seed(0)
+    model = tiny().eval()
+    w = walks(6)
+    past = w[:, :8]
+    pred = model.predict(past, n_samples=5)
+    assert pred.shape == (5, 6, 12, 2)
+    # the frame is the data's: shifting the pasts shifts the predictions (the nets see relative coordinates)
+    torch.manual_seed(1)
+    a = model.predict(past, 2)
+    torch.manual_seed(1)
+    b = model.predict(past + torch.tensor([100.0, -50.0]), 2)
+    assert torch.allclose(b - a, torch.tensor([100.0, -50.0]).expand_as(a), atol=1e-3)
+    assert model.sample(7).shape == (7, 12, 2)
+    ade, fde = model.best_of_k_errors(w, k=3)
+    assert ade.shape == fde.shape == (6,) and (ade >= 0).all() and (fde >= 0).all()
+
+
+def test_bad_inputs_get_clear_errors():
+    model = tiny().eval()
+    with pytest.raises(DataShapeError, match=r"past of shape \(B, 8, 2\)"):
+        model.predict(torch.zeros(3, 7, 2))
+    with pytest.raises(DataShapeError, match="non-finite"):
+        model.predict(torch.full((2, 8, 2), float("nan")))
+    with pytest.raises(DataShapeError, match="floating point"):
+        model.predict(torch.zeros(2, 8, 2, dtype=torch.int64))
+    with pytest.raises(DataShapeError, match="one past"):
+        model.sample(3, torch.zeros(2, 8, 2))
+    with pytest.raises(ValueError, match="sub_goal_indexes must be increasing"):
+        TrajectoryLEBM(sub_goal_indexes=[2, 5, 8])
+    with pytest.raises(ValueError, match="data_scale must be > 0"):
+        TrajectoryLEBM(data_scale=0)
+
+
+def test_social_pooling_mixes_only_the_masked_neighbours():
+    torch.manual_seed(0)
+    model = tiny(nonlocal_pools=1).eval()
+    c = torch.randn(4, 4)
+    alone = model.social_pooling(c, torch.eye(4))
+    pair = torch.eye(4)
+    pair[0, 1] = pair[1, 0] = 1
+    together = model.social_pooling(c, pair)
+    g = model.non_local_g(c)
+    assert torch.allclose(alone, c + g)  # only itself in view: its own g
+    assert torch.allclose(together[2:], alone[2:]) and not torch.allclose(together[:2], alone[:2])
+    w = walks(4)
+    loss_mask = model.best_of_k_errors(w, 2, mask=pair)  # a batch with a mask runs the pooled model
+    assert all(torch.isfinite(t).all() for t in loss_mask)
+
+
+def test_metrics_callback_logs_and_writes_the_numbers_and_picture(tmp_path):
+    torch.manual_seed(0)
+    model = tiny()
+    cb = TrajectoryMetrics(k=2)
+    t = tiny_trainer(tmp_path, [cb], logger=pl.loggers.CSVLogger(tmp_path))
+    out = t.test(model, tensor_loader(walks(10), batch_size=4), verbose=False)[0]
+    rec = json.loads(next(tmp_path.rglob("trajectories/test.json")).read_text())
+    assert rec["windows"] == 10 and rec["k"] == 2
+    assert abs(out["test/ade"] - rec["ade"]) < 1e-6 and abs(out["test/fde"] - rec["fde"]) < 1e-6
+    assert rec["ade"] > 0 and cb.last["test"]["fde"] == rec["fde"]
+    assert next(tmp_path.rglob("trajectories/test.png")).stat().st_size > 1000
+    with pytest.raises(TypeError, match="best_of_k_errors"):
+        tiny_trainer(tmp_path, [TrajectoryMetrics()]).test(TINY_MODELS["ShortRunEBM"](),
+                                                          tensor_loader(torch.zeros(4, 1, 28, 28)))
+
+
+def test_metric_is_the_mean_over_windows_not_over_batches(tmp_path):
+    """Sum over windows, divided by their number: batches of unequal size weigh by their windows."""
+    torch.manual_seed(0)
+    model = tiny().eval()
+    w = walks(7)
+    calls = []
+    orig = model.best_of_k_errors
+
+    def fixed(windows, k=None, mask=None):  # ADE = FDE = the window's first x coordinate: a known answer
+        calls.append(len(windows))
+        v = windows[:, 0, 0].double()
+        return v, v
+
+    model.best_of_k_errors = fixed
+    cb = TrajectoryMetrics(plot=False)
+    tiny_trainer(tmp_path, [cb]).test(model, tensor_loader(w, batch_size=5), verbose=False)
+    model.best_of_k_errors = orig
+    assert calls == [5, 2] and cb.last["test"]["ade"] == pytest.approx(float(w[:, 0, 0].double().mean()))
+
+
+# -------------------------------------------------------------------------------------------- command line
+def test_cli_fit_test_and_sample(tmp_path):
+    root = write_scene_tree(tmp_path / "data")
+    size = ["--model.fdim", "4", "--model.zdim", "3", "--model.enc_past_size", "[8]", "--model.enc_dest_size", "[8]",
+            "--model.enc_latent_size", "[8]", "--model.dec_size", "[8]", "--model.predictor_size", "[8]",
+            "--model.ebm_hidden", "8", "--model.e_l_steps", "2", "--model.memory_size", "64"]
+    common = ["--recipe", "hotel_lbebm", "--data.data_dir", str(root), "--data.batch_size", "8",
+              "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false"]
+    assert main(["fit", *common, *size, "--trainer.max_epochs", "2", "--trainer.precision", "32-true"]) == 0
+    assert main(["test", *common, "--ckpt_path", "last"]) == 0
+    recs = sorted((tmp_path / "runs").rglob("trajectories/*.json"))
+    names = {p.name for p in recs}
+    assert {"val-epoch=0000.json", "val-epoch=0001.json", "test.json"} <= names, names  # hotel: val every epoch
+    test = json.loads(next(p for p in recs if p.name == "test.json").read_text())
+    assert test["windows"] == 17 and test["k"] == 20
+    (ckpt,) = (tmp_path / "runs").rglob("last.ckpt")
+    out = tmp_path / "pic.png"
+    assert main(["sample", str(ckpt), "-n", "5", "-o", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    assert main(["sample", str(ckpt), "-o", str(tmp_path / "x.txt")]) == 2
+
+
+def test_demo_pasts_end_at_the_origin():
+    p = demo_pasts()
+    assert p.shape == (8, 8, 2) and torch.allclose(p[:, -1], torch.zeros(8, 2))
+    speeds = (p[:, 1:] - p[:, :-1]).norm(dim=-1).mean(1) / 0.4
+    assert torch.allclose(speeds[:4], torch.full((4,), 1.3), atol=1e-5) and speeds[-1] == 0
+
+
+def test_table_report(tmp_path):
+    for scene, seed, ade in (("hotel", 1, 0.2), ("hotel", 2, 0.4), ("eth", 1, 0.5)):
+        d = tmp_path / f"{scene}-s{seed}"
+        d.mkdir()
+        (d / "record.json").write_text(json.dumps({"scene": scene, "seed": seed, "epochs": 5, "steps": 10, "ade": ade,
+                                                   "fde": 2 * ade, "windows": 9, "k": 20, "fit_seconds": 60,
+                                                   "cpu": "Test CPU", "val": []}))
+    out = subprocess.run([sys.executable, "benchmarks/lbebm_table.py", "report", str(tmp_path)], capture_output=True,
+                         text=True, check=True).stdout
+    ours = next(line for line in out.splitlines() if line.startswith("| **ours**"))
+    assert "0.300 ± 0.141 / 0.600 ± 0.283" in ours and "not run" in ours and ours.endswith("incomplete |")
+    assert "| LB-EBM (paper) | 0.30 / 0.52 | 0.13 / 0.20" in out and "Test CPU" in out
