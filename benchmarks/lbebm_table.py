@@ -106,7 +106,8 @@ def report(out: Path) -> str:
     avg = (f"{statistics.mean(m[0] for m in means):.3f} / {statistics.mean(m[1] for m in means):.3f}"
            if len(means) == len(SCENES) else "incomplete")
     rows.append("| **ours**, last epoch, mean ± std over seeds | " + " | ".join(ours) + f" | {avg} |")
-    detail = ["", "| scene | seeds | epochs | steps | test windows | minutes per run (fit) |", "|---|---|---|---|---|---|"]
+    detail = ["", "| scene | seeds | epochs | steps | test windows | minutes per run (fit) |",
+              "|---|---|---|---|---|---|"]
     for s in SCENES:
         if by[s]:
             rs = by[s]

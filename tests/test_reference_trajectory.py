@@ -30,7 +30,7 @@ def make_model():
 def windows(seed=0):
     """Walks of 20 steps in metres, exactly representable in float32 (the loader may cast)."""
     g = torch.Generator().manual_seed(seed)
-    steps = 0.4 * torch.randn(B, 20, 2, generator=g, dtype=torch.float64) + torch.tensor([0.5, 0.1], dtype=torch.float64)
+    steps = 0.4 * torch.randn(B, 20, 2, generator=g, dtype=torch.float64) + torch.tensor([0.5, 0.1]).double()
     return (torch.randn(B, 1, 2, generator=g, dtype=torch.float64) * 5 + steps.cumsum(1)).float().double()
 
 

@@ -26,8 +26,8 @@ per-epoch StepLR (every 4 epochs x0.5 on ETH; per scene: :data:`SCENE_SETTINGS`)
 point, ADE from the predictor's future for the best plan, summed over windows and divided by their number.
 
 Deviations: the replay memory is sampled with torch's generator (the reference: Python's ``random.sample``, the same
-distribution); the divergence guard of every family (here only for a non-finite loss); on Stanford Drone the scene groups are visited in a shuffled
-order each epoch (the reference: the pickle's order). See ``docs/fidelity.md``.
+distribution); the divergence guard of every family (here only for a non-finite loss); on Stanford Drone the scene
+groups are visited in a shuffled order each epoch (the reference: the pickle's order). See ``docs/fidelity.md``.
 """
 from __future__ import annotations
 
@@ -179,8 +179,9 @@ class TrajectoryLEBM(EBMModule):
             if not float(locals()[key]) > 0:
                 raise ValueError(f"{key} must be > 0, got {locals()[key]}")
         if nonlocal_pools < 0 or lr_decay_step_size < 1 or n_values < 1 or min(e_l_steps, e_l_steps_pcd) < 0:
-            raise ValueError(f"nonlocal_pools and the chains' steps must be >= 0, lr_decay_step_size and n_values >= 1; "
-                             f"got {nonlocal_pools}, {e_l_steps}, {e_l_steps_pcd}, {lr_decay_step_size}, {n_values}")
+            raise ValueError(f"nonlocal_pools and the chains' steps must be >= 0, lr_decay_step_size and n_values "
+                             f">= 1; got {nonlocal_pools}, {e_l_steps}, {e_l_steps_pcd}, {lr_decay_step_size}, "
+                             f"{n_values}")
         n_goal = 2 * len(sub_goal_indexes)
         # the reference's creation order (the same initial weights from the same seed)
         self.encoder_past = MLP(2 * past_length, fdim, enc_past_size)
