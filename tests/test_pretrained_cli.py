@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import lebm_zoo.cli.pretrained as pretrained_cli
@@ -98,3 +99,41 @@ def test_sample_smiles_marked_and_chunked(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.splitlines() == lines
     assert main(["sample", str(folder), "-n", "2", "-o", str(tmp_path / "s.png")]) == 2
     assert ".txt" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- `lebm-zoo test --recipe R --ckpt_path NAME`
+def _entries():
+    from lebm_zoo.pretrained import list_pretrained
+
+    return list_pretrained()
+
+
+@pytest.mark.parametrize("entry", _entries(), ids=lambda e: e.name)
+def test_every_published_name_becomes_a_checked_checkpoint_of_its_recipe(entry):
+    """For each registry entry, ``--ckpt_path NAME`` with its own recipe gives a Lightning checkpoint that the checked
+    reader accepts and that rebuilds the same model (weights and hyperparameters) as ``load_pretrained(NAME)``."""
+    import lebm_zoo
+    from lebm_zoo.checkpoint import read_checkpoint
+    from lebm_zoo.cli.fit import _published_checkpoint, recipe_path
+
+    assert entry.recipe and recipe_path(entry.recipe).is_file()
+    path = _published_checkpoint(entry.name, ["test"], entry.recipe)
+    ckpt = read_checkpoint(path)
+    assert ckpt["lebm_zoo"]["recipe"] == entry.recipe and ckpt["hyper_parameters"]["_class_path"].endswith(
+        entry.family)
+    a, b = lebm_zoo.load_pretrained(path), lebm_zoo.load_pretrained(entry.name)
+    assert type(a) is type(b) and a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_cli_test_evaluates_a_published_name(tmp_path, capsys):
+    args = ["test", "--recipe", "quickstart", "--ckpt_path", NAME, "--data.num_workers", "0",
+            "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(tmp_path)]
+    assert main(args) == 0, capsys.readouterr().err
+    assert f"--ckpt_path {NAME}: the published weights" in capsys.readouterr().err
+    assert main(["fit", *args[1:]]) == 2
+    assert "is a published model" in capsys.readouterr().err
+    args[2] = "mnist_prior"
+    assert main(args) == 2
+    assert f"{NAME} was trained by recipe quickstart, not mnist_prior" in capsys.readouterr().err

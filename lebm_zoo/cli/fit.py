@@ -5,10 +5,12 @@
     lebm-zoo recipes                                   # list the recipes
     lebm-zoo fit  --recipe svhn_prior [overrides]      # any --trainer.* / --model.* / --data.* override
     lebm-zoo test --recipe svhn_prior --ckpt_path last # the recipe's test metrics on a trained checkpoint
+    lebm-zoo test --recipe mnist_prior --ckpt_path lebm-mnist   # ... or on published weights, by name
 
 ``--recipe NAME`` stands for ``--config <the shipped recipes/NAME.yaml>`` (a path to a YAML file works too) and is
 placed before the other arguments, so overrides win. ``--ckpt_path last`` resolves to the newest ``last.ckpt`` of the
-same recipe under the run folder (``lightning_logs/`` by default), so a run can be resumed or tested.
+same recipe under the run folder (``lightning_logs/`` by default), so a run can be resumed or tested. A name of
+``lebm-zoo pretrained`` (test, validate, predict) evaluates those published weights on the recipe's protocol.
 
 At start-up the command keeps freed CPU memory in the heap (:func:`lebm_zoo.utils.tune_cpu_allocator`), which makes
 the chains' steps faster on CPU; ``LEBM_ZOO_CPU_ALLOCATOR=default`` leaves the C allocator as it is.
@@ -16,21 +18,27 @@ the chains' steps faster on CPU; ``LEBM_ZOO_CPU_ALLOCATOR=default`` leaves the C
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from importlib import resources
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.cli import LightningCLI
 
 from lebm_zoo.checkpoint import (
     AtomicCheckpointIO,
     CheckpointError,
+    class_path,
     find_last_checkpoint,
     model_class,
     read_checkpoint,
+    write_record,
 )
 from lebm_zoo.errors import DataShapeError, RecipeError, StoppedBySignal
 from lebm_zoo.utils import tune_cpu_allocator
@@ -143,8 +151,48 @@ def _preflight_checkpoint(args: list[str], recipe: str | None) -> list[str]:
         args[i] = str(found) if args[i] == "last" else f"--ckpt_path={found}"
         value = str(found)
     if not Path(value).is_file():
-        raise CheckpointError(f"--ckpt_path {value}: no such file.")
+        published = _published_checkpoint(value, args[:1], recipe)
+        if published is None:
+            raise CheckpointError(f"--ckpt_path {value}: no such file.")
+        args[i] = str(published) if args[i] == value else f"--ckpt_path={published}"
     return args
+
+
+def _published_checkpoint(name: str, sub: list[str], recipe: str | None) -> Path | None:
+    """For ``lebm-zoo test|validate|predict --ckpt_path NAME`` with NAME a name of ``lebm-zoo pretrained`` (or
+    ``hf://...``): the published weights as a Lightning checkpoint in a temporary folder (removed at exit), which the
+    run then reads through the checked reader like any other. None when ``name`` is not a published name.
+
+    Raises:
+        CheckpointError: a published name given to ``fit``, or one trained by another recipe than ``recipe``.
+    """
+    from lebm_zoo.pretrained import list_pretrained, load_pretrained
+
+    names = {e.name: e for e in list_pretrained()}
+    if name not in names and not name.startswith("hf://"):
+        return None
+    if sub == ["fit"]:
+        raise CheckpointError(f"--ckpt_path {name} is a published model: `lebm-zoo test --recipe RECIPE --ckpt_path "
+                              f"{name}` evaluates it; fit resumes training checkpoints (.ckpt) only.")
+    entry = names.get(name)
+    if entry is not None and recipe is not None and entry.recipe not in (None, recipe):
+        raise CheckpointError(f"--ckpt_path {name} was trained by recipe {entry.recipe}, not {recipe}: use "
+                              f"`--recipe {entry.recipe}` to evaluate it on its own protocol.")
+    model = load_pretrained(name)
+    folder = Path(tempfile.mkdtemp(prefix="lebm-zoo-published-"))
+    atexit.register(shutil.rmtree, folder, True)
+    hparams = {**dict(model.hparams), "_class_path": class_path(type(model)),  # what LightningCLI's own checkpoints
+               "_instantiator": "pytorch_lightning.cli.instantiate_module"}  # record of a subclass-mode model
+    ckpt = {"state_dict": model.state_dict(), "hyper_parameters": hparams, "epoch": 0,
+            "global_step": int(model.pretrained_config.get("training_steps") or 0),
+            "pytorch-lightning_version": pl.__version__}
+    write_record(ckpt, model)
+    ckpt["lebm_zoo"]["recipe"] = model.recipe
+    path = folder / f"{name.replace('/', '_').replace(':', '_')}.ckpt"
+    torch.save(ckpt, path)
+    print(f"--ckpt_path {name}: the published weights ({model.pretrained_config.get('training_steps')} training "
+          "steps)", file=sys.stderr)
+    return path
 
 
 def _explicit_model_keys(args: list[str]) -> set[str]:
