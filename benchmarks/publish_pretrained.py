@@ -194,6 +194,25 @@ def _commands(name: str, spec: dict) -> tuple[str, str]:
     return fit, test.replace("  ", " ")
 
 
+#: the most the shipped weights may take in git, all entries together (bytes)
+REGISTRY_BUDGET = 60_000_000
+
+
+def check_budget(name: str, model) -> None:
+    """Refuse to publish ``model`` as ``name`` when the registry would then exceed :data:`REGISTRY_BUDGET` (fp32
+    weights: 4 bytes a value, the replaced entry's files not counted).
+
+    Raises:
+        SystemExit: naming the sizes.
+    """
+    new = sum(v.numel() * 4 for v in model.state_dict().values() if v.is_floating_point())
+    others = sum(e.size for e in P.list_pretrained() if e.name != name)
+    if others + new > REGISTRY_BUDGET:
+        raise SystemExit(f"{name}: {new / 1e6:.1f} MB of fp32 weights would take the registry to "
+                         f"{(others + new) / 1e6:.1f} MB, over its {REGISTRY_BUDGET / 1e6:.0f} MB budget; publish it "
+                         "elsewhere (save_pretrained + a Hugging Face repository, hf://) or retire an entry first")
+
+
 def publish(name: str, spec: dict, runs: Path) -> dict | None:
     run = (runs / spec.get("run", name)).resolve()
     ckpt = run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
@@ -208,6 +227,7 @@ def publish(name: str, spec: dict, runs: Path) -> dict | None:
             raise SystemExit(f"{name}: the run logged no {key} (it has {sorted(scalars)})")
         metrics[metric] = {"value": round(scalars[key], 6), "protocol": protocol.format(recipe=spec["recipe"])}
     model = P.load_pretrained(ckpt)
+    check_budget(name, model)
     ck = torch.load(ckpt, map_location="cpu", weights_only=True)
     steps = int(ck.get("global_step", 0))
     fit, test = _commands(name, spec)

@@ -98,3 +98,23 @@ def test_shipped_quickstart_model_reconstructs_as_recorded():
     fresh = lebm_zoo.LatentEBMPrior(**{k: v for k, v in model.hparams.items()}).eval()
     worse = float((((fresh.reconstruct(x).clamp(-1, 1) + 1) / 2 - (x + 1) / 2) ** 2).mean())
     assert worse > 2 * mse
+
+
+def test_the_registry_stays_within_its_budget_and_publishing_guards_it():
+    """The shipped weights take at most 60 MB in git; ``publish_pretrained.py`` refuses an entry that would pass it."""
+    import importlib.util
+    from pathlib import Path
+
+    from lebm_zoo import TrajectoryLEBM
+    from lebm_zoo.pretrained import list_pretrained
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "publish_pretrained.py"
+    spec = importlib.util.spec_from_file_location("publish_pretrained", path)
+    pp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pp)
+    total = sum(e.size for e in list_pretrained())
+    assert total <= pp.REGISTRY_BUDGET, total
+    pp.check_budget("lebm-mnist", lebm_zoo.load_pretrained("lebm-mnist"))  # republishing an entry: same size, fine
+    pp.REGISTRY_BUDGET = total + 1_000_000  # 1 MB of room left
+    with pytest.raises(SystemExit, match=r"9\.3 MB of fp32 weights .* over its"):
+        pp.check_budget("lbebm-eth", TrajectoryLEBM())
