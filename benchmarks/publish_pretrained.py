@@ -268,6 +268,24 @@ def publish(name: str, spec: dict, runs: Path) -> dict | None:
     return {"steps": steps}
 
 
+def rebuild_index(published: list[str] | None = None) -> None:
+    """Rebuild ``index.json`` from every published folder (the quickstart's included) and the fingerprints file: the
+    entries in ``published`` (all when None or empty) get theirs recomputed, the others keep theirs (a recomputation
+    differs in the last digits with the thread count, which would only churn the file). Prints the registry's size."""
+    old = {e["name"]: e for e in json.loads(P.INDEX_PATH.read_text())} if P.INDEX_PATH.is_file() else {}
+    index = []
+    for folder in sorted(p for p in P.WEIGHTS_DIR.iterdir() if (p / P.CONFIG_NAME).is_file()):
+        data = old.get(folder.name, {}).get("data")
+        index.append(P.make_registry_entry(folder, folder.name, data=data))
+    P.INDEX_PATH.write_text(json.dumps(index, indent=1) + "\n")
+    fps = json.loads(FINGERPRINTS.read_text()) if FINGERPRINTS.is_file() else {}
+    fps = {e.name: fps[e.name] if e.name in fps and published and e.name not in published
+           else fingerprint(P.load_pretrained(e.name)) for e in P.list_pretrained()}
+    FINGERPRINTS.write_text(json.dumps(dict(sorted(fps.items())), indent=1) + "\n")
+    total = sum(e.size for e in P.list_pretrained())
+    print(f"registry: {len(index)} entries, {total / 1e6:.1f} MB")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "pub")
@@ -278,21 +296,7 @@ def main() -> int:
         raise SystemExit(f"unknown entries {sorted(unknown)}; known: {sorted(ENTRIES)}")
     for name in args.names or ENTRIES:
         publish(name, ENTRIES[name], args.runs)
-    # rebuild the index from every published folder (the quickstart's included)
-    old = {e["name"]: e for e in json.loads(P.INDEX_PATH.read_text())} if P.INDEX_PATH.is_file() else {}
-    index = []
-    for folder in sorted(p for p in P.WEIGHTS_DIR.iterdir() if (p / P.CONFIG_NAME).is_file()):
-        data = old.get(folder.name, {}).get("data")
-        index.append(P.make_registry_entry(folder, folder.name, data=data))
-    P.INDEX_PATH.write_text(json.dumps(index, indent=1) + "\n")
-    # the shipped files' fingerprints: recomputed for the entries published now (and new ones); the others keep
-    # theirs (a recomputation differs in the last digits with the thread count, which would only churn the file)
-    fps = json.loads(FINGERPRINTS.read_text()) if FINGERPRINTS.is_file() else {}
-    fps = {e.name: fps[e.name] if e.name in fps and args.names and e.name not in args.names
-           else fingerprint(P.load_pretrained(e.name)) for e in P.list_pretrained()}
-    FINGERPRINTS.write_text(json.dumps(dict(sorted(fps.items())), indent=1) + "\n")
-    total = sum(e.size for e in P.list_pretrained())
-    print(f"registry: {len(index)} entries, {total / 1e6:.1f} MB")
+    rebuild_index(args.names)
     print(readme_table())
     return 0
 

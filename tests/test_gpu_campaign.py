@@ -1,0 +1,105 @@
+"""benchmarks/gpu_campaign.py and benchmarks/campaign_report.py: the campaign files expand to the runs the GPU call
+trains, the dry run goes through the whole pipeline on the CPU (fit, test, weights, samples, packing), and the report
+reads what comes back (tables, FID on stored samples, publishing into a registry)."""
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from _data import write_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import campaign_report  # noqa: E402
+import gpu_campaign  # noqa: E402
+
+CAMPAIGNS = [ROOT / "benchmarks" / "campaigns" / "anomaly.yaml", ROOT / "benchmarks" / "campaigns" / "mnist_zoo.yaml"]
+
+
+def test_campaign_files_expand_to_the_issue_runs():
+    runs = gpu_campaign.load_campaigns(CAMPAIGNS)
+    anomaly = [r for r in runs if r["campaign"] == "anomaly"]
+    zoo = [r for r in runs if r["campaign"] == "mnist_zoo"]
+    assert len(anomaly) == 30 and runs[:30] == anomaly  # first in priority
+    assert {(r["recipe"], r["digit"], r["seed"]) for r in anomaly} == {
+        (rec, d, s) for rec in ("mnist_anomaly_prior", "mnist_anomaly_hierarchical") for d in (1, 4, 5, 7, 9)
+        for s in (1, 2, 3)}
+    run = next(r for r in anomaly if r["name"] == "lebm-anomaly-d7-s2")
+    assert run["overrides"][-2:] == ["--data.heldout_digit", "7"] and run["publish"] == "lebm-mnist-anomaly-digit7"
+    assert {r["recipe"] for r in zoo} == {"mnist_prior", "mnist_shortrun", "mnist_coopnets", "mnist_triangle",
+                                          "mnist_fce_glow", "mnist_hierarchical", "mnist_semisup", "mnist_drl"}
+    assert len(zoo) == 9 and all(r["fid_samples"] == 1000 for r in zoo)
+    assert "gaussian" in next(r for r in zoo if r["name"] == "lebm-mnist-gaussian")["overrides"]
+
+
+def test_campaign_config_drops_what_cannot_run_on_the_gpu_machine(tmp_path):
+    path, has_metrics = gpu_campaign.campaign_config("mnist_prior", tmp_path)
+    import yaml
+
+    cfg = yaml.safe_load(path.read_text())
+    kinds = [c["class_path"] for c in cfg["trainer"]["callbacks"]]
+    assert "lebm_zoo.callbacks.FIDCallback" not in kinds and "lebm_zoo.callbacks.ReconstructionMSE" in kinds
+    assert has_metrics and cfg["trainer"]["limit_val_batches"] == 0
+    assert not gpu_campaign.campaign_config("mnist_shortrun", tmp_path)[1]  # FID only: nothing to test there
+
+
+def test_the_budget_is_split_into_waves(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="39 runs in 39 waves of 1 leave"):
+        gpu_campaign.main([*map(str, CAMPAIGNS), "--parallel", "1", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_dry_run_then_report_and_publish(tmp_path, monkeypatch, capsys):
+    """Both campaigns on the CPU at two steps a run (each entry once), then the report on what was packed, FID with a
+    small feature net, and publishing into a registry of its own."""
+    data = tmp_path / "data"
+    (data / "mnist").mkdir(parents=True)
+    write_mnist(data / "mnist", n=1200)
+    out = tmp_path / "out"
+    code = gpu_campaign.main([*map(str, CAMPAIGNS), "--dry-run", "--data", str(data), "--out", str(out),
+                              "--work", str(tmp_path / "work")])
+    assert code == 0, capsys.readouterr().out[-3000:]
+    parts = sorted(out.glob("campaign-part*.zip"))
+    assert 1 <= len(parts) <= 8 and all(p.stat().st_size <= 16_000_000 for p in parts)
+    with zipfile.ZipFile(parts[0]) as z:
+        summary = json.loads(z.read("summary.json"))
+    recs = {r["name"]: r for r in summary["runs"]}
+    assert len(recs) == 11 and not [r for r in recs.values() if "error" in r]
+    for name in ("lebm-anomaly-d1-s1", "hierarchical-anomaly-d1-s1"):  # the AUPRC and AUROC computed there
+        assert 0 <= recs[name]["metrics"]["test/auprc"] <= 1 and 0 <= recs[name]["metrics"]["test/auroc"] <= 1
+    assert 0 < recs["lebm-mnist"]["metrics"]["test/recon_mse"] < 1 and recs["lebm-mnist"]["iterations"] == 2
+    assert 0 <= recs["semisup-mnist"]["metrics"]["test/accuracy"] <= 1
+    assert recs["drl-mnist"]["samples"] == 16 and recs["lebm-mnist"]["device"] == "cpu"
+
+    work = tmp_path / "report"
+    assert campaign_report.main([str(out), "--work", str(work), "--no-fid"]) == 0
+    text = (work / "report.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| ours, LEBM |"))
+    assert f"{recs['lebm-anomaly-d1-s1']['metrics']['test/auprc']:.3f} +- 0.000" in row and "1 seeds" in row
+    assert "| `drl-mnist` | `mnist_drl` | 2 |" in text
+
+    from test_callbacks import TinyFeature
+
+    fid = campaign_report.fid_of_samples(work / "runs" / "lebm-mnist" / "samples.npz", str(data / "mnist"),
+                                         feature=TinyFeature(), num=16)
+    assert fid > 0
+
+    from lebm_zoo import pretrained as P
+    import publish_pretrained as pp
+
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    monkeypatch.setattr(P, "WEIGHTS_DIR", registry)
+    monkeypatch.setattr(P, "INDEX_PATH", registry / "index.json")
+    monkeypatch.setattr(pp, "FINGERPRINTS", tmp_path / "fingerprints.json")
+    records = json.loads((work / "records.json").read_text())
+    records[2]["fid"] = 12.5
+    done = campaign_report.publish(records, work)
+    assert "lebm-mnist" in done and "lebm-mnist-anomaly-digit1" in done and len(done) == 11
+    entry = {e.name: e for e in P.list_pretrained()}["lebm-mnist"]
+    assert entry.metrics["fid"]["value"] == 12.5 and "recon_mse" in entry.metrics
+    model = P.load_pretrained("lebm-mnist")
+    assert model.pretrained_config["training"]["iterations"] == 2
+    assert set(json.loads((tmp_path / "fingerprints.json").read_text())) == set(done)
