@@ -299,3 +299,25 @@ def test_table_report(tmp_path):
     ours = next(line for line in out.splitlines() if line.startswith("| **ours**"))
     assert "0.300 ± 0.141 / 0.600 ± 0.283" in ours and "not run" in ours and ours.endswith("incomplete |")
     assert "| LB-EBM (paper) | 0.30 / 0.52 | 0.13 / 0.20" in out and "Test CPU" in out
+
+
+def test_sdd_scene_groups_train_with_social_pooling_and_evaluate(tmp_path):
+    write_sdd_pickle(tmp_path / "train.pickle")
+    write_sdd_pickle(tmp_path / "test.pickle", groups=(5,), seed=1)
+    dm = SDDDataModule(str(tmp_path / "train.pickle"), str(tmp_path / "test.pickle"))
+    torch.manual_seed(0)
+    model = tiny(data_scale=1.86, nonlocal_pools=3)
+    pooled = []
+    orig = model.social_pooling
+
+    def spy(feat, mask):
+        pooled.append(mask.shape)
+        return orig(feat, mask)
+
+    model.social_pooling = spy
+    cb = TrajectoryMetrics(k=2, plot=False)
+    t = tiny_trainer(tmp_path, [cb], max_steps=2, limit_val_batches=0)
+    t.fit(model, datamodule=dm)
+    assert t.global_step == 2 and len(pooled) == 6 and pooled[0][0] == pooled[0][1]  # 3 rounds a step
+    t.test(model, datamodule=dm, verbose=False)
+    assert cb.last["test"]["ade"] > 0 and cb.last["test"]["fde"] > 0  # pixels
