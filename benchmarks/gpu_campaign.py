@@ -65,21 +65,20 @@ def expand(entry: dict) -> list[dict]:
     lists = {k: v for k, v in entry.items() if isinstance(v, list) and k not in ("overrides", "dry_overrides")}
     if not lists:
         return [dict(entry)]
+    def fill(v, sub: dict):
+        if isinstance(v, str):
+            for key, value in sub.items():
+                v = v.replace("{" + key + "}", str(value))
+            return v
+        if isinstance(v, list):
+            return [fill(x, sub) for x in v]
+        return v
+
     runs = []
     for values in itertools.product(*lists.values()):
         sub = dict(zip(lists, values))
         run = {k: v for k, v in entry.items() if k not in lists} | sub
-
-        def fill(v):
-            if isinstance(v, str):
-                for key, value in sub.items():
-                    v = v.replace("{" + key + "}", str(value))
-                return v
-            if isinstance(v, list):
-                return [fill(x) for x in v]
-            return v
-
-        runs.append({k: fill(v) for k, v in run.items()})
+        runs.append({k: fill(v, sub) for k, v in run.items()})
     return runs
 
 

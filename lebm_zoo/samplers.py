@@ -88,6 +88,24 @@ def _langevin_update(log_prob: LogProb, x: Tensor, noise: Tensor | None, drift: 
     return x.detach(), lp.detach()
 
 
+def _langevin_chain(log_prob: LogProb, x: Tensor, noise: Tensor | None, n_steps: int, drift: float,
+                    noise_coef: float, grad_clip: float | None,
+                    clamp: tuple[float, float] | None) -> tuple[Tensor, Tensor]:
+    """A whole chain of ``n_steps`` Langevin steps as one pure function, for ``torch.compile(fullgraph=True)``.
+
+    Returns ``(x_K, lps)``, ``lps`` of shape ``(n_steps, B)``: the per-chain log-prob at the start of each step. Each
+    step is :func:`_langevin_update`; ``noise`` is ``(n_steps, *x.shape)``, drawn by the caller (None: no noise). The
+    loop over a constant ``n_steps`` unrolls into one graph: on a GPU, with a CUDA-graph mode, one graph replay per
+    chain instead of one per step.
+    """
+    lps = []
+    for i in range(n_steps):
+        x, lp = _langevin_update(log_prob, x, None if noise is None else noise[i], drift, noise_coef, grad_clip,
+                                 clamp)
+        lps.append(lp)
+    return x, torch.stack(lps)
+
+
 def _compile_modes() -> tuple[str, ...]:
     """The ``mode`` strings this torch's ``torch.compile`` accepts."""
     try:
@@ -143,6 +161,9 @@ class LangevinSampler:
         compile: run each step through ``torch.compile`` (off by default: None or False is the eager step). True:
             the default mode; a string: that ``torch.compile`` mode, e.g. ``"default"``, ``"reduce-overhead"`` (CUDA
             graphs on a GPU), ``"max-autotune-no-cudagraphs"``, ``"max-autotune"``. See *Compiled chains* below.
+        compile_scope: what one compiled region holds when ``compile`` is on: ``"step"`` (default), one Langevin
+            step; ``"chain"``, a whole chain of ``n_steps`` steps, compiled with ``fullgraph=True`` (a graph break
+            is an error, not a silent split), so that a CUDA-graph mode replays one graph per chain.
 
     Compiled chains: the compiled region is the whole update of one step, the target's forward and backward
     (``torch.func.grad_and_value`` of ``log_prob(x).sum()``: one graph, no break), grad clipping, the drift, adding
@@ -165,13 +186,23 @@ class LangevinSampler:
     CUDA-graph modes a new generation is marked before each step and each step's outputs are cloned before they are
     used again, as the next step's input too (a replay overwrites its outputs).
 
+    Whole-chain regions (``compile_scope="chain"``): the K steps run as one compiled function (the loop unrolled);
+    the K noise draws are made before it, one ``torch.randn_like`` per step in the eager order (so the same states
+    up to float rounding, as above), and held as one ``(K, *x0.shape)`` tensor. The graph is specialised on K
+    (``n_steps`` given to a call is a new graph) and its compile time grows with K. In the CUDA-graph modes the
+    chain's outputs are cloned once per chain, not per step. Why ``torch.compile`` rather than a hand-made
+    ``torch.cuda.CUDAGraph``: the same region runs and is tested on a CPU (``fullgraph=True`` proves it has no
+    graph break, the states prove it equals eager), and static buffers, memory pools and warm-up come from torch.
+
     Raises:
         ValueError: for a negative ``n_steps``, non-positive ``step_size``, negative ``noise_scale`` or ``grad_clip``,
-            or a ``compile`` that is not None, a bool or one of ``torch.compile``'s mode strings.
+            a ``compile`` that is not None, a bool or one of ``torch.compile``'s mode strings, or a
+            ``compile_scope`` other than ``"step"`` and ``"chain"``.
     """
 
     def __init__(self, n_steps: int, step_size: float, noise_scale: float = 1.0, grad_clip: float | None = None,
-                 clamp: tuple[float, float] | None = None, compile: bool | str | None = None):
+                 clamp: tuple[float, float] | None = None, compile: bool | str | None = None,
+                 compile_scope: str = "step"):
         if n_steps < 0:
             raise ValueError(f"n_steps must be >= 0, got {n_steps}")
         if step_size <= 0:
@@ -191,8 +222,12 @@ class LangevinSampler:
             raise ValueError(f"compile must be None, a bool or a torch.compile mode string, got {compile!r}")
         if isinstance(compile, str) and compile not in _compile_modes():
             raise ValueError(f"compile must be one of torch.compile's modes {_compile_modes()}, got {compile!r}")
+        if compile_scope not in ("step", "chain"):
+            raise ValueError(f"compile_scope must be 'step' or 'chain', got {compile_scope!r}")
         self.compile = compile
+        self.compile_scope = compile_scope
         self._compiled = None  # the compiled step, made on first use
+        self._compiled_chain = None  # the compiled whole chain (compile_scope="chain"), made on first use
 
     @property
     def compile_mode(self) -> str | None:
@@ -203,7 +238,7 @@ class LangevinSampler:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_compiled"] = None  # compiled functions do not pickle; rebuilt on first use
+        state["_compiled"] = state["_compiled_chain"] = None  # compiled functions do not pickle; rebuilt on use
         return state
 
     @classmethod
@@ -219,7 +254,7 @@ class LangevinSampler:
     def __repr__(self) -> str:
         return (f"LangevinSampler(n_steps={self.n_steps}, step_size={self.step_size}, "
                 f"noise_scale={self.noise_scale}, grad_clip={self.grad_clip}, clamp={self.clamp}, "
-                f"compile={self.compile!r})")
+                f"compile={self.compile!r}, compile_scope={self.compile_scope!r})")
 
     def step(self, log_prob: LogProb, x: Tensor) -> tuple[Tensor, Tensor]:
         """One Langevin step. Returns the new state (detached) and the per-chain log-prob at the old state ``(B,)``."""
@@ -257,6 +292,25 @@ class LangevinSampler:
             x, lp = x.clone(), lp.clone()
         return x, lp
 
+    def _compiled_whole_chain(self, log_prob: LogProb, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """``k >= 1`` steps through the compiled :func:`_langevin_chain`: ``(x_K, lps (k, B))``, both detached."""
+        mode = self.compile_mode
+        if self._compiled_chain is None:
+            self._compiled_chain = torch.compile(_langevin_chain, mode=mode, fullgraph=True)
+        s = self.step_size
+        x = x.detach()
+        # the eager chain's k draws, same stream and order (each step draws once, after its gradient)
+        noise = torch.stack([torch.randn_like(x) for _ in range(k)]) if self.noise_scale > 0 else None
+        cudagraphs = mode in _CUDAGRAPH_MODES and x.is_cuda
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.no_grad():
+            x, lps = self._compiled_chain(log_prob, x, noise, k, 0.5 * s * s, s * self.noise_scale, self.grad_clip,
+                                          self.clamp)
+        if cudagraphs:
+            x, lps = x.clone(), lps.clone()
+        return x, lps
+
     def __call__(self, log_prob: LogProb, x0: Tensor, *, return_trace: bool = False, n_steps: int | None = None):
         """Run the chains from ``x0``.
 
@@ -274,10 +328,14 @@ class LangevinSampler:
         lps = []
         with grad_enabled():
             x = x0.detach().clone()
-            for _ in range(k):
-                x, lp = self._compiled_step(log_prob, x) if compiled else self.step(log_prob, x)
-                if return_trace:
-                    lps.append(lp.mean())
+            if compiled and self.compile_scope == "chain" and k > 0:
+                x, chain_lps = self._compiled_whole_chain(log_prob, x, k)
+                lps = list(chain_lps.mean(dim=1).unbind()) if return_trace else []
+            else:
+                for _ in range(k):
+                    x, lp = self._compiled_step(log_prob, x) if compiled else self.step(log_prob, x)
+                    if return_trace:
+                        lps.append(lp.mean())
         if not return_trace:
             return x
         trace = {"log_prob": torch.stack(lps) if lps else x.new_zeros(0)}

@@ -123,22 +123,73 @@ def test_compiled_step_without_noise_and_pickling(compiler, energy):
     assert x.shape == x0.shape and lp.shape == (5,)
 
 
+def test_whole_chain_compiles_to_one_graph_and_matches_eager(compiler, energy):
+    """compile_scope="chain": the K steps are one graph (fullgraph=True: a break would raise), the eager states."""
+    torch.manual_seed(0)
+    x0, centre = torch.randn(6, 4) * 2, torch.full((4,), 0.3)
+    cfg = dict(n_steps=6, step_size=0.5, grad_clip=1.0, clamp=(-2.0, 2.0))
+    eager = LangevinSampler(**cfg)
+    whole = LangevinSampler(**cfg, compile=True, compile_scope="chain")
+    graphs = unique_graphs()
+    x_c, tr_c = run(whole, target(energy, centre), x0)
+    assert unique_graphs() == graphs + 1  # one graph holds the whole chain
+    x_e, tr_e = run(eager, target(energy, centre), x0)
+    assert ((x_e == 2.0) | (x_e == -2.0)).any()  # the clamp is active
+    torch.testing.assert_close(x_c, x_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tr_c["log_prob"], tr_e["log_prob"], rtol=1e-5, atol=1e-5)
+    assert tr_c["log_prob"].shape == (6,) and not x_c.requires_grad
+    # a fresh closure reuses the graph; the RNG stream continues as the eager one's (the draws come before the region)
+    x_c2 = run(whole, target(energy, -centre), x0, seed=3)[0]
+    assert unique_graphs() == graphs + 1
+    torch.testing.assert_close(x_c2, run(eager, target(energy, -centre), x0, seed=3)[0], rtol=1e-5, atol=1e-5)
+    # another number of steps is another graph; zero steps return x0
+    torch.manual_seed(4)
+    x_2 = whole(target(energy, centre), x0, n_steps=2)
+    assert unique_graphs() == graphs + 2
+    torch.manual_seed(4)
+    torch.testing.assert_close(x_2, eager(target(energy, centre), x0, n_steps=2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(whole(target(energy, centre), x0, n_steps=0), x0)
+    assert "compile_scope='chain'" in repr(whole)
+
+
+def test_whole_chain_without_noise_and_a_graph_break_is_an_error(compiler, energy):
+    x0 = torch.randn(5, 4)
+    whole = LangevinSampler(3, 0.3, noise_scale=0.0, compile=True, compile_scope="chain")
+    torch.testing.assert_close(whole(target(energy, torch.zeros(4)), x0),
+                               LangevinSampler(3, 0.3, noise_scale=0.0)(target(energy, torch.zeros(4)), x0),
+                               rtol=1e-5, atol=1e-5)
+
+    def breaking(z):  # a host round trip in the target: no whole-chain graph can hold it
+        return -energy(z) * len(z.tolist())
+
+    with pytest.raises(Exception, match="(?i)graph break"):  # dynamo refuses it: no silently split graph
+        LangevinSampler(2, 0.3, compile=True, compile_scope="chain")(breaking, x0)
+
+
+def test_bad_compile_scope_raises():
+    with pytest.raises(ValueError, match="compile_scope must be"):
+        LangevinSampler(3, 0.1, compile=True, compile_scope="epoch")
+    with pytest.raises(ValueError, match="compile_scope must be"):
+        tiny(compile_chains=True, compile_scope="batch")
+
+
 def tiny(**kw):
     return LatentEBMPrior(img_size=28, channels=1, nz=8, ngf=4, ndf=16, prior_steps=3, posterior_steps=3, **kw)
 
 
-def one_step(compile_chains):
+def one_step(compile_chains, **kw):
     pl.seed_everything(0, verbose=False)
-    m = tiny(compile_chains=compile_chains)
+    m = tiny(compile_chains=compile_chains, **kw)
     data = tensor_loader(uniform_images(4, 1, 28, seed=0), 4)
     t = tiny_trainer(max_steps=1)
     t.fit(m, data)
     return m, {k: v.clone() for k, v in t.callback_metrics.items()}
 
 
-def test_latent_ebm_prior_compiled_chains_train_as_eager(compiler):
-    m_c, logs_c = one_step(True)
-    assert all(s.compile is True for s in m_c.samplers.values())
+@pytest.mark.parametrize("scope", ["step", "chain"])
+def test_latent_ebm_prior_compiled_chains_train_as_eager(compiler, scope):
+    m_c, logs_c = one_step(True, compile_scope=scope)
+    assert all(s.compile is True and s.compile_scope == scope for s in m_c.samplers.values())
     m_e, logs_e = one_step(None)
     assert all(s.compile is None for s in m_e.samplers.values())
     assert set(logs_c) == set(logs_e) and "train/loss_g" in logs_e and "train/energy_gap" in logs_e
@@ -166,6 +217,7 @@ def test_compile_defaults_off_and_shows_in_repr():
     assert "compile='reduce-overhead'" in repr(LangevinSampler(3, 0.1, compile="reduce-overhead"))
     m = tiny()
     assert m.hparams.compile_chains is None and all(s.compile is None for s in m.samplers.values())
+    assert m.hparams.compile_scope == "step" and all(s.compile_scope == "step" for s in m.samplers.values())
 
 
 CUDA_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]
@@ -193,3 +245,18 @@ def test_every_compile_mode_trains_and_samples_on_cuda(mode, energy):
     m.eval()
     x = m.sample(4)
     assert x.shape == (4, 1, 28, 28) and x.is_cuda and torch.isfinite(x).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_whole_chain_cuda_graph_matches_eager_and_trains(energy):
+    """compile_scope="chain" in "reduce-overhead": one CUDA graph per chain, the eager chain's states (training with
+    it: the whole-chain rows of ``benchmarks/run.py --device cuda``)."""
+    e = energy.cuda()
+    x0 = torch.randn(6, 4, device="cuda")
+    for seed in (1, 2):  # the second call replays the captured graph
+        eager = run(LangevinSampler(4, 0.3, grad_clip=5.0), target(e, torch.zeros(4, device="cuda")), x0, seed)
+        whole = run(LangevinSampler(4, 0.3, grad_clip=5.0, compile="reduce-overhead", compile_scope="chain"),
+                    target(e, torch.zeros(4, device="cuda")), x0, seed)
+        torch.testing.assert_close(whole[0], eager[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(whole[1]["log_prob"], eager[1]["log_prob"], rtol=1e-4, atol=1e-4)

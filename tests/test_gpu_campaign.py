@@ -86,8 +86,9 @@ def test_dry_run_then_report_and_publish(tmp_path, monkeypatch, capsys):
                                          feature=TinyFeature(), num=16)
     assert fid > 0
 
-    from lebm_zoo import pretrained as P
     import publish_pretrained as pp
+
+    from lebm_zoo import pretrained as P
 
     registry = tmp_path / "registry"
     registry.mkdir()

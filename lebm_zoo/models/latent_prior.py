@@ -52,7 +52,7 @@ class LatentPriorBase(EBMModule):
     ``prior``, ``prior_steps``, ``prior_step_size``, ``posterior_steps``, ``posterior_step_size``, ``prior_sigma``,
     ``lr_g``, ``lr_e``, ``betas``, ``lr_decay``, ``grad_clip_g``, ``grad_clip_e``; optional: ``lr_schedule`` (absent:
     ``"exponential"``), ``loss_g_limit`` (absent: off), ``loss_g_limit_after_epoch``, ``loss_g_limit_check``,
-    ``compile_chains`` (absent: eager chains).
+    ``compile_chains`` (absent: eager chains), ``compile_scope`` (absent: ``"step"``).
 
     Latents are ``(B, nz)``; "data" is the subclass's (images, token batches).
     """
@@ -69,10 +69,10 @@ class LatentPriorBase(EBMModule):
         """The energy net (``prior="ebm"``) and the prior and posterior samplers, from the hyperparameters."""
         hp = self.hparams
         self.energy_net = EnergyMLP(nz=hp.nz, ndf=hp.ndf, activation=hp.e_activation) if hp.prior == "ebm" else None
-        compile_chains = hp.get("compile_chains")
+        compiled = dict(compile=hp.get("compile_chains"), compile_scope=hp.get("compile_scope", "step"))
         self.samplers = {
-            "prior": LangevinSampler(hp.prior_steps, hp.prior_step_size, compile=compile_chains),
-            "posterior": LangevinSampler(hp.posterior_steps, hp.posterior_step_size, compile=compile_chains),
+            "prior": LangevinSampler(hp.prior_steps, hp.prior_step_size, **compiled),
+            "posterior": LangevinSampler(hp.posterior_steps, hp.posterior_step_size, **compiled),
         }
 
     # ------------------------------------------------------------------------------------------------ densities
@@ -425,6 +425,9 @@ class LatentEBMPrior(LatentImagesMixin, LatentPriorBase):
             (default) eager; True the default mode; a string a ``torch.compile`` mode, e.g. ``"reduce-overhead"``
             (CUDA graphs on a GPU). Same chains up to float rounding (the noise is drawn as in the eager chains); the
             first steps pay the compile time. See :class:`~lebm_zoo.samplers.LangevinSampler` (``compile``).
+        compile_scope: with ``compile_chains`` on, what one compiled region holds: ``"step"`` (default) one Langevin
+            step, ``"chain"`` each whole chain (one CUDA graph per chain in ``"reduce-overhead"``; compile time grows
+            with the number of steps). No effect on eager chains.
 
     Images are ``(B, channels, img_size, img_size)`` in [-1, 1]; latents ``(B, nz)``. The prior, both chains and the
     training step are :class:`LatentPriorBase`'s; this class adds the image generator G and the image data hooks.
@@ -464,6 +467,7 @@ class LatentEBMPrior(LatentImagesMixin, LatentPriorBase):
         loss_g_limit_check: str = "epoch_end",
         channels_last: bool = False,
         compile_chains: bool | str | None = None,
+        compile_scope: str = "step",
     ):
         super().__init__()
         self._check_prior_args(prior, prior_sigma)
