@@ -3,7 +3,7 @@ epoch, and write the table (mean +- std over seeds) beside the paper's rows.
 
     python benchmarks/lbebm_table.py run --out ~/lbebm-runs --data ../shared/data/eth_ucy --workers 2 \\
         --scenes hotel univ eth zara1 zara2 --seeds 1 2 3 --epochs eth=25 zara1=25 zara2=25
-    python benchmarks/lbebm_table.py report ~/lbebm-runs            # Markdown table on stdout
+    python benchmarks/lbebm_table.py report ~/lbebm-runs --data ../shared/data/eth_ucy   # Markdown table on stdout
 
 ``run`` starts one ``lebm-zoo fit`` then ``lebm-zoo test --ckpt_path last`` per (scene, seed), ``--workers`` at a
 time, each single-threaded (``OMP_NUM_THREADS=1``), in ``<out>/<scene>-s<seed>/``; a run whose ``test.json`` exists
@@ -80,8 +80,23 @@ def run_one(out: Path, data: str, scene: str, seed: int, epochs: int | None) -> 
     return record
 
 
-def report(out: Path) -> str:
-    """The Markdown table of the records under ``out``."""
+def constant_velocity(data: str, scene: str) -> tuple[float, float]:
+    """ADE and FDE (metres) of the constant-velocity prediction on a scene's test windows: each future point
+    continues the last observed step (one prediction, no training; a floor any learned model should beat)."""
+    import torch
+
+    from datamodules.trajectories import TrajectoryDataModule
+
+    w = TrajectoryDataModule(data, scene).windows("test").double()  # (W, 20, 2) metres
+    last, step = w[:, 7], w[:, 7] - w[:, 6]
+    future = last[:, None] + step[:, None] * torch.arange(1, 13, dtype=w.dtype)[None, :, None]
+    err = (future - w[:, 8:]).norm(dim=-1)  # (W, 12)
+    return err.mean().item(), err[:, -1].mean().item()
+
+
+def report(out: Path, data: str | None = None) -> str:
+    """The Markdown table of the records under ``out`` (with ``data``, the ETH-UCY folder, also the
+    constant-velocity row)."""
     recs = [json.loads(p.read_text()) for p in sorted(out.glob("*/record.json"))]
     if not recs:
         raise SystemExit(f"no record.json under {out}: run `lbebm_table.py run` first")
@@ -106,6 +121,17 @@ def report(out: Path) -> str:
     avg = (f"{statistics.mean(m[0] for m in means):.3f} / {statistics.mean(m[1] for m in means):.3f}"
            if len(means) == len(SCENES) else "incomplete")
     rows.append("| **ours**, last epoch, mean ± std over seeds | " + " | ".join(ours) + f" | {avg} |")
+    if len(means) == len(SCENES):  # how far from the paper's row: ours / paper, ADE and FDE
+        paper = PAPER["LB-EBM (paper)"]
+        mean_avg = (statistics.mean(m[0] for m in means), statistics.mean(m[1] for m in means))
+        ratios = [f"{m[0] / paper[sc][0]:.2f} / {m[1] / paper[sc][1]:.2f}" for sc, m in zip(SCENES, means)]
+        rows.append("| ours ÷ paper (1.00 = the paper's error; the target: AVG at most 1.10) | " + " | ".join(ratios)
+                    + f" | {mean_avg[0] / paper['avg'][0]:.2f} / {mean_avg[1] / paper['avg'][1]:.2f} |")
+    if data is not None:
+        cv = [constant_velocity(data, sc) for sc in SCENES]
+        rows.append("| constant velocity (one prediction, no training; measured here) | "
+                    + " | ".join(f"{a:.3f} / {f:.3f}" for a, f in cv)
+                    + f" | {statistics.mean(c[0] for c in cv):.3f} / {statistics.mean(c[1] for c in cv):.3f} |")
     detail = ["", "| scene | seeds | epochs | steps | test windows | minutes per run (fit) |",
               "|---|---|---|---|---|---|"]
     for s in SCENES:
@@ -129,9 +155,10 @@ def main(argv=None) -> int:
     r.add_argument("--workers", type=int, default=1)
     p = sub.add_parser("report", help="print the Markdown table")
     p.add_argument("out", type=Path)
+    p.add_argument("--data", help="the ETH-UCY folder: adds the constant-velocity row")
     a = ap.parse_args(argv)
     if a.cmd == "report":
-        print(report(a.out))
+        print(report(a.out, a.data))
         return 0
     epochs = {}
     for item in a.epochs:
@@ -149,7 +176,7 @@ def main(argv=None) -> int:
             except RuntimeError as e:
                 print(e, file=sys.stderr)
                 failed += 1
-    print(report(a.out))
+    print(report(a.out, a.data))
     return 1 if failed else 0
 
 

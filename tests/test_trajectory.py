@@ -299,6 +299,30 @@ def test_table_report(tmp_path):
     ours = next(line for line in out.splitlines() if line.startswith("| **ours**"))
     assert "0.300 ± 0.141 / 0.600 ± 0.283" in ours and "not run" in ours and ours.endswith("incomplete |")
     assert "| LB-EBM (paper) | 0.30 / 0.52 | 0.13 / 0.20" in out and "Test CPU" in out
+    assert "ours ÷ paper" not in out  # only for a complete row
+
+
+def test_table_report_ratios_and_constant_velocity(tmp_path):
+    runs, data = tmp_path / "runs", tmp_path / "eth_ucy"
+    for scene in ("eth", "hotel", "univ", "zara1", "zara2"):
+        d = runs / f"{scene}-s1"
+        d.mkdir(parents=True)
+        (d / "record.json").write_text(json.dumps({"scene": scene, "seed": 1, "epochs": 5, "steps": 10, "ade": 0.42,
+                                                   "fde": 0.76, "windows": 9, "k": 20, "fit_seconds": 60,
+                                                   "cpu": "Test CPU", "val": []}))
+        # one walker at constant velocity (CV is exact) and one that stops after its 8th point (CV overshoots)
+        rows = [(10 * i, 1, 0.4 * i, 0.3 * i) for i in range(20)]
+        rows += [(10 * i, 2, 0.5 * min(i, 7), 0.0) for i in range(20)]
+        f = data / scene / "test" / "t.txt"
+        f.parent.mkdir(parents=True)
+        f.write_text("".join(f"{fr}\t{p}\t{x}\t{y}\n" for fr, p, x, y in sorted(rows)))
+    out = subprocess.run([sys.executable, "benchmarks/lbebm_table.py", "report", str(runs), "--data", str(data)],
+                         capture_output=True, text=True, check=True).stdout
+    ratio = next(line for line in out.splitlines() if line.startswith("| ours ÷ paper"))
+    assert "| 1.40 / 1.46 | 3.23 / 3.80 |" in ratio and ratio.endswith("| 2.00 / 2.00 |")  # 0.42/0.21, 0.76/0.38
+    cv = next(line for line in out.splitlines() if line.startswith("| constant velocity"))
+    # walker 2 stays at its 8th point: CV's error at future step t is 0.5 t, so ADE = mean(0.5 * 6.5) / 2 walkers
+    assert cv.count("| 1.625 / 3.000 ") == 6  # five scenes and the average
 
 
 def test_sdd_scene_groups_train_with_social_pooling_and_evaluate(tmp_path):
