@@ -27,6 +27,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
+from lebm_zoo.errors import UsageError, exit_on_usage_error  # noqa: E402
+
 FID_PROTOCOL = ("FID of 1,000 samples vs 1,000 MNIST test images (TF-Inception pool3, 2048 features; "
                 "benchmarks/campaign_report.py on the campaign's samples)")
 ANOMALY_DIGITS = (1, 4, 5, 7, 9)
@@ -36,20 +38,20 @@ def unpack(files_at: Path, work: Path) -> dict:
     """Extract every ``campaign-part*.zip`` into ``work``; returns ``summary.json``.
 
     Raises:
-        SystemExit: no parts, or no summary among them.
+        UsageError: no parts, an unsafe member path, or no summary among them.
     """
     parts = sorted(Path(files_at).glob("campaign-part*.zip"))
     if not parts:
-        raise SystemExit(f"no campaign-part*.zip under {files_at}")
+        raise UsageError(f"no campaign-part*.zip under {files_at}")
     work.mkdir(parents=True, exist_ok=True)
     for part in parts:
         with zipfile.ZipFile(part) as z:
             for name in z.namelist():  # only the layout gpu_campaign.py writes: no absolute or parent paths
                 if name.startswith("/") or ".." in Path(name).parts:
-                    raise SystemExit(f"{part}: refusing member {name!r}")
+                    raise UsageError(f"{part}: refusing member {name!r}")
             z.extractall(work)
     if not (work / "summary.json").is_file():
-        raise SystemExit(f"no summary.json in {[p.name for p in parts]}")
+        raise UsageError(f"no summary.json in {[p.name for p in parts]}")
     return json.loads((work / "summary.json").read_text())
 
 
@@ -155,34 +157,60 @@ def zoo_table(records: list[dict]) -> str:
 
 
 def publish(records: list[dict], work: Path) -> list[str]:
-    """Write the finished runs that name a registry entry (seed 1) into the registry; returns the names written."""
+    """Write the finished runs that name a registry entry (seed 1) into the registry; returns the names written.
+
+    Every model is loaded and the registry's budget checked for all of them together before anything is written; each
+    entry is written into a new folder that then replaces the old one, and the index is rebuilt even if a write fails.
+    Runs whose weights did not come back (left out of the packed files) are skipped.
+
+    Raises:
+        UsageError: the new entries would take the registry over its budget (nothing is written).
+    """
     import publish_pretrained as pp
 
     from lebm_zoo import pretrained as P
     from lebm_zoo.hardware import cpu_name
 
-    done = []
+    chosen = {}
     for r in records:
         name = r.get("publish")
-        if not name or "error" in r or int(r.get("seed", 1)) != 1:
-            continue
         folder = work / "runs" / r["name"] / "weights"
-        model = P.load_pretrained(folder)
-        pp.check_budget(name, model)
-        cfg = json.loads((folder / P.CONFIG_NAME).read_text())
-        metrics = dict(cfg.get("metrics") or {})
-        if r.get("fid") is not None:
-            metrics["fid"] = {"value": round(r["fid"], 6), "protocol": FID_PROTOCOL}
-        training = dict(cfg.get("training") or {}) | {"report": "benchmarks/campaign_report.py", "cpu": cpu_name()}
-        target = P.WEIGHTS_DIR / name
-        for old in target.glob("*") if target.is_dir() else []:
-            old.unlink()
-        P.save_pretrained(model, target, recipe=r["recipe"], data=cfg.get("data") or "MNIST",
-                          training_steps=r.get("iterations"), metrics=metrics, training=training)
-        done.append(name)
-    if done:
-        pp.rebuild_index(done)
+        if name and "error" not in r and int(r.get("seed", 1)) == 1 and (folder / P.CONFIG_NAME).is_file():
+            chosen[name] = (r, folder, P.load_pretrained(folder))
+    if chosen:
+        first, *rest = chosen
+        pp.check_budget(first, chosen[first][2], {n: chosen[n][2] for n in rest})
+    done = []
+    try:
+        for name, (r, folder, model) in chosen.items():
+            _publish_one(P, name, r, folder, model, cpu_name())
+            done.append(name)
+    finally:
+        if done:
+            pp.rebuild_index(done)
     return done
+
+
+def _publish_one(P, name: str, r: dict, folder: Path, model, cpu: str) -> None:
+    """Write one entry into a fresh folder beside the registry's, then swap it in for the old one."""
+    import shutil
+    import tempfile
+
+    cfg = json.loads((folder / P.CONFIG_NAME).read_text())
+    metrics = dict(cfg.get("metrics") or {})
+    if r.get("fid") is not None:
+        metrics["fid"] = {"value": round(r["fid"], 6), "protocol": FID_PROTOCOL}
+    training = dict(cfg.get("training") or {}) | {"report": "benchmarks/campaign_report.py", "cpu": cpu}
+    target = P.WEIGHTS_DIR / name
+    fresh = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=P.WEIGHTS_DIR))
+    try:
+        P.save_pretrained(model, fresh, recipe=r["recipe"], data=cfg.get("data") or r.get("data", "MNIST"),
+                          training_steps=r.get("iterations"), metrics=metrics, training=training)
+        if target.exists():
+            shutil.rmtree(target)
+        fresh.rename(target)
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
 
 
 def main(argv=None) -> int:
@@ -220,4 +248,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_on_usage_error(main, "campaign_report.py")

@@ -46,6 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
+from lebm_zoo.errors import UsageError, exit_on_usage_error  # noqa: E402
+
 #: callbacks a campaign run drops from its recipe (FID needs Inception weights that do not travel; pictures cost time)
 DROPPED_CALLBACKS = ("lebm_zoo.callbacks.FIDCallback", "lebm_zoo.callbacks.SampleGrid",
                      "lebm_zoo.callbacks.DensityPlot2D")
@@ -86,19 +88,19 @@ def load_campaigns(paths: list[Path]) -> list[dict]:
     """Every run of the campaign files, in priority order (file ``priority``, then as listed).
 
     Raises:
-        SystemExit: a file without runs, a run without ``name``/``recipe``/``seed``, or a name used twice.
+        UsageError: a file without runs, a run without ``name``/``recipe``/``seed``, or a name used twice.
     """
     runs = []
     for order, path in enumerate(paths):
         spec = yaml.safe_load(Path(path).read_text())
         if not isinstance(spec, dict) or not spec.get("runs"):
-            raise SystemExit(f"{path}: a campaign file needs a non-empty 'runs' list")
+            raise UsageError(f"{path}: a campaign file needs a non-empty 'runs' list")
         for entry in spec["runs"]:
             for i, run in enumerate(expand(entry)):
                 run["_first"] = i == 0
                 missing = {"name", "recipe", "seed"} - set(run)
                 if missing:
-                    raise SystemExit(f"{path}: run {run} lacks {sorted(missing)}")
+                    raise UsageError(f"{path}: run {run} lacks {sorted(missing)}")
                 run.setdefault("overrides", [])
                 run.setdefault("fid_samples", 0)
                 run["campaign"] = spec.get("name", Path(path).stem)
@@ -108,7 +110,7 @@ def load_campaigns(paths: list[Path]) -> list[dict]:
     names = [r["name"] for r in runs]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
-        raise SystemExit(f"run names used twice: {sorted(dup)}")
+        raise UsageError(f"run names used twice: {sorted(dup)}")
     return runs
 
 
@@ -273,7 +275,7 @@ def main(argv=None) -> int:
     waves = math.ceil(len(runs) / parallel)
     seconds = (a.budget - a.startup - waves * a.eval_margin) / waves
     if seconds < 10 and not a.dry_run:
-        raise SystemExit(f"{len(runs)} runs in {waves} waves of {parallel} leave {seconds:.0f} s of training each "
+        raise UsageError(f"{len(runs)} runs in {waves} waves of {parallel} leave {seconds:.0f} s of training each "
                          f"in a {a.budget:.0f} s budget: raise --budget or --parallel, or give fewer runs")
     work = a.work or Path(tempfile.mkdtemp(prefix="campaign-"))
     print(f"campaign: {len(runs)} runs, {parallel} at a time, {waves} wave(s), "
@@ -288,7 +290,14 @@ def main(argv=None) -> int:
         pending, active = list(runs), []
         logs = work / "logs"
         logs.mkdir(parents=True, exist_ok=True)
+        # whatever else happens, the packing starts here: a run still going then is stopped, none starts after it
+        deadline = t_start + a.budget - a.startup / 2
         while pending or active:
+            if time.time() > deadline:
+                for run in pending:
+                    records.append({"name": run["name"], "recipe": run["recipe"], "seed": run["seed"],
+                                    "error": "not started: the wall budget was spent"})
+                pending = []
             while pending and len(active) < parallel:
                 run = pending.pop(0)
                 job = json.dumps({"run": {k: v for k, v in run.items() if not k.startswith("_")}, "work": str(work),
@@ -300,11 +309,12 @@ def main(argv=None) -> int:
             time.sleep(1)
             for item in list(active):
                 run, proc, log, started = item
-                late = time.time() - started > seconds + 3 * a.eval_margin
+                late = time.time() - started > seconds + 3 * a.eval_margin or time.time() > deadline
                 if proc.poll() is None and not late:
                     continue
                 if proc.poll() is None:
                     proc.kill()
+                    proc.wait()
                 log.close()
                 active.remove(item)
                 rec_path = work / "runs" / run["name"] / "record.json"
@@ -326,4 +336,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_on_usage_error(main, "gpu_campaign.py")

@@ -6,7 +6,7 @@ epoch, and write the table (mean +- std over seeds) beside the paper's rows.
     python benchmarks/lbebm_table.py report ~/lbebm-runs --data ../shared/data/eth_ucy   # Markdown table on stdout
 
 ``run`` starts one ``lebm-zoo fit`` then ``lebm-zoo test --ckpt_path last`` per (scene, seed), ``--workers`` at a
-time, each single-threaded (``OMP_NUM_THREADS=1``), in ``<out>/<scene>-s<seed>/``; a run whose ``test.json`` exists
+time, each single-threaded (``OMP_NUM_THREADS=1``), in ``<out>/<scene>-s<seed>/``; a run whose ``record.json`` exists
 is skipped (rerun the same command to continue). ``--epochs SCENE=N`` shortens a recipe's schedule (the recipes keep
 the reference's: 100 epochs, hotel 5); the report names the epochs each row was trained for, the CPU and the time.
 Nothing is selected on the test split: the test error is the last epoch's.
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,22 +23,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from lebm_zoo.errors import UsageError, exit_on_usage_error
+from lebm_zoo.hardware import cpu_name
+
 SCENES = ("eth", "hotel", "univ", "zara1", "zara2")
 #: ADE / FDE in metres, best of 20 (Pang et al. 2021, table 1)
 PAPER = {"LB-EBM (paper)": {"eth": (0.30, 0.52), "hotel": (0.13, 0.20), "univ": (0.27, 0.52), "zara1": (0.20, 0.37),
                             "zara2": (0.15, 0.29), "avg": (0.21, 0.38)},
          "PECNet (paper's table)": {"eth": (0.54, 0.87), "hotel": (0.18, 0.24), "univ": (0.35, 0.60),
                                     "zara1": (0.22, 0.39), "zara2": (0.17, 0.30), "avg": (0.29, 0.48)}}
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def run_one(out: Path, data: str, scene: str, seed: int, epochs: int | None) -> dict:
@@ -67,13 +59,16 @@ def run_one(out: Path, data: str, scene: str, seed: int, epochs: int | None) -> 
         rc = subprocess.run(test, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         raise RuntimeError(f"{scene} seed {seed}: test exited {rc}; see {run / 'test.log'}")
-    (result,) = sorted(run.rglob("trajectories/test.json"), key=lambda p: p.stat().st_mtime)[-1:]
+    results = sorted(run.rglob("trajectories/test.json"), key=lambda p: p.stat().st_mtime)
+    if not results:
+        raise RuntimeError(f"{scene} seed {seed}: the test wrote no trajectories/test.json; see {run / 'test.log'}")
+    result = results[-1]
     test_rec = json.loads(result.read_text())
     vals = [json.loads(p.read_text()) for p in sorted(run.rglob("trajectories/val-epoch=*.json"))]
     record = {"scene": scene, "seed": seed, "epochs": test_rec["epoch"] + 1 if epochs is None else epochs,
               "steps": test_rec["step"], "ade": test_rec["ade"], "fde": test_rec["fde"],
               "windows": test_rec["windows"], "k": test_rec["k"], "fit_seconds": round(fit_s, 1),
-              "val": [{"epoch": v["epoch"], "ade": v["ade"], "fde": v["fde"]} for v in vals], "cpu": _cpu(),
+              "val": [{"epoch": v["epoch"], "ade": v["ade"], "fde": v["fde"]} for v in vals], "cpu": cpu_name(),
               "threads": 1}
     done.write_text(json.dumps(record, indent=1) + "\n")
     print(f"{scene} seed {seed}: ADE {record['ade']:.3f} FDE {record['fde']:.3f} ({fit_s / 60:.1f} min)", flush=True)
@@ -99,7 +94,7 @@ def report(out: Path, data: str | None = None) -> str:
     constant-velocity row)."""
     recs = [json.loads(p.read_text()) for p in sorted(out.glob("*/record.json"))]
     if not recs:
-        raise SystemExit(f"no record.json under {out}: run `lbebm_table.py run` first")
+        raise UsageError(f"no record.json under {out}: run `lbebm_table.py run` first")
     by = {s: [r for r in recs if r["scene"] == s] for s in SCENES}
 
     def cell(rs, key):
@@ -181,4 +176,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_on_usage_error(main, "lbebm_table.py")

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from lebm_zoo import pretrained as P  # noqa: E402
+from lebm_zoo.errors import UsageError, exit_on_usage_error  # noqa: E402
 from lebm_zoo.fingerprint import fingerprint  # noqa: E402
 from lebm_zoo.hardware import cpu_name  # noqa: E402
 
@@ -198,17 +199,25 @@ def _commands(name: str, spec: dict) -> tuple[str, str]:
 REGISTRY_BUDGET = 60_000_000
 
 
-def check_budget(name: str, model) -> None:
+def check_budget(name: str, model, also: dict | None = None) -> None:
     """Refuse to publish ``model`` as ``name`` when the registry would then exceed :data:`REGISTRY_BUDGET` (fp32
     weights: 4 bytes a value, the replaced entry's files not counted).
 
+    Args:
+        name, model: the entry and its model.
+        also: other entries published with it, name -> model (they replace their old files too).
+
     Raises:
-        SystemExit: naming the sizes.
+        UsageError: naming the sizes.
     """
-    new = sum(v.numel() * 4 for v in model.state_dict().values() if v.is_floating_point())
-    others = sum(e.size for e in P.list_pretrained() if e.name != name)
+    def size(m) -> int:
+        return sum(v.numel() * 4 for v in m.state_dict().values() if v.is_floating_point())
+
+    batch = {name: model} | (also or {})
+    new = sum(size(m) for m in batch.values())
+    others = sum(e.size for e in P.list_pretrained() if e.name not in batch)
     if others + new > REGISTRY_BUDGET:
-        raise SystemExit(f"{name}: {new / 1e6:.1f} MB of fp32 weights would take the registry to "
+        raise UsageError(f"{name}: {new / 1e6:.1f} MB of fp32 weights would take the registry to "
                          f"{(others + new) / 1e6:.1f} MB, over its {REGISTRY_BUDGET / 1e6:.0f} MB budget; publish it "
                          "elsewhere (save_pretrained + a Hugging Face repository, hf://) or retire an entry first")
 
@@ -224,7 +233,7 @@ def publish(name: str, spec: dict, runs: Path) -> dict | None:
     metrics = {}
     for key, (metric, protocol) in spec["metrics"].items():
         if key not in scalars:
-            raise SystemExit(f"{name}: the run logged no {key} (it has {sorted(scalars)})")
+            raise UsageError(f"{name}: the run logged no {key} (it has {sorted(scalars)})")
         metrics[metric] = {"value": round(scalars[key], 6), "protocol": protocol.format(recipe=spec["recipe"])}
     model = P.load_pretrained(ckpt)
     check_budget(name, model)
@@ -293,7 +302,7 @@ def main() -> int:
     args = parser.parse_args()
     unknown = set(args.names) - set(ENTRIES)
     if unknown:
-        raise SystemExit(f"unknown entries {sorted(unknown)}; known: {sorted(ENTRIES)}")
+        raise UsageError(f"unknown entries {sorted(unknown)}; known: {sorted(ENTRIES)}")
     for name in args.names or ENTRIES:
         publish(name, ENTRIES[name], args.runs)
     rebuild_index(args.names)
@@ -332,4 +341,4 @@ def readme_table() -> str:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_on_usage_error(main, "publish_pretrained.py")

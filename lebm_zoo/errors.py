@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 
 __all__ = ["CheckpointError", "DataShapeError", "FIDWeightsBuildError", "FIDWeightsNotFoundError",
-           "LayoutMismatchError", "RecipeError", "StoppedBySignal", "TrainingDivergedError"]
+           "LayoutMismatchError", "RecipeError", "StoppedBySignal", "TrainingDivergedError", "UsageError"]
 
 
 class DataShapeError(ValueError):
@@ -39,6 +39,24 @@ class FIDWeightsBuildError(RuntimeError):
 
 class LayoutMismatchError(ValueError):
     """A source state dict does not map layer for layer onto the target layout (count, names or shapes)."""
+
+
+class UsageError(ValueError):
+    """A wrong argument or input file of a script in ``benchmarks/``: it prints the message on one line and exits
+    with code 2 (:func:`exit_on_usage_error`)."""
+
+
+def exit_on_usage_error(main, script: str) -> None:
+    """Run a script's ``main()`` and exit with its return code; a :class:`UsageError` is one line on stderr and
+    exit code 2."""
+    import sys
+
+    try:
+        code = main()
+    except UsageError as e:
+        print(f"{script}: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
 
 
 class StoppedBySignal(SystemExit):

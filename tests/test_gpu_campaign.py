@@ -2,6 +2,7 @@
 trains, the dry run goes through the whole pipeline on the CPU (fit, test, weights, samples, packing), and the report
 reads what comes back (tables, FID on stored samples, publishing into a registry)."""
 import json
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -14,6 +15,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import campaign_report  # noqa: E402
 import gpu_campaign  # noqa: E402
+
+from lebm_zoo.errors import UsageError  # noqa: E402
 
 CAMPAIGNS = [ROOT / "benchmarks" / "campaigns" / "anomaly.yaml", ROOT / "benchmarks" / "campaigns" / "mnist_zoo.yaml"]
 
@@ -46,8 +49,14 @@ def test_campaign_config_drops_what_cannot_run_on_the_gpu_machine(tmp_path):
 
 
 def test_the_budget_is_split_into_waves(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="39 runs in 39 waves of 1 leave"):
+    with pytest.raises(UsageError, match="39 runs in 39 waves of 1 leave"):
         gpu_campaign.main([*map(str, CAMPAIGNS), "--parallel", "1", "--out", str(tmp_path)])
+    # from the command line: one line and exit code 2, nothing written
+    script = Path(gpu_campaign.__file__)
+    out = subprocess.run([sys.executable, str(script), *map(str, CAMPAIGNS), "--parallel", "1", "--out",
+                          str(tmp_path / "out")], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.startswith("gpu_campaign.py: 39 runs in 39 waves")
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from _data import FIXTURES
 import lebm_zoo
 from datamodules import QuickstartMNISTDataModule
 from lebm_zoo.callbacks.reconstruction import ReconstructionMSE  # noqa: F401  (the protocol the metric names)
+from lebm_zoo.errors import UsageError
 from lebm_zoo.fingerprint import EXACT_FINGERPRINT_KEYS, fingerprint
 
 ENTRIES = {e.name: e for e in lebm_zoo.list_pretrained()}
@@ -116,5 +117,10 @@ def test_the_registry_stays_within_its_budget_and_publishing_guards_it():
     assert total <= pp.REGISTRY_BUDGET, total
     pp.check_budget("lebm-mnist", lebm_zoo.load_pretrained("lebm-mnist"))  # republishing an entry: same size, fine
     pp.REGISTRY_BUDGET = total + 1_000_000  # 1 MB of room left
-    with pytest.raises(SystemExit, match=r"9\.3 MB of fp32 weights .* over its"):
+    with pytest.raises(UsageError, match=r"9\.3 MB of fp32 weights .* over its"):
         pp.check_budget("lbebm-eth", TrajectoryLEBM())
+    # several entries at once count together: two tiny ones fit in the 1 MB left, with a third they do not
+    tiny = lebm_zoo.load_pretrained("fce-toy2d")  # 0.3 MB
+    pp.check_budget("new-a", tiny, {"new-b": tiny})
+    with pytest.raises(UsageError, match="over its"):
+        pp.check_budget("new-a", tiny, {"new-b": tiny, "new-c": tiny, "new-d": tiny})

@@ -153,6 +153,8 @@ def test_replay_memory_fills_then_starts_the_chains(tmp_path):
     tiny_trainer(tmp_path, [Spy()], max_steps=4).fit(model, tensor_loader(walks(16), batch_size=8))
     assert seen == [(8, 0.0), (16, 0.0), (24, 1.0), (32, 1.0)]
     assert torch.isfinite(model.memory).all() and model.memory.abs().sum() > 0
+    with pytest.raises(ValueError, match="memory_size 16.*fewer states than the batch \\(20\\)"):
+        model.prior_latents(torch.zeros(20, model.hparams.fdim), persistent=True)
 
 
 def test_training_checkpoints_keep_the_memory_and_published_weights_do_not(tmp_path):
@@ -218,8 +220,20 @@ def test_social_pooling_mixes_only_the_masked_neighbours():
     assert torch.allclose(alone, c + g)  # only itself in view: its own g
     assert torch.allclose(together[2:], alone[2:]) and not torch.allclose(together[:2], alone[:2])
     w = walks(4)
-    loss_mask = model.best_of_k_errors(w, 2, mask=pair)  # a batch with a mask runs the pooled model
-    assert all(torch.isfinite(t).all() for t in loss_mask)
+    # with a mask, the plans come from the pooled features and the futures from the unpooled ones (the reference's
+    # predict): predict() equals that composition, and its plans differ from those of the unpooled model
+    torch.manual_seed(1)
+    pred = model.predict(w[:, :8], 2, mask=pair)
+    torch.manual_seed(1)
+    plans = model.sample_plans(w[:, :8], 2, mask=pair)
+    torch.manual_seed(1)
+    assert not torch.allclose(plans, model.sample_plans(w[:, :8], 2))
+    expected = model.complete(w[:, :8], plans) / model.hparams.data_scale + w[:, 7:8].unsqueeze(0)
+    torch.testing.assert_close(pred, expected)
+    ade, fde = model.best_of_k_errors(w, 2, mask=pair)
+    assert ade.shape == fde.shape == (4,) and torch.isfinite(ade).all() and (fde > 0).all()
+    with pytest.raises(DataShapeError, match=r"social mask must be \(B, B\) = \(4, 4\).*got \(3, 3\)"):
+        model.predict(w[:, :8], 2, mask=torch.eye(3))
 
 
 def test_metrics_callback_logs_and_writes_the_numbers_and_picture(tmp_path):
@@ -278,6 +292,27 @@ def test_cli_fit_test_and_sample(tmp_path):
     assert main(["sample", str(ckpt), "-n", "5", "-o", str(out)]) == 0
     assert out.stat().st_size > 1000
     assert main(["sample", str(ckpt), "-o", str(tmp_path / "x.txt")]) == 2
+
+
+@pytest.mark.parametrize("scene", ["eth", "hotel", "univ", "zara1", "zara2", "sdd"])
+def test_recipes_carry_the_reference_scene_settings(scene):
+    import yaml
+
+    from lebm_zoo.cli.fit import recipe_path
+    from lebm_zoo.models.trajectory import SCENE_SETTINGS
+
+    cfg = yaml.safe_load(recipe_path(f"{scene}_lbebm").read_text())
+    want, args = SCENE_SETTINGS[scene], cfg["model"]["init_args"]
+    assert cfg["seed_everything"] == want["seed"] and cfg["trainer"]["max_epochs"] == want["max_epochs"]
+    assert cfg["trainer"]["precision"] == "64-true" and args["data_scale"] == want["data_scale"]
+    assert args["kld_coeff"] == want["kld_coeff"] and args["lr"] == want.get("lr", 1e-4)
+    if "lr_milestones" in want:
+        assert args["lr_milestones"] == want["lr_milestones"]
+    else:
+        assert args["lr_decay_step_size"] == want["lr_decay_step_size"]
+        assert cfg["data"]["init_args"]["scene"] == scene
+        every = cfg["trainer"]["check_val_every_n_epoch"]
+        assert f"every {'epoch' if every == 1 else f'{every} epochs'}" in recipe_path(f"{scene}_lbebm").read_text()
 
 
 def test_demo_pasts_end_at_the_origin():

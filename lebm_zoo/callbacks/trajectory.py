@@ -15,24 +15,13 @@ from lebm_zoo.callbacks._common import _epoch_stem, _run_dir
 __all__ = ["TrajectoryMetrics", "demo_pasts", "plot_trajectories"]
 
 
-def _windows_and_mask(batch) -> tuple[Tensor, Tensor | None]:
-    if isinstance(batch, Tensor):
-        return batch, None
-    if isinstance(batch, dict):
-        return batch["x"], batch.get("mask")
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        mask = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) and batch[1].dim() == 2 else None
-        return batch[0], mask
-    raise ValueError(f"TrajectoryMetrics needs batches of windows (B, T, 2) or (windows, mask); got "
-                     f"{type(batch).__name__}")
-
-
 class TrajectoryMetrics(pl.Callback):
     """ADE and FDE, best of K, of ``pl_module.best_of_k_errors(windows, k, mask)`` (:class:`~lebm_zoo.TrajectoryLEBM`)
-    on the validation and test windows: per window, the best of K sampled plans (nearest the true plan), FDE the
-    distance of its final point to the true final position, ADE the mean distance over the predicted steps of the
-    future completed from it; both averaged over all windows (summed, then divided by their number, as the
-    reference). In the data's units: metres on ETH-UCY, pixels on Stanford Drone. Lower is better.
+    on the validation and test windows (``windows, mask = pl_module.windows_from_batch(batch)``): per window, the
+    best of K sampled plans (nearest the true plan), FDE the distance of its final point to the true final position,
+    ADE the mean distance over the predicted steps of the future completed from it; both averaged over all windows
+    (summed, then divided by their number, as the reference). In the data's units: metres on ETH-UCY, pixels on
+    Stanford Drone. Lower is better.
 
     Under DDP the sums and counts are reduced over the ranks before the division.
 
@@ -53,7 +42,7 @@ class TrajectoryMetrics(pl.Callback):
 
     Raises:
         ValueError: ``k < 1`` or ``every_n_epochs < 0``.
-        TypeError: at setup, for a model without ``best_of_k_errors``.
+        TypeError: at setup, for a model without ``best_of_k_errors`` and ``windows_from_batch``.
     """
 
     def __init__(self, k: int | None = None, every_n_epochs: int = 1, on_test: bool = True, plot: bool = True):
@@ -69,9 +58,9 @@ class TrajectoryMetrics(pl.Callback):
         self._stems: set[str] = set()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not callable(getattr(pl_module, "best_of_k_errors", None)):
-            raise TypeError(f"TrajectoryMetrics needs a model with best_of_k_errors(windows, k, mask), e.g. "
-                            f"TrajectoryLEBM; {type(pl_module).__name__} has none.")
+        if not all(callable(getattr(pl_module, f, None)) for f in ("best_of_k_errors", "windows_from_batch")):
+            raise TypeError(f"TrajectoryMetrics needs a model with best_of_k_errors(windows, k, mask) and "
+                            f"windows_from_batch(batch), e.g. TrajectoryLEBM; {type(pl_module).__name__} lacks them.")
 
     def _start(self, trainer, active: bool) -> None:
         self._active, self._sums, self._plotted = active, None, False
@@ -87,14 +76,14 @@ class TrajectoryMetrics(pl.Callback):
     def _update(self, trainer, pl_module, batch, dataloader_idx: int, split: str) -> None:
         if not self._active or dataloader_idx != 0:
             return
-        windows, mask = _windows_and_mask(batch)
+        windows, mask = pl_module.windows_from_batch(batch)
         ade, fde = pl_module.best_of_k_errors(windows, self.k, mask)
         sums = torch.stack([ade.sum(), fde.sum(), torch.tensor(float(len(ade)), device=ade.device, dtype=ade.dtype)])
         self._sums = sums.double() if self._sums is None else self._sums + sums.double()
         if self.plot and not self._plotted and trainer.is_global_zero:
             self._plotted = True
-            self._stem = "test" if split == "test" else _epoch_stem(trainer, self._stems)
-            plot_trajectories(pl_module, windows[:16], self._dir / f"{self._stem}.png",
+            stem = "test" if split == "test" else _epoch_stem(trainer, self._stems)
+            plot_trajectories(pl_module, windows[:16], self._dir / f"{stem}.png",
                               mask=None if mask is None else mask[:16, :16])
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:

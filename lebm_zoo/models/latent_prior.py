@@ -438,7 +438,8 @@ class LatentEBMPrior(LatentImagesMixin, LatentPriorBase):
     #: hyperparameters a resumed run may change (the others come from the checkpoint)
     resume_hparams = (
         "prior_steps", "prior_step_size", "posterior_steps", "posterior_step_size", "lr_g", "lr_e", "betas", "lr_decay",
-        "lr_schedule", "grad_clip_g", "grad_clip_e", "loss_g_limit", "loss_g_limit_after_epoch", "loss_g_limit_check")
+        "lr_schedule", "grad_clip_g", "grad_clip_e", "loss_g_limit", "loss_g_limit_after_epoch", "loss_g_limit_check",
+        "compile_chains", "compile_scope")
 
     def __init__(
         self,

@@ -219,6 +219,11 @@ class TrajectoryLEBM(EBMModule):
         ``(B, B)``, after ``nonlocal_pools`` rounds of non-local social pooling."""
         c = self.encoder_past(x)
         if mask is not None:
+            if not isinstance(mask, Tensor) or tuple(mask.shape) != (x.shape[0],) * 2:
+                shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+                raise DataShapeError(f"a social mask must be (B, B) = {(x.shape[0],) * 2} for {x.shape[0]} "
+                                     f"pedestrians, got {shape}")
+            mask = mask.to(c.device, c.dtype)
             for _ in range(self.hparams.nonlocal_pools):
                 c = self.social_pooling(c, mask)
         return c
@@ -253,6 +258,9 @@ class TrajectoryLEBM(EBMModule):
         e_init_sig^2), or with ``persistent`` from the replay memory once it is full."""
         c = c.detach()
         if persistent and self.memory_count >= self.hparams.memory_size:
+            if c.shape[0] > self.hparams.memory_size:
+                raise ValueError(f"the replay memory (memory_size {self.hparams.memory_size}) holds fewer states "
+                                 f"than the batch ({c.shape[0]}): raise --model.memory_size or lower the batch size")
             idx = torch.randperm(self.hparams.memory_size, device=self.memory.device)[:c.shape[0]]
             z0, name = self.memory[idx].to(c), "prior_pcd"
         else:
@@ -320,12 +328,16 @@ class TrajectoryLEBM(EBMModule):
         """Predicted futures ``(n_samples, B, future_length, 2)`` in the data's units and frame, for observed pasts
         ``(B, past_length, 2)``: a plan from the prior per sample, then the predictor's whole future for it.
 
+        With a social mask ``(B, B)`` (1 where two pedestrians share a scene, as in training) the plans come from the
+        pooled past features and the futures from the unpooled ones, as in the reference's ``predict`` and in
+        :meth:`best_of_k_errors`.
+
         Raises:
-            DataShapeError: for pasts of another shape or non-finite ones.
+            DataShapeError: for pasts of another shape or non-finite ones, or a mask that is not ``(B, B)``.
         """
         past = self.check_windows(past, self.hparams.past_length, "past")
         plans = self.sample_plans(past, n_samples, mask)
-        futures = self.complete(past, plans, mask)
+        futures = self.complete(past, plans)
         return futures / self.hparams.data_scale + past[:, -1:].unsqueeze(0)
 
     def sample(self, n: int, past: Tensor | None = None) -> Tensor:
