@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import RandomSampler
 
-__all__ = ["ShuffleStateMixin", "make_loader"]
+__all__ = ["ShuffleStateMixin", "SplitLoadersMixin", "make_loader"]
 
 
 class ShuffleStateMixin:
@@ -53,6 +53,20 @@ class ShuffleStateMixin:
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._pending_generators = state_dict.get("shuffle_generators")
+
+
+class SplitLoadersMixin(ShuffleStateMixin):
+    """For a LightningDataModule with ``train_set``, ``val_set`` and ``test_set`` and a method ``_loader(dataset,
+    train: bool)``: the three dataloaders, the training one tracked for resume (:class:`ShuffleStateMixin`)."""
+
+    def train_dataloader(self):
+        return self.track_train_loaders(self._loader(self.train_set, True))
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, False)
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, False)
 
 
 def make_loader(dataset: Dataset, **kwargs) -> StatefulDataLoader:

@@ -7,7 +7,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import TensorDataset
 
-from datamodules.loaders import ShuffleStateMixin, make_loader
+from datamodules.loaders import SplitLoadersMixin, make_loader
 
 __all__ = ["EightGaussiansDataModule", "eight_gaussians", "eight_gaussian_centers"]
 
@@ -28,7 +28,7 @@ def eight_gaussians(n: int, radius: float = 2.0, std: float = 0.1, seed: int = 0
     return (x, idx) if return_labels else x
 
 
-class EightGaussiansDataModule(ShuffleStateMixin, pl.LightningDataModule):
+class EightGaussiansDataModule(SplitLoadersMixin, pl.LightningDataModule):
     """Eight-Gaussian mixture in 2-D: train, val and test sets drawn once with fixed seeds. Batches are ``(x,)``,
     ``x`` of shape ``(B, 2)``; with ``labels``, ``(x, y)``, ``y`` ``(B,)`` int64 the mode index 0..7 (mode k at angle
     k * 45 degrees; the points are the same), for classification and :class:`~datamodules.SemiSupervisedDataModule`.
@@ -72,12 +72,3 @@ class EightGaussiansDataModule(ShuffleStateMixin, pl.LightningDataModule):
 
     def _loader(self, ds, shuffle):
         return make_loader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
-
-    def train_dataloader(self):
-        return self.track_train_loaders(self._loader(self.train_set, True))
-
-    def val_dataloader(self):
-        return self._loader(self.val_set, False)
-
-    def test_dataloader(self):
-        return self._loader(self.test_set, False)

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from datamodules.base import DatasetNotFoundError, summary
-from datamodules.loaders import ShuffleStateMixin, make_loader
+from datamodules.loaders import SplitLoadersMixin, make_loader
 
 __all__ = ["ETH_UCY_SCENES", "SDDDataModule", "TrajectoryDataModule", "read_scene_file", "read_sdd_pickle",
            "strided_windows"]
@@ -63,7 +63,7 @@ def strided_windows(rows: np.ndarray, length: int = 20) -> np.ndarray:
     return np.concatenate(out).copy() if out else np.zeros((0, length, 2), np.float32)
 
 
-class TrajectoryDataModule(ShuffleStateMixin, pl.LightningDataModule):
+class TrajectoryDataModule(SplitLoadersMixin, pl.LightningDataModule):
     """One ETH-UCY scene's leave-one-out split: train and validation windows from the other scenes' ``train/`` and
     ``val/`` files, test windows from the held-out scene's ``test/`` files (``<data_dir>/<scene>/{train,val,test}/
     *.txt``, rows ``frame<TAB>ped<TAB>x<TAB>y`` in metres at 2.5 fps).
@@ -147,15 +147,6 @@ class TrajectoryDataModule(ShuffleStateMixin, pl.LightningDataModule):
                            generator=g, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                            collate_fn=_windows_only)
 
-    def train_dataloader(self):
-        return self.track_train_loaders(self._loader(self.train_set, True))
-
-    def val_dataloader(self):
-        return self._loader(self.val_set, False)
-
-    def test_dataloader(self):
-        return self._loader(self.test_set, False)
-
 
 def _windows_only(items) -> torch.Tensor:
     return torch.stack([it[0] for it in items])
@@ -219,7 +210,7 @@ class _Groups(Dataset):
         return self.windows[i], self.masks[i]
 
 
-class SDDDataModule(ShuffleStateMixin, pl.LightningDataModule):
+class SDDDataModule(SplitLoadersMixin, pl.LightningDataModule):
     """Stanford Drone in PECNet's pickles, as LB-EBM's ``lbebm_sdd.py`` reads them: each batch is one scene group
     ``(windows (n, 20, 2) pixels, mask (n, n))``; training groups are doubled with their time-reversed copies (the
     reference's augmentation). There is no validation split in the reference: validation uses the test file, so
@@ -257,12 +248,3 @@ class SDDDataModule(ShuffleStateMixin, pl.LightningDataModule):
         g = torch.Generator().manual_seed(self.seed) if train else None
         return make_loader(ds, batch_size=None, shuffle=train, generator=g, num_workers=self.num_workers,
                            persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self):
-        return self.track_train_loaders(self._loader(self.train_set, True))
-
-    def val_dataloader(self):
-        return self._loader(self.val_set, False)
-
-    def test_dataloader(self):
-        return self._loader(self.test_set, False)
