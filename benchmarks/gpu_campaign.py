@@ -3,7 +3,7 @@
 
     python benchmarks/gpu_campaign.py benchmarks/campaigns/anomaly.yaml benchmarks/campaigns/mnist_zoo.yaml \\
         --data /tmp/data --out "$OUT" --budget 480
-    python benchmarks/gpu_campaign.py CAMPAIGN.yaml ... --dry-run --data DIR --out DIR   # CPU, tiny (time: docs/gpu_campaign.md)
+    python benchmarks/gpu_campaign.py CAMPAIGN.yaml ... --dry-run --data DIR --out DIR  # CPU, tiny sizes
 
 A campaign file lists runs (recipe, overrides, seed; an entry with list values is a grid, expanded over their product
 and substituted into its strings as ``{digit}``), each with the registry name it may be published as

@@ -34,6 +34,18 @@ PAPER = {"LB-EBM (paper)": {"eth": (0.30, 0.52), "hotel": (0.13, 0.20), "univ": 
                                     "zara1": (0.22, 0.39), "zara2": (0.17, 0.30), "avg": (0.29, 0.48)}}
 
 
+def trained(run: Path) -> dict:
+    """``{"epochs": completed epochs, "steps": training steps}`` of the run's newest ``last.ckpt`` (empty without
+    one)."""
+    from lebm_zoo.checkpoint import read_checkpoint
+
+    ckpts = sorted(run.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not ckpts:
+        return {}
+    ckpt = read_checkpoint(ckpts[-1])
+    return {"epochs": int(ckpt["epoch"]) + 1, "steps": int(ckpt["global_step"])}
+
+
 def run_one(out: Path, data: str, scene: str, seed: int, epochs: int | None) -> dict:
     """fit then test one (scene, seed); returns its record (also written to ``<run>/record.json``)."""
     run = out / f"{scene}-s{seed}"
@@ -65,8 +77,7 @@ def run_one(out: Path, data: str, scene: str, seed: int, epochs: int | None) -> 
     result = results[-1]
     test_rec = json.loads(result.read_text())
     vals = [json.loads(p.read_text()) for p in sorted(run.rglob("trajectories/val-epoch=*.json"))]
-    record = {"scene": scene, "seed": seed, "epochs": test_rec["epoch"] + 1 if epochs is None else epochs,
-              "steps": test_rec["step"], "ade": test_rec["ade"], "fde": test_rec["fde"],
+    record = {"scene": scene, "seed": seed, **trained(run), "ade": test_rec["ade"], "fde": test_rec["fde"],
               "windows": test_rec["windows"], "k": test_rec["k"], "fit_seconds": round(fit_s, 1),
               "val": [{"epoch": v["epoch"], "ade": v["ade"], "fde": v["fde"]} for v in vals], "cpu": cpu_name(),
               "threads": 1}
@@ -92,7 +103,7 @@ def constant_velocity(data: str, scene: str) -> tuple[float, float]:
 def report(out: Path, data: str | None = None) -> str:
     """The Markdown table of the records under ``out`` (with ``data``, the ETH-UCY folder, also the
     constant-velocity row)."""
-    recs = [json.loads(p.read_text()) for p in sorted(out.glob("*/record.json"))]
+    recs = [json.loads(p.read_text()) | trained(p.parent) for p in sorted(out.glob("*/record.json"))]
     if not recs:
         raise UsageError(f"no record.json under {out}: run `lbebm_table.py run` first")
     by = {s: [r for r in recs if r["scene"] == s] for s in SCENES}
