@@ -100,6 +100,31 @@ def constant_velocity(data: str, scene: str) -> tuple[float, float]:
     return err.mean().item(), err[:, -1].mean().item()
 
 
+def spread(run: Path, data: str, scene: str, max_windows: int = 2000, k: int = 20, seed: int = 0) -> dict:
+    """How the trained model's K plans (the newest ``last.ckpt`` under ``run``) spread on the scene's test windows
+    (the first ``max_windows``), in metres: ``final_std`` the standard deviation of the K plans' final points around
+    their mean (x and y pooled), ``fde_1`` the FDE of one plan (the first), ``fde_k`` the distance of the nearest of
+    the K final points (an oracle: the protocol picks by the whole plan), ``final_offset`` the distance of the K
+    plans' mean final point from the true one. A collapsed prior gives ``final_std`` near 0 and ``fde_k`` near
+    ``fde_1``."""
+    import torch
+
+    from datamodules.trajectories import TrajectoryDataModule
+    from lebm_zoo import load_pretrained
+
+    model = load_pretrained(run).eval()
+    hp = model.hparams
+    w = TrajectoryDataModule(data, scene).windows("test")[:max_windows]
+    torch.manual_seed(seed)
+    plans = model.sample_plans(w[:, :hp.past_length], k) / hp.data_scale  # (k, B, G, 2) metres
+    truth = (w[:, -1] - w[:, hp.past_length - 1]).to(plans)  # (B, 2): final point relative to the last observed
+    final = plans[:, :, -1]  # (k, B, 2)
+    err = (final - truth).norm(dim=-1)  # (k, B)
+    return {"windows": int(w.shape[0]), "final_std": float((final - final.mean(0)).pow(2).mean().sqrt()),
+            "fde_1": float(err[0].mean()), "fde_k": float(err.min(0).values.mean()),
+            "final_offset": float((final.mean(0) - truth).norm(dim=-1).mean())}
+
+
 def report(out: Path, data: str | None = None) -> str:
     """The Markdown table of the records under ``out`` (with ``data``, the ETH-UCY folder, also the
     constant-velocity row)."""
@@ -162,9 +187,23 @@ def main(argv=None) -> int:
     p = sub.add_parser("report", help="print the Markdown table")
     p.add_argument("out", type=Path)
     p.add_argument("--data", help="the ETH-UCY folder: adds the constant-velocity row")
+    d = sub.add_parser("spread", help="how the K plans of each seed-1 run spread on its test windows (metres)")
+    d.add_argument("out", type=Path)
+    d.add_argument("--data", required=True, help="the ETH-UCY folder")
+    d.add_argument("--max-windows", type=int, default=2000)
     a = ap.parse_args(argv)
     if a.cmd == "report":
         print(report(a.out, a.data))
+        return 0
+    if a.cmd == "spread":
+        print("| scene (seed 1) | test windows | std of the 20 final points | FDE, one plan | FDE, nearest of 20 "
+              "final points | mean final point's offset |\n|---|---|---|---|---|---|")
+        for scene in SCENES:
+            run = a.out / f"{scene}-s1"
+            if (run / "record.json").is_file():
+                s = spread(run, a.data, scene, a.max_windows)
+                print(f"| {scene} | {s['windows']} | {s['final_std']:.3f} | {s['fde_1']:.3f} | {s['fde_k']:.3f} | "
+                      f"{s['final_offset']:.3f} |", flush=True)
         return 0
     epochs = {}
     for item in a.epochs:

@@ -4,6 +4,7 @@ import json
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -282,6 +283,12 @@ def test_cli_fit_test_and_sample(tmp_path):
               "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false"]
     assert main(["fit", *common, *size, "--trainer.max_epochs", "2", "--trainer.precision", "32-true"]) == 0
     assert main(["test", *common, "--ckpt_path", "last"]) == 0
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import lbebm_table  # the table script's look at the trained model's plans
+
+    s = lbebm_table.spread(tmp_path / "runs", str(root), "hotel", k=4)
+    assert s["windows"] == 17 and s["final_std"] > 0 and 0 < s["fde_k"] <= s["fde_1"]
+    assert lbebm_table.trained(tmp_path / "runs") == {"epochs": 2, "steps": 6}  # 17 windows, batches of 8: 3 an epoch
     recs = sorted((tmp_path / "runs").rglob("trajectories/*.json"))
     names = {p.name for p in recs}
     assert {"val-epoch=0000.json", "val-epoch=0001.json", "test.json"} <= names, names  # hotel: val every epoch
