@@ -249,7 +249,7 @@ def test_every_compile_mode_trains_and_samples_on_cuda(mode, energy):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
-def test_whole_chain_cuda_graph_matches_eager_and_trains(energy):
+def test_whole_chain_cuda_graph_matches_eager(energy):
     """compile_scope="chain" in "reduce-overhead": one CUDA graph per chain, the eager chain's states (training with
     it: the whole-chain rows of ``benchmarks/run.py --device cuda``)."""
     e = energy.cuda()
