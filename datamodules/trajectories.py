@@ -72,7 +72,7 @@ class TrajectoryDataModule(SplitLoadersMixin, pl.LightningDataModule):
     are shuffled (batch 70, the reference's), evaluation batches of ``eval_batch_size`` are in file order.
 
     Args:
-        data_dir: the folder holding the five scene folders (e.g. ``../shared/data/eth_ucy``).
+        data_dir: the folder holding the five scene folders (e.g. ``data/eth_ucy``).
         scene: ``eth``, ``hotel``, ``univ``, ``zara1`` or ``zara2``.
         batch_size: training windows per batch (>= 1).
         eval_batch_size: validation and test windows per batch (the reference: 10 x batch_size).
