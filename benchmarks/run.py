@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lebm_zoo import LangevinSampler, LatentEBMPrior
+from lebm_zoo.callbacks import SyncEvery
 from lebm_zoo.hardware import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,11 +57,11 @@ class _Timer(pl.Callback):
 
 
 def ours(batch: int, iters: int, warmup: int, precision: str, device: str, channels_last: bool = False,
-         compile_chains: str | None = None) -> float:
+         compile_chains: str | None = None, sync_every: int = 1) -> float:
     """Seconds per SVHN-recipe iteration of LatentEBMPrior under a Lightning Trainer (optionally with the generator's
     weights in channels_last memory format, and with the Langevin chains compiled in ``compile_chains`` mode, one
     step per compiled region, or ``"MODE:chain"``, one whole chain per region; the warm-up iterations pay the
-    compilation)."""
+    compilation; ``sync_every`` > 1: the divergence guard reads the losses every that many batches, ``SyncEvery``)."""
     torch.manual_seed(0)
     x = torch.rand(batch * (iters + warmup), 3, 32, 32) * 2 - 1
     mode, _, scope = (compile_chains or "").partition(":")
@@ -69,7 +70,7 @@ def ours(batch: int, iters: int, warmup: int, precision: str, device: str, chann
     timer = _Timer(warmup)
     trainer = pl.Trainer(accelerator=device, devices=1, max_steps=iters + warmup, logger=False, precision=precision,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[timer])
+                         callbacks=[timer] + ([SyncEvery(sync_every)] if sync_every > 1 else []))
     trainer.fit(model, data)
     return sum(timer.times) / len(timer.times)
 
@@ -105,7 +106,8 @@ elif a["what"] == "reference":
 else:
     sys.path.insert(0, a["bench_dir"])
     from run import _peak_memory_mib, ours
-    s = ours(a["batch"], a["iters"], a["warmup"], a["precision"], a["device"], a["channels_last"], a["compile"])
+    s = ours(a["batch"], a["iters"], a["warmup"], a["precision"], a["device"], a["channels_last"], a["compile"],
+             a["sync_every"])
     print(json.dumps({"sec_per_iter": s, "peak_mib": _peak_memory_mib(a["device"])}))
 """
 
@@ -157,15 +159,16 @@ def plain_reference(batch: int, iters: int, warmup: int, device: str) -> float:
 
 
 def training_row(what: str, batch: int, iters: int, warmup: int, threads: int, device: str, tuned: bool,
-                 precision: str = "32-true", channels_last: bool = False, compile_chains: str | None = None
-                 ) -> dict | None:
+                 precision: str = "32-true", channels_last: bool = False, compile_chains: str | None = None,
+                 sync_every: int = 1) -> dict | None:
     """Seconds per iteration and peak memory (MiB) of ``what`` ("reference": the CPU reference script, "plain": its
     device-aware twin :func:`plain_reference`, or "ours") in a fresh process."""
     if what == "reference" and not REFERENCE.exists():
         print(f"reference loop not found at {REFERENCE} (it ships in ../shared/bench); skipped", file=sys.stderr)
         return None
     args = dict(what=what, batch=batch, iters=iters, warmup=warmup, threads=threads, device=device, tuned=tuned,
-                precision=precision, channels_last=channels_last, compile=compile_chains, script=str(REFERENCE),
+                precision=precision, channels_last=channels_last, compile=compile_chains, sync_every=sync_every,
+                script=str(REFERENCE),
                 bench_dir=str(ROOT / "benchmarks"))
     out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], capture_output=True, text=True)
     if out.returncode:
@@ -276,7 +279,8 @@ def main() -> None:
                  "gpu": torch.cuda.get_device_name() if dev == "cuda" else None, "batch": a.batch}
     mode = a.compile_mode or ("reduce-overhead" if dev == "cuda" else "default")
     res["compile_mode"] = mode
-    rows = [  # (key, label, what, tuned allocator, precision, channels_last, compile mode of the chains)
+    # (key, label, what, tuned allocator, precision, channels_last, compile mode of the chains[, sync_every])
+    rows = [
         ("reference", "reference loop (plain PyTorch, fp32)", "reference", False, "32-true", False, None),
         ("reference_tuned", "  same, tuned allocator", "reference", True, "32-true", False, None),
         ("fp32", "lebm-zoo fp32 (Lightning)", "ours", False, "32-true", False, None),
@@ -297,7 +301,13 @@ def main() -> None:
                 ("fp32_chain_compiled", f"lebm-zoo fp32, whole chains compiled ({mode})", "ours", False, "32-true",
                  False, f"{mode}:chain"),
                 ("bf16_chain_compiled", f"lebm-zoo bf16-mixed, whole chains compiled ({mode})", "ours", False,
-                 "bf16-mixed", False, f"{mode}:chain")]
+                 "bf16-mixed", False, f"{mode}:chain"),
+                ("fp32_sync50", "lebm-zoo fp32, guard read every 50 batches (SyncEvery)", "ours", False, "32-true",
+                 False, None, 50),
+                ("fp32_chain_compiled_sync50", f"lebm-zoo fp32, whole chains compiled ({mode}), SyncEvery(50)", "ours",
+                 False, "32-true", False, f"{mode}:chain", 50),
+                ("bf16_chain_compiled_sync50", f"lebm-zoo bf16-mixed, whole chains compiled ({mode}), SyncEvery(50)",
+                 "ours", False, "bf16-mixed", False, f"{mode}:chain", 50)]
     if a.rows:
         keys = a.rows.split(",")
         unknown = set(keys) - {r[0] for r in rows}
@@ -309,9 +319,9 @@ def main() -> None:
     runs: dict[str, list] = {key: [] for key, *_ in rows}
     for r in range(a.rounds):
         print(f"round {r + 1}/{a.rounds} of the training-iteration rows", file=sys.stderr, flush=True)
-        for key, _, what, tuned, precision, cl, comp in rows:
+        for key, _, what, tuned, precision, cl, comp, *sync in rows:
             runs[key].append(training_row(what, a.batch, a.iters, a.warmup, a.threads, dev, tuned, precision, cl,
-                                          comp))
+                                          comp, *sync))
     res["rounds"] = a.rounds
     res["training_iteration"] = {}
     for key, rs in runs.items():

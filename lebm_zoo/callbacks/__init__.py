@@ -15,6 +15,8 @@
 - :class:`DensityPlot2D`: data, EBM and flow densities of a 2-D model side by side.
 - :class:`TrajectoryMetrics`: ADE and FDE, best of K, of trajectory predictions (``val/ade``, ``test/fde``, ...);
   :func:`plot_trajectories`: predicted futures over observed pasts.
+- :class:`SyncEvery`: training steps with no host-device synchronisation (the divergence guard reads the losses
+  every N batches).
 - :class:`SampleGrid`: a PNG grid of ``sample`` with a fixed forked seed, also sent to image-capable loggers.
 """
 from lebm_zoo.callbacks.anomaly import AnomalyDetectionCallback
@@ -25,8 +27,9 @@ from lebm_zoo.callbacks.molecules import MoleculeMetricsCallback
 from lebm_zoo.callbacks.perplexity import PerplexityCallback
 from lebm_zoo.callbacks.reconstruction import ReconstructionMSE
 from lebm_zoo.callbacks.samples import SampleGrid
+from lebm_zoo.callbacks.sync import SyncEvery
 from lebm_zoo.callbacks.trajectory import TrajectoryMetrics, plot_trajectories
 
 __all__ = ["AnomalyDetectionCallback", "ClassificationAccuracy", "ClassRegionPlot2D", "DensityPlot2D", "FIDCallback",
            "FIDWeightsNotFoundError", "MoleculeMetricsCallback", "PerplexityCallback", "ReconstructionMSE",
-           "SampleGrid", "TrajectoryMetrics", "default_fid_weights", "plot_trajectories"]
+           "SampleGrid", "SyncEvery", "TrajectoryMetrics", "default_fid_weights", "plot_trajectories"]

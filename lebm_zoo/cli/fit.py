@@ -40,7 +40,7 @@ from lebm_zoo.checkpoint import (
     read_checkpoint,
     write_record,
 )
-from lebm_zoo.errors import DataShapeError, RecipeError, StoppedBySignal
+from lebm_zoo.errors import DataShapeError, RecipeError, StoppedBySignal, TrainingDivergedError
 from lebm_zoo.utils import tune_cpu_allocator
 
 __all__ = ["LebmCLI", "list_recipes", "main", "print_recipes", "recipe_path"]
@@ -494,6 +494,9 @@ def main(args: list[str]) -> int:
     except StoppedBySignal as e:  # SIGTERM / SIGINT while training: last.ckpt is written
         print(f"lebm-zoo: {e.message}", file=sys.stderr)
         return int(e.code)
+    except TrainingDivergedError as e:  # a deferred divergence check found before a checkpoint (SyncEvery)
+        print(f"lebm-zoo: error: {e}", file=sys.stderr)
+        return 1
     except (RecipeError, CheckpointError, DatasetNotFoundError, DataShapeError, FIDWeightsNotFoundError) as e:
         _remove_empty_runs(root, before if root is not None else set())
         print(f"lebm-zoo: error: {e}", file=sys.stderr)

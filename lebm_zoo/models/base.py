@@ -26,6 +26,7 @@ import math
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -61,6 +62,7 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
         self.automatic_optimization = False
         self.samplers = {}
         self.divergence: str | None = None
+        self._pending_checks: list[_PendingCheck] = []  # the divergence guard's unread checks (see sync_every)
         self.recipe: str | None = None  # set by `lebm-zoo` to the recipe name; stored in checkpoints
         self.register_state_dict_post_hook(_divergence_to_main_process)
         self.register_load_state_dict_pre_hook(_divergence_from_worker)
@@ -100,6 +102,11 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
         """No model-side test loss by default: the recipe's metric callbacks compute the paper's test metrics."""
 
     # ----------------------------------------------------------------------------------------- divergence guard
+    #: how many training batches the divergence guard lets pass between two reads of the losses on the host (see
+    #: :meth:`check_finite`); 1 (the default) reads them at every check. Set it with the
+    #: :class:`~lebm_zoo.callbacks.SyncEvery` callback (``--trainer.callbacks+=lebm_zoo.callbacks.SyncEvery``).
+    sync_every: int = 1
+
     def check_finite(self, losses: dict[str, Tensor], limits: dict[str, float] | None = None) -> bool:
         """Return True if every loss is finite and within bounds; otherwise stop training cleanly.
 
@@ -108,8 +115,14 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
         good weights) and warns; ``lebm-zoo fit`` turns it into an error message and a non-zero exit.
         One host-device synchronisation per call.
 
+        With :attr:`sync_every` ``= N > 1`` (training loop only) the losses stay on the device and are read in one
+        synchronisation every ``N`` training batches, at each epoch's last batch, before every checkpoint is written
+        and when training ends. A divergence is then found up to ``N - 1`` batches late: the updates made since are
+        not undone, the run stops at the check as above, and no checkpoint is written from the bad step on (a
+        checkpoint due in between raises :class:`TrainingDivergedError` instead of being written).
+
         Under DDP (``world_size > 1``) the decision is collective: the ranks' losses are all-gathered (one collective
-        per call, so every rank must call it at the same point of its step, as the families do), and if any rank's
+        per read, so every rank must call it at the same point of its step, as the families do), and if any rank's
         losses fail, every rank returns False, skips the update and stops after this batch, with a message naming
         the rank(s) that diverged and their losses. With ``ddp_spawn`` the message also comes back to the module of
         the main process (see :func:`_divergence_to_main_process`).
@@ -122,20 +135,58 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
         limits = limits or {}
         names = list(losses)
         values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
+        bounds = [min(limits.get(k, math.inf), self.explode_threshold) for k in names]
+        check = _PendingCheck(names, bounds, values, self.current_epoch, self.global_step, _batch_index(self))
+        if self.sync_every > 1 and in_training_loop(self):
+            self._pending_checks.append(check)
+            if not self._check_due():
+                return True
+            checks, self._pending_checks = self._pending_checks, []
+        else:
+            checks = [check]
+        return self._read_checks(checks)
+
+    def _check_due(self) -> bool:
+        """Whether the deferred checks are read now: ``sync_every`` batches since the first unread one, or an
+        epoch's last batch (the rest are read before a checkpoint is written and when training ends)."""
+        first = self._pending_checks[0].batch
+        return _batch_index(self) - first + 1 >= self.sync_every or bool(self.trainer.is_last_batch)
+
+    def flush_checks(self, when: str = "") -> bool:
+        """Read the divergence guard's deferred checks now (see :attr:`sync_every`); True if none failed (one host
+        synchronisation, none if nothing is pending). On a failure, training stops as in :meth:`check_finite`."""
+        if not self._pending_checks:
+            return True
+        checks, self._pending_checks = self._pending_checks, []
+        return self._read_checks(checks, when)
+
+    def _read_checks(self, checks: list, when: str = "") -> bool:
+        """Read ``checks`` on the host (one synchronisation, one collective under DDP) and stop at the first that
+        fails."""
+        values = torch.cat([c.values for c in checks])
         world = self.trainer.world_size if self._trainer is not None else 1
         if world > 1:  # one collective: every rank sees every rank's losses and takes the same decision
             values = _all_gather(self.trainer, values)
-        values = values.reshape(-1, len(names)).cpu()  # (ranks, losses); the one host-device sync
-        bounds = torch.tensor([min(limits.get(k, math.inf), self.explode_threshold) for k in names])
-        bad = ~(values.isfinite() & (values.abs() <= bounds)).all(dim=1)  # (ranks,)
-        if not bad.any():
-            return True
-        bound_txt = ", ".join(f"|{k}| <= {b:.3g}" for k, b in zip(names, bounds.tolist()))
+        values = values.reshape(world, -1).cpu()  # (ranks, all the checks' losses); the one host-device sync
+        start = 0
+        for c in checks:
+            part = values[:, start:start + len(c.names)]
+            start += len(c.names)
+            bad = ~(part.isfinite() & (part.abs() <= torch.tensor(c.bounds))).all(dim=1)  # (ranks,)
+            if bad.any():
+                late = checks[-1].batch - c.batch
+                self.stop_training(self._divergence_message(c, part, bad, world, late, when))
+                return False
+        return True
+
+    def _divergence_message(self, c, values: Tensor, bad: Tensor, world: int, late: int, when: str) -> str:
+        names = c.names
+        bound_txt = ", ".join(f"|{k}| <= {b:.3g}" for k, b in zip(names, c.bounds))
 
         def vals(row: Tensor) -> str:
             return ", ".join(f"{k}={v:.4g}" for k, v in zip(names, row.tolist()))
 
-        where = f"epoch {self.current_epoch}, step {self.global_step}"
+        where = f"epoch {c.epoch}, step {c.step}"
         if world > 1:
             ranks = bad.nonzero().flatten().tolist()
             which = f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
@@ -145,12 +196,14 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
         else:
             head = f"{type(self).__name__} training diverged at {where}: {vals(values[0])}"
             skipped = "The update was skipped and training stopped"
-        message = (
+        if late or when:
+            skipped = (f"The losses are read every {self.sync_every} batches (sync_every): this was found "
+                       f"{when or f'{late} batch(es) later'}, and the updates made since were applied; training "
+                       "stopped")
+        return (
             f"{head} (expected finite values with {bound_txt}). {skipped}; no checkpoint was written at the stop (the "
             "weights may already be those of the update that led here): resume from the last one written before it. "
             "Try smaller learning rates or Langevin step sizes, gradient clipping, or fp32 precision.")
-        self.stop_training(message)
-        return False
 
     def raise_if_diverged(self) -> None:
         """For Python training loops that want an exception: after ``trainer.fit``, raise if training was stopped by
@@ -239,7 +292,20 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
             self._decorrelate_rank_rng()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Read the divergence guard's deferred checks first (see :attr:`sync_every`), then record the model class,
+        the RNG states and the versions in ``checkpoint``.
+
+        Raises:
+            TrainingDivergedError: a deferred check failed: the weights may be those of updates made after the
+                divergence, so this checkpoint is not written.
+        """
+        if not self.flush_checks("before a checkpoint was written"):
+            raise TrainingDivergedError(self.divergence)
         write_record(checkpoint, self)
+
+    def on_train_end(self) -> None:
+        """Read the divergence guard's deferred checks that are left (see :attr:`sync_every`)."""
+        self.flush_checks("when training ended")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Keep the checkpoint's RNG states, to put back when training resumes (see :meth:`on_train_batch_start`),
@@ -426,6 +492,22 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
 def _detached(v):
     """``v.detach()`` for a tensor, ``v`` itself otherwise."""
     return v.detach() if isinstance(v, Tensor) else v
+
+
+@dataclass
+class _PendingCheck:
+    """One call of :meth:`EBMModule.check_finite`: the losses (on their device) and where they were computed."""
+    names: list[str]
+    bounds: list[float]
+    values: Tensor  # (len(names),) float
+    epoch: int
+    step: int
+    batch: int  # the fit loop's batch index, across epochs
+
+
+def _batch_index(module) -> int:
+    trainer = getattr(module, "_trainer", None)
+    return int(trainer.fit_loop.total_batch_idx) if trainer is not None else 0
 
 
 def _all_gather(trainer: pl.Trainer, t: Tensor) -> Tensor:
