@@ -78,7 +78,8 @@ class TrajectoryDataModule(SplitLoadersMixin, pl.LightningDataModule):
         eval_batch_size: validation and test windows per batch (the reference: 10 x batch_size).
         past_length, future_length: observed and predicted steps (8 and 12).
         num_workers: DataLoader workers (0 is best for in-memory tensors).
-        seed: seed of the training shuffle.
+        seed: seed of the training shuffle; None (the default): the run's global seed (``torch.initial_seed()``, which
+            ``seed_everything`` sets), so that each training seed also draws its own data order, as in the reference.
 
     Attributes:
         train_set, val_set, test_set: ``TensorDataset``s of windows after ``setup``.
@@ -90,7 +91,7 @@ class TrajectoryDataModule(SplitLoadersMixin, pl.LightningDataModule):
     """
 
     def __init__(self, data_dir: str, scene: str = "eth", batch_size: int = 70, eval_batch_size: int = 700,
-                 past_length: int = 8, future_length: int = 12, num_workers: int = 0, seed: int = 0):
+                 past_length: int = 8, future_length: int = 12, num_workers: int = 0, seed: int | None = None):
         super().__init__()
         if scene not in ETH_UCY_SCENES:
             raise ValueError(f"scene must be one of {', '.join(ETH_UCY_SCENES)}, got {scene!r}")
@@ -142,10 +143,15 @@ class TrajectoryDataModule(SplitLoadersMixin, pl.LightningDataModule):
     def _loader(self, ds, train: bool):
         if ds is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader")
-        g = torch.Generator().manual_seed(self.seed) if train else None
+        g = _shuffle_generator(self.seed) if train else None
         return make_loader(ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
                            generator=g, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                            collate_fn=_windows_only)
+
+
+def _shuffle_generator(seed: int | None) -> torch.Generator:
+    """The training shuffle's generator: seeded with ``seed``, or with the global seed when it is None."""
+    return torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)
 
 
 def _windows_only(items) -> torch.Tensor:
@@ -221,13 +227,14 @@ class SDDDataModule(SplitLoadersMixin, pl.LightningDataModule):
     Args:
         train_file, test_file: the two pickles (``train_all_512_0_100.pickle``, ``test_all_4096_0_100.pickle``).
         num_workers: DataLoader workers.
-        seed: seed of the order of the training groups.
+        seed: seed of the order of the training groups; None (the default): the run's global seed
+            (``torch.initial_seed()``, which ``seed_everything`` sets).
 
     Raises:
         DatasetNotFoundError: in ``setup``, see :func:`read_sdd_pickle`.
     """
 
-    def __init__(self, train_file: str, test_file: str, num_workers: int = 0, seed: int = 0):
+    def __init__(self, train_file: str, test_file: str, num_workers: int = 0, seed: int | None = None):
         super().__init__()
         self.train_file, self.test_file = Path(train_file).expanduser(), Path(test_file).expanduser()
         self.num_workers, self.seed = num_workers, seed
@@ -245,6 +252,6 @@ class SDDDataModule(SplitLoadersMixin, pl.LightningDataModule):
         self.test_set = self.val_set = _Groups(*read_sdd_pickle(self.test_file))
 
     def _loader(self, ds, train: bool):
-        g = torch.Generator().manual_seed(self.seed) if train else None
+        g = _shuffle_generator(self.seed) if train else None
         return make_loader(ds, batch_size=None, shuffle=train, generator=g, num_workers=self.num_workers,
                            persistent_workers=self.num_workers > 0)

@@ -71,6 +71,20 @@ def test_datamodule_splits_and_batches(tmp_path):
     assert next(iter(dm.test_dataloader())).shape == (3, 20, 2)
 
 
+def test_training_order_follows_the_run_seed_unless_pinned(tmp_path):
+    root = str(write_scene_tree(tmp_path))
+
+    def order(run_seed, data_seed=None):
+        pl.seed_everything(run_seed, verbose=False)
+        dm = TrajectoryDataModule(root, "hotel", batch_size=17, seed=data_seed)
+        dm.setup()
+        return torch.cat(list(dm.train_dataloader()))
+
+    assert torch.equal(order(1), order(1))
+    assert not torch.equal(order(1), order(2))  # each training seed draws its own data order, as the reference
+    assert torch.equal(order(1, data_seed=5), order(2, data_seed=5))
+
+
 def test_datamodule_errors_name_the_folder_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match="scene must be one of eth, hotel"):
         TrajectoryDataModule(str(tmp_path), "biwi")
