@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from _data import TINY_MODELS, tensor_loader, tiny_trainer, uniform_images
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -89,9 +90,10 @@ def _optimiser_step_counter(frame) -> bool:
 
 @pytest.fixture
 def host_reads(monkeypatch):
-    """Spies on the tensor methods that copy a value to the host; ``reads.trace(model)`` records, for each training
-    step of ``model``, ``(batch_idx, method, caller)`` (the caller: the innermost lebm_zoo frame)."""
-    reads, in_step = [], [None]
+    """Spies on the tensor methods that copy a value to the host, and on logged numbers (copied to the device);
+    ``reads.trace(model)`` records, for each training step of ``model``, ``(batch_idx, method, caller)`` (the caller:
+    the innermost lebm_zoo frame; for a logged number, its name)."""
+    in_step = [None]
     for name in HOST_READS:
         original = getattr(torch.Tensor, name)
 
@@ -105,6 +107,14 @@ def host_reads(monkeypatch):
             return _original(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, spy)
+    log = pl.LightningModule.log
+
+    def log_spy(self, name, value, *a, **k):  # Lightning copies a logged number to the model's device: a host sync
+        if in_step[0] is not None and not isinstance(value, torch.Tensor):
+            reads.append((in_step[0], "log a number", name))
+        return log(self, name, value, *a, **k)
+
+    monkeypatch.setattr(pl.LightningModule, "log", log_spy)
 
     class Reads(list):
         def trace(self, model):

@@ -403,7 +403,8 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
         """Log a training step's values: every ``logs[k]`` as ``train/k`` to the loggers (at this step only, not
         aggregated over the epoch), every ``prog_bar[k]`` as ``k`` on the progress bar only (not to the loggers).
 
-        Tensors are detached first; every value must be a scalar (a 0-d or one-element tensor, or a number).
+        Tensors are detached first; every value must be a scalar (a 0-d or one-element tensor, or a number). Numbers
+        are logged as host tensors, so that logging them does not synchronise with a GPU.
 
         Args:
             logs: the logged values by name (without the ``train/`` prefix).
@@ -490,8 +491,9 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
 
 
 def _detached(v):
-    """``v.detach()`` for a tensor, ``v`` itself otherwise."""
-    return v.detach() if isinstance(v, Tensor) else v
+    """``v.detach()`` for a tensor; a number as a host tensor (Lightning would copy it to the model's device, a host
+    synchronisation on a GPU)."""
+    return v.detach() if isinstance(v, Tensor) else torch.tensor(v, dtype=torch.get_default_dtype())
 
 
 @dataclass
