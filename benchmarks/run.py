@@ -21,6 +21,7 @@ Usage: python benchmarks/run.py [--iters 5] [--warmup 1] [--rounds 3] [--threads
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -112,8 +113,9 @@ else:
 """
 
 
-def plain_reference(batch: int, iters: int, warmup: int, device: str) -> float:
-    """Seconds per iteration of a plain-PyTorch loop with the reference's per-iteration structure, on any device.
+def plain_reference(batch: int, iters: int, warmup: int, device: str, around=None) -> float:
+    """Seconds per iteration of a plain-PyTorch loop with the reference's per-iteration structure, on any device
+    (``around``: a context-manager factory each timed iteration runs in, e.g. an op counter).
 
     The same structure as ``../shared/bench/reference_lebm_step.py`` (which runs on the CPU only), written from the
     reference's published facts: G ConvT 100 -> 512 (4x4) -> 256 -> 128 -> 3 (32x32, LeakyReLU 0.2, tanh), E MLP
@@ -127,8 +129,12 @@ def plain_reference(batch: int, iters: int, warmup: int, device: str) -> float:
     g = nn.Sequential(nn.ConvTranspose2d(100, 512, 4, 1, 0), act, nn.ConvTranspose2d(512, 256, 4, 2, 1), act,
                       nn.ConvTranspose2d(256, 128, 4, 2, 1), act, nn.ConvTranspose2d(128, 3, 4, 2, 1), nn.Tanh())
     e = nn.Sequential(nn.Linear(100, 200), nn.GELU(), nn.Linear(200, 200), nn.GELU(), nn.Linear(200, 1))
-    g, e = g.to(device), e.to(device)
-    opt_g = torch.optim.Adam(g.parameters(), 1e-4, betas=(0.5, 0.999))
+    g_convs, e = g.to(device), e.to(device)
+
+    def g(z):  # the generator takes the latent as a 1x1 image, the energy as a vector
+        return g_convs(z[:, :, None, None])
+
+    opt_g = torch.optim.Adam(g_convs.parameters(), 1e-4, betas=(0.5, 0.999))
     opt_e = torch.optim.Adam(e.parameters(), 2e-5, betas=(0.5, 0.999))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = []
@@ -136,6 +142,8 @@ def plain_reference(batch: int, iters: int, warmup: int, device: str) -> float:
         x = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
         sync()
         t = time.perf_counter()
+        ctx = around() if around is not None and it >= warmup else contextlib.nullcontext()
+        ctx.__enter__()
         z = torch.randn(batch, 100, device=device, requires_grad=True)  # posterior chain
         for _ in range(20):
             nll = ((x - g(z)) ** 2).sum() / (2 * 0.3 ** 2)
@@ -152,6 +160,7 @@ def plain_reference(batch: int, iters: int, warmup: int, device: str) -> float:
         opt_e.zero_grad()
         (e(z).mean() - e(zp).mean()).backward()
         opt_e.step()
+        ctx.__exit__(None, None, None)
         sync()
         if it >= warmup:
             times.append(time.perf_counter() - t)

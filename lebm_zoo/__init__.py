@@ -8,7 +8,7 @@ from lebm_zoo._version import __version__
 from lebm_zoo.errors import CheckpointError, DataShapeError, TrainingDivergedError  # noqa: E402  (every error class)
 from lebm_zoo.models import FAMILIES, EBMModule, LatentPriorBase, register_family  # noqa: E402
 from lebm_zoo.pretrained import list_pretrained, load_pretrained  # noqa: E402
-from lebm_zoo.samplers import HMCSampler, LangevinSampler, SamplerMixin  # noqa: E402
+from lebm_zoo.samplers import GaussianTiltedTarget, HMCSampler, LangevinSampler, SamplerMixin  # noqa: E402
 
 globals().update(FAMILIES)  # every registered model family: lebm_zoo.LatentEBMPrior, ...
 
@@ -17,6 +17,7 @@ __all__ = [
     "CheckpointError",
     "DataShapeError",
     "EBMModule",
+    "GaussianTiltedTarget",
     "HMCSampler",
     "LangevinSampler",
     "LatentPriorBase",

@@ -26,7 +26,8 @@ from lebm_zoo.utils import full_precision
 
 LogProb = Callable[[Tensor], Tensor]
 
-__all__ = ["LangevinSampler", "HMCSampler", "SamplerMixin", "LogProb", "as_normal_tensor", "grad_enabled"]
+__all__ = ["GaussianTiltedTarget", "LangevinSampler", "HMCSampler", "SamplerMixin", "LogProb", "as_normal_tensor",
+           "grad_enabled"]
 
 
 def _log_prob_and_grad(log_prob: LogProb, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -37,6 +38,48 @@ def _log_prob_and_grad(log_prob: LogProb, x: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"log_prob must return one value per chain, shape ({x.shape[0]},); got {tuple(lp.shape)}")
     (grad,) = torch.autograd.grad(full_precision(lp).sum(), x)
     return full_precision(lp.detach()), grad
+
+
+class GaussianTiltedTarget:
+    """The target ``log p(x) = -energy(x) - ||x||^2 / (2 sigma^2)``: an energy tilting a Gaussian reference, the form
+    of the latent EBM prior (Pang et al. 2020, eq. 2) and of its posterior (energy ``||y - G(z)||^2 / (2 llhd_sigma^2)
+    + E(z)``, eq. 8).
+
+    Calling it gives ``log p(x)`` ``(B,)``, so it is a target like any other. The eager Langevin step takes its
+    gradient as the reference does, ``-(grad energy(x) + x / sigma^2)``: autograd through ``energy`` only, the
+    Gaussian part in closed form, which dispatches fewer operations per step (on a GPU, fewer kernel launches) and
+    equals the gradient of the whole log-density up to float rounding.
+
+    Args:
+        energy: ``(B, ...) -> (B,)``, the energy in nats (lower = more likely).
+        sigma: the Gaussian reference's standard deviation (> 0).
+    """
+
+    __slots__ = ("energy", "sigma")
+
+    def __init__(self, energy: Callable[[Tensor], Tensor], sigma: float):
+        if not sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {sigma}")
+        self.energy, self.sigma = energy, float(sigma)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return -self.energy(x) - _per_chain(x.pow(2)) / (2 * self.sigma ** 2)
+
+
+def _tilted_energy_grad(target: GaussianTiltedTarget, x: Tensor, need_log_prob: bool
+                        ) -> tuple[Tensor | None, Tensor]:
+    """``(log p(x) (B,) or None, grad energy(x) + x / sigma^2)``, detached: minus the gradient of ``log p``."""
+    x = x.detach().requires_grad_(True)
+    e = target.energy(x)
+    if e.dim() != 1 or e.shape[0] != x.shape[0]:
+        raise ValueError(f"energy must return one value per chain, shape ({x.shape[0]},); got {tuple(e.shape)}")
+    e = full_precision(e)
+    (grad,) = torch.autograd.grad(e.sum(), x)
+    x = x.detach()
+    grad = grad.add_(x, alpha=1.0 / target.sigma ** 2)
+    if not need_log_prob:
+        return None, grad
+    return -(e.detach() + _per_chain(x.pow(2)) / (2 * target.sigma ** 2)), grad
 
 
 def _clip_per_chain(grad: Tensor, max_norm: float) -> Tensor:
@@ -261,12 +304,21 @@ class LangevinSampler:
         if self.compile_mode is not None:
             with grad_enabled():
                 return self._compiled_step(log_prob, x)
-        lp, grad = _log_prob_and_grad(log_prob, x)
-        s = self.step_size
+        return self._eager_step(log_prob, x, need_log_prob=True)
+
+    def _eager_step(self, log_prob: LogProb, x: Tensor, need_log_prob: bool) -> tuple[Tensor, Tensor | None]:
+        """:meth:`step`, eager; the log-prob of a :class:`GaussianTiltedTarget` is computed only if needed."""
+        drift = 0.5 * self.step_size ** 2
+        if isinstance(log_prob, GaussianTiltedTarget):  # the energy's gradient: the drift goes down it
+            lp, grad = _tilted_energy_grad(log_prob, x, need_log_prob)
+            drift = -drift
+        else:
+            lp, grad = _log_prob_and_grad(log_prob, x)
         x = x.detach()
         noise = torch.randn_like(x) if self.noise_scale > 0 else None
         with torch.no_grad():  # in place on a fresh alias: the step's graph is already freed
-            x = _langevin_move(x, grad, noise, 0.5 * s * s, s * self.noise_scale, self.grad_clip, self.clamp, out=x)
+            x = _langevin_move(x, grad, noise, drift, self.step_size * self.noise_scale, self.grad_clip, self.clamp,
+                               out=x)
         return x, lp
 
     def _compiled_step(self, log_prob: LogProb, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -333,7 +385,8 @@ class LangevinSampler:
                 lps = list(chain_lps.mean(dim=1).unbind()) if return_trace else []
             else:
                 for _ in range(k):
-                    x, lp = self._compiled_step(log_prob, x) if compiled else self.step(log_prob, x)
+                    x, lp = (self._compiled_step(log_prob, x) if compiled
+                             else self._eager_step(log_prob, x, need_log_prob=return_trace))
                     if return_trace:
                         lps.append(lp.mean())
         if not return_trace:

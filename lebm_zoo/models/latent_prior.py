@@ -26,7 +26,7 @@ from torch import Tensor
 from lebm_zoo.models.base import EBMModule, epoch_completed
 from lebm_zoo.models.registry import register_family
 from lebm_zoo.nets import ConvGenerator, EnergyMLP
-from lebm_zoo.samplers import LangevinSampler, as_normal_tensor
+from lebm_zoo.samplers import GaussianTiltedTarget, LangevinSampler, as_normal_tensor
 from lebm_zoo.utils import check_count, check_images, check_latents, full_precision, images_from_batch, in_training_loop
 
 __all__ = ["LatentEBMPrior", "LatentImagesMixin", "LatentPriorBase"]
@@ -112,6 +112,30 @@ class LatentPriorBase(EBMModule):
         """log p(x | z) of the subclass's generator, ``(B,)`` in nats (up to a constant)."""
         raise NotImplementedError
 
+    def neg_log_likelihood(self, x, z: Tensor) -> Tensor:
+        """-log p(x | z), ``(B,)`` in nats: the posterior chain's data energy (a subclass may compute it directly)."""
+        return -self.log_likelihood(x, z)
+
+    def prior_target(self):
+        """The prior chain's target, :meth:`prior_log_prob` as a
+        :class:`~lebm_zoo.samplers.GaussianTiltedTarget` (the energy :meth:`energy` tilting N(0, prior_sigma^2)),
+        whose Gaussian gradient the eager sampler takes in closed form, as the reference; the plain
+        :meth:`prior_log_prob` if a subclass overrides it."""
+        if type(self).prior_log_prob is not LatentPriorBase.prior_log_prob:
+            return self.prior_log_prob
+        return GaussianTiltedTarget(self.energy, self.hparams.prior_sigma)
+
+    def posterior_target(self, x):
+        """The posterior chain's target for data ``x``: :meth:`log_joint` as a
+        :class:`~lebm_zoo.samplers.GaussianTiltedTarget` of the energy ``-log p(x | z) + E(z)``; the plain
+        ``log_joint(x, .)`` if a subclass overrides :meth:`log_joint` or :meth:`prior_log_prob`."""
+        cls = type(self)
+        if cls.log_joint is not LatentPriorBase.log_joint or cls.prior_log_prob is not LatentPriorBase.prior_log_prob:
+            return lambda z: self.log_joint(x, z)
+        if self.energy_net is None:
+            return GaussianTiltedTarget(lambda z: self.neg_log_likelihood(x, z), self.hparams.prior_sigma)
+        return GaussianTiltedTarget(lambda z: self.neg_log_likelihood(x, z) + self.energy(z), self.hparams.prior_sigma)
+
     def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
         """Unnormalised log p(x, z) = log p(x | z) - E(z) - ||z||^2 / (2 sigma_p^2).
 
@@ -180,7 +204,7 @@ class LatentPriorBase(EBMModule):
         if not self.is_ebm:
             z = z0 * self.hparams.prior_sigma
             return (z, {"log_prob": z.new_zeros(0)}) if return_trace else z
-        return self.langevin(self.prior_log_prob, z0, "prior", n_steps=n_steps, return_trace=return_trace)
+        return self.langevin(self.prior_target(), z0, "prior", n_steps=n_steps, return_trace=return_trace)
 
     def _generate(self, z: Tensor):  # pragma: no cover - abstract
         """The generator's output for latents the model made, ``(B, nz)`` (unchecked)."""
@@ -212,7 +236,7 @@ class LatentPriorBase(EBMModule):
     def _infer_latent(self, x, z0: Tensor | None = None, n_steps: int | None = None) -> Tensor:
         """:meth:`infer_latent` of data :meth:`prepare_data_input` has checked and moved."""
         z0 = self._noise(self.data_batch_size(x)) if z0 is None else z0
-        return self.langevin(lambda z: self.log_joint(x, z), z0, "posterior", n_steps=n_steps)
+        return self.langevin(self.posterior_target(x), z0, "posterior", n_steps=n_steps)
 
     @torch.no_grad()
     def anomaly_score(self, x: Tensor, n_steps: int | None = None) -> Tensor:
@@ -493,8 +517,12 @@ class LatentEBMPrior(LatentImagesMixin, LatentPriorBase):
             x: images ``(B, C, H, W)`` in [-1, 1].
             z: latents ``(B, nz)``.
         """
+        return -self.neg_log_likelihood(x, z)
+
+    def neg_log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
+        """-log p(x | z) = ||x - G(z)||^2 / (2 llhd_sigma^2), ``(B,)`` in nats (arguments as :meth:`log_likelihood`)."""
         rec = full_precision((x - self.generator(z)).flatten(1)).pow(2).sum(1)
-        return -rec / (2 * self.hparams.llhd_sigma ** 2)
+        return rec / (2 * self.hparams.llhd_sigma ** 2)
 
     def generator_loss(self, x: Tensor, z: Tensor) -> Tensor:
         """The generator's loss at posterior latents: ``sum((G(z) - x)^2) / B`` (the reference's scale, without the
