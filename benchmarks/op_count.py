@@ -27,7 +27,6 @@ from run import plain_reference  # noqa: E402
 from lebm_zoo import LatentEBMPrior  # noqa: E402
 from lebm_zoo.callbacks import SyncEvery  # noqa: E402
 
-
 #: operations that only make a new view or alias of a tensor: no kernel launch on a GPU
 VIEW_OPS = frozenset({"alias", "as_strided", "detach", "expand", "permute", "reshape", "select", "slice", "squeeze",
                       "t", "transpose", "unsqueeze", "view", "_unsafe_view", "_reshape_alias", "unbind", "split"})

@@ -42,18 +42,27 @@ REFERENCE = ROOT.parent / "shared" / "bench" / "reference_lebm_step.py"
 
 
 class _Timer(pl.Callback):
-    def __init__(self, warmup: int):
-        self.warmup, self.times, self._t = warmup, [], 0.0
+    """Seconds per training iteration after ``warmup`` iterations. On a CPU: each batch's own time. On a GPU: the
+    span from the first timed batch's start to the last one's end, synchronised only there and divided by the
+    iterations (a synchronisation per batch would hide what steps with no synchronisation gain: the host queueing
+    the next step while the GPU runs this one); ``times`` then holds that one mean."""
 
-    def on_train_batch_start(self, *args):
-        if torch.cuda.is_available():
+    def __init__(self, warmup: int, iters: int, span: bool):
+        self.warmup, self.iters, self.times, self._t, self.span = warmup, iters, [], 0.0, span
+
+    def on_train_batch_start(self, trainer, *args):
+        if self.span and trainer.global_step != self.warmup:
+            return
+        if self.span:
             torch.cuda.synchronize()
         self._t = time.perf_counter()
 
     def on_train_batch_end(self, trainer, *args):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        if trainer.global_step > self.warmup:
+        if self.span:
+            if trainer.global_step == self.warmup + self.iters:
+                torch.cuda.synchronize()
+                self.times.append((time.perf_counter() - self._t) / self.iters)
+        elif trainer.global_step > self.warmup:
             self.times.append(time.perf_counter() - self._t)
 
 
@@ -68,7 +77,7 @@ def ours(batch: int, iters: int, warmup: int, precision: str, device: str, chann
     mode, _, scope = (compile_chains or "").partition(":")
     model = LatentEBMPrior(channels_last=channels_last, compile_chains=mode or None, compile_scope=scope or "step")
     data = DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=batch)
-    timer = _Timer(warmup)
+    timer = _Timer(warmup, iters, span=device != "cpu")
     trainer = pl.Trainer(accelerator=device, devices=1, max_steps=iters + warmup, logger=False, precision=precision,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[timer] + ([SyncEvery(sync_every)] if sync_every > 1 else []))
@@ -137,11 +146,13 @@ def plain_reference(batch: int, iters: int, warmup: int, device: str, around=Non
     opt_g = torch.optim.Adam(g_convs.parameters(), 1e-4, betas=(0.5, 0.999))
     opt_e = torch.optim.Adam(e.parameters(), 2e-5, betas=(0.5, 0.999))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    span = device != "cpu"  # on a GPU, timed as _Timer does: one span, synchronised at its ends
     times = []
     for it in range(iters + warmup):
         x = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
-        sync()
-        t = time.perf_counter()
+        if not span or it == warmup:
+            sync()
+            t = time.perf_counter()
         ctx = around() if around is not None and it >= warmup else contextlib.nullcontext()
         ctx.__enter__()
         z = torch.randn(batch, 100, device=device, requires_grad=True)  # posterior chain
@@ -161,8 +172,11 @@ def plain_reference(batch: int, iters: int, warmup: int, device: str, around=Non
         (e(z).mean() - e(zp).mean()).backward()
         opt_e.step()
         ctx.__exit__(None, None, None)
-        sync()
-        if it >= warmup:
+        if span:
+            if it == iters + warmup - 1:
+                sync()
+                return (time.perf_counter() - t) / iters
+        elif it >= warmup:
             times.append(time.perf_counter() - t)
     return sum(times) / len(times)
 

@@ -3,11 +3,14 @@
 The contract (``docs/architecture.md``, Samplers):
 
 * A *target* is a callable ``log_prob(x) -> Tensor[B]``: the unnormalized log-density of each chain. Energy nets are
-  wrapped by their family, e.g. the latent EBM prior is ``lambda z: -E(z) - 0.5 * ||z||^2``.
+  wrapped by their family, e.g. a short-run EBM's ``lambda x: -E(x) / T``. An energy tilting a Gaussian, such as the
+  latent EBM prior ``-E(z) - ||z||^2 / 2``, is a :class:`GaussianTiltedTarget`: still a callable log-density, whose
+  Gaussian gradient the eager Langevin step takes in closed form.
 * ``sampler(log_prob, x0, return_trace=False)`` returns ``x`` (detached, same shape, dtype and device as ``x0``) or
   ``(x, trace)`` where ``trace["log_prob"]`` holds the mean log-prob of the chains at the start of each step, shape
   ``(n_steps,)`` (HMC adds ``trace["acceptance_rate"]``, shape ``(n_steps,)``).
-* Per-chain gradients come from ``log_prob(x).sum()``; no graph survives a step; parameters' ``.grad`` are never
+* Per-chain gradients come from ``log_prob(x).sum()`` (from ``energy(x).sum()`` plus ``x / sigma^2`` for a
+  :class:`GaussianTiltedTarget` in the eager Langevin step); no graph survives a step; parameters' ``.grad`` are never
   touched (gradients are taken with respect to the chain state only); the chain runs with grad enabled even under a
   caller's ``torch.no_grad()``.
 * The step has no Python data-dependent control flow and no host-device synchronisation, so it can be compiled or
@@ -52,7 +55,10 @@ class GaussianTiltedTarget:
 
     Args:
         energy: ``(B, ...) -> (B,)``, the energy in nats (lower = more likely).
-        sigma: the Gaussian reference's standard deviation (> 0).
+        sigma: the Gaussian reference's standard deviation (> 0), in the units of x.
+
+    Raises:
+        ValueError: a ``sigma`` that is not > 0; from a chain, an ``energy`` that does not return ``(B,)``.
     """
 
     __slots__ = ("energy", "sigma")
@@ -63,23 +69,27 @@ class GaussianTiltedTarget:
         self.energy, self.sigma = energy, float(sigma)
 
     def __call__(self, x: Tensor) -> Tensor:
+        """``log p(x)``, ``(B, ...) -> (B,)`` in nats, up to the normaliser."""
         return -self.energy(x) - _per_chain(x.pow(2)) / (2 * self.sigma ** 2)
 
 
 def _tilted_energy_grad(target: GaussianTiltedTarget, x: Tensor, need_log_prob: bool
                         ) -> tuple[Tensor | None, Tensor]:
     """``(log p(x) (B,) or None, grad energy(x) + x / sigma^2)``, detached: minus the gradient of ``log p``."""
-    x = x.detach().requires_grad_(True)
-    e = target.energy(x)
+    x_grad = x.detach().requires_grad_(True)
+    e = target.energy(x_grad)
     if e.dim() != 1 or e.shape[0] != x.shape[0]:
         raise ValueError(f"energy must return one value per chain, shape ({x.shape[0]},); got {tuple(e.shape)}")
     e = full_precision(e)
-    (grad,) = torch.autograd.grad(e.sum(), x)
-    x = x.detach()
-    grad = grad.add_(x, alpha=1.0 / target.sigma ** 2)
-    if not need_log_prob:
-        return None, grad
-    return -(e.detach() + _per_chain(x.pow(2)) / (2 * target.sigma ** 2)), grad
+    if e.requires_grad:
+        (grad,) = torch.autograd.grad(e.sum(), x_grad, allow_unused=True, materialize_grads=True)
+    else:  # an energy that does not depend on x
+        grad = torch.zeros_like(x_grad)
+    with torch.no_grad():
+        grad = torch.add(grad, x, alpha=1.0 / target.sigma ** 2)  # out of place: autograd's result may be a view
+        if not need_log_prob:
+            return None, grad
+        return -(e + _per_chain(x.pow(2)) / (2 * target.sigma ** 2)), grad
 
 
 def _clip_per_chain(grad: Tensor, max_norm: float) -> Tensor:

@@ -45,20 +45,52 @@ def test_reads_once_per_n_batches_and_trains_as_the_default_guard():
     deferred = tiny()
     reads = count_reads(deferred)
     tiny_trainer(max_epochs=1, callbacks=[SyncEvery(3)]).fit(deferred, images())
-    assert deferred.sync_every == 3 and deferred.divergence is None
+    assert deferred.divergence is None
     # 8 batches: read after batches 2 and 5, then at the epoch's last batch (7)
     assert reads == [[0, 1, 2], [3, 4, 5], [6, 7]]
     for (k, a), b in zip(default.state_dict().items(), deferred.state_dict().values()):
         assert torch.equal(a, b), k
 
 
-def test_a_late_divergence_stops_the_run_and_names_its_step(tmp_path):
+def test_a_late_divergence_ends_fit_at_once_and_saves_nothing(tmp_path):
+    """Found 2 batches late, the weights hold 2 updates made from NaN losses: fit ends there, and the epoch-end
+    checkpoint (which Lightning would write when a run stops) is not written."""
+    m = tiny()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    t = tiny_trainer(tmp_path, max_epochs=1, callbacks=[SyncEvery(4), ckpt], enable_checkpointing=True)
+    with pytest.raises(TrainingDivergedError, match=r"at epoch 0, step 1: .*found 2 batch\(es\) later"):
+        t.fit(m, images(nan_batch=1))
+    assert "sync_every" in m.divergence and t.global_step == 3  # batches 0-2 were applied; the read came in 3
+    assert sorted(tmp_path.glob("*.ckpt")) == []
+
+
+def test_a_divergence_in_the_batch_being_read_is_skipped_as_by_the_default_guard(tmp_path):
     m = tiny()
     t = tiny_trainer(tmp_path, max_epochs=1, callbacks=[SyncEvery(4)])
     with pytest.warns(UserWarning, match="diverged"):
-        t.fit(m, images(nan_batch=1))
-    assert "step 1" in m.divergence and "sync_every" in m.divergence and "2 batch(es) later" in m.divergence
-    assert t.global_step == 3  # batches 0-2 were applied, batch 3 (the read) was skipped, then the run stopped
+        t.fit(m, images(nan_batch=3))  # batch 3 is the read's own batch
+    assert "step 3" in m.divergence and "The update was skipped" in m.divergence
+    assert t.global_step == 3  # batches 0-2 were applied, batch 3's update was skipped, then the run stopped
+    assert all(torch.isfinite(v).all() for v in m.state_dict().values() if v.is_floating_point())
+
+
+def test_the_period_is_the_callbacks_only_during_its_fit():
+    m = tiny()
+    tiny_trainer(max_steps=1, callbacks=[SyncEvery(5)]).fit(m, images())
+    assert m.sync_every == 1  # a later fit without the callback reads at every check again
+
+
+def test_cli_exits_1_with_the_message(tmp_path, capsys, monkeypatch):
+    from lebm_zoo.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rc = main(["fit", "--recipe", "quickstart", "--trainer.max_steps", "6", "--model.llhd_sigma", "1e-30",
+               "--trainer.callbacks+=lebm_zoo.callbacks.SyncEvery", "--trainer.callbacks.steps", "3",
+               "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "100"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "lebm-zoo: error: LatentEBMPrior training diverged at epoch 0, step 0" in err
+    assert "sync_every" in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_no_checkpoint_is_written_from_the_bad_step_on(tmp_path):
@@ -79,7 +111,17 @@ def test_sync_every_refuses_a_bad_period(steps):
         SyncEvery(steps)
 
 
-HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__")
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "to")
+
+
+def _to_host(name, args, kwargs, caller) -> bool:
+    """Whether a spied call copies a value to the host: any of HOST_READS but ``to``, and ``to("cpu")`` written in the
+    zoo's code (on this CPU-only machine the moves to "the model's device", ``.to(self.device)``, are to the CPU too;
+    on a GPU they are not host copies)."""
+    if name != "to":
+        return True
+    target = kwargs.get("device", args[0] if args else None)
+    return "lebm_zoo" in caller.f_code.co_filename and isinstance(target, str) and target.startswith("cpu")
 
 
 def _optimiser_step_counter(frame) -> bool:
@@ -99,7 +141,8 @@ def host_reads(monkeypatch):
 
         def spy(self, *a, _name=name, _original=original, **k):
             frame = sys._getframe()
-            if in_step[0] is not None and not _optimiser_step_counter(frame):
+            if (in_step[0] is not None and _to_host(_name, a, k, frame.f_back)
+                    and not _optimiser_step_counter(frame)):
                 while frame is not None and "lebm_zoo" not in frame.f_code.co_filename:
                     frame = frame.f_back
                 caller = f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}" if frame else "?"

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from _data import uniform_images
+from _data import TINY_MODELS, uniform_images
+from test_devices import training_data
 
-from lebm_zoo import GaussianTiltedTarget, LangevinSampler, LatentEBMPrior
+from lebm_zoo import GaussianTiltedTarget, LangevinSampler, LatentEBMPrior, LatentPriorBase
 from lebm_zoo.nets import EnergyMLP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -47,6 +48,37 @@ def test_tilted_target_errors():
     bad = GaussianTiltedTarget(lambda z: z, 1.0)  # (B, d), not one value per chain
     with pytest.raises(ValueError, match=r"one value per chain, shape \(3,\); got \(3, 2\)"):
         LangevinSampler(1, 0.1)(bad, torch.zeros(3, 2))
+
+
+@pytest.mark.parametrize("energy", [lambda z: z.sum(1), lambda z: torch.zeros(z.shape[0])],
+                         ids=["linear (its gradient is an expanded view)", "constant"])
+def test_energies_whose_gradient_is_a_view_or_none(energy):
+    whole = lambda z: -energy(z) - z.pow(2).sum(1) / 2  # noqa: E731
+    x0 = torch.randn(3, 2)
+    sampler = LangevinSampler(3, 0.2)
+    torch.testing.assert_close(run(sampler, GaussianTiltedTarget(energy, 1.0), x0)[0], run(sampler, whole, x0)[0])
+
+
+@pytest.mark.parametrize("name", sorted(n for n, make in TINY_MODELS.items()
+                                        if isinstance(make(), LatentPriorBase)))
+def test_every_latent_prior_family_targets_its_own_densities(name):
+    torch.manual_seed(0)
+    m = TINY_MODELS[name]()
+    batch = next(iter(training_data(name)))
+    x = m.prepare_data_input(batch[0] if isinstance(batch, (list, tuple)) else batch, "test")
+    z = torch.randn(m.data_batch_size(x), m.hparams.nz)
+    torch.testing.assert_close(m.posterior_target(x)(z), m.log_joint(x, z))
+    torch.testing.assert_close(m.prior_target()(z), m.prior_log_prob(z))
+
+
+def test_a_subclass_with_its_own_likelihood_gets_it_in_the_posterior_chain():
+    class Laplace(LatentEBMPrior):
+        def log_likelihood(self, x, z):
+            return -(x - self.generator(z)).abs().flatten(1).sum(1)
+
+    m = Laplace(img_size=28, channels=1, nz=4, ngf=4, ndf=8)
+    x, z = uniform_images(2, 1, 28), torch.randn(2, 4)
+    torch.testing.assert_close(m.posterior_target(x)(z), m.log_joint(x, z))
 
 
 def test_the_latent_prior_chains_use_it_and_a_subclass_override_is_kept():

@@ -15,8 +15,8 @@ class SyncEvery(Callback):
     step's kernels, and the host cannot queue the next step while the GPU works on this one. With this callback the
     losses stay on the device and are read once every ``steps`` batches (and at each epoch's last batch, before every
     checkpoint, when training ends): the steps in between have no synchronisation, and a divergence is found up to
-    ``steps - 1`` batches late, with no checkpoint written from the bad step on
-    (:attr:`~lebm_zoo.EBMModule.sync_every`).
+    ``steps - 1`` batches late; ``fit`` then ends with :class:`~lebm_zoo.TrainingDivergedError` (``lebm-zoo fit``:
+    exit code 1), with no checkpoint written from the bad step on (:meth:`~lebm_zoo.EBMModule.check_finite`).
 
     The progress bar reads its values on the host too, at every refresh: for steps with no synchronisation at all,
     give it the same period (``--trainer.callbacks+=TQDMProgressBar --trainer.callbacks.refresh_rate 50``) or turn
@@ -30,14 +30,20 @@ class SyncEvery(Callback):
 
     Raises:
         ValueError: ``steps`` is not an integer >= 1.
+        TypeError: at setup, for a module that is not a :class:`~lebm_zoo.EBMModule`.
     """
 
     def __init__(self, steps: int = 50) -> None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"SyncEvery: steps must be an integer >= 1, got {steps!r}")
         self.steps = steps
+        self._before: int | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not hasattr(pl_module, "flush_checks"):
             raise TypeError(f"SyncEvery needs a lebm_zoo EBMModule, got {type(pl_module).__name__}")
-        pl_module.sync_every = self.steps
+        self._before, pl_module.sync_every = pl_module.sync_every, self.steps
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._before is not None:  # a later fit without this callback reads at every check again
+            pl_module.sync_every, self._before = self._before, None

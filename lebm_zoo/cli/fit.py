@@ -43,6 +43,8 @@ from lebm_zoo.checkpoint import (
 from lebm_zoo.errors import DataShapeError, RecipeError, StoppedBySignal, TrainingDivergedError
 from lebm_zoo.utils import tune_cpu_allocator
 
+_DIVERGED = f"{TrainingDivergedError.__module__}.{TrainingDivergedError.__qualname__}"  # as a traceback names it
+
 __all__ = ["LebmCLI", "list_recipes", "main", "print_recipes", "recipe_path"]
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -494,8 +496,17 @@ def main(args: list[str]) -> int:
     except StoppedBySignal as e:  # SIGTERM / SIGINT while training: last.ckpt is written
         print(f"lebm-zoo: {e.message}", file=sys.stderr)
         return int(e.code)
-    except TrainingDivergedError as e:  # a deferred divergence check found before a checkpoint (SyncEvery)
+    except TrainingDivergedError as e:  # a divergence found after its update (SyncEvery's deferred reads)
+        from lebm_zoo.models.base import leave_process_group
+
+        leave_process_group()  # ddp: every rank took the same decision and raised it
         print(f"lebm-zoo: error: {e}", file=sys.stderr)
+        return 1
+    except torch.multiprocessing.ProcessRaisedException as e:  # ddp_spawn: a worker's error, as text
+        diverged = [line for line in str(e).splitlines() if line.startswith(f"{_DIVERGED}: ")]
+        if not diverged:
+            raise
+        print(f"lebm-zoo: error: {diverged[-1][len(_DIVERGED) + 2:]}", file=sys.stderr)
         return 1
     except (RecipeError, CheckpointError, DatasetNotFoundError, DataShapeError, FIDWeightsNotFoundError) as e:
         _remove_empty_runs(root, before if root is not None else set())

@@ -113,13 +113,14 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
         On failure the caller must skip its optimiser steps. This sets :attr:`divergence` to a message naming the
         losses, step and epoch, asks the trainer to stop after this batch (the checkpoint callbacks then save the last
         good weights) and warns; ``lebm-zoo fit`` turns it into an error message and a non-zero exit.
-        One host-device synchronisation per call.
+        One host-device synchronisation per call (with the default :attr:`sync_every` of 1).
 
         With :attr:`sync_every` ``= N > 1`` (training loop only) the losses stay on the device and are read in one
         synchronisation every ``N`` training batches, at each epoch's last batch, before every checkpoint is written
-        and when training ends. A divergence is then found up to ``N - 1`` batches late: the updates made since are
-        not undone, the run stops at the check as above, and no checkpoint is written from the bad step on (a
-        checkpoint due in between raises :class:`TrainingDivergedError` instead of being written).
+        and when training ends. A failure in the batch being trained is handled as above. One found later (up to
+        ``N - 1`` batches, or at a checkpoint or the end) means the weights already hold the updates made since,
+        which are not undone: :attr:`divergence` is set and :class:`TrainingDivergedError` is raised at once, so that
+        ``fit`` ends there and no checkpoint is written from the bad step on (``lebm-zoo fit`` exits with 1).
 
         Under DDP (``world_size > 1``) the decision is collective: the ranks' losses are all-gathered (one collective
         per read, so every rank must call it at the same point of its step, as the families do), and if any rank's
@@ -131,6 +132,9 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
             losses: scalar tensors by name.
             limits: optional bound on some losses' magnitude, by name; every loss is also bounded by
                 :attr:`explode_threshold`.
+
+        Raises:
+            TrainingDivergedError: with ``sync_every > 1``, for a failure found after its batch's update.
         """
         limits = limits or {}
         names = list(losses)
@@ -154,7 +158,14 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
 
     def flush_checks(self, when: str = "") -> bool:
         """Read the divergence guard's deferred checks now (see :attr:`sync_every`); True if none failed (one host
-        synchronisation, none if nothing is pending). On a failure, training stops as in :meth:`check_finite`."""
+        synchronisation, none if nothing is pending).
+
+        Args:
+            when: where the read happens, for the message (e.g. ``"before a checkpoint was written"``).
+
+        Raises:
+            TrainingDivergedError: a check failed (the weights hold updates made after it; see :meth:`check_finite`).
+        """
         if not self._pending_checks:
             return True
         checks, self._pending_checks = self._pending_checks, []
@@ -175,7 +186,11 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
             bad = ~(part.isfinite() & (part.abs() <= torch.tensor(c.bounds))).all(dim=1)  # (ranks,)
             if bad.any():
                 late = checks[-1].batch - c.batch
-                self.stop_training(self._divergence_message(c, part, bad, world, late, when))
+                message = self._divergence_message(c, part, bad, world, late, when)
+                if late or when:  # updates were applied after it: stop here, before anything is saved
+                    self.divergence = message
+                    raise TrainingDivergedError(message)
+                self.stop_training(message)
                 return False
         return True
 
@@ -197,9 +212,11 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
             head = f"{type(self).__name__} training diverged at {where}: {vals(values[0])}"
             skipped = "The update was skipped and training stopped"
         if late or when:
-            skipped = (f"The losses are read every {self.sync_every} batches (sync_every): this was found "
-                       f"{when or f'{late} batch(es) later'}, and the updates made since were applied; training "
-                       "stopped")
+            return (f"{head} (expected finite values with {bound_txt}). The losses are read every {self.sync_every} "
+                    f"batches (sync_every): this was found {when or f'{late} batch(es) later'}, after the updates "
+                    "made since, and training stopped there with nothing saved from that step on: resume from the "
+                    "last checkpoint written before it. Try smaller learning rates or Langevin step sizes, gradient "
+                    "clipping, or fp32 precision.")
         return (
             f"{head} (expected finite values with {bound_txt}). {skipped}; no checkpoint was written at the stop (the "
             "weights may already be those of the update that led here): resume from the last one written before it. "
@@ -264,6 +281,7 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._fit_batches = 0  # training batches run by this fit call
+        self._pending_checks = []  # none left from a fit that ended by an exception
         self._decorrelate_rank_rng()
 
     def _decorrelate_rank_rng(self) -> None:
@@ -299,8 +317,7 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
             TrainingDivergedError: a deferred check failed: the weights may be those of updates made after the
                 divergence, so this checkpoint is not written.
         """
-        if not self.flush_checks("before a checkpoint was written"):
-            raise TrainingDivergedError(self.divergence)
+        self.flush_checks("before a checkpoint was written")
         write_record(checkpoint, self)
 
     def on_train_end(self) -> None:

@@ -19,6 +19,7 @@ generator and data.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -116,8 +117,8 @@ class LatentPriorBase(EBMModule):
         """-log p(x | z), ``(B,)`` in nats: the posterior chain's data energy (a subclass may compute it directly)."""
         return -self.log_likelihood(x, z)
 
-    def prior_target(self):
-        """The prior chain's target, :meth:`prior_log_prob` as a
+    def prior_target(self) -> Callable[[Tensor], Tensor]:
+        """The prior chain's target ``(B, nz) -> (B,)``: :meth:`prior_log_prob` as a
         :class:`~lebm_zoo.samplers.GaussianTiltedTarget` (the energy :meth:`energy` tilting N(0, prior_sigma^2)),
         whose Gaussian gradient the eager sampler takes in closed form, as the reference; the plain
         :meth:`prior_log_prob` if a subclass overrides it."""
@@ -125,16 +126,24 @@ class LatentPriorBase(EBMModule):
             return self.prior_log_prob
         return GaussianTiltedTarget(self.energy, self.hparams.prior_sigma)
 
-    def posterior_target(self, x):
-        """The posterior chain's target for data ``x``: :meth:`log_joint` as a
-        :class:`~lebm_zoo.samplers.GaussianTiltedTarget` of the energy ``-log p(x | z) + E(z)``; the plain
-        ``log_joint(x, .)`` if a subclass overrides :meth:`log_joint` or :meth:`prior_log_prob`."""
+    def posterior_target(self, x) -> Callable[[Tensor], Tensor]:
+        """The posterior chain's target for data ``x`` (checked and on the model's device), ``(B, nz) -> (B,)``:
+        :meth:`log_joint` as a :class:`~lebm_zoo.samplers.GaussianTiltedTarget` of the energy ``-log p(x | z) +
+        E(z)``; the plain ``log_joint(x, .)`` if a subclass overrides :meth:`log_joint` or :meth:`prior_log_prob`."""
         cls = type(self)
         if cls.log_joint is not LatentPriorBase.log_joint or cls.prior_log_prob is not LatentPriorBase.prior_log_prob:
             return lambda z: self.log_joint(x, z)
+        mro = [c.__dict__ for c in cls.__mro__]
+        where = {name: next(i for i, d in enumerate(mro) if name in d) for name in ("log_likelihood",
+                                                                                  "neg_log_likelihood")}
+        if where["neg_log_likelihood"] <= where["log_likelihood"]:
+            nll = self.neg_log_likelihood
+        else:  # a subclass changed log_likelihood below the class that wrote neg_log_likelihood for the old one
+            def nll(x, z):
+                return -self.log_likelihood(x, z)
         if self.energy_net is None:
-            return GaussianTiltedTarget(lambda z: self.neg_log_likelihood(x, z), self.hparams.prior_sigma)
-        return GaussianTiltedTarget(lambda z: self.neg_log_likelihood(x, z) + self.energy(z), self.hparams.prior_sigma)
+            return GaussianTiltedTarget(lambda z: nll(x, z), self.hparams.prior_sigma)
+        return GaussianTiltedTarget(lambda z: nll(x, z) + self.energy(z), self.hparams.prior_sigma)
 
     def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
         """Unnormalised log p(x, z) = log p(x | z) - E(z) - ||z||^2 / (2 sigma_p^2).
