@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Callable, Iterator
 
 import torch
@@ -168,6 +169,13 @@ def _compile_modes() -> tuple[str, ...]:
         return ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def _is_recompile_limit(e: Exception) -> bool:
+    """Whether ``e`` is what a ``fullgraph=True`` region raises past dynamo's recompile limit (no public name)."""
+    import torch._dynamo.exc as dynamo_exc
+
+    return isinstance(e, getattr(dynamo_exc, "FailOnRecompileLimitHit", ()))
+
+
 #: torch.compile modes that capture CUDA graphs (outputs are overwritten by the next replay: clone what must live)
 _CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
@@ -229,7 +237,9 @@ class LangevinSampler:
     graph comes only with a new target function, a new shape (the batch size, a second distinct one turns on dynamic
     shapes), dtype, device, autocast state, or a new ``step_size`` / ``noise_scale`` / ``grad_clip`` / ``clamp``.
     Beyond ``torch._dynamo.config.recompile_limit`` graphs of the step (those of all compiled samplers count
-    together: they share one function), dynamo runs new variants eagerly (with a warning; same results).
+    together: they share one function), dynamo runs new variants eagerly (with a warning; same results); a whole-chain
+    region past that limit is run eagerly by the sampler, with a ``RuntimeWarning`` (``fullgraph=True`` would make
+    dynamo raise), from the same pre-drawn noise.
     The first call with each new graph pays the compile time: seconds to a minute (on a CPU inductor builds C++ with
     the system compiler and keeps it in an on-disk cache). Whether that pays depends on the net, the batch and the
     machine, so it may not on a CPU: ``benchmarks/bench_compile.py`` measures it. On one core of an Intel Xeon the
@@ -366,9 +376,18 @@ class LangevinSampler:
         cudagraphs = mode in _CUDAGRAPH_MODES and x.is_cuda
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
+        args = (log_prob, x, noise, k, 0.5 * s * s, s * self.noise_scale, self.grad_clip, self.clamp)
         with torch.no_grad():
-            x, lps = self._compiled_chain(log_prob, x, noise, k, 0.5 * s * s, s * self.noise_scale, self.grad_clip,
-                                          self.clamp)
+            try:
+                x, lps = self._compiled_chain(*args)
+            except Exception as e:  # fullgraph turns dynamo's eager fallback into an error: do it here
+                if not _is_recompile_limit(e):
+                    raise
+                warnings.warn(f"LangevinSampler: {type(e).__name__}: too many compiled chain graphs in this process "
+                              "(torch._dynamo.config.recompile_limit); this chain runs eagerly (same states)",
+                              RuntimeWarning, stacklevel=3)
+                x, lps = _langevin_chain(*args)
+                cudagraphs = False
         if cudagraphs:
             x, lps = x.clone(), lps.clone()
         return x, lps

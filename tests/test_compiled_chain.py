@@ -260,3 +260,53 @@ def test_whole_chain_cuda_graph_matches_eager(energy):
                     target(e, torch.zeros(4, device="cuda")), x0, seed)
         torch.testing.assert_close(whole[0], eager[0], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(whole[1]["log_prob"], eager[1]["log_prob"], rtol=1e-4, atol=1e-4)
+
+
+#: the chain-heavy families with the compile_chains / compile_scope option besides LatentEBMPrior
+COMPILABLE = ["CoopNets", "JointHierarchicalEBMPrior", "ShortRunEBM", "SymbolVectorLEBM"]
+#: parameters whose true gradient is zero (a bias before a batch norm): Adam turns the rounding noise of their gradient
+#: into steps of up to the learning rate, whose sign can differ between the compiled and the eager arithmetic
+ZERO_GRADIENT = {"CoopNets": ("generator.net.0.bias", "generator.net.3.bias", "generator.net.6.bias")}
+
+
+@pytest.mark.parametrize("name", COMPILABLE)
+def test_every_chain_heavy_family_trains_with_whole_chains_compiled_as_eager(compiler, name):
+    """One training step with each whole chain one compiled region (``fullgraph=True``: a graph break is an error)
+    gives the eager step's weights: what a CPU proves of the CUDA-graph mode (``compile_chains reduce-overhead``)."""
+    from _data import TINY_MODELS
+    from test_devices import training_data
+
+    torch._dynamo.reset()  # the graphs of the tests before count towards dynamo's recompile limit
+
+    def step(**kw):
+        pl.seed_everything(0, verbose=False)
+        tiny_model = TINY_MODELS[name]()
+        m = type(tiny_model)(**{**dict(tiny_model.hparams), **kw})
+        # after the other tests' shapes dynamo would compile these chains for dynamic shapes (four times slower)
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+            tiny_trainer(max_steps=1).fit(m, training_data(name))
+        return m
+
+    compiled, eager = step(compile_chains=True, compile_scope="chain"), step()
+    assert all(s.compile is True and s.compile_scope == "chain" for s in compiled.samplers.values())
+    assert all(s.compile is None for s in eager.samplers.values())
+    sd_c, sd_e = compiled.state_dict(), eager.state_dict()
+    assert set(sd_c) == set(sd_e)
+    for k in sd_e:
+        atol = 2.5 * eager.hparams.lr_g if k in ZERO_GRADIENT.get(name, ()) else 1e-5
+        torch.testing.assert_close(sd_c[k], sd_e[k], rtol=1e-4, atol=atol, msg=f"{name}: {k}")
+
+
+def test_whole_chains_past_the_recompile_limit_run_eagerly_with_a_warning(compiler, energy):
+    """fullgraph=True makes dynamo's recompile limit an error; the sampler runs such a chain eagerly instead, from
+    the same pre-drawn noise: the eager chain's states."""
+    torch._dynamo.reset()
+    sampler = LangevinSampler(3, 0.3, compile=True, compile_scope="chain")
+    with torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False):
+        run(sampler, target(energy, torch.zeros(4)), torch.randn(5, 4))  # the one graph allowed
+        x0 = torch.randn(7, 4)  # a new shape: a second graph
+        with pytest.warns(RuntimeWarning, match="recompile_limit"):
+            over = run(sampler, target(energy, torch.zeros(4)), x0)
+    eager = run(LangevinSampler(3, 0.3), target(energy, torch.zeros(4)), x0)
+    torch.testing.assert_close(over[0], eager[0], rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()

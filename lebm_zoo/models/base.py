@@ -107,6 +107,12 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
     #: :class:`~lebm_zoo.callbacks.SyncEvery` callback (``--trainer.callbacks+=lebm_zoo.callbacks.SyncEvery``).
     sync_every: int = 1
 
+    def chain_compile_kwargs(self) -> dict:
+        """``compile`` and ``compile_scope`` for the family's :class:`~lebm_zoo.samplers.LangevinSampler` chains, from
+        its ``compile_chains`` / ``compile_scope`` hyperparameters (absent: eager chains, ``"step"``)."""
+        hp = self.hparams
+        return {"compile": hp.get("compile_chains"), "compile_scope": hp.get("compile_scope", "step")}
+
     def check_finite(self, losses: dict[str, Tensor], limits: dict[str, float] | None = None) -> bool:
         """Return True if every loss is finite and within bounds; otherwise stop training cleanly.
 

@@ -265,6 +265,9 @@ class CoopNets(EBMModule):
             folders of images (``data_io.py:91-93``), and the datamodule's fixed ``x / 127.5 - 1`` for 1 channel, as
             its MNIST loader (``data_io.py:75``); ``"minmax"`` or ``"none"`` force one (``"none"`` deviates for RGB).
         grad_clip_d, grad_clip_g: optional max gradient norms (reference: off).
+        compile_chains, compile_scope: run the Langevin chains through ``torch.compile`` (default None: eager), each
+            step or each whole chain as one compiled region, as :class:`~lebm_zoo.LatentEBMPrior`'s (same chains up to
+            float rounding; see :class:`~lebm_zoo.samplers.LangevinSampler`).
 
     Images are ``(B, channels, img_size, img_size)`` in [-1, 1]; latents ``(B, nz)``.
 
@@ -277,7 +280,7 @@ class CoopNets(EBMModule):
     #: hyperparameters a resumed run may change (the others come from the checkpoint)
     resume_hparams = (
         "descriptor_steps", "descriptor_step_size", "descriptor_noise", "generator_steps", "generator_step_size",
-        "lr_d", "lr_g", "betas", "grad_clip_d", "grad_clip_g")
+        "lr_d", "lr_g", "betas", "grad_clip_d", "grad_clip_g", "compile_chains", "compile_scope")
 
     def __init__(
         self,
@@ -303,6 +306,8 @@ class CoopNets(EBMModule):
         data_scaling: str = "reference",
         grad_clip_d: float | None = None,
         grad_clip_g: float | None = None,
+        compile_chains: bool | str | None = None,
+        compile_scope: str = "step",
     ):
         super().__init__()
         if n_chains < 1:
@@ -319,8 +324,9 @@ class CoopNets(EBMModule):
         self.generator = CoopGenerator(nz=nz, ngf=ngf, img_size=img_size, channels=channels)
         self.samplers = {
             "descriptor": LangevinSampler(descriptor_steps, descriptor_step_size,
-                                          noise_scale=1.0 if descriptor_noise else 0.0),
-            "generator": LangevinSampler(generator_steps, generator_step_size),  # noise on (model.py:133,139)
+                                          noise_scale=1.0 if descriptor_noise else 0.0, **self.chain_compile_kwargs()),
+            "generator": LangevinSampler(generator_steps, generator_step_size,  # noise on (model.py:133,139)
+                                         **self.chain_compile_kwargs()),
         }
 
     # ------------------------------------------------------------------------------------------------ densities

@@ -137,6 +137,9 @@ class JointHierarchicalEBMPrior(LatentImagesMixin, EBMModule):
             (reference: g2_lr = 1e-4); a single float applies to all.
         betas: Adam betas of every group (reference: PyTorch's defaults (0.9, 0.999)).
         anomaly_k: default ``k`` of :meth:`anomaly_score` (None: ``-log p(x, z)``; k: the LLR^{>k} score).
+        compile_chains, compile_scope: run the Langevin chains through ``torch.compile`` (default None: eager), each
+            step or each whole chain as one compiled region, as :class:`~lebm_zoo.LatentEBMPrior`'s (same chains up to
+            float rounding; see :class:`~lebm_zoo.samplers.LangevinSampler`).
 
     Latents travel as a list ``[z_1, ..., z_L]`` of ``(B, nz_l)`` tensors; images ``(B, C, H, W)`` in [-1, 1].
 
@@ -148,7 +151,8 @@ class JointHierarchicalEBMPrior(LatentImagesMixin, EBMModule):
     size_hparams = ("nz", "ngf", "energy_hidden")
     #: hyperparameters a resumed run may change (the others come from the checkpoint)
     resume_hparams = (
-        "prior_steps", "prior_step_size", "posterior_steps", "posterior_step_size", "lr_e", "lr_g", "lr_cond", "betas")
+        "prior_steps", "prior_step_size", "posterior_steps", "posterior_step_size", "lr_e", "lr_g", "lr_cond", "betas",
+        "compile_chains", "compile_scope")
 
     def __init__(
         self,
@@ -172,6 +176,8 @@ class JointHierarchicalEBMPrior(LatentImagesMixin, EBMModule):
         lr_cond: float | tuple[float, ...] = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
         anomaly_k: int | None = None,
+        compile_chains: bool | str | None = None,
+        compile_scope: str = "step",
     ):
         super().__init__()
         nz = [int(n) for n in nz]
@@ -195,8 +201,8 @@ class JointHierarchicalEBMPrior(LatentImagesMixin, EBMModule):
                                           for i in range(n_layers - 1))
         self.energy_nets = nn.ModuleList(_mlp(nz[i], eh[i], el[i], 1) for i in range(n_layers))  # f_l: scores
         self.samplers = {
-            "prior": LangevinSampler(prior_steps, prior_step_size),
-            "posterior": LangevinSampler(posterior_steps, posterior_step_size),
+            "prior": LangevinSampler(prior_steps, prior_step_size, **self.chain_compile_kwargs()),
+            "posterior": LangevinSampler(posterior_steps, posterior_step_size, **self.chain_compile_kwargs()),
         }
 
     # ------------------------------------------------------------------------------------------------ packing

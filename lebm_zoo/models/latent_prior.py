@@ -70,7 +70,7 @@ class LatentPriorBase(EBMModule):
         """The energy net (``prior="ebm"``) and the prior and posterior samplers, from the hyperparameters."""
         hp = self.hparams
         self.energy_net = EnergyMLP(nz=hp.nz, ndf=hp.ndf, activation=hp.e_activation) if hp.prior == "ebm" else None
-        compiled = dict(compile=hp.get("compile_chains"), compile_scope=hp.get("compile_scope", "step"))
+        compiled = self.chain_compile_kwargs()
         self.samplers = {
             "prior": LangevinSampler(hp.prior_steps, hp.prior_step_size, **compiled),
             "posterior": LangevinSampler(hp.posterior_steps, hp.posterior_step_size, **compiled),

@@ -110,6 +110,9 @@ class ShortRunEBM(EBMModule):
             Mordatch 2019; the stabiliser the EBM maintainers advise). Reference: 0 (off).
         clamp_chains: clip chain states to [-1, 1] after every Langevin step (reference: off). Keeps chains in the
             data range, which stops the overshoot-then-explode divergence we saw on MNIST.
+        compile_chains, compile_scope: run the Langevin chains through ``torch.compile`` (default None: eager), each
+            step or each whole chain as one compiled region, as :class:`~lebm_zoo.LatentEBMPrior`'s (same chains up to
+            float rounding; see :class:`~lebm_zoo.samplers.LangevinSampler`).
 
     Images are ``(B, channels, img_size, img_size)`` in [-1, 1].
 
@@ -126,7 +129,8 @@ class ShortRunEBM(EBMModule):
     size_hparams = ("nf",)
     #: hyperparameters a resumed run may change (the others come from the checkpoint)
     resume_hparams = (
-        "n_steps", "noise_std", "step_size", "data_noise", "reinit_prob", "lr", "betas", "grad_clip", "energy_l2")
+        "n_steps", "noise_std", "step_size", "data_noise", "reinit_prob", "lr", "betas", "grad_clip", "energy_l2",
+        "compile_chains", "compile_scope")
 
     def __init__(
         self,
@@ -147,6 +151,8 @@ class ShortRunEBM(EBMModule):
         grad_clip: float | None = None,
         energy_l2: float = 0.0,
         clamp_chains: bool = False,
+        compile_chains: bool | str | None = None,
+        compile_scope: str = "step",
     ):
         super().__init__()
         if form not in _FORMS:
@@ -172,8 +178,11 @@ class ShortRunEBM(EBMModule):
         hp = self.hparams
         clamp = (-1.0, 1.0) if hp.clamp_chains else None
         if hp.form == "short_run":
-            return LangevinSampler.tempered(n_steps, hp.noise_std if noise_std is None else noise_std, clamp=clamp)
-        return LangevinSampler(n_steps, hp.step_size if step_size is None else step_size, clamp=clamp)
+            s = LangevinSampler.tempered(n_steps, hp.noise_std if noise_std is None else noise_std, clamp=clamp)
+        else:
+            s = LangevinSampler(n_steps, hp.step_size if step_size is None else step_size, clamp=clamp)
+        s.compile, s.compile_scope = self.chain_compile_kwargs().values()
+        return s
 
     # ------------------------------------------------------------------------------------------------ densities
     def neg_energy(self, x: Tensor) -> Tensor:

@@ -218,6 +218,9 @@ class SymbolVectorLEBM(LatentEBMPrior):
         update_order: ``"reference"`` (F's classification step before the chains) or ``"joint"`` (one F step).
         loss_g_reduction: ``"sum"`` (over a data point's entries, divided by B) or ``"mean"`` (over all B x entries);
             None: ``"sum"`` for images, ``"mean"`` with ``dim``.
+        compile_chains, compile_scope: run the Langevin chains through ``torch.compile`` (default None: eager), each
+            step or each whole chain as one compiled region, as :class:`~lebm_zoo.LatentEBMPrior`'s (same chains up to
+            float rounding; see :class:`~lebm_zoo.samplers.LangevinSampler`).
 
     Raises:
         ValueError: for a bad value of any argument (naming it), as :class:`LatentEBMPrior` and for ``n_classes`` < 2,
@@ -231,7 +234,7 @@ class SymbolVectorLEBM(LatentEBMPrior):
     resume_hparams = (
         "class_weight", "mi_weight", "prior_steps", "prior_step_size", "posterior_steps", "posterior_step_size", "lr_g",
         "lr_e", "betas", "betas_e", "weight_decay_e", "lr_decay", "lr_schedule", "grad_clip_g", "grad_clip_e",
-        "loss_g_limit", "loss_g_limit_after_epoch", "loss_g_limit_check")
+        "loss_g_limit", "loss_g_limit_after_epoch", "loss_g_limit_check", "compile_chains", "compile_scope")
 
     def __init__(
         self,
@@ -268,6 +271,8 @@ class SymbolVectorLEBM(LatentEBMPrior):
         loss_g_limit_after_epoch: int = 10,
         loss_g_limit_check: str = "epoch_end",
         channels_last: bool = False,
+        compile_chains: bool | str | None = None,
+        compile_scope: str = "step",
     ):
         # LatentEBMPrior.__init__ builds a one-output energy MLP and an image-only generator: this class builds its
         # own networks, in the same order (generator, then prior), and repeats its argument checks.
@@ -315,8 +320,8 @@ class SymbolVectorLEBM(LatentEBMPrior):
         self.energy_net = SymbolVectorEnergy(nz=hp.nz, ndf=hp.ndf, n_classes=hp.n_classes,
                                              activation=hp.e_activation, layers=self.setting("energy_layers"))
         self.samplers = {
-            "prior": LangevinSampler(hp.prior_steps, hp.prior_step_size),
-            "posterior": LangevinSampler(hp.posterior_steps, hp.posterior_step_size),
+            "prior": LangevinSampler(hp.prior_steps, hp.prior_step_size, **self.chain_compile_kwargs()),
+            "posterior": LangevinSampler(hp.posterior_steps, hp.posterior_step_size, **self.chain_compile_kwargs()),
         }
 
     def setting(self, name: str):
