@@ -104,11 +104,12 @@ def _langevin_move(x: Tensor, grad: Tensor, noise: Tensor | None, drift: float, 
                    grad_clip: float | None, clamp: tuple[float, float] | None, out: Tensor | None = None) -> Tensor:
     """The Langevin update, the one place it is written: ``clamp(x + drift * clip(grad) + noise_coef * noise)``.
 
-    ``grad`` is ``grad log_prob(x)`` (same shape as ``x``), ``clip`` rescales each chain's gradient to L2 norm at most
-    ``grad_clip`` (None: no clipping), ``noise`` a standard-normal draw of ``x``'s shape (None: no noise) and
-    ``clamp`` an optional ``(low, high)`` box. ``out=x`` updates ``x`` in place (:meth:`LangevinSampler.step`: no new
-    state tensor per step); without ``out`` it is out of place and differentiable (:meth:`LangevinSampler.unroll`
-    keeps the graph; :func:`_langevin_update` runs it inside ``torch.compile``).
+    ``grad`` is ``grad log_prob(x)`` (same shape as ``x``; or an energy's gradient with a negative ``drift``), ``clip``
+    rescales each chain's gradient to L2 norm at most ``grad_clip`` (None: no clipping), ``noise`` a standard-normal
+    draw of ``x``'s shape (None: no noise) and ``clamp`` an optional ``(low, high)`` box. ``out=x`` updates ``x`` in
+    place (:meth:`LangevinSampler.step`: no new state tensor per step); without ``out`` it is out of place and
+    differentiable (:meth:`LangevinSampler.unroll` keeps the graph; :func:`_langevin_update` runs it inside
+    ``torch.compile``).
     """
     if grad_clip is not None:
         grad = _clip_per_chain(grad, grad_clip)
