@@ -307,13 +307,14 @@ class LangevinSampler:
 
     @classmethod
     def tempered(cls, n_steps: int, noise_std: float, grad_coef: float = 1.0,
-                 clamp: tuple[float, float] | None = None) -> "LangevinSampler":
+                 clamp: tuple[float, float] | None = None, **kwargs) -> "LangevinSampler":
         """The short-run data-space update ``x <- x + grad_coef * grad f(x) + noise_std * eps`` (Nijkamp et al. 2019).
 
-        It is the Langevin update with ``s^2/2 = grad_coef`` and ``noise_scale = noise_std / s``.
+        It is the Langevin update with ``s^2/2 = grad_coef`` and ``noise_scale = noise_std / s``; ``kwargs`` go to
+        the constructor (``grad_clip``, ``compile``, ``compile_scope``).
         """
         s = math.sqrt(2.0 * grad_coef)
-        return cls(n_steps, s, noise_scale=noise_std / s, clamp=clamp)
+        return cls(n_steps, s, noise_scale=noise_std / s, clamp=clamp, **kwargs)
 
     def __repr__(self) -> str:
         return (f"LangevinSampler(n_steps={self.n_steps}, step_size={self.step_size}, "

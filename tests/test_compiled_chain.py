@@ -310,3 +310,12 @@ def test_whole_chains_past_the_recompile_limit_run_eagerly_with_a_warning(compil
     eager = run(LangevinSampler(3, 0.3), target(energy, torch.zeros(4)), x0)
     torch.testing.assert_close(over[0], eager[0], rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", COMPILABLE)
+def test_every_chain_heavy_family_refuses_a_bad_compile_value(name):
+    from _data import TINY_MODELS
+
+    tiny_model = TINY_MODELS[name]()
+    with pytest.raises(ValueError, match="compile must be one of"):
+        type(tiny_model)(**{**dict(tiny_model.hparams), "compile_chains": "fast"})

@@ -178,11 +178,10 @@ class ShortRunEBM(EBMModule):
         hp = self.hparams
         clamp = (-1.0, 1.0) if hp.clamp_chains else None
         if hp.form == "short_run":
-            s = LangevinSampler.tempered(n_steps, hp.noise_std if noise_std is None else noise_std, clamp=clamp)
-        else:
-            s = LangevinSampler(n_steps, hp.step_size if step_size is None else step_size, clamp=clamp)
-        s.compile, s.compile_scope = self.chain_compile_kwargs().values()
-        return s
+            return LangevinSampler.tempered(n_steps, hp.noise_std if noise_std is None else noise_std, clamp=clamp,
+                                            **self.chain_compile_kwargs())
+        return LangevinSampler(n_steps, hp.step_size if step_size is None else step_size, clamp=clamp,
+                               **self.chain_compile_kwargs())
 
     # ------------------------------------------------------------------------------------------------ densities
     def neg_energy(self, x: Tensor) -> Tensor:
