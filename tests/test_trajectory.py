@@ -401,3 +401,53 @@ def test_sdd_scene_groups_train_with_social_pooling_and_evaluate(tmp_path):
     assert t.global_step == 2 and len(pooled) == 6 and pooled[0][0] == pooled[0][1]  # 3 rounds a step
     t.test(model, datamodule=dm, verbose=False)
     assert cb.last["test"]["ade"] > 0 and cb.last["test"]["fde"] > 0  # pixels
+
+
+FAKE_REFERENCE = '''
+import argparse, os, sys, torch
+import utils  # the reference imports its utils.py from its own folder
+ap = argparse.ArgumentParser()
+ap.add_argument("--seed", type=int, default=7)
+ap.add_argument("--num_epochs", type=int, default=4)
+ap.add_argument("--model_path", default="saved_models/lbebm_hotel.pt")
+a = ap.parse_args()
+assert a.model_path == "", "the runner trains: --model_path ''"
+torch.cuda.set_device("cuda:1")
+x = torch.zeros(2).double().cuda()
+net = torch.nn.Linear(2, 1).double().cuda()
+assert os.path.isdir("dataset/hotel/test") and not os.path.exists("dataset/hotel/test/saved_data.pickle")
+for e in range(a.num_epochs):
+    ade = utils.ADE[e] + a.seed / 100
+    print(f"2026-01-01 00:00:00,000 : Val ADE {ade + 0.1}\\n2026-01-01 00:00:00,000 : Val FDE {2 * ade + 0.1}")
+    print(f"2026-01-01 00:00:00,000 : Test ADE {ade}\\n2026-01-01 00:00:00,000 : Test FDE {2 * ade}")
+    print(f"2026-01-01 00:00:00,000 : Test Best ADE 0.0")
+'''
+
+
+def test_reference_runner_runs_the_authors_script_on_cpu_and_reports_the_last_epoch(tmp_path):
+    """``lbebm_reference.py`` runs a script with the authors' interface (``.cuda()`` calls, ``--seed``,
+    ``--num_epochs``, ``--model_path``, ``dataset/<scene>`` in its working folder), takes the last epoch's test
+    error, and keeps the best-over-epochs one apart."""
+    ref, data = tmp_path / "lbebm", write_scene_tree(tmp_path / "data")
+    ref.mkdir()
+    (ref / "lbebm_hotel.py").write_text(FAKE_REFERENCE)
+    (ref / "utils.py").write_text("ADE = [0.5, 0.2, 0.3, 0.1]\n")  # the 4th epoch is not run
+    (data / "hotel" / "test" / "saved_data.pickle").write_bytes(b"stale")  # a cache the runner must not copy
+    script = [sys.executable, "benchmarks/lbebm_reference.py"]
+    out = subprocess.run([*script, "run", "--reference", str(ref), "--data", str(data), "--out", str(tmp_path / "o"),
+                          "--scenes", "hotel", "--seeds", "1", "2", "--epochs", "hotel=3"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    rec = json.loads((tmp_path / "o" / "hotel-s2" / "record.json").read_text())
+    assert rec["epochs"] == 3 and rec["ade"] == pytest.approx(0.32) and rec["fde"] == pytest.approx(0.64)
+    assert rec["best_test_ade"] == pytest.approx(0.22) and rec["per_epoch"][0]["val_ade"] == pytest.approx(0.62)
+    assert not (tmp_path / "o" / "hotel-s2" / "work").exists()  # the copied data are removed
+    assert (data / "hotel" / "test" / "saved_data.pickle").read_bytes() == b"stale"  # --data untouched
+    rows = {line.split(" | ")[0]: line for line in out.stdout.splitlines()}
+    assert "| 0.315 ± 0.007 / 0.630 ± 0.014 |" in rows["| the authors' script on these files, last epoch, mean ± std "
+                                                          "over seeds"]
+    assert "| 0.215 ± 0.007 / 0.430 ± 0.014 |" in rows["| the authors' script, best test epoch (selected on the test "
+                                                          "split; for comparability only)"]
+    bad = subprocess.run([*script, "run", "--reference", str(tmp_path), "--data", str(data), "--out",
+                          str(tmp_path / "q"), "--scenes", "hotel"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "lacks lbebm_hotel.py" in bad.stderr and len(bad.stderr.splitlines()) == 1
