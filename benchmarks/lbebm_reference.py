@@ -26,11 +26,10 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lbebm_table import PAPER, SCENES  # noqa: E402
+from lbebm_table import PAPER, SCENES, add_grid_arguments, run_grid  # noqa: E402
 
 from lebm_zoo.errors import UsageError, exit_on_usage_error  # noqa: E402
 from lebm_zoo.hardware import cpu_name  # noqa: E402
@@ -164,10 +163,7 @@ def main(argv=None) -> int:
     r.add_argument("--reference", type=Path, required=True, help="a checkout of bpucla/lbebm")
     r.add_argument("--data", type=Path, required=True, help="the folder of the five ETH-UCY scenes")
     r.add_argument("--out", type=Path, required=True)
-    r.add_argument("--scenes", nargs="+", default=list(SCENES), choices=SCENES)
-    r.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    r.add_argument("--epochs", nargs="*", default=[], help="SCENE=N: train that scene for N epochs")
-    r.add_argument("--workers", type=int, default=1)
+    add_grid_arguments(r)
     p = sub.add_parser("report", help="print the Markdown table")
     p.add_argument("out", type=Path)
     p.add_argument("--ours", type=Path, help="an `lbebm_table.py run` folder: adds our row")
@@ -182,24 +178,9 @@ def main(argv=None) -> int:
     if missing:
         raise UsageError(f"{a.data / missing[0] / 'test'} not found: --data takes the ETH-UCY folder "
                          "(<scene>/{train,val,test}/*.txt)")
-    epochs = {}
-    for item in a.epochs:
-        scene, _, n = item.partition("=")
-        if scene not in SCENES or not n.isdigit():
-            ap.error(f"--epochs takes SCENE=N with SCENE one of {SCENES}, got {item!r}")
-        epochs[scene] = int(n)
     a.out.mkdir(parents=True, exist_ok=True)
-    jobs = [(s, seed) for s in a.scenes for seed in a.seeds]
-    failed = 0
-    with ThreadPoolExecutor(a.workers) as pool:
-        futures = [pool.submit(run_one, a.reference.resolve(), a.data.resolve(), a.out.resolve(), s, seed,
-                               epochs.get(s)) for s, seed in jobs]
-        for f in futures:
-            try:
-                f.result()
-            except RuntimeError as e:
-                print(e, file=sys.stderr)
-                failed += 1
+    ref, data, out = a.reference.resolve(), a.data.resolve(), a.out.resolve()
+    failed = run_grid(ap, a, lambda scene, seed, epochs: run_one(ref, data, out, scene, seed, epochs))
     print(report(a.out))
     return 1 if failed else 0
 

@@ -34,6 +34,35 @@ PAPER = {"LB-EBM (paper)": {"eth": (0.30, 0.52), "hotel": (0.13, 0.20), "univ": 
                                     "zara1": (0.22, 0.39), "zara2": (0.17, 0.30), "avg": (0.29, 0.48)}}
 
 
+def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--scenes``, ``--seeds``, ``--epochs SCENE=N ...`` and ``--workers``: which runs, and how many at a time."""
+    parser.add_argument("--scenes", nargs="+", default=list(SCENES), choices=SCENES)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--epochs", nargs="*", default=[], help="SCENE=N: train that scene for N epochs")
+    parser.add_argument("--workers", type=int, default=1)
+
+
+def run_grid(ap: argparse.ArgumentParser, a: argparse.Namespace, run) -> int:
+    """Call ``run(scene, seed, epochs or None)`` for every (scene, seed) of ``a`` (:func:`add_grid_arguments`),
+    ``a.workers`` at a time; a run's ``RuntimeError`` is printed and counted. Returns the number that failed."""
+    epochs = {}
+    for item in a.epochs:
+        scene, _, n = item.partition("=")
+        if scene not in SCENES or not n.isdigit():
+            ap.error(f"--epochs takes SCENE=N with SCENE one of {SCENES}, got {item!r}")
+        epochs[scene] = int(n)
+    failed = 0
+    with ThreadPoolExecutor(a.workers) as pool:
+        futures = [pool.submit(run, s, seed, epochs.get(s)) for s in a.scenes for seed in a.seeds]
+        for f in futures:
+            try:
+                f.result()
+            except RuntimeError as e:
+                print(e, file=sys.stderr)
+                failed += 1
+    return failed
+
+
 def trained(run: Path) -> dict:
     """``{"epochs": completed epochs, "steps": training steps}`` of the run's newest ``last.ckpt`` (empty without
     one)."""
@@ -180,10 +209,7 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="train and test the runs")
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--data", required=True, help="the folder of the five ETH-UCY scenes")
-    r.add_argument("--scenes", nargs="+", default=list(SCENES), choices=SCENES)
-    r.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    r.add_argument("--epochs", nargs="*", default=[], help="SCENE=N: train that scene for N epochs")
-    r.add_argument("--workers", type=int, default=1)
+    add_grid_arguments(r)
     p = sub.add_parser("report", help="print the Markdown table")
     p.add_argument("out", type=Path)
     p.add_argument("--data", help="the ETH-UCY folder: adds the constant-velocity row")
@@ -205,22 +231,7 @@ def main(argv=None) -> int:
                 print(f"| {scene} | {s['windows']} | {s['final_std']:.3f} | {s['fde_1']:.3f} | {s['fde_k']:.3f} | "
                       f"{s['final_offset']:.3f} |", flush=True)
         return 0
-    epochs = {}
-    for item in a.epochs:
-        scene, _, n = item.partition("=")
-        if scene not in SCENES or not n.isdigit():
-            ap.error(f"--epochs takes SCENE=N with SCENE one of {SCENES}, got {item!r}")
-        epochs[scene] = int(n)
-    jobs = [(s, seed) for s in a.scenes for seed in a.seeds]
-    with ThreadPoolExecutor(a.workers) as pool:
-        futures = [pool.submit(run_one, a.out, a.data, s, seed, epochs.get(s)) for s, seed in jobs]
-        failed = 0
-        for f in futures:
-            try:
-                f.result()
-            except RuntimeError as e:
-                print(e, file=sys.stderr)
-                failed += 1
+    failed = run_grid(ap, a, lambda scene, seed, epochs: run_one(a.out, a.data, scene, seed, epochs))
     print(report(a.out, a.data))
     return 1 if failed else 0
 
