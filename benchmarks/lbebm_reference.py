@@ -92,11 +92,14 @@ def run_one(reference: Path, data: Path, out: Path, scene: str, seed: int, epoch
     if not per_epoch:
         raise RuntimeError(f"{scene} seed {seed}: no 'Test ADE/FDE' lines in {run / 'reference.log'}")
     best = min(per_epoch, key=lambda e: e["test_ade"])
-    commit = subprocess.run(["git", "-C", str(reference), "rev-parse", "HEAD"], capture_output=True, text=True)
+    commit = None  # a copy inside another repository would give that repository's HEAD: only a checkout's own
+    if (reference / ".git").exists():
+        git = subprocess.run(["git", "-C", str(reference), "rev-parse", "HEAD"], capture_output=True, text=True)
+        commit = git.stdout.strip() if git.returncode == 0 else None
     record = {"scene": scene, "seed": seed, "epochs": len(per_epoch), "ade": per_epoch[-1]["test_ade"],
               "fde": per_epoch[-1]["test_fde"], "best_test_ade": best["test_ade"], "best_test_fde": best["test_fde"],
               "per_epoch": per_epoch, "seconds": round(seconds, 1), "cpu": cpu_name(), "threads": 1,
-              "reference_commit": commit.stdout.strip() if commit.returncode == 0 else None}
+              "reference_commit": commit}
     done.write_text(json.dumps(record, indent=1) + "\n")
     shutil.rmtree(work)
     print(f"reference {scene} seed {seed}: last epoch ADE {record['ade']:.3f} FDE {record['fde']:.3f} "
