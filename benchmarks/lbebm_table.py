@@ -75,8 +75,9 @@ def trained(run: Path) -> dict:
     return {"epochs": int(ckpt["epoch"]) + 1, "steps": int(ckpt["global_step"])}
 
 
-def run_one(out: Path, data: str, scene: str, seed: int, epochs: int | None) -> dict:
-    """fit then test one (scene, seed); returns its record (also written to ``<run>/record.json``)."""
+def run_one(out: Path, data: str, scene: str, seed: int, epochs: int | None, rotate: bool = False) -> dict:
+    """fit then test one (scene, seed); returns its record (also written to ``<run>/record.json``). ``rotate``:
+    train on the rotation-augmented windows (``--data.rotate true``)."""
     run = out / f"{scene}-s{seed}"
     done = run / "record.json"
     if done.exists():
@@ -88,6 +89,8 @@ def run_one(out: Path, data: str, scene: str, seed: int, epochs: int | None) -> 
     fit = [sys.executable, "-m", "lebm_zoo.cli", "fit", *common, "--seed_everything", str(seed)]
     if epochs is not None:
         fit += ["--trainer.max_epochs", str(epochs)]
+    if rotate:
+        fit += ["--data.rotate", "true"]
     t0 = time.time()
     with open(run / "fit.log", "w") as log:
         rc = subprocess.run(fit, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -109,7 +112,7 @@ def run_one(out: Path, data: str, scene: str, seed: int, epochs: int | None) -> 
     record = {"scene": scene, "seed": seed, **trained(run), "ade": test_rec["ade"], "fde": test_rec["fde"],
               "windows": test_rec["windows"], "k": test_rec["k"], "fit_seconds": round(fit_s, 1),
               "val": [{"epoch": v["epoch"], "ade": v["ade"], "fde": v["fde"]} for v in vals], "cpu": cpu_name(),
-              "threads": 1}
+              "threads": 1, "rotate": rotate}
     done.write_text(json.dumps(record, indent=1) + "\n")
     print(f"{scene} seed {seed}: ADE {record['ade']:.3f} FDE {record['fde']:.3f} ({fit_s / 60:.1f} min)", flush=True)
     return record
@@ -210,6 +213,7 @@ def main(argv=None) -> int:
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--data", required=True, help="the folder of the five ETH-UCY scenes")
     add_grid_arguments(r)
+    r.add_argument("--rotate", action="store_true", help="train on the rotation-augmented windows (--data.rotate)")
     p = sub.add_parser("report", help="print the Markdown table")
     p.add_argument("out", type=Path)
     p.add_argument("--data", help="the ETH-UCY folder: adds the constant-velocity row")
@@ -231,7 +235,7 @@ def main(argv=None) -> int:
                 print(f"| {scene} | {s['windows']} | {s['final_std']:.3f} | {s['fde_1']:.3f} | {s['fde_k']:.3f} | "
                       f"{s['final_offset']:.3f} |", flush=True)
         return 0
-    failed = run_grid(ap, a, lambda scene, seed, epochs: run_one(a.out, a.data, scene, seed, epochs))
+    failed = run_grid(ap, a, lambda scene, seed, epochs: run_one(a.out, a.data, scene, seed, epochs, a.rotate))
     print(report(a.out, a.data))
     return 1 if failed else 0
 

@@ -44,12 +44,20 @@ def read_scene_file(path: str | Path, delimiter: str = "\t") -> np.ndarray:
     return rows
 
 
-def strided_windows(rows: np.ndarray, length: int = 20) -> np.ndarray:
+#: the rotation angles of the reference's augmentation (``utils.get_strided_data_clust(rotate=...)``), in radians
+ROTATION_ANGLES = (0.0, 0.25 * np.pi, 0.5 * np.pi, -0.25 * np.pi, -0.5 * np.pi)
+
+
+def strided_windows(rows: np.ndarray, length: int = 20, rotate: bool = False) -> np.ndarray:
     """Every window of ``length`` consecutive rows of each pedestrian, ``(W, length, 2)`` float32 ``(x, y)``.
 
-    As the reference (``utils.get_strided_data_clust``, stride 1, no rotation): rows sorted by frame then pedestrian,
+    As the reference (``utils.get_strided_data_clust``, stride 1): rows sorted by frame then pedestrian,
     pedestrians in the order they first appear, each one's rows in frame order, windows starting at each of its rows
     (a pedestrian with fewer than ``length`` rows gives none). Positions are rounded to float32 first, as there.
+
+    ``rotate``: also the windows turned about the origin by each of :data:`ROTATION_ANGLES` (0, 45, 90, -45 and -90
+    degrees), ``(5 W, length, 2)``, one block of W per angle in that order, each ``xy @ R(angle)`` in float64 with
+    ``R(a) = [[cos a, -sin a], [sin a, cos a]]`` and rounded to float32, as the reference's ``rotate`` option.
     """
     if rows.size == 0:
         return np.zeros((0, length, 2), np.float32)
@@ -60,7 +68,13 @@ def strided_windows(rows: np.ndarray, length: int = 20) -> np.ndarray:
         xy = rows[rows[:, 1] == p, 2:4].astype(np.float32)
         if len(xy) >= length:
             out.append(np.lib.stride_tricks.sliding_window_view(xy, (length, 2))[:, 0])
-    return np.concatenate(out).copy() if out else np.zeros((0, length, 2), np.float32)
+    if not out:
+        return np.zeros((0, length, 2), np.float32)
+    w = np.concatenate(out)
+    if not rotate:
+        return w.copy()
+    turns = [np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) for a in ROTATION_ANGLES]
+    return np.concatenate([np.matmul(w, r).astype(np.float32) for r in turns])
 
 
 class TrajectoryDataModule(SplitLoadersMixin, pl.LightningDataModule):
@@ -80,6 +94,10 @@ class TrajectoryDataModule(SplitLoadersMixin, pl.LightningDataModule):
         num_workers: DataLoader workers (0 is best for in-memory tensors).
         seed: seed of the training shuffle; None (the default): the run's global seed (``torch.initial_seed()``, which
             ``seed_everything`` sets), so that each training seed also draws its own data order, as in the reference.
+        rotate: add to the training windows their copies turned by 45, 90, -45 and -90 degrees (5 x the windows;
+            :func:`strided_windows`), the reference loader's ``rotate`` option, which its scripts as published do not
+            pass (default False). Validation and test windows are never turned. ``docs/fidelity.md`` and
+            ``docs/results.md`` say what it changes.
 
     Attributes:
         train_set, val_set, test_set: ``TensorDataset``s of windows after ``setup``.
@@ -91,7 +109,8 @@ class TrajectoryDataModule(SplitLoadersMixin, pl.LightningDataModule):
     """
 
     def __init__(self, data_dir: str, scene: str = "eth", batch_size: int = 70, eval_batch_size: int = 700,
-                 past_length: int = 8, future_length: int = 12, num_workers: int = 0, seed: int | None = None):
+                 past_length: int = 8, future_length: int = 12, num_workers: int = 0, seed: int | None = None,
+                 rotate: bool = False):
         super().__init__()
         if scene not in ETH_UCY_SCENES:
             raise ValueError(f"scene must be one of {', '.join(ETH_UCY_SCENES)}, got {scene!r}")
@@ -100,7 +119,7 @@ class TrajectoryDataModule(SplitLoadersMixin, pl.LightningDataModule):
         self.data_dir = Path(data_dir).expanduser()
         self.scene, self.batch_size, self.eval_batch_size = scene, batch_size, eval_batch_size
         self.past_length, self.future_length = past_length, future_length
-        self.num_workers, self.seed = num_workers, seed
+        self.num_workers, self.seed, self.rotate = num_workers, seed, bool(rotate)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -120,9 +139,11 @@ class TrajectoryDataModule(SplitLoadersMixin, pl.LightningDataModule):
         return files
 
     def windows(self, split: str) -> torch.Tensor:
-        """All windows of one split ``(W, T, 2)`` float32, files in name order."""
+        """All windows of one split ``(W, T, 2)`` float32, files in name order (``train`` with ``rotate``: each
+        file's windows and their turned copies)."""
         length = self.past_length + self.future_length
-        parts = [strided_windows(read_scene_file(f), length) for f in self.split_files(split)]
+        rotate = self.rotate and split == "train"
+        parts = [strided_windows(read_scene_file(f), length, rotate) for f in self.split_files(split)]
         w = np.concatenate(parts)
         if len(w) == 0:
             raise DatasetNotFoundError(f"ETH-UCY scene {self.scene!r}, split {split}: no pedestrian has {length} rows "

@@ -61,6 +61,30 @@ def test_windows_follow_the_reference_strided_reading(tmp_path):
     assert np.array_equal(w[1], ped5[:20].astype(np.float32)) and np.array_equal(w[3], ped5[2:22].astype(np.float32))
 
 
+def test_rotated_windows_follow_the_reference_augmentation(tmp_path):
+    """``rotate``: the windows, then their copies turned by 45, 90, -45 and -90 degrees as the reference's
+    ``xy @ R(a)`` (row vectors times R = [[cos, -sin], [sin, cos]]), one block per angle; only the training split."""
+    write_track_file(tmp_path / "f.txt", {5: 22, 2: 20})
+    rows = read_scene_file(tmp_path / "f.txt")
+    w, r = strided_windows(rows, 20), strided_windows(rows, 20, rotate=True)
+    assert r.shape == (5 * len(w), 20, 2) and r.dtype == np.float32
+    blocks = r.reshape(5, len(w), 20, 2)
+    assert np.array_equal(blocks[0], w)
+    x, y = w[..., 0].astype(np.float64), w[..., 1].astype(np.float64)
+    assert np.allclose(blocks[2], np.stack([y, -x], -1), atol=1e-5)  # +90 degrees: (x, y) @ R -> (y, -x)
+    assert np.allclose(blocks[4], np.stack([-y, x], -1), atol=1e-5)  # -90 degrees
+    c = np.sqrt(0.5)
+    assert np.allclose(blocks[1], np.stack([c * (x + y), c * (y - x)], -1), atol=1e-5)  # +45 degrees
+    assert np.allclose(blocks[3], np.stack([c * (x - y), c * (x + y)], -1), atol=1e-5)  # -45 degrees
+    root = write_scene_tree(tmp_path / "data")
+    plain, turned = (TrajectoryDataModule(str(root), "hotel", rotate=rot) for rot in (False, True))
+    for dm in (plain, turned):
+        dm.setup()
+    assert len(turned.train_set) == 5 * len(plain.train_set)
+    assert torch.equal(turned.val_set.tensors[0], plain.val_set.tensors[0])
+    assert torch.equal(turned.test_set.tensors[0], plain.test_set.tensors[0])
+
+
 def test_datamodule_splits_and_batches(tmp_path):
     dm = TrajectoryDataModule(str(write_scene_tree(tmp_path)), "hotel", batch_size=4, eval_batch_size=3)
     dm.prepare_data()
