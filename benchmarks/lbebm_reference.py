@@ -9,10 +9,12 @@
 The scripts run unchanged: this runner only makes their ``.cuda()`` calls no-ops (``torch.Tensor.cuda``,
 ``torch.nn.Module.cuda`` and ``torch.cuda.set_device``), passes ``--seed``, ``--num_epochs`` and ``--model_path ''``
 (train, do not load their weights), and runs each in its own folder holding a copy of the scene's split (the
-reference caches ``saved_data.pickle`` beside the ``.txt`` files, so it never writes into ``--data``). One thread per
-run (``OMP_NUM_THREADS=1``). The reference evaluates the validation and test files after every epoch and logs them;
-the table reports the **last** epoch's test error, and its best-over-epochs test error (model selection on the test
-split, which is what the reference's "Test Best" line reports) only in its own, labelled row.
+reference caches ``saved_data.pickle`` beside the ``.txt`` files, so it never writes into ``--data``). With
+``--rotate`` their loader (``utils.create_dataset``) is called with its own ``rotate`` option for the training files,
+which the scripts as published do not pass. One thread per run (``OMP_NUM_THREADS=1``). The reference evaluates
+the validation and test files after every epoch and logs them; the table reports the **last** epoch's test error,
+and its best-over-epochs test error (model selection on the test split, which is what the reference's "Test Best"
+line reports) only in its own, labelled row.
 """
 from __future__ import annotations
 
@@ -51,8 +53,9 @@ def parse_log(text: str) -> list[dict]:
     return epochs
 
 
-def run_reference(script: Path, argv: list[str], workdir: Path) -> None:
-    """Run one authors' script in this process on the CPU (its ``.cuda()`` calls made no-ops), in ``workdir``."""
+def run_reference(script: Path, argv: list[str], workdir: Path, rotate: bool = False) -> None:
+    """Run one authors' script in this process on the CPU (its ``.cuda()`` calls made no-ops), in ``workdir``.
+    ``rotate``: its loader's ``create_dataset`` is called with its own ``rotate`` option for the training files."""
     import torch
 
     torch.Tensor.cuda = lambda self, *a, **k: self
@@ -60,12 +63,25 @@ def run_reference(script: Path, argv: list[str], workdir: Path) -> None:
     torch.cuda.set_device = lambda *a, **k: None
     os.chdir(workdir)
     sys.path.insert(0, str(script.parent))
+    if rotate:
+        import utils  # the reference's loader module, which the script imports by this name
+
+        create = utils.create_dataset
+
+        def create_rotated(*args, **kwargs):
+            if kwargs.get("train", True):
+                kwargs["rotate"] = "1"  # any non-empty string: the loader joins it into its cache file's name
+            return create(*args, **kwargs)
+
+        utils.create_dataset = create_rotated
     sys.argv = [str(script), *argv]
     runpy.run_path(str(script), run_name="__main__")
 
 
-def run_one(reference: Path, data: Path, out: Path, scene: str, seed: int, epochs: int | None) -> dict:
-    """Train and evaluate one (scene, seed) with the authors' script; returns its record (also ``record.json``)."""
+def run_one(reference: Path, data: Path, out: Path, scene: str, seed: int, epochs: int | None,
+            rotate: bool = False) -> dict:
+    """Train and evaluate one (scene, seed) with the authors' script; returns its record (also ``record.json``).
+    ``rotate``: with its loader's rotation augmentation of the training windows."""
     run = out / f"{scene}-s{seed}"
     done = run / "record.json"
     if done.exists():
@@ -79,7 +95,7 @@ def run_one(reference: Path, data: Path, out: Path, scene: str, seed: int, epoch
     if epochs is not None:
         argv += ["--num_epochs", str(epochs)]
     cmd = [sys.executable, str(Path(__file__).resolve()), "_one", str(reference / f"lbebm_{scene}.py"),
-           str(work), "--", *argv]
+           str(work), "rotate" if rotate else "plain", "--", *argv]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     t0 = time.time()
     with open(run / "reference.log", "w") as log:
@@ -99,7 +115,7 @@ def run_one(reference: Path, data: Path, out: Path, scene: str, seed: int, epoch
     record = {"scene": scene, "seed": seed, "epochs": len(per_epoch), "ade": per_epoch[-1]["test_ade"],
               "fde": per_epoch[-1]["test_fde"], "best_test_ade": best["test_ade"], "best_test_fde": best["test_fde"],
               "per_epoch": per_epoch, "seconds": round(seconds, 1), "cpu": cpu_name(), "threads": 1,
-              "reference_commit": commit}
+              "reference_commit": commit, "rotate": rotate}
     done.write_text(json.dumps(record, indent=1) + "\n")
     shutil.rmtree(work)
     print(f"reference {scene} seed {seed}: last epoch ADE {record['ade']:.3f} FDE {record['fde']:.3f} "
@@ -153,9 +169,9 @@ def report(out: Path, ours: Path | None = None) -> str:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_one"]:  # internal: one reference run in this process
-        script, work, _, *rest = argv[1:]
+        script, work, mode, _, *rest = argv[1:]
         try:
-            run_reference(Path(script), rest, Path(work))
+            run_reference(Path(script), rest, Path(work), rotate=mode == "rotate")
         except ModuleNotFoundError as e:  # the reference reads its data with pandas and scipy
             print(f"the authors' script needs {e.name}: pip install {e.name}", file=sys.stderr)
             return 1
@@ -167,6 +183,8 @@ def main(argv=None) -> int:
     r.add_argument("--data", type=Path, required=True, help="the folder of the five ETH-UCY scenes")
     r.add_argument("--out", type=Path, required=True)
     add_grid_arguments(r)
+    r.add_argument("--rotate", action="store_true",
+                   help="train on the loader's rotation-augmented windows (its create_dataset's rotate option)")
     p = sub.add_parser("report", help="print the Markdown table")
     p.add_argument("out", type=Path)
     p.add_argument("--ours", type=Path, help="an `lbebm_table.py run` folder: adds our row")
@@ -183,7 +201,7 @@ def main(argv=None) -> int:
                          "(<scene>/{train,val,test}/*.txt)")
     a.out.mkdir(parents=True, exist_ok=True)
     ref, data, out = a.reference.resolve(), a.data.resolve(), a.out.resolve()
-    failed = run_grid(ap, a, lambda scene, seed, epochs: run_one(ref, data, out, scene, seed, epochs))
+    failed = run_grid(ap, a, lambda scene, seed, epochs: run_one(ref, data, out, scene, seed, epochs, a.rotate))
     print(report(a.out))
     return 1 if failed else 0
 

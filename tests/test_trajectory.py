@@ -440,6 +440,9 @@ torch.cuda.set_device("cuda:1")
 x = torch.zeros(2).double().cuda()
 net = torch.nn.Linear(2, 1).double().cuda()
 assert os.path.isdir("dataset/hotel/test") and not os.path.exists("dataset/hotel/test/saved_data.pickle")
+train_rotate = utils.create_dataset("dataset", "hotel", 0, 8, 12, delim="\\t", train=True, verbose=True)
+test_rotate = utils.create_dataset("dataset", "hotel", 0, 8, 12, delim="\\t", train=False, eval=True)
+print(f"rotate: train={train_rotate!r} test={test_rotate!r}")
 for e in range(a.num_epochs):
     ade = utils.ADE[e] + a.seed / 100
     print(f"2026-01-01 00:00:00,000 : Val ADE {ade + 0.1}\\n2026-01-01 00:00:00,000 : Val FDE {2 * ade + 0.1}")
@@ -455,7 +458,9 @@ def test_reference_runner_runs_the_authors_script_on_cpu_and_reports_the_last_ep
     ref, data = tmp_path / "lbebm", write_scene_tree(tmp_path / "data")
     ref.mkdir()
     (ref / "lbebm_hotel.py").write_text(FAKE_REFERENCE)
-    (ref / "utils.py").write_text("ADE = [0.5, 0.2, 0.3, 0.1]\n")  # the 4th epoch is not run
+    (ref / "utils.py").write_text("ADE = [0.5, 0.2, 0.3, 0.1]  # the 4th epoch is not run\n\n\n"
+                                  "def create_dataset(folder, name, val_size, obs, preds, delim, train=True, "
+                                  "eval=False, rotate=False, verbose=False):\n    return rotate\n")
     (data / "hotel" / "test" / "saved_data.pickle").write_bytes(b"stale")  # a cache the runner must not copy
     script = [sys.executable, "benchmarks/lbebm_reference.py"]
     out = subprocess.run([*script, "run", "--reference", str(ref), "--data", str(data), "--out", str(tmp_path / "o"),
@@ -467,11 +472,19 @@ def test_reference_runner_runs_the_authors_script_on_cpu_and_reports_the_last_ep
     assert rec["best_test_ade"] == pytest.approx(0.22) and rec["per_epoch"][0]["val_ade"] == pytest.approx(0.62)
     assert not (tmp_path / "o" / "hotel-s2" / "work").exists()  # the copied data are removed
     assert (data / "hotel" / "test" / "saved_data.pickle").read_bytes() == b"stale"  # --data untouched
+    assert "rotate: train=False test=False" in (tmp_path / "o" / "hotel-s2" / "reference.log").read_text()
+    assert rec["rotate"] is False
     rows = {line.split(" | ")[0]: line for line in out.stdout.splitlines()}
     assert "| 0.315 ± 0.007 / 0.630 ± 0.014 |" in rows["| the authors' script on these files, last epoch, mean ± std "
                                                           "over seeds"]
     assert "| 0.215 ± 0.007 / 0.430 ± 0.014 |" in rows["| the authors' script, best test epoch (selected on the test "
                                                           "split; for comparability only)"]
+    rot = subprocess.run([*script, "run", "--reference", str(ref), "--data", str(data), "--out", str(tmp_path / "r"),
+                          "--scenes", "hotel", "--seeds", "1", "--epochs", "hotel=1", "--rotate"], capture_output=True,
+                         text=True)
+    assert rot.returncode == 0, rot.stderr  # the loader's own rotate option, for the training files only
+    assert "rotate: train='1' test=False" in (tmp_path / "r" / "hotel-s1" / "reference.log").read_text()
+    assert json.loads((tmp_path / "r" / "hotel-s1" / "record.json").read_text())["rotate"] is True
     bad = subprocess.run([*script, "run", "--reference", str(tmp_path), "--data", str(data), "--out",
                           str(tmp_path / "q"), "--scenes", "hotel"], capture_output=True, text=True)
     assert bad.returncode == 2 and "lacks lbebm_hotel.py" in bad.stderr and len(bad.stderr.splitlines()) == 1
