@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lbebm_table import PAPER, SCENES, add_grid_arguments, run_grid  # noqa: E402
+from lbebm_table import PAPER, SCENES, add_grid_arguments, finished_record, run_grid  # noqa: E402
 
 from lebm_zoo.errors import UsageError, exit_on_usage_error  # noqa: E402
 from lebm_zoo.hardware import cpu_name  # noqa: E402
@@ -84,8 +84,8 @@ def run_one(reference: Path, data: Path, out: Path, scene: str, seed: int, epoch
     ``rotate``: with its loader's rotation augmentation of the training windows."""
     run = out / f"{scene}-s{seed}"
     done = run / "record.json"
-    if done.exists():
-        return json.loads(done.read_text())
+    if (record := finished_record(done, rotate)) is not None:
+        return record
     work = run / "work"
     if work.exists():
         shutil.rmtree(work)

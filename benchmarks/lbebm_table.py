@@ -63,6 +63,18 @@ def run_grid(ap: argparse.ArgumentParser, a: argparse.Namespace, run) -> int:
     return failed
 
 
+def finished_record(done: Path, rotate: bool) -> dict | None:
+    """The record of a finished run (``done``, its ``record.json``), None when there is none; a RuntimeError when it
+    was trained with another ``rotate`` (the folder holds another experiment: use another ``--out``)."""
+    if not done.exists():
+        return None
+    record = json.loads(done.read_text())
+    if record.get("rotate", False) != rotate:
+        raise RuntimeError(f"{done} was trained with rotate={record.get('rotate', False)}, this run asks for "
+                           f"rotate={rotate}: use another --out")
+    return record
+
+
 def trained(run: Path) -> dict:
     """``{"epochs": completed epochs, "steps": training steps}`` of the run's newest ``last.ckpt`` (empty without
     one)."""
@@ -80,8 +92,8 @@ def run_one(out: Path, data: str, scene: str, seed: int, epochs: int | None, rot
     train on the rotation-augmented windows (``--data.rotate true``)."""
     run = out / f"{scene}-s{seed}"
     done = run / "record.json"
-    if done.exists():
-        return json.loads(done.read_text())
+    if (record := finished_record(done, rotate)) is not None:
+        return record
     run.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     common = ["--recipe", f"{scene}_lbebm", "--data.data_dir", data, "--trainer.default_root_dir", str(run),

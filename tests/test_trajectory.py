@@ -485,6 +485,9 @@ def test_reference_runner_runs_the_authors_script_on_cpu_and_reports_the_last_ep
     assert rot.returncode == 0, rot.stderr  # the loader's own rotate option, for the training files only
     assert "rotate: train='1' test=False" in (tmp_path / "r" / "hotel-s1" / "reference.log").read_text()
     assert json.loads((tmp_path / "r" / "hotel-s1" / "record.json").read_text())["rotate"] is True
+    mixed = subprocess.run([*script, "run", "--reference", str(ref), "--data", str(data), "--out", str(tmp_path / "r"),
+                            "--scenes", "hotel", "--seeds", "1"], capture_output=True, text=True)
+    assert mixed.returncode == 1 and "trained with rotate=True" in mixed.stderr  # not reused as an unrotated run
     bad = subprocess.run([*script, "run", "--reference", str(tmp_path), "--data", str(data), "--out",
                           str(tmp_path / "q"), "--scenes", "hotel"], capture_output=True, text=True)
     assert bad.returncode == 2 and "lacks lbebm_hotel.py" in bad.stderr and len(bad.stderr.splitlines()) == 1
