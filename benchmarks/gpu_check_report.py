@@ -2,8 +2,9 @@
 """Collect the outputs of ``benchmarks/gpu_check.sh`` into ``gpu_check.json`` and ``gpu_check.md`` in its OUT folder.
 
 Reads: ``steps.jsonl`` (rc and seconds of each step), ``env.log``, ``pytest.xml`` and ``pytest_compile.xml``
-(JUnit counts of ``pytest -m cuda``, added up, and the names of the failed cases), ``recipes.jsonl`` and
-``cifar10.jsonl`` (rows of ``benchmarks/recipe_speed.py``: random-data recipes, and cifar10_prior on real images).
+(JUnit counts of ``pytest -m cuda``, added up, and the names of the failed cases), ``recipes.jsonl``,
+``captured.jsonl`` and ``cifar10.jsonl`` (rows of ``benchmarks/recipe_speed.py``: random-data recipes as shipped and
+with ``capture_step``, and cifar10_prior on real images).
 
 Usage: python benchmarks/gpu_check_report.py --out DIR [--dry-run 0|1]
 """
@@ -56,7 +57,8 @@ def main() -> None:
         total["failed_cases"] = [case for c in counts for case in c["failed_cases"]]
     res = {"dry_run": bool(a.dry_run), "gpu": gpu, "env": env.strip().splitlines(), "steps": steps,
            "total_seconds": sum(s["seconds"] for s in steps), "pytest_cuda": total,
-           "recipes": _rows(out / "recipes.jsonl"), "cifar10_real": _rows(out / "cifar10.jsonl")}
+           "recipes": _rows(out / "recipes.jsonl"), "captured": _rows(out / "captured.jsonl"),
+           "cifar10_real": _rows(out / "cifar10.jsonl")}
     (out / "gpu_check.json").write_text(json.dumps(res, indent=2) + "\n")
 
     dry = " (dry run on the CPU, tiny sizes: no number here is a GPU measurement)" if a.dry_run else ""
@@ -70,16 +72,20 @@ def main() -> None:
         md += ["", f"`pytest -m cuda`: {pc['passed']} passed, {pc['failures'] + pc['errors']} failed, "
                    f"{pc['skipped']} skipped"]
         md += [f"- failed: `{c}`" for c in pc["failed_cases"]]
-    if res["recipes"]:
+    if res["recipes"] or res["captured"]:
         md += ["", "GPU-scale recipes on random data of their shape (median s/iter after the warm-up; the implied time "
-                   "of the recipe's whole schedule at that speed, training only):", "",
-               "| recipe | model | precision | batch | s/iter | peak GiB | schedule iterations | implied hours |",
-               "|---|---|---|---|---|---|---|---|"]
-        for r in res["recipes"]:
+                   "of the recipe's whole schedule at that speed, training only). Variant \"eager\": the recipe as "
+                   "shipped; `capture_step=true`: each step's chains, losses and backward as one CUDA graph:", "",
+               "| recipe | model | variant | precision | batch | s/iter | peak GiB | schedule iterations | "
+               "implied hours |",
+               "|---|---|---|---|---|---|---|---|---|"]
+        for r in res["recipes"] + res["captured"]:
+            variant = r.get("variant", "eager")
             if r["rc"]:
-                md.append(f"| {r['recipe']} | | {r['precision']} | | failed: {r.get('error', '')[:120]} | | | |")
+                md.append(f"| {r['recipe']} | | {variant} | {r['precision']} | | failed: {r.get('error', '')[:120]} "
+                          "| | | |")
                 continue
-            md.append(f"| {r['recipe']} | {r['model']} | {r['precision']} | {r['batch_size']} | "
+            md.append(f"| {r['recipe']} | {r['model']} | {variant} | {r['precision']} | {r['batch_size']} | "
                       f"{_num(r['s_per_iter'], '.4f')} | {_num(r['peak_memory_gib'], '.2f')} | "
                       f"{_num(r['schedule_iterations'], ',')} | {_num(r['implied_schedule_hours'], '.1f')} |")
     for r in res["cifar10_real"]:

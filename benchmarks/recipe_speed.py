@@ -15,11 +15,17 @@ on DIR (a folder, a ``.zip`` or a folder holding one ``.zip``), one pass of its 
 with ``--workers`` loader processes; ``--max-images`` stops it early), then ``--warmup`` + ``--iters`` training
 iterations on those images.
 
+``--set KEY=VALUE`` (repeatable) overrides the model's ``KEY`` in every run (``--model.KEY VALUE``), and
+``--sync-every N`` adds the ``SyncEvery(N)`` callback; each row names its ``variant`` (``"eager"``: the recipe as
+shipped).
+
 Each row is appended to ``--out`` (JSON lines) as soon as it is measured, so a run cut short keeps what it did.
 
     python benchmarks/recipe_speed.py --device cuda --out speed.jsonl               # every GPU-scale recipe
     python benchmarks/recipe_speed.py --device cuda --real-data data/cifar10 --precisions bf16-mixed
     python benchmarks/recipe_speed.py --device cpu --batch 2 --iters 1 --warmup 0 --precisions 32-true  # smoke
+    python benchmarks/recipe_speed.py --device cuda --recipes svhn_prior --warmup 5 --set capture_step=true \
+        --sync-every 50                                                  # a variant: the step as one CUDA graph
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ import torch
 from pytorch_lightning.cli import LightningCLI
 from torch.utils.data import TensorDataset
 
+from lebm_zoo.callbacks import SyncEvery
 from lebm_zoo.cli import list_recipes, recipe_path
 
 #: the GPU-scale recipes (issue 29): SVHN, CIFAR-10 and CelebA 64
@@ -66,11 +73,13 @@ class IterationTimer(pl.Callback):
         self.seconds.append(time.perf_counter() - self._t0)
 
 
-def build(recipe: str):
-    """The recipe's model and datamodule (its YAML through LightningCLI, nothing run)."""
+def build(recipe: str, model_args: dict[str, str] | None = None):
+    """The recipe's model and datamodule (its YAML through LightningCLI, nothing run), with ``model_args`` given as
+    ``--model.KEY VALUE`` overrides."""
+    extra = [a for k, v in (model_args or {}).items() for a in (f"--model.{k}", v)]
     cli = LightningCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                        run=False, save_config_callback=None,
-                       args=["--config", str(recipe_path(recipe)), "--trainer.logger", "false"])
+                       args=["--config", str(recipe_path(recipe)), "--trainer.logger", "false", *extra])
     return cli.model, cli.datamodule, cli.config
 
 
@@ -104,9 +113,10 @@ def schedule_iterations(config, dm) -> int | None:
 
 
 def measure(recipe: str, device: str, precision: str, iters: int, warmup: int, batch: int | None,
-            real_data: str | None = None, workers: int = 0, max_images: int | None = None) -> dict:
+            real_data: str | None = None, workers: int = 0, max_images: int | None = None,
+            model_args: dict[str, str] | None = None, sync_every: int = 1) -> dict:
     torch.manual_seed(0)
-    model, dm, config = build(recipe)
+    model, dm, config = build(recipe, model_args)
     inner = _image_module(dm)
     semisup = dict(getattr(dm, "hparams", {})) if dm is not inner else {}  # SemiSupervisedDataModule's settings
     total = schedule_iterations(config, dm)  # at the recipe's own batch size
@@ -115,7 +125,8 @@ def measure(recipe: str, device: str, precision: str, iters: int, warmup: int, b
         if semisup.get("labelled_batch_size"):
             dm.hparams.labelled_batch_size = batch
     inner.num_workers = workers
-    out = {"recipe": recipe, "precision": precision, "batch_size": inner.batch_size, "model": type(model).__name__}
+    out = {"recipe": recipe, "precision": precision, "batch_size": inner.batch_size, "model": type(model).__name__,
+           "variant": variant_label(model_args, sync_every)}
     if real_data is None:
         labelled = 20 * semisup.get("labels_per_class", 0)  # twice the labelled set: every class keeps enough
         val = getattr(inner, "val_size", 0)
@@ -136,7 +147,8 @@ def measure(recipe: str, device: str, precision: str, iters: int, warmup: int, b
         torch.cuda.reset_peak_memory_stats()
     trainer = pl.Trainer(accelerator=device, devices=1, precision=precision, max_steps=warmup + iters, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer])
+                         limit_val_batches=0, num_sanity_val_steps=0,
+                         callbacks=[timer] + ([SyncEvery(sync_every)] if sync_every > 1 else []))
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     out["fit_seconds"] = time.perf_counter() - t0
@@ -150,6 +162,20 @@ def measure(recipe: str, device: str, precision: str, iters: int, warmup: int, b
     return out
 
 
+def variant_label(model_args: dict[str, str] | None, sync_every: int = 1) -> str:
+    """``"eager"`` for the recipe as shipped, else its overrides, e.g. ``"capture_step=true, SyncEvery(50)"``."""
+    parts = [f"{k}={v}" for k, v in (model_args or {}).items()] + ([f"SyncEvery({sync_every})"] if sync_every > 1
+                                                                     else [])
+    return ", ".join(parts) or "eager"
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, eq, value = text.partition("=")
+    if not eq or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
@@ -161,8 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real-data", default=None, help="instead: cifar10_prior on the real CIFAR-10 images here")
     p.add_argument("--workers", type=int, default=8, help="loader processes of the real-data run")
     p.add_argument("--max-images", type=int, default=None, help="stop the real-data loader pass after this many")
+    p.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="a model override, as --model.KEY VALUE (e.g. capture_step=true; repeatable)")
+    p.add_argument("--sync-every", type=int, default=1,
+                   help="read the divergence guard every N batches (the SyncEvery callback; default 1: every batch)")
     p.add_argument("--out", default=None, help="append the rows here, one JSON object per line")
     a = p.parse_args(argv)
+    if a.sync_every < 1:
+        p.error(f"--sync-every must be >= 1, got {a.sync_every}")
     unknown = sorted(set(a.recipes) - set(list_recipes()))
     if unknown:
         print(f"recipe_speed.py: error: unknown recipe(s) {', '.join(unknown)}", file=sys.stderr)
@@ -180,11 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             row = measure(recipe, a.device, prec, a.iters, a.warmup, a.batch, real, a.workers if real else 0,
-                          a.max_images)
+                          a.max_images, dict(a.set), a.sync_every)
             row["rc"] = 0
         except Exception as e:  # noqa: BLE001 - one failing recipe must not hide the others' numbers
             failed += 1
-            row = {"recipe": recipe, "precision": prec, "rc": 1, "error": f"{type(e).__name__}: {e}"[:500]}
+            row = {"recipe": recipe, "precision": prec, "variant": variant_label(dict(a.set), a.sync_every), "rc": 1,
+                   "error": f"{type(e).__name__}: {e}"[:500]}
             traceback.print_exc()
         row.update(real_data=real is not None, wall_seconds=time.perf_counter() - t0, **common)
         print(json.dumps(row), flush=True)

@@ -70,12 +70,18 @@ def ours(batch: int, iters: int, warmup: int, precision: str, device: str, chann
          compile_chains: str | None = None, sync_every: int = 1) -> float:
     """Seconds per SVHN-recipe iteration of LatentEBMPrior under a Lightning Trainer (optionally with the generator's
     weights in channels_last memory format, and with the Langevin chains compiled in ``compile_chains`` mode, one
-    step per compiled region, or ``"MODE:chain"``, one whole chain per region; the warm-up iterations pay the
-    compilation; ``sync_every`` > 1: the divergence guard reads the losses every that many batches, ``SyncEvery``)."""
+    step per compiled region, or ``"MODE:chain"``, one whole chain per region, or ``"capture"``, the step's chains,
+    losses and backward as one CUDA graph (``capture_step``; at least 5 warm-up iterations: 3 eager, the capture, one
+    replay); the warm-up iterations pay the compilation; ``sync_every`` > 1: the divergence guard reads the losses
+    every that many batches, ``SyncEvery``)."""
     torch.manual_seed(0)
+    capture = compile_chains == "capture"
+    if capture:
+        compile_chains, warmup = None, max(warmup, 5)
     x = torch.rand(batch * (iters + warmup), 3, 32, 32) * 2 - 1
     mode, _, scope = (compile_chains or "").partition(":")
-    model = LatentEBMPrior(channels_last=channels_last, compile_chains=mode or None, compile_scope=scope or "step")
+    model = LatentEBMPrior(channels_last=channels_last, compile_chains=mode or None, compile_scope=scope or "step",
+                           capture_step=capture)
     data = DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=batch)
     timer = _Timer(warmup, iters, span=device != "cpu")
     trainer = pl.Trainer(accelerator=device, devices=1, max_steps=iters + warmup, logger=False, precision=precision,
@@ -330,7 +336,11 @@ def main() -> None:
                 ("fp32_chain_compiled_sync50", f"lebm-zoo fp32, whole chains compiled ({mode}), SyncEvery(50)", "ours",
                  False, "32-true", False, f"{mode}:chain", 50),
                 ("bf16_chain_compiled_sync50", f"lebm-zoo bf16-mixed, whole chains compiled ({mode}), SyncEvery(50)",
-                 "ours", False, "bf16-mixed", False, f"{mode}:chain", 50)]
+                 "ours", False, "bf16-mixed", False, f"{mode}:chain", 50),
+                ("fp32_step_captured", "lebm-zoo fp32, whole step one CUDA graph (capture_step), SyncEvery(50)",
+                 "ours", False, "32-true", False, "capture", 50),
+                ("bf16_step_captured", "lebm-zoo bf16-mixed, whole step one CUDA graph (capture_step), SyncEvery(50)",
+                 "ours", False, "bf16-mixed", False, "capture", 50)]
     if a.rows:
         keys = a.rows.split(",")
         unknown = set(keys) - {r[0] for r in rows}

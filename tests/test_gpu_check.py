@@ -49,11 +49,11 @@ def test_gpu_check_dry_run_runs_every_step_and_reports(tmp_path, monkeypatch):
         names = tar.getnames()
         logs = {n: tar.extractfile(n).read().decode(errors="replace")[-1500:] for n in names if n.endswith(".log")}
     assert p.returncode == 0, (p.stderr[-3000:], logs)
-    assert {"env.log", "pytest.log", "pytest.xml", "pytest_compile.xml", "recipes.jsonl", "cifar10.jsonl",
-            "steps.jsonl"} <= set(names)
+    assert {"env.log", "pytest.log", "pytest.xml", "pytest_compile.xml", "recipes.jsonl", "captured.jsonl",
+            "cifar10.jsonl", "steps.jsonl"} <= set(names)
     res = json.loads((out / "gpu_check.json").read_text())
     steps = res["steps"]
-    assert [s["step"] for s in steps] == ["env", "pytest", "compile", "recipes", "cifar10"]
+    assert [s["step"] for s in steps] == ["env", "pytest", "compile", "recipes", "captured", "cifar10"]
     assert all(s["rc"] == 0 and s["seconds"] > 0 for s in steps), steps
 
     assert res["dry_run"] is True
@@ -64,10 +64,18 @@ def test_gpu_check_dry_run_runs_every_step_and_reports(tmp_path, monkeypatch):
     # the schedule's length from the recipe: 201 epochs of SVHN's 73,257 training images in batches of 100
     svhn = next(r for r in rows if r["recipe"] == "svhn_prior")
     assert svhn["schedule_iterations"] == 201 * 733 and svhn["implied_schedule_hours"] is None  # batch overridden
+    # the captured-step variant (on a CPU: the eager step, with capture_step's warning), 5 warm-up iterations + 1
+    captured = res["captured"]
+    assert sorted(r["recipe"] for r in captured) == ["cifar10_prior", "svhn_prior"], captured
+    assert all(r["rc"] == 0 and r["variant"] == "capture_step=true, SyncEvery(50)" and r["iterations"] == 6
+               and r["s_per_iter"] > 0 for r in captured), captured
+    assert all(r["variant"] == "eager" for r in rows)
     (real,) = res["cifar10_real"]
     assert real["rc"] == 0 and real["loader"]["images"] == 24 and real["s_per_iter"] > 0
     md = (out / "gpu_check.md").read_text()
-    assert "dry run on the CPU" in md and "| cifar10 | 0 |" in md and "| celeba64_prior | LatentEBMPrior |" in md
+    assert "dry run on the CPU" in md and "| cifar10 | 0 |" in md
+    assert "| celeba64_prior | LatentEBMPrior | eager |" in md
+    assert "| svhn_prior | LatentEBMPrior | capture_step=true, SyncEvery(50) | 32-true | 2 |" in md
 
 
 def test_gpu_check_refuses_unknown_arguments_and_a_cpu_without_dry_run(tmp_path):

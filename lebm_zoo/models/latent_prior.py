@@ -22,12 +22,14 @@ import functools
 from typing import Callable
 
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from lebm_zoo.capture import CapturedStep
 from lebm_zoo.models.base import EBMModule, epoch_completed
 from lebm_zoo.models.registry import register_family
 from lebm_zoo.nets import ConvGenerator, EnergyMLP
-from lebm_zoo.samplers import GaussianTiltedTarget, LangevinSampler, as_normal_tensor
+from lebm_zoo.samplers import _CUDAGRAPH_MODES, GaussianTiltedTarget, LangevinSampler, as_normal_tensor
 from lebm_zoo.utils import check_count, check_images, check_latents, full_precision, images_from_batch, in_training_loop
 
 __all__ = ["LatentEBMPrior", "LatentImagesMixin", "LatentPriorBase"]
@@ -53,10 +55,14 @@ class LatentPriorBase(EBMModule):
     ``prior``, ``prior_steps``, ``prior_step_size``, ``posterior_steps``, ``posterior_step_size``, ``prior_sigma``,
     ``lr_g``, ``lr_e``, ``betas``, ``lr_decay``, ``grad_clip_g``, ``grad_clip_e``; optional: ``lr_schedule`` (absent:
     ``"exponential"``), ``loss_g_limit`` (absent: off), ``loss_g_limit_after_epoch``, ``loss_g_limit_check``,
-    ``compile_chains`` (absent: eager chains), ``compile_scope`` (absent: ``"step"``).
+    ``compile_chains`` (absent: eager chains), ``compile_scope`` (absent: ``"step"``), ``capture_step`` (absent:
+    off; only for data that is one tensor).
 
     Latents are ``(B, nz)``; "data" is the subclass's (images, token batches).
     """
+
+    #: the CUDA graph of the step's chains, losses and backward (``capture_step``; made on first use)
+    _step_graph: CapturedStep | None = None
 
     @staticmethod
     def _check_prior_args(prior: str, prior_sigma: float) -> None:
@@ -300,39 +306,86 @@ class LatentPriorBase(EBMModule):
         opts = self.optimizers()
         opt_g, opt_e = opts if self.is_ebm else (opts, None)
 
-        z_pos = self.infer_latent(x)  # (B, nz) posterior samples, K1 steps from N(0, I)
-        loss_g = self.generator_loss(x, z_pos)
-        logs = {"loss_g": loss_g.detach()}
-        if self.is_ebm:
-            z_neg = self.sample_latent(b)  # (B, nz) prior samples, K0 steps from N(0, I)
-            en_pos, en_neg = self.energy(z_pos), self.energy(z_neg)  # (B,), (B,)
-            loss_e = en_pos.mean() - en_neg.mean()
-            logs.update(energy_pos=en_pos.mean().detach(), energy_neg=en_neg.mean().detach(),
-                        energy_gap=loss_e.detach())
-        losses = {"loss_g": loss_g, "loss_e": loss_e} if self.is_ebm else {"loss_g": loss_g}
+        if hp.get("capture_step"):
+            stats = self._captured_step()(x)  # one CUDA graph replay on a GPU (eager elsewhere)
+        else:
+            stats = self._forward_backward(x, self.manual_backward)
+        losses = {"loss_g": stats["loss_g"], "loss_e": stats["energy_gap"]} if self.is_ebm else {
+            "loss_g": stats["loss_g"]}
         limits = None
         if self._loss_g_limit_applies("per_batch"):
             limits = {"loss_g": hp.loss_g_limit}
         if not self.check_finite(losses, limits):
             return  # diverged: skip both updates; the trainer stops after this batch
-        self._last_loss_g = loss_g.detach()
+        self._last_loss_g = stats["loss_g"]
+        opt_g.step()  # generator first, then energy, both from the same chains (reference order)
+        if self.is_ebm:
+            self.step_uncounted(opt_e)  # global_step counts iterations, not optimiser steps
+        prog = {"loss_g": stats["loss_g"]}
+        if self.is_ebm:  # energy gap E(z+) - E(z-): near zero when prior samples match posterior samples
+            prog["gap"] = stats["energy_gap"]
+        self.log_train(stats, prog, batch_size=b)
 
+    def _forward_backward(self, x, backward: Callable[[Tensor], None]) -> dict[str, Tensor]:
+        """Everything of a training step but the two parameter updates: the posterior chain, the prior chain, both
+        losses, one backward into ``.grad`` and the gradients' norms (clipped when ``grad_clip_g`` / ``grad_clip_e``
+        are set). No host reads: with ``capture_step`` on a GPU this is what one CUDA graph holds.
+
+        Args:
+            x: the model's data, checked (:meth:`data_from_batch`).
+            backward: ``loss -> None``, back-propagates the total loss (``self.manual_backward`` or
+                ``Tensor.backward``).
+
+        Returns:
+            detached 0-d tensors: ``loss_g``, ``grad_norm_g`` and, for the EBM prior, ``energy_pos``, ``energy_neg``,
+            ``energy_gap`` (the energy loss, mean E(z+) - mean E(z-)) and ``grad_norm_e``.
+        """
+        hp = self.hparams
+        z_pos = self.infer_latent(x)  # (B, nz) posterior samples, K1 steps from N(0, I)
+        loss_g = self.generator_loss(x, z_pos)
+        stats = {"loss_g": loss_g}
+        if self.is_ebm:
+            z_neg = self.sample_latent(self.data_batch_size(x))  # (B, nz) prior samples, K0 steps from N(0, I)
+            en_pos, en_neg = self.energy(z_pos), self.energy(z_neg)  # (B,), (B,)
+            loss_e = en_pos.mean() - en_neg.mean()
+            stats.update(energy_pos=en_pos.mean(), energy_neg=en_neg.mean(), energy_gap=loss_e)
         # One backward for both updates: E does not depend on G's parameters and the chains' latents are detached, so
         # grad(loss_g + loss_e) gives G exactly grad(loss_g) and E exactly grad(loss_e), as two backward passes
         # would, at the cost of one (and under DDP every parameter gets a gradient in the same all-reduce).
-        opt_g.zero_grad(set_to_none=True)
+        opts = self.optimizers()
+        for opt in opts if self.is_ebm else [opts]:
+            opt.zero_grad(set_to_none=True)
+        backward(loss_g + loss_e if self.is_ebm else loss_g)
+        stats["grad_norm_g"] = self.grad_norm_and_clip(self.generator.parameters(), hp.grad_clip_g)
         if self.is_ebm:
-            opt_e.zero_grad(set_to_none=True)
-        self.manual_backward(loss_g + loss_e if self.is_ebm else loss_g)
-        logs["grad_norm_g"] = self.grad_norm_and_clip(self.generator.parameters(), hp.grad_clip_g)
-        opt_g.step()  # generator first, then energy, both from the same chains (reference order)
-        if self.is_ebm:
-            logs["grad_norm_e"] = self.grad_norm_and_clip(self.energy_net.parameters(), hp.grad_clip_e)
-            self.step_uncounted(opt_e)  # global_step counts iterations, not optimiser steps
-        prog = {"loss_g": logs["loss_g"]}
-        if self.is_ebm:  # energy gap E(z+) - E(z-): near zero when prior samples match posterior samples
-            prog["gap"] = logs["energy_gap"]
-        self.log_train(logs, prog, batch_size=b)
+            stats["grad_norm_e"] = self.grad_norm_and_clip(self.energy_net.parameters(), hp.grad_clip_e)
+        return {k: v.detach() for k, v in stats.items()}
+
+    def _captured_step(self) -> CapturedStep:
+        """The :class:`~lebm_zoo.capture.CapturedStep` of :meth:`_forward_backward` (``capture_step``), made on first
+        use and forgotten at each ``fit``'s start. Its backward is ``Tensor.backward``: Lightning's
+        ``on_before_backward`` / ``on_after_backward`` hooks would run only when the graph is captured, so they are
+        not called."""
+        if self._step_graph is None:
+            self._step_graph = CapturedStep(functools.partial(self._forward_backward, backward=Tensor.backward),
+                                            self.parameters())
+        return self._step_graph
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._step_graph = None  # a new fit: new optimisers, maybe another device
+        if self.hparams.get("capture_step"):
+            self._check_capture_step(self.trainer.world_size, self.device)
+
+    @staticmethod
+    def _check_capture_step(world_size: int, device: torch.device) -> None:
+        """``capture_step``'s conditions: one process (else ValueError); a CUDA device (else a warning: eager step)."""
+        if world_size > 1:
+            raise ValueError(f"capture_step captures one process's step on one GPU; this run has {world_size} "
+                             "processes: use compile_chains instead")
+        if device.type != "cuda":
+            rank_zero_warn(f"capture_step needs a CUDA device; on {device.type} the training step runs eagerly "
+                           "(the same computation)")
 
     def _loss_g_limit_applies(self, check: str) -> bool:
         hp = self.hparams
@@ -461,6 +514,14 @@ class LatentEBMPrior(LatentImagesMixin, LatentPriorBase):
         compile_scope: with ``compile_chains`` on, what one compiled region holds: ``"step"`` (default) one Langevin
             step, ``"chain"`` each whole chain (one CUDA graph per chain in ``"reduce-overhead"``; compile time grows
             with the number of steps). No effect on eager chains.
+        capture_step: on a GPU, run each training step's two chains, both losses and the backward as one CUDA graph
+            (:class:`~lebm_zoo.capture.CapturedStep`: 3 eager warm-up steps, then one capture, then one replay per
+            step; the two Adam updates stay eager, through Lightning). Same arithmetic as the eager step, fresh noise
+            from torch's CUDA generator at each replay. Default False. One GPU only (an error under DDP); on a CPU it
+            warns and runs the eager step. May be combined with ``compile_chains`` in a mode that does not capture
+            CUDA graphs itself (True, ``"default"``, ``"max-autotune-no-cudagraphs"``). Lightning's
+            ``on_before_backward`` / ``on_after_backward`` hooks are not called. Pair it with
+            :class:`~lebm_zoo.callbacks.SyncEvery` so that the divergence guard does not read the losses at every step.
 
     Images are ``(B, channels, img_size, img_size)`` in [-1, 1]; latents ``(B, nz)``. The prior, both chains and the
     training step are :class:`LatentPriorBase`'s; this class adds the image generator G and the image data hooks.
@@ -472,7 +533,7 @@ class LatentEBMPrior(LatentImagesMixin, LatentPriorBase):
     resume_hparams = (
         "prior_steps", "prior_step_size", "posterior_steps", "posterior_step_size", "lr_g", "lr_e", "betas", "lr_decay",
         "lr_schedule", "grad_clip_g", "grad_clip_e", "loss_g_limit", "loss_g_limit_after_epoch", "loss_g_limit_check",
-        "compile_chains", "compile_scope")
+        "compile_chains", "compile_scope", "capture_step")
 
     def __init__(
         self,
@@ -502,9 +563,16 @@ class LatentEBMPrior(LatentImagesMixin, LatentPriorBase):
         channels_last: bool = False,
         compile_chains: bool | str | None = None,
         compile_scope: str = "step",
+        capture_step: bool = False,
     ):
         super().__init__()
         self._check_prior_args(prior, prior_sigma)
+        if not isinstance(capture_step, bool):
+            raise ValueError(f"capture_step must be True or False, got {capture_step!r}")
+        if capture_step and compile_chains in _CUDAGRAPH_MODES:
+            raise ValueError(f"capture_step captures the whole step in one CUDA graph; "
+                             f"compile_chains={compile_chains!r} captures its own graphs inside it: use True, "
+                             "'default' or 'max-autotune-no-cudagraphs'")
         if lr_schedule not in ("reference", "exponential"):
             raise ValueError(f"lr_schedule must be 'reference' or 'exponential', got {lr_schedule!r}")
         if loss_g_limit_check not in ("epoch_end", "per_batch"):

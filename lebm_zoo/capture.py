@@ -1,0 +1,130 @@
+"""A training step's computation replayed as one CUDA graph (``capture_step``).
+
+:class:`CapturedStep` wraps a function ``fn(x) -> {name: 0-d tensor}`` that runs a family's chains, computes its
+losses and back-propagates them into the parameters' ``.grad`` (everything of a training step but the optimiser
+updates, which stay with Lightning). On a CUDA input it runs ``fn`` eagerly for a few warm-up steps, then captures it
+once in a ``torch.cuda.CUDAGraph`` (the "whole-network capture" of PyTorch's CUDA semantics notes) and from then on
+replays that graph: one launch for the hundreds of kernels of both chains, the losses and the backward. On any other
+device it is ``fn`` itself.
+
+Why a hand-made graph here and ``torch.compile`` for the chains (``compile_chains``): a training step
+back-propagates into the parameters, which breaks a dynamo graph, so ``torch.compile`` cannot hold a whole step in
+one region; ``torch.cuda.graph`` captures the eager code as it runs, autograd included. See ``docs/architecture.md``
+(*A whole step as one CUDA graph*).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["CapturedStep"]
+
+
+class CapturedStep:
+    """Replay ``fn`` as one CUDA graph after ``warmup`` eager calls (CUDA inputs; elsewhere ``fn`` is called as is).
+
+    ``fn(x)`` must run the same kernels at every call for a given shape: no host reads (``.item()``, Python branches
+    on tensor values), no CPU tensors, every random number from torch's CUDA generator (a replay draws fresh numbers
+    from it, as the eager call would). It may set parameters' ``.grad`` (by ``backward``); after each replay each
+    parameter's ``.grad`` is pointed back at the graph's gradient buffer, so an eager call in between (a batch of
+    another shape) cannot leave the optimiser reading stale gradients.
+
+    The graph is made for the first input shape, dtype, device and autocast state seen after the warm-up; an input
+    that differs (the smaller last batch of an epoch) runs ``fn`` eagerly. Under autocast the capture runs with the
+    autocast cache off (a cached cast would be captured once and replayed stale).
+
+    Args:
+        fn: ``(x) -> dict`` of 0-d tensors (the step's losses and statistics, by name).
+        params: the parameters whose ``.grad`` ``fn`` writes.
+        warmup: eager calls before the capture (>= 1), run on a side stream as the CUDA notes ask, so that lazy
+            initialisation (cuDNN's algorithm search with ``cudnn.benchmark``, cuBLAS workspaces, the optimiser's
+            state, made by the eager updates between calls) happens before it.
+
+    Returns (a call): the dict of ``fn``, its tensors copied out of the graph's memory (a replay overwrites it).
+
+    Raises:
+        ValueError: for ``warmup`` < 1; from a warm-up call, an ``fn`` that returns something other than 0-d
+            tensors.
+    """
+
+    def __init__(self, fn: Callable[[Tensor], dict[str, Tensor]], params, warmup: int = 3):
+        if int(warmup) < 1:
+            raise ValueError(f"warmup must be >= 1, got {warmup}")
+        self.fn = fn
+        self.params = list(params)
+        self.warmup = int(warmup)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the graph (and the warm-up count): the next CUDA calls warm up and capture again."""
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.calls = 0  # CUDA calls so far (warm-up included)
+        self.replays = 0
+        self._key = None
+        self._x: Tensor | None = None
+        self._names: list[str] = []
+        self._stats: Tensor | None = None
+        self._grads: list[Tensor | None] = []
+
+    @property
+    def captured(self) -> bool:
+        """Whether the graph has been captured."""
+        return self.graph is not None
+
+    @staticmethod
+    def _key_of(x: Tensor) -> tuple:
+        on = torch.is_autocast_enabled("cuda")
+        return tuple(x.shape), x.dtype, x.device, on, torch.get_autocast_dtype("cuda") if on else None
+
+    def __call__(self, x: Tensor) -> dict[str, Tensor]:
+        if not x.is_cuda:
+            return self.fn(x)
+        self.calls += 1
+        if self.graph is None:
+            if self.calls <= self.warmup:
+                return self._side_stream(x)
+            self._capture(x)
+        elif self._key_of(x) != self._key:
+            return self.fn(x)  # another shape (an epoch's last batch): eager, the graph stays for the next one
+        self._x.copy_(x)
+        self.graph.replay()
+        self.replays += 1
+        for p, g in zip(self.params, self._grads):
+            p.grad = g
+        return dict(zip(self._names, self._stats.clone().unbind()))
+
+    def _side_stream(self, x: Tensor) -> dict[str, Tensor]:
+        main = torch.cuda.current_stream(x.device)
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            out = self.fn(x)
+        main.wait_stream(side)
+        bad = [k for k, v in out.items() if not (isinstance(v, Tensor) and v.dim() == 0)]
+        if bad:  # checked here, on an eager call: an error inside the capture would leave it half made
+            raise ValueError(f"CapturedStep: fn must return 0-d tensors; not so for {bad}")
+        return out
+
+    def _capture(self, x: Tensor) -> None:
+        self._key = self._key_of(x)
+        self._x = x.detach().clone()
+        graph = torch.cuda.CUDAGraph()
+        for p in self.params:  # the graph's backward makes the gradients in its own memory
+            p.grad = None
+        autocast_on = torch.is_autocast_enabled("cuda")
+        # thread_local: a data loader's pin-memory thread may allocate while this thread captures
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"), \
+                torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=autocast_on,
+                               cache_enabled=False):
+            out = self.fn(self._x)
+            self._names = list(out)
+            self._stats = torch.stack([v.detach().float() for v in out.values()])
+        self._grads = [p.grad for p in self.params]
+        self.graph = graph
+
+    def __getstate__(self) -> dict:  # a graph does not pickle: a copy captures its own
+        state = self.__dict__.copy()
+        state.update(graph=None, calls=0, replays=0, _key=None, _x=None, _names=[], _stats=None, _grads=[])
+        return state

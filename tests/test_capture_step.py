@@ -1,0 +1,166 @@
+"""A training step as one CUDA graph (``LatentEBMPrior(capture_step=True)``, :class:`lebm_zoo.capture.CapturedStep`).
+
+On a CPU: the option's checks, the captured region's arithmetic (the same step as the eager one), no host reads in
+the region, and the wrapper's bookkeeping that does not need a GPU. On a GPU (marker ``cuda``, run by
+``benchmarks/gpu_check.sh``): the replayed graph trains as the eager step with the same seed, through the warm-up, the
+capture, the replays and an epoch's smaller last batch, in fp32 and bf16-mixed.
+"""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from _data import tensor_loader, tiny_trainer, uniform_images
+
+from lebm_zoo import LatentEBMPrior
+from lebm_zoo.capture import CapturedStep
+
+
+def tiny(**kw):
+    return LatentEBMPrior(img_size=28, channels=1, nz=4, ngf=4, ndf=8, prior_steps=3, posterior_steps=2, **kw)
+
+
+def fit(device="cpu", precision="32-true", n=22, epochs=2, **kw):
+    """22 images in batches of 4: five full batches and one of 2 per epoch."""
+    pl.seed_everything(0, verbose=False)
+    m = tiny(**kw)
+    t = tiny_trainer(accelerator=device, max_epochs=epochs, precision=precision)
+    t.fit(m, tensor_loader(uniform_images(n, 1, 28, seed=1), 4))
+    return m, t
+
+
+def assert_same_training(a, b, ta, tb, rtol, atol):
+    assert ta.global_step == tb.global_step == 12
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=rtol, atol=atol, msg=k)
+    assert set(ta.callback_metrics) == set(tb.callback_metrics) and "train/energy_gap" in ta.callback_metrics
+    for k, v in ta.callback_metrics.items():
+        torch.testing.assert_close(v, tb.callback_metrics[k], rtol=rtol, atol=atol, msg=k)
+
+
+def test_capture_step_on_a_cpu_warns_and_trains_as_the_eager_step():
+    with pytest.warns(UserWarning, match="capture_step needs a CUDA device; on cpu the training step runs eagerly"):
+        captured, tc = fit(capture_step=True)
+    eager, te = fit()
+    assert captured.hparams.capture_step is True and eager.hparams.capture_step is False
+    graph = captured._step_graph
+    assert isinstance(graph, CapturedStep) and not graph.captured and graph.calls == 0  # CPU inputs: fn itself
+    assert eager._step_graph is None
+    assert_same_training(captured, eager, tc, te, rtol=0, atol=0)
+
+
+def test_the_captured_region_reads_nothing_on_the_host(monkeypatch):
+    """What a CUDA graph cannot hold: a host read of a tensor (the capture would read its placeholder once). The
+    region runs as the training loop runs it (the data checks of the public methods are off there)."""
+    m = tiny(capture_step=True)
+    reads, results = [], []
+    region = m._forward_backward
+
+    def spied(x, backward):
+        with monkeypatch.context() as mp:
+            for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+                original = getattr(torch.Tensor, name)
+
+                def spy(self, *a, _name=name, _original=original, **k):
+                    reads.append(_name)
+                    return _original(self, *a, **k)
+
+                mp.setattr(torch.Tensor, name, spy)
+            results.append((backward, region(x, backward)))
+        return results[-1][1]
+
+    m._forward_backward = spied
+    with pytest.warns(UserWarning, match="capture_step needs a CUDA device"):
+        tiny_trainer(max_steps=2).fit(m, tensor_loader(uniform_images(8, 1, 28, seed=1), 4))
+    assert len(results) == 2 and reads == []
+    backward, stats = results[-1]
+    assert backward is torch.Tensor.backward  # Lightning's backward hooks would run at the capture only
+    assert set(stats) == {"loss_g", "energy_pos", "energy_neg", "energy_gap", "grad_norm_g", "grad_norm_e"}
+    assert all(v.dim() == 0 and not v.requires_grad for v in stats.values())
+    assert all(p.grad is not None for p in m.parameters())  # the region's backward reached every parameter
+
+
+def test_capture_step_arguments_are_checked():
+    with pytest.raises(ValueError, match="capture_step must be True or False"):
+        tiny(capture_step="yes")
+    for mode in ("reduce-overhead", "max-autotune"):  # graphs inside the graph
+        with pytest.raises(ValueError, match="captures its own graphs inside it"):
+            tiny(capture_step=True, compile_chains=mode)
+    assert tiny(capture_step=True, compile_chains=True).hparams.compile_chains is True
+    assert "capture_step" in LatentEBMPrior.resume_hparams  # a resumed run may switch it
+    with pytest.raises(ValueError, match="this run has 2 processes: use compile_chains instead"):
+        LatentEBMPrior._check_capture_step(2, torch.device("cuda"))
+    with pytest.warns(UserWarning, match="on cpu the training step runs eagerly"):
+        LatentEBMPrior._check_capture_step(1, torch.device("cpu"))
+
+
+CALLS = []
+
+
+def total(x):
+    CALLS.append(x)
+    return {"s": x.sum()}
+
+
+def test_captured_step_wrapper_on_cpu_inputs_and_copies():
+    CALLS.clear()
+    fn, calls = total, CALLS
+    with pytest.raises(ValueError, match="warmup must be >= 1"):
+        CapturedStep(fn, [], warmup=0)
+    step = CapturedStep(fn, [], warmup=2)
+    x = torch.ones(3)
+    assert step(x)["s"] == 3 and calls == [x] and step.calls == 0 and not step.captured
+    # a copy (deepcopy, pickle: a module copied with its step) starts without a graph
+    step.calls, step.replays, step._names = 5, 4, ["s"]
+    for clone in (copy.deepcopy(step), pickle.loads(pickle.dumps(step))):
+        assert clone.graph is None and clone.calls == 0 and clone.replays == 0 and clone._names == []
+        assert clone.warmup == 2
+    step.reset()
+    assert step.calls == 0 and step._key is None
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_the_captured_step_trains_as_the_eager_step_on_cuda(precision):
+    """3 warm-up steps, the capture, replays, and each epoch's batch of 2 eagerly: the eager run's weights and logs
+    (the same seed: a replay draws its noise from torch's CUDA generator where the eager step would)."""
+    captured, tc = fit("cuda", precision, capture_step=True)
+    eager, te = fit("cuda", precision)
+    graph = captured._step_graph
+    # epoch 1: calls 1-3 warm up, 4 captures and replays, 5 replays, 6 (2 images) is eager; epoch 2: 5 replays
+    assert graph.captured and graph.calls == 12 and graph.replays == 7
+    tol = dict(rtol=1e-4, atol=1e-5) if precision == "32-true" else dict(rtol=2e-2, atol=2e-3)
+    assert_same_training(captured, eager, tc, te, **tol)
+    assert all(p.grad is g for p, g in zip(captured.parameters(), graph._grads))  # the graph's gradient buffers
+    captured.eval()
+    x = captured.sample(3)
+    assert x.shape == (3, 1, 28, 28) and x.is_cuda and torch.isfinite(x).all()
+
+
+def test_the_benchmark_row_of_the_captured_step_runs(monkeypatch):
+    """``benchmarks/run.py``'s ``fp32_step_captured`` row on a CPU, at batch 2: the model it builds has the option,
+    and it times its iterations after at least 5 warm-up ones (3 eager, the capture, one replay)."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.delitem(sys.modules, "run", raising=False)
+    import run
+
+    built, timed = [], []
+    real_model, real_timer = run.LatentEBMPrior, run._Timer
+    small = dict(ngf=4, ndf=8, prior_steps=2, posterior_steps=2)  # the SVHN recipe's shapes, small networks
+    monkeypatch.setattr(run, "LatentEBMPrior", lambda **kw: built.append(real_model(**kw, **small)) or built[-1])
+    monkeypatch.setattr(run, "_Timer", lambda warmup, iters, span: timed.append((warmup, iters)) or real_timer(
+        warmup, iters, span))
+    with pytest.warns(UserWarning, match="capture_step needs a CUDA device"):
+        s = run.ours(2, 1, 0, "32-true", "cpu", compile_chains="capture", sync_every=50)
+    assert s > 0 and built[0].hparams.capture_step is True and built[0].hparams.compile_chains is None
+    assert timed == [(5, 1)]
