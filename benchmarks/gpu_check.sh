@@ -12,8 +12,9 @@
 #   3. recipes  every GPU-scale recipe (svhn_prior, cifar10_*, celeba64_*) for WARMUP + ITERS iterations on random
 #               data of its shape, fp32 and bf16-mixed: s/iter, peak memory, the full schedule's implied time
 #               (benchmarks/recipe_speed.py)
-#   4. captured the same for svhn_prior and cifar10_prior with each training step's chains, losses and backward as
-#               one CUDA graph (--model.capture_step true, 5 warm-up iterations) and SyncEvery(50)
+#   4. captured the same for svhn_prior, cifar10_prior, cifar10_hierarchical and cifar10_shortrun with each training
+#               step's chains, losses and backward as one CUDA graph (--model.capture_step true, 5 warm-up
+#               iterations) and SyncEvery(50)
 #   5. cifar10  cifar10_prior on real CIFAR-10 images (the kit's 10,000-image subset): loader images/s with 8
 #               workers, then training s/iter on them
 #
@@ -50,14 +51,14 @@ if [ $DRY = 1 ]; then
   DEV=cpu; ITERS=${ITERS:-1}; WARMUP=${WARMUP:-0}
   # a few recipes of different kinds (the semi-supervised wrapper, 64 px) at batch 2, fp32: the code paths, not speed
   RECIPES=(--recipes svhn_prior cifar10_coopnets cifar10_semisup celeba64_prior --precisions 32-true --batch 2)
-  CAPTURED=(--precisions 32-true --batch 2)
+  CAPTURED=(--precisions 32-true --batch 2 --warmup 0)  # the option is accepted by each recipe's model
   REAL=(--precisions 32-true --batch 2 --workers 0 --max-images 64); REAL_LIMIT=350  # a first run extracts the zip
 else
   if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "gpu_check.sh: no CUDA device visible to torch (use --dry-run on a CPU)" >&2; exit 2
   fi
   DEV=cuda; ITERS=${ITERS:-6}; WARMUP=${WARMUP:-2}
-  RECIPES=(); CAPTURED=(); REAL=(--precisions bf16-mixed --workers 8); REAL_LIMIT=40
+  RECIPES=(); CAPTURED=(--warmup 5); REAL=(--precisions bf16-mixed --workers 8); REAL_LIMIT=40
 fi
 FAILED=0
 
@@ -72,23 +73,23 @@ step() {  # step NAME TIMEOUT_S CMD...: runs CMD with a time limit, logs to $OUT
   return 0
 }
 
-step env 15 bash -c "'$PY' -m lebm_zoo.cli env --probe-seconds 0; \
+step env 10 bash -c "'$PY' -m lebm_zoo.cli env --probe-seconds 0; \
   command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true"
 
 # every CUDA case, in two steps so that compiling (slow, and slowest in max-autotune) cannot crowd out the rest;
 # a test that hangs fails after 60 s instead of taking the step's whole limit
 step pytest 140 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests -k "not every_compile_mode" --timeout 60 \
   --junitxml "$OUT/pytest.xml"
-step compile 45 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_compiled_chain.py -k every_compile_mode \
+step compile 40 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_compiled_chain.py -k every_compile_mode \
   --timeout 40 --junitxml "$OUT/pytest_compile.xml"
 
-step recipes 85 "$PY" benchmarks/recipe_speed.py --device "$DEV" --iters "$ITERS" --warmup "$WARMUP" \
+step recipes 80 "$PY" benchmarks/recipe_speed.py --device "$DEV" --iters "$ITERS" --warmup "$WARMUP" \
   --out "$OUT/recipes.jsonl" "${RECIPES[@]}"
 
-# the warm-up covers CapturedStep's 3 eager steps and the capture
-step captured 30 "$PY" benchmarks/recipe_speed.py --device "$DEV" --iters "$ITERS" --warmup 5 \
-  --recipes svhn_prior cifar10_prior --set capture_step=true --sync-every 50 --out "$OUT/captured.jsonl" \
-  "${CAPTURED[@]}"
+# on the GPU the warm-up covers CapturedStep's 3 eager steps and the capture
+step captured 45 "$PY" benchmarks/recipe_speed.py --device "$DEV" --iters "$ITERS" \
+  --recipes svhn_prior cifar10_prior cifar10_hierarchical cifar10_shortrun --set capture_step=true --sync-every 50 \
+  --out "$OUT/captured.jsonl" "${CAPTURED[@]}"
 
 step cifar10 "$REAL_LIMIT" "$PY" benchmarks/recipe_speed.py --device "$DEV" --iters "$ITERS" --warmup "$WARMUP" \
   --real-data "$CIFAR" --out "$OUT/cifar10.jsonl" "${REAL[@]}"

@@ -1,4 +1,5 @@
-"""A training step as one CUDA graph (``LatentEBMPrior(capture_step=True)``, :class:`lebm_zoo.capture.CapturedStep`).
+"""A training step as one CUDA graph (``capture_step=True`` on ``LatentEBMPrior``, ``JointHierarchicalEBMPrior``,
+``ShortRunEBM`` and ``CoopNets``; :class:`lebm_zoo.capture.CapturedStep`, :meth:`EBMModule.forward_backward`).
 
 On a CPU: the option's checks, the captured region's arithmetic (the same step as the eager one), no host reads in
 the region, and the wrapper's bookkeeping that does not need a GPU. On a GPU (marker ``cuda``, run by
@@ -13,10 +14,13 @@ import pickle
 import pytest
 import pytorch_lightning as pl
 import torch
-from _data import tensor_loader, tiny_trainer, uniform_images
+from _data import TINY_MODELS, tensor_loader, tiny_trainer, uniform_images
+from test_compiled_chain import ZERO_GRADIENT  # parameters whose true gradient is zero: rounding decides Adam's sign
+from test_devices import training_data
 
 from lebm_zoo import LatentEBMPrior
 from lebm_zoo.capture import CapturedStep
+from lebm_zoo.models.base import EBMModule
 
 
 def tiny(**kw):
@@ -52,35 +56,60 @@ def test_capture_step_on_a_cpu_warns_and_trains_as_the_eager_step():
     assert_same_training(captured, eager, tc, te, rtol=0, atol=0)
 
 
-def test_the_captured_region_reads_nothing_on_the_host(monkeypatch):
-    """What a CUDA graph cannot hold: a host read of a tensor (the capture would read its placeholder once). The
-    region runs as the training loop runs it (the data checks of the public methods are off there)."""
-    m = tiny(capture_step=True)
-    reads, results = [], []
-    region = m._forward_backward
+#: the families with the capture_step option (their training step: forward_backward, then the updates)
+CAPTURABLE = ["LatentEBMPrior", "JointHierarchicalEBMPrior", "ShortRunEBM", "CoopNets"]
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
 
-    def spied(x, backward):
-        with monkeypatch.context() as mp:
-            for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
-                original = getattr(torch.Tensor, name)
 
-                def spy(self, *a, _name=name, _original=original, **k):
-                    reads.append(_name)
-                    return _original(self, *a, **k)
+def tiny_family(name, **kw):
+    base = TINY_MODELS[name]()
+    return type(base)(**{**dict(base.hparams), **kw})
 
-                mp.setattr(torch.Tensor, name, spy)
-            results.append((backward, region(x, backward)))
-        return results[-1][1]
 
-    m._forward_backward = spied
+@pytest.mark.parametrize("name", CAPTURABLE)
+def test_every_capturable_family_trains_as_eager_and_its_region_reads_nothing_on_the_host(name, monkeypatch):
+    """Two training steps with capture_step (on a CPU: the region run eagerly, with ``Tensor.backward``) give the
+    eager steps' weights; the region, run as the training loop runs it, makes no host read (what a graph cannot
+    hold: the capture would read a placeholder once)."""
+    def run(**kw):
+        pl.seed_everything(0, verbose=False)
+        m = tiny_family(name, **kw)
+        reads, backwards = [], []
+        region = m._forward_backward
+
+        def spied(x, backward):
+            with monkeypatch.context() as mp:
+                for method in HOST_READS:
+                    original = getattr(torch.Tensor, method)
+
+                    def spy(self, *a, _name=method, _original=original, **k):
+                        reads.append(_name)
+                        return _original(self, *a, **k)
+
+                    mp.setattr(torch.Tensor, method, spy)
+                backwards.append(backward)
+                return region(x, backward)
+
+        m._forward_backward = spied
+        tiny_trainer(max_steps=2).fit(m, training_data(name))
+        return m, reads, backwards
+
     with pytest.warns(UserWarning, match="capture_step needs a CUDA device"):
-        tiny_trainer(max_steps=2).fit(m, tensor_loader(uniform_images(8, 1, 28, seed=1), 4))
-    assert len(results) == 2 and reads == []
-    backward, stats = results[-1]
-    assert backward is torch.Tensor.backward  # Lightning's backward hooks would run at the capture only
-    assert set(stats) == {"loss_g", "energy_pos", "energy_neg", "energy_gap", "grad_norm_g", "grad_norm_e"}
-    assert all(v.dim() == 0 and not v.requires_grad for v in stats.values())
-    assert all(p.grad is not None for p in m.parameters())  # the region's backward reached every parameter
+        captured, reads, backwards = run(capture_step=True)
+    eager, _, eager_backwards = run()
+    assert reads == [] and backwards == [torch.Tensor.backward] * 2
+    assert len(eager_backwards) == 2 and eager_backwards[0] == eager.manual_backward
+    assert captured.hparams.capture_step is True and "capture_step" in type(captured).resume_hparams
+    for (k, a), b in zip(captured.state_dict().items(), eager.state_dict().values()):
+        assert torch.equal(a, b), f"{name}: {k}"
+    with pytest.raises(ValueError, match="captures its own graphs inside it"):
+        tiny_family(name, capture_step=True, compile_chains="reduce-overhead")
+
+
+def test_short_run_capture_step_refuses_the_persistent_buffer():
+    with pytest.raises(ValueError, match="capture_step cannot hold init='persistent'"):
+        tiny_family("ShortRunEBM", capture_step=True, init="persistent")
+    assert tiny_family("ShortRunEBM", capture_step=True, init="data").hparams.init == "data"
 
 
 def test_capture_step_arguments_are_checked():
@@ -92,9 +121,9 @@ def test_capture_step_arguments_are_checked():
     assert tiny(capture_step=True, compile_chains=True).hparams.compile_chains is True
     assert "capture_step" in LatentEBMPrior.resume_hparams  # a resumed run may switch it
     with pytest.raises(ValueError, match="this run has 2 processes: use compile_chains instead"):
-        LatentEBMPrior._check_capture_step(2, torch.device("cuda"))
+        EBMModule._check_capture_step(2, torch.device("cuda"))
     with pytest.warns(UserWarning, match="on cpu the training step runs eagerly"):
-        LatentEBMPrior._check_capture_step(1, torch.device("cpu"))
+        EBMModule._check_capture_step(1, torch.device("cpu"))
 
 
 CALLS = []
@@ -164,3 +193,22 @@ def test_the_benchmark_row_of_the_captured_step_runs(monkeypatch):
         s = run.ours(2, 1, 0, "32-true", "cpu", compile_chains="capture", sync_every=50)
     assert s > 0 and built[0].hparams.capture_step is True and built[0].hparams.compile_chains is None
     assert timed == [(5, 1)]
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("name", [n for n in CAPTURABLE if n != "LatentEBMPrior"])
+def test_every_capturable_family_replays_its_step_as_eager_on_cuda(name):
+    """8 steps (2 a epoch): 3 warm-up, the capture and 5 replays give the eager run's weights."""
+    def run(**kw):
+        pl.seed_everything(0, verbose=False)
+        m = tiny_family(name, **kw)
+        tiny_trainer(accelerator="cuda", max_epochs=4).fit(m, training_data(name))
+        return m
+
+    captured, eager = run(capture_step=True), run()
+    graph = captured._step_graph
+    assert graph.captured and graph.calls == 8 and graph.replays == 5
+    for (k, a), b in zip(captured.state_dict().items(), eager.state_dict().values()):
+        atol = 2.5 * eager.hparams.lr_g if k in ZERO_GRADIENT.get(name, ()) else 1e-5
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=atol, msg=f"{name}: {k}")

@@ -64,10 +64,11 @@ def test_gpu_check_dry_run_runs_every_step_and_reports(tmp_path, monkeypatch):
     # the schedule's length from the recipe: 201 epochs of SVHN's 73,257 training images in batches of 100
     svhn = next(r for r in rows if r["recipe"] == "svhn_prior")
     assert svhn["schedule_iterations"] == 201 * 733 and svhn["implied_schedule_hours"] is None  # batch overridden
-    # the captured-step variant (on a CPU: the eager step, with capture_step's warning), 5 warm-up iterations + 1
+    # the captured-step variant (on a CPU: the eager step, with capture_step's warning): each recipe takes the option
     captured = res["captured"]
-    assert sorted(r["recipe"] for r in captured) == ["cifar10_prior", "svhn_prior"], captured
-    assert all(r["rc"] == 0 and r["variant"] == "capture_step=true, SyncEvery(50)" and r["iterations"] == 6
+    assert [r["recipe"] for r in captured] == ["svhn_prior", "cifar10_prior", "cifar10_hierarchical",
+                                               "cifar10_shortrun"], captured
+    assert all(r["rc"] == 0 and r["variant"] == "capture_step=true, SyncEvery(50)" and r["iterations"] == 1
                and r["s_per_iter"] > 0 for r in captured), captured
     assert all(r["variant"] == "eager" for r in rows)
     (real,) = res["cifar10_real"]

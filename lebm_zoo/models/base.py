@@ -21,6 +21,7 @@ loaded weights-only), implement ``training_step`` and the public methods your ca
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import signal
@@ -37,10 +38,11 @@ from pytorch_lightning.trainer.states import TrainerStatus
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from lebm_zoo.capture import CapturedStep
 from lebm_zoo.checkpoint import check_model_class, write_record
 from lebm_zoo.errors import DataShapeError, StoppedBySignal, TrainingDivergedError
 from lebm_zoo.pretrained import PretrainedMixin
-from lebm_zoo.samplers import LangevinSampler, SamplerMixin
+from lebm_zoo.samplers import CUDAGRAPH_MODES, LangevinSampler, SamplerMixin
 from lebm_zoo.utils import images_from_batch, in_training_loop, set_rng_state
 
 __all__ = ["DataShapeError", "EBMModule", "StopCheckpoint", "StoppedBySignal", "TrainingDivergedError"]
@@ -289,6 +291,60 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
         self._fit_batches = 0  # training batches run by this fit call
         self._pending_checks = []  # none left from a fit that ended by an exception
         self._decorrelate_rank_rng()
+        self._step_graph = None  # a new fit: new optimisers, maybe another device
+        if self.hparams.get("capture_step"):
+            self._check_capture_step(self.trainer.world_size, self.device)
+
+    # ------------------------------------------------------------------------------------------------ capture_step
+    #: the CUDA graph of the training step's region (``capture_step``; made on first use, forgotten at each fit start)
+    _step_graph: CapturedStep | None = None
+
+    @staticmethod
+    def check_capture_args(capture_step, compile_chains) -> None:
+        """Check a family's ``capture_step`` hyperparameter against its ``compile_chains``.
+
+        Raises:
+            ValueError: a ``capture_step`` that is not a bool, or True with a ``compile_chains`` mode that captures
+                CUDA graphs itself (``"reduce-overhead"``, ``"max-autotune"``: graphs inside the graph).
+        """
+        if not isinstance(capture_step, bool):
+            raise ValueError(f"capture_step must be True or False, got {capture_step!r}")
+        if capture_step and compile_chains in CUDAGRAPH_MODES:
+            raise ValueError(f"capture_step captures the whole step in one CUDA graph; "
+                             f"compile_chains={compile_chains!r} captures its own graphs inside it: use True, "
+                             "'default' or 'max-autotune-no-cudagraphs'")
+
+    @staticmethod
+    def _check_capture_step(world_size: int, device: torch.device) -> None:
+        """``capture_step``'s conditions: one process (else ValueError); a CUDA device (else a warning: eager step)."""
+        if world_size > 1:
+            raise ValueError(f"capture_step captures one process's step on one GPU; this run has {world_size} "
+                             "processes: use compile_chains instead")
+        if device.type != "cuda":
+            rank_zero_warn(f"capture_step needs a CUDA device; on {device.type} the training step runs eagerly "
+                           "(the same computation)")
+
+    def _forward_backward(self, x: Tensor, backward) -> dict[str, Tensor]:  # pragma: no cover - per family
+        """A family's training step but its parameter updates (chains, losses, one backward into ``.grad``):
+        ``x -> {name: detached 0-d tensor}``, no host reads; ``backward(loss)`` back-propagates."""
+        raise NotImplementedError(f"{type(self).__name__} has no capturable training region")
+
+    def forward_backward(self, x: Tensor) -> dict[str, Tensor]:
+        """Run the family's :meth:`_forward_backward` on a training batch: eagerly with ``self.manual_backward``, or,
+        with the ``capture_step`` hyperparameter, through a :class:`~lebm_zoo.capture.CapturedStep` (one CUDA graph
+        replay per step on a GPU, after 3 eager warm-up steps; eager elsewhere). Its backward is then
+        ``Tensor.backward``: Lightning's ``on_before_backward`` / ``on_after_backward`` hooks would run only when the
+        graph is captured, so they are not called.
+
+        Returns:
+            the region's statistics by name, 0-d tensors (copies, when replayed).
+        """
+        if not self.hparams.get("capture_step"):
+            return self._forward_backward(x, self.manual_backward)
+        if self._step_graph is None:
+            self._step_graph = CapturedStep(functools.partial(self._forward_backward, backward=Tensor.backward),
+                                            self.parameters())
+        return self._step_graph(x)
 
     def _decorrelate_rank_rng(self) -> None:
         """Give every DDP rank its own Langevin noise: ranks > 0 reseed torch's generators (CPU and CUDA).

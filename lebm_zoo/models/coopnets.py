@@ -268,6 +268,9 @@ class CoopNets(EBMModule):
         compile_chains, compile_scope: run the Langevin chains through ``torch.compile`` (default None: eager), each
             step or each whole chain as one compiled region, as :class:`~lebm_zoo.LatentEBMPrior`'s (same chains up to
             float rounding; see :class:`~lebm_zoo.samplers.LangevinSampler`).
+        capture_step: on a GPU, each training step's drafts, revisions, losses and backward as one CUDA graph, the
+            updates eager (default False), as :class:`~lebm_zoo.LatentEBMPrior`'s
+            (:meth:`EBMModule.forward_backward`).
 
     Images are ``(B, channels, img_size, img_size)`` in [-1, 1]; latents ``(B, nz)``.
 
@@ -280,7 +283,8 @@ class CoopNets(EBMModule):
     #: hyperparameters a resumed run may change (the others come from the checkpoint)
     resume_hparams = (
         "descriptor_steps", "descriptor_step_size", "descriptor_noise", "generator_steps", "generator_step_size",
-        "lr_d", "lr_g", "betas", "grad_clip_d", "grad_clip_g", "compile_chains", "compile_scope")
+        "lr_d", "lr_g", "betas", "grad_clip_d", "grad_clip_g", "compile_chains", "compile_scope",
+        "capture_step")
 
     def __init__(
         self,
@@ -308,8 +312,10 @@ class CoopNets(EBMModule):
         grad_clip_g: float | None = None,
         compile_chains: bool | str | None = None,
         compile_scope: str = "step",
+        capture_step: bool = False,
     ):
         super().__init__()
+        self.check_capture_args(capture_step, compile_chains)
         if n_chains < 1:
             raise ValueError(f"n_chains must be >= 1, got {n_chains}")
         if descriptor_sigma <= 0 or generator_sigma <= 0:
@@ -426,11 +432,29 @@ class CoopNets(EBMModule):
                 self.adam(self.generator.parameters(), hp.lr_g, opt)]
 
     def training_step(self, batch, batch_idx: int) -> None:
-        hp = self.hparams
         x_obs = self.scale_observed(self.data_from_batch(batch))  # (B, C, H, W) in [-1, 1]
-        b = x_obs.shape[0]
         opt_d, opt_g = self.optimizers()
+        logs = self.forward_backward(x_obs)  # with capture_step on a GPU: one CUDA graph replay
+        if not self.check_finite({"loss_d": logs["loss_d"], "loss_g": logs["loss_g"]}):
+            return
+        opt_d.step()  # descriptor first, then generator (model.py:211-215; independent updates)
+        self.step_uncounted(opt_g)
+        self.log_train(logs, {"loss_g": logs["loss_g"], "gap": -logs["loss_d"]}, batch_size=x_obs.shape[0])
 
+    def _forward_backward(self, x_obs: Tensor, backward) -> dict[str, Tensor]:
+        """The training step but its two parameter updates: the drafts, the descriptor's revisions (and the
+        generator's inference when ``generator_steps`` > 0), both losses, one backward into ``.grad`` and the
+        gradients' norms (clipped with ``grad_clip_d`` / ``grad_clip_g``).
+
+        Args:
+            x_obs: the observed images ``(B, C, H, W)`` in [-1, 1], scaled (:meth:`scale_observed`).
+            backward: ``loss -> None`` (``self.manual_backward`` or ``Tensor.backward``).
+
+        Returns:
+            detached 0-d tensors ``loss_d``, ``loss_g``, ``score_pos``, ``score_neg``, ``grad_norm_d``,
+            ``grad_norm_g``, ``revision_rms``. No host reads; with ``capture_step`` on a GPU, one CUDA graph.
+        """
+        hp = self.hparams
         # 1. drafts (model.py:202-203)
         z = torch.randn(hp.n_chains, hp.nz, device=self.device, dtype=self.dtype)  # (N, nz)
         x_draft = self.generator(z)  # (N, C, H, W); its graph serves the generator loss below
@@ -446,19 +470,14 @@ class CoopNets(EBMModule):
         f_pos, f_neg = self.neg_energy(x_obs), self.neg_energy(y)  # (B,), (N,)
         loss_d = f_neg.mean() - f_pos.mean()  # descriptor: data up, revisions down
         loss_g = (y - full_precision(x_draft)).flatten(1).pow(2).sum(1).mean() / (2 * hp.generator_sigma ** 2)
-        if not self.check_finite({"loss_d": loss_d, "loss_g": loss_g}):
-            return
         # f depends only on the descriptor and Y is detached; g(z) depends only on the generator: one backward of the
         # sum gives each network exactly its own loss's gradient.
-        opt_d.zero_grad(set_to_none=True)
-        opt_g.zero_grad(set_to_none=True)
-        self.manual_backward(loss_d + loss_g)
-        logs = {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "score_pos": f_pos.mean().detach(),
-                "score_neg": f_neg.mean().detach(),
+        for opt in self.optimizers():
+            opt.zero_grad(set_to_none=True)
+        backward(loss_d + loss_g)
+        logs = {"loss_d": loss_d, "loss_g": loss_g, "score_pos": f_pos.mean(), "score_neg": f_neg.mean(),
                 "grad_norm_d": self.grad_norm_and_clip(self.descriptor.parameters(), hp.grad_clip_d),
                 "grad_norm_g": self.grad_norm_and_clip(self.generator.parameters(), hp.grad_clip_g),
                 # how far the descriptor moved the drafts: per-pixel RMS of Y - g(z)
                 "revision_rms": (y - full_precision(x_draft.detach())).pow(2).mean().sqrt()}
-        opt_d.step()  # descriptor first, then generator (model.py:211-215; independent updates)
-        self.step_uncounted(opt_g)
-        self.log_train(logs, {"loss_g": logs["loss_g"], "gap": -logs["loss_d"]}, batch_size=b)
+        return {k: v.detach() for k, v in logs.items()}

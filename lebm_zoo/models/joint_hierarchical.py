@@ -140,6 +140,8 @@ class JointHierarchicalEBMPrior(LatentImagesMixin, EBMModule):
         compile_chains, compile_scope: run the Langevin chains through ``torch.compile`` (default None: eager), each
             step or each whole chain as one compiled region, as :class:`~lebm_zoo.LatentEBMPrior`'s (same chains up to
             float rounding; see :class:`~lebm_zoo.samplers.LangevinSampler`).
+        capture_step: on a GPU, each training step's chains, losses and backward as one CUDA graph, the updates eager
+            (default False), as :class:`~lebm_zoo.LatentEBMPrior`'s (:meth:`EBMModule.forward_backward`).
 
     Latents travel as a list ``[z_1, ..., z_L]`` of ``(B, nz_l)`` tensors; images ``(B, C, H, W)`` in [-1, 1].
 
@@ -152,7 +154,7 @@ class JointHierarchicalEBMPrior(LatentImagesMixin, EBMModule):
     #: hyperparameters a resumed run may change (the others come from the checkpoint)
     resume_hparams = (
         "prior_steps", "prior_step_size", "posterior_steps", "posterior_step_size", "lr_e", "lr_g", "lr_cond", "betas",
-        "compile_chains", "compile_scope")
+        "compile_chains", "compile_scope", "capture_step")
 
     def __init__(
         self,
@@ -178,8 +180,10 @@ class JointHierarchicalEBMPrior(LatentImagesMixin, EBMModule):
         anomaly_k: int | None = None,
         compile_chains: bool | str | None = None,
         compile_scope: str = "step",
+        capture_step: bool = False,
     ):
         super().__init__()
+        self.check_capture_args(capture_step, compile_chains)
         nz = [int(n) for n in nz]
         n_layers = len(nz)
         if n_layers < 1:
@@ -412,13 +416,29 @@ class JointHierarchicalEBMPrior(LatentImagesMixin, EBMModule):
         return [self.adam(groups_g, hp.lr_g), self.adam(groups_e, self.lr_e[0])]
 
     def training_step(self, batch, batch_idx: int) -> None:
-        hp = self.hparams
         x = self.data_from_batch(batch)  # (B, C, H, W) in [-1, 1]
-        b = x.shape[0]
         opt_g, opt_e = self.optimizers()
-        z_pos = self.infer_latent(x)  # [z_l+], posterior
-        z_neg = self.sample_latent(b)  # [z_l-], prior
+        logs = self.forward_backward(x)  # with capture_step on a GPU: one CUDA graph replay
+        if not self.check_finite({k: logs[k] for k in ("loss_g", "loss_cond", "loss_e")}):
+            return
+        opt_g.step()
+        self.step_uncounted(opt_e)
+        self.log_train(logs, {"loss_g": logs["loss_g"], "gap": -logs["loss_e"]}, batch_size=x.shape[0])
 
+    def _forward_backward(self, x: Tensor, backward) -> dict[str, Tensor]:
+        """The training step but its two parameter updates: both chains, every loss, one backward into ``.grad``.
+
+        Args:
+            x: images ``(B, C, H, W)`` in [-1, 1], checked.
+            backward: ``loss -> None`` (``self.manual_backward`` or ``Tensor.backward``).
+
+        Returns:
+            detached 0-d tensors: ``loss_g``, ``loss_cond``, ``loss_e`` and per layer ``loss_cond_l``, ``loss_e_l``,
+            ``score_pos_l``, ``score_neg_l``. No host reads: with ``capture_step`` on a GPU, one CUDA graph.
+        """
+        hp = self.hparams
+        z_pos = self.infer_latent(x)  # [z_l+], posterior
+        z_neg = self.sample_latent(x.shape[0])  # [z_l-], prior
         rec = (full_precision(self.generator(z_pos[0])) - x).flatten(1).pow(2).sum(1)  # (B,)
         loss_g = rec.mean() / (2 * hp.llhd_sigma ** 2)
         # contrastive update of each conditional prior; the energy update of each layer
@@ -428,18 +448,15 @@ class JointHierarchicalEBMPrior(LatentImagesMixin, EBMModule):
         loss_es = [sn.mean() - sp.mean() for sp, sn in zip(s_pos, s_neg)]
         loss_cond = sum(loss_conds, x.new_zeros(()))
         loss_e = sum(loss_es[1:], loss_es[0])
-        if not self.check_finite({"loss_g": loss_g, "loss_cond": loss_cond, "loss_e": loss_e}):
-            return
-        opt_g.zero_grad(set_to_none=True)
-        opt_e.zero_grad(set_to_none=True)
+        opts = self.optimizers()
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
         # disjoint parameter sets (G; each conditional; each f_l) and detached chains: one backward of the sum gives
         # each network the gradient of its own loss, as the reference's separate backward passes do
-        self.manual_backward(loss_g + loss_cond + loss_e)
-        opt_g.step()
-        self.step_uncounted(opt_e)
+        backward(loss_g + loss_cond + loss_e)
         logs = {"loss_g": loss_g, "loss_cond": loss_cond, "loss_e": loss_e}
         for i, lc in enumerate(loss_conds):
             logs[f"loss_cond_{i + 1}"] = lc
         for i, (le, sp, sn) in enumerate(zip(loss_es, s_pos, s_neg)):
             logs[f"loss_e_{i + 1}"], logs[f"score_pos_{i + 1}"], logs[f"score_neg_{i + 1}"] = le, sp.mean(), sn.mean()
-        self.log_train(logs, {"loss_g": loss_g, "gap": -loss_e}, batch_size=b)
+        return {k: v.detach() for k, v in logs.items()}

@@ -22,14 +22,12 @@ import functools
 from typing import Callable
 
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
-from lebm_zoo.capture import CapturedStep
 from lebm_zoo.models.base import EBMModule, epoch_completed
 from lebm_zoo.models.registry import register_family
 from lebm_zoo.nets import ConvGenerator, EnergyMLP
-from lebm_zoo.samplers import _CUDAGRAPH_MODES, GaussianTiltedTarget, LangevinSampler, as_normal_tensor
+from lebm_zoo.samplers import GaussianTiltedTarget, LangevinSampler, as_normal_tensor
 from lebm_zoo.utils import check_count, check_images, check_latents, full_precision, images_from_batch, in_training_loop
 
 __all__ = ["LatentEBMPrior", "LatentImagesMixin", "LatentPriorBase"]
@@ -60,9 +58,6 @@ class LatentPriorBase(EBMModule):
 
     Latents are ``(B, nz)``; "data" is the subclass's (images, token batches).
     """
-
-    #: the CUDA graph of the step's chains, losses and backward (``capture_step``; made on first use)
-    _step_graph: CapturedStep | None = None
 
     @staticmethod
     def _check_prior_args(prior: str, prior_sigma: float) -> None:
@@ -306,10 +301,7 @@ class LatentPriorBase(EBMModule):
         opts = self.optimizers()
         opt_g, opt_e = opts if self.is_ebm else (opts, None)
 
-        if hp.get("capture_step"):
-            stats = self._captured_step()(x)  # one CUDA graph replay on a GPU (eager elsewhere)
-        else:
-            stats = self._forward_backward(x, self.manual_backward)
+        stats = self.forward_backward(x)  # with capture_step on a GPU: one CUDA graph replay
         losses = {"loss_g": stats["loss_g"], "loss_e": stats["energy_gap"]} if self.is_ebm else {
             "loss_g": stats["loss_g"]}
         limits = None
@@ -329,7 +321,8 @@ class LatentPriorBase(EBMModule):
     def _forward_backward(self, x, backward: Callable[[Tensor], None]) -> dict[str, Tensor]:
         """Everything of a training step but the two parameter updates: the posterior chain, the prior chain, both
         losses, one backward into ``.grad`` and the gradients' norms (clipped when ``grad_clip_g`` / ``grad_clip_e``
-        are set). No host reads: with ``capture_step`` on a GPU this is what one CUDA graph holds.
+        are set). No host reads: with ``capture_step`` on a GPU this is what one CUDA graph holds
+        (:meth:`EBMModule.forward_backward`).
 
         Args:
             x: the model's data, checked (:meth:`data_from_batch`).
@@ -360,32 +353,6 @@ class LatentPriorBase(EBMModule):
         if self.is_ebm:
             stats["grad_norm_e"] = self.grad_norm_and_clip(self.energy_net.parameters(), hp.grad_clip_e)
         return {k: v.detach() for k, v in stats.items()}
-
-    def _captured_step(self) -> CapturedStep:
-        """The :class:`~lebm_zoo.capture.CapturedStep` of :meth:`_forward_backward` (``capture_step``), made on first
-        use and forgotten at each ``fit``'s start. Its backward is ``Tensor.backward``: Lightning's
-        ``on_before_backward`` / ``on_after_backward`` hooks would run only when the graph is captured, so they are
-        not called."""
-        if self._step_graph is None:
-            self._step_graph = CapturedStep(functools.partial(self._forward_backward, backward=Tensor.backward),
-                                            self.parameters())
-        return self._step_graph
-
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        self._step_graph = None  # a new fit: new optimisers, maybe another device
-        if self.hparams.get("capture_step"):
-            self._check_capture_step(self.trainer.world_size, self.device)
-
-    @staticmethod
-    def _check_capture_step(world_size: int, device: torch.device) -> None:
-        """``capture_step``'s conditions: one process (else ValueError); a CUDA device (else a warning: eager step)."""
-        if world_size > 1:
-            raise ValueError(f"capture_step captures one process's step on one GPU; this run has {world_size} "
-                             "processes: use compile_chains instead")
-        if device.type != "cuda":
-            rank_zero_warn(f"capture_step needs a CUDA device; on {device.type} the training step runs eagerly "
-                           "(the same computation)")
 
     def _loss_g_limit_applies(self, check: str) -> bool:
         hp = self.hparams
@@ -567,12 +534,7 @@ class LatentEBMPrior(LatentImagesMixin, LatentPriorBase):
     ):
         super().__init__()
         self._check_prior_args(prior, prior_sigma)
-        if not isinstance(capture_step, bool):
-            raise ValueError(f"capture_step must be True or False, got {capture_step!r}")
-        if capture_step and compile_chains in _CUDAGRAPH_MODES:
-            raise ValueError(f"capture_step captures the whole step in one CUDA graph; "
-                             f"compile_chains={compile_chains!r} captures its own graphs inside it: use True, "
-                             "'default' or 'max-autotune-no-cudagraphs'")
+        self.check_capture_args(capture_step, compile_chains)
         if lr_schedule not in ("reference", "exponential"):
             raise ValueError(f"lr_schedule must be 'reference' or 'exponential', got {lr_schedule!r}")
         if loss_g_limit_check not in ("epoch_end", "per_batch"):

@@ -113,6 +113,9 @@ class ShortRunEBM(EBMModule):
         compile_chains, compile_scope: run the Langevin chains through ``torch.compile`` (default None: eager), each
             step or each whole chain as one compiled region, as :class:`~lebm_zoo.LatentEBMPrior`'s (same chains up to
             float rounding; see :class:`~lebm_zoo.samplers.LangevinSampler`).
+        capture_step: on a GPU, each training step's chains, loss and backward as one CUDA graph, the update eager
+            (default False), as :class:`~lebm_zoo.LatentEBMPrior`'s (:meth:`EBMModule.forward_backward`). Not with
+            ``init="persistent"``.
 
     Images are ``(B, channels, img_size, img_size)`` in [-1, 1].
 
@@ -122,7 +125,8 @@ class ShortRunEBM(EBMModule):
     published weights keep their keys. The logged ``train/score_pos`` / ``train/score_neg`` keep their names too.
 
     Raises:
-        ValueError: for an unknown ``form`` or ``init`` or a non-positive size.
+        ValueError: for an unknown ``form`` or ``init``, a non-positive size, or ``capture_step`` with
+            ``init="persistent"``.
     """
 
     #: layer sizes, each an integer >= 1 (checked when the hyperparameters are saved)
@@ -130,7 +134,7 @@ class ShortRunEBM(EBMModule):
     #: hyperparameters a resumed run may change (the others come from the checkpoint)
     resume_hparams = (
         "n_steps", "noise_std", "step_size", "data_noise", "reinit_prob", "lr", "betas", "grad_clip", "energy_l2",
-        "compile_chains", "compile_scope")
+        "compile_chains", "compile_scope", "capture_step")
 
     def __init__(
         self,
@@ -153,8 +157,13 @@ class ShortRunEBM(EBMModule):
         clamp_chains: bool = False,
         compile_chains: bool | str | None = None,
         compile_scope: str = "step",
+        capture_step: bool = False,
     ):
         super().__init__()
+        self.check_capture_args(capture_step, compile_chains)
+        if capture_step and init == "persistent":
+            raise ValueError("capture_step cannot hold init='persistent': the replay buffer's write has a "
+                             "data-dependent shape; use init='uniform' or 'data', or leave capture_step off")
         if form not in _FORMS:
             raise ValueError(f"form must be one of {_FORMS}, got {form!r}")
         if init not in _INITS:
@@ -315,8 +324,28 @@ class ShortRunEBM(EBMModule):
         return torch.where(restart, self._uniform(b).to(x0), x0), idx
 
     def training_step(self, batch, batch_idx: int) -> None:
-        hp = self.hparams
         x = self.data_from_batch(batch)  # (B, C, H, W) in [-1, 1]
+        logs = self.forward_backward(x)  # with capture_step on a GPU: one CUDA graph replay
+        if not self.check_finite({"loss": logs["loss"]}):
+            return
+        self.optimizers().step()
+        # gap f(data) - f(samples): positive while the model still tells data from its samples
+        self.log_train(logs, {"gap": logs["score_pos"] - logs["score_neg"]}, batch_size=x.shape[0])
+
+    def _forward_backward(self, x: Tensor, backward) -> dict[str, Tensor]:
+        """The training step but its parameter update: the data noise, the chains (and the replay buffer's write),
+        the loss, its backward into ``.grad`` and the gradient's norm (clipped with ``grad_clip``).
+
+        Args:
+            x: images ``(B, C, H, W)`` in [-1, 1], checked.
+            backward: ``loss -> None`` (``self.manual_backward`` or ``Tensor.backward``).
+
+        Returns:
+            detached 0-d tensors ``loss``, ``score_pos``, ``score_neg``, ``grad_norm``. No host reads; with
+            ``capture_step`` on a GPU, one CUDA graph (not with ``init="persistent"``: the buffer's write has a
+            data-dependent shape).
+        """
+        hp = self.hparams
         b = x.shape[0]
         x = x + hp.data_noise * torch.randn_like(x)  # reference: N(0, 0.03^2) data noise
         x0, idx = self._chain_init(x)
@@ -330,13 +359,8 @@ class ShortRunEBM(EBMModule):
         loss = f_neg.mean() - f_pos.mean()  # minimise -(mean f(data) - mean f(samples))
         if hp.energy_l2 > 0:
             loss = loss + hp.energy_l2 * (f_pos.pow(2).mean() + f_neg.pow(2).mean())
-        if not self.check_finite({"loss": loss}):
-            return
-        opt = self.optimizers()
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        self.optimizers().zero_grad(set_to_none=True)
+        backward(loss)
         grad_norm = self.grad_norm_and_clip(self.score_net.parameters(), hp.grad_clip)
-        opt.step()
         logs = {"loss": loss, "score_pos": f_pos.mean(), "score_neg": f_neg.mean(), "grad_norm": grad_norm}
-        # gap f(data) - f(samples): positive while the model still tells data from its samples
-        self.log_train(logs, {"gap": f_pos.mean() - f_neg.mean()}, batch_size=b)
+        return {k: v.detach() for k, v in logs.items()}
