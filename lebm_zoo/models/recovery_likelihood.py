@@ -369,6 +369,8 @@ class DiffusionRecoveryEBM(EBMModule):
             :meth:`sample` uses; None: no EMA (reference: 0.999).
         random_flip: flip each training image left-right with probability 1/2 (reference: on).
         loss_weight: ``"sigma_ratio"`` (reference: sigma_1 / sigma_{t+1} per example) or ``"none"`` (1).
+        capture_step: on a GPU, each training step's chains, loss and backward as one CUDA graph, the update and the
+            EMA eager (default False), as :class:`~lebm_zoo.LatentEBMPrior`'s (:meth:`EBMModule.forward_backward`).
 
     Raises:
         ValueError: for an out-of-range size, level count, step-size or noise factor, an unknown ``act``, ``adam`` or
@@ -378,7 +380,7 @@ class DiffusionRecoveryEBM(EBMModule):
     #: layer sizes, each an integer >= 1 (checked when the hyperparameters are saved)
     size_hparams = ("img_size", "channels", "dim", "ch", "num_res_blocks", "energy_hidden")
     #: hyperparameters a resumed run may change (the others come from the checkpoint)
-    resume_hparams = ("mcmc_steps", "lr", "betas", "grad_clip", "loss_weight")
+    resume_hparams = ("mcmc_steps", "lr", "betas", "grad_clip", "loss_weight", "capture_step")
 
     def __init__(
         self,
@@ -407,8 +409,10 @@ class DiffusionRecoveryEBM(EBMModule):
         ema_decay: float | None = 0.999,
         random_flip: bool = True,
         loss_weight: str = "sigma_ratio",
+        capture_step: bool = False,
     ):
         super().__init__()
+        self.check_capture_args(capture_step, None)
         self.save_hyperparameters()  # first: it checks the sizes (size_hparams) that the checks below compare
         if ch < 4 or (dim is not None and energy_hidden < 4):
             raise ValueError(f"ch and energy_hidden must be >= 4 (the level embedding's dimension), got {ch}, "
@@ -696,6 +700,33 @@ class DiffusionRecoveryEBM(EBMModule):
         hp = self.hparams
         hint = "Set --model.dim." if hp.dim is not None else None
         x = self.data_from_batch(batch, self.data_shape if hp.dim is not None else None, hint)
+        logs = self.forward_backward(x)  # with capture_step on a GPU: one CUDA graph replay
+        # the reference stops when its loss drops below -1e6 (or is NaN): the same bound, both signs
+        if not self.check_finite({"loss": logs["loss"]}, {"loss": 1e6}):
+            return
+        opt = self.optimizers()
+        lr = self.learning_rate()
+        for group in getattr(opt, "optimizer", opt).param_groups:
+            group["lr"] = lr
+        opt.step()
+        self._update_ema()
+        logs["lr"] = lr
+        self.log_train(logs, {"gap": logs["f_pos"] - logs["f_neg"]}, batch_size=x.shape[0])
+
+    def _forward_backward(self, x: Tensor, backward) -> dict[str, Tensor]:
+        """The training step but its parameter update and the EMA: the random flip, the levels t, the pairs, the
+        chains, the recovery loss, its backward into ``.grad`` and the gradient's norm (clipped with ``grad_clip``).
+
+        Args:
+            x: a checked training batch ``(B, *data_shape)``.
+            backward: ``loss -> None`` (``self.manual_backward`` or ``Tensor.backward``).
+
+        Returns:
+            detached 0-d tensors ``loss``, ``f_pos``, ``f_neg`` (means), ``grad_norm`` and ``disp`` (the chains'
+            displacement ``|x^- - x_{t+1}|`` in units of x_t, the reference's ``disp``). No host reads; with
+            ``capture_step`` on a GPU, one CUDA graph.
+        """
+        hp = self.hparams
         b = x.shape[0]
         if hp.dim is None and hp.random_flip:  # reference: tf.image.random_flip_left_right
             flip = (torch.rand(b, device=x.device) < 0.5).view(-1, 1, 1, 1)
@@ -705,21 +736,11 @@ class DiffusionRecoveryEBM(EBMModule):
         y_neg = self._chain(self.net, x_next, t, hp.mcmc_steps, hp.noise_scale)  # (B, ...), K steps
         y_pos = self._per_item(self.a_prev, t + 1, x_t) * x_t
         loss, f_pos, f_neg = self.recovery_loss(y_pos, y_neg, t)
-        # the reference stops when its loss drops below -1e6 (or is NaN): the same bound, both signs
-        if not self.check_finite({"loss": loss}, {"loss": 1e6}):
-            return
-        opt = self.optimizers()
-        lr = self.learning_rate()
-        for group in getattr(opt, "optimizer", opt).param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        self.optimizers().zero_grad(set_to_none=True)
+        backward(loss)
         grad_norm = self.grad_norm_and_clip(self.net.parameters(), hp.grad_clip)
-        opt.step()
-        self._update_ema()
         with torch.no_grad():  # the chains' displacement |x^- - x_{t+1}| in units of x_t (reference: disp)
             a = self._per_item(self.a_prev, t + 1, y_neg)
             disp = (y_neg / a - x_next).flatten(1).norm(dim=1).mean()
-        logs = {"loss": loss, "f_pos": f_pos.mean(), "f_neg": f_neg.mean(), "grad_norm": grad_norm, "disp": disp,
-                "lr": lr}
-        self.log_train(logs, {"gap": f_pos.mean() - f_neg.mean()}, batch_size=b)
+        logs = {"loss": loss, "f_pos": f_pos.mean(), "f_neg": f_neg.mean(), "grad_norm": grad_norm, "disp": disp}
+        return {k: v.detach() for k, v in logs.items()}
