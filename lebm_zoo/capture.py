@@ -31,9 +31,9 @@ class CapturedStep:
     parameter's ``.grad`` is pointed back at the graph's gradient buffer, so an eager call in between (a batch of
     another shape) cannot leave the optimiser reading stale gradients.
 
-    The graph is made for the first input shape, dtype, device and autocast state seen after the warm-up; an input
-    that differs (the smaller last batch of an epoch) runs ``fn`` eagerly. Under autocast the capture runs with the
-    autocast cache off (a cached cast would be captured once and replayed stale).
+    The warm-up calls and the graph are for the first input's shape, dtype, device and autocast state; an input
+    that differs (the smaller last batch of an epoch) runs ``fn`` eagerly and does not count as a warm-up call. Under
+    autocast the capture runs with the autocast cache off (a cached cast would be captured once and replayed stale).
 
     Args:
         fn: ``(x) -> dict`` of 0-d tensors (the step's losses and statistics, by name).
@@ -61,6 +61,7 @@ class CapturedStep:
         """Forget the graph (and the warm-up count): the next CUDA calls warm up and capture again."""
         self.graph: torch.cuda.CUDAGraph | None = None
         self.calls = 0  # CUDA calls so far (warm-up included)
+        self._warm = 0  # warm-up calls so far
         self.replays = 0
         self._key = None
         self._x: Tensor | None = None
@@ -82,12 +83,16 @@ class CapturedStep:
         if not x.is_cuda:
             return self.fn(x)
         self.calls += 1
+        key = self._key_of(x)
+        if self._key is None:
+            self._key = key  # the first input fixes the graph's shape
+        if key != self._key:
+            return self.fn(x)  # another shape (an epoch's last batch): eager; the graph is for the others
         if self.graph is None:
-            if self.calls <= self.warmup:
+            if self._warm < self.warmup:
+                self._warm += 1
                 return self._side_stream(x)
             self._capture(x)
-        elif self._key_of(x) != self._key:
-            return self.fn(x)  # another shape (an epoch's last batch): eager, the graph stays for the next one
         self._x.copy_(x)
         self.graph.replay()
         self.replays += 1
@@ -108,7 +113,6 @@ class CapturedStep:
         return out
 
     def _capture(self, x: Tensor) -> None:
-        self._key = self._key_of(x)
         self._x = x.detach().clone()
         graph = torch.cuda.CUDAGraph()
         for p in self.params:  # the graph's backward makes the gradients in its own memory
@@ -126,5 +130,5 @@ class CapturedStep:
 
     def __getstate__(self) -> dict:  # a graph does not pickle: a copy captures its own
         state = self.__dict__.copy()
-        state.update(graph=None, calls=0, replays=0, _key=None, _x=None, _names=[], _stats=None, _grads=[])
+        state.update(graph=None, calls=0, _warm=0, replays=0, _key=None, _x=None, _names=[], _stats=None, _grads=[])
         return state

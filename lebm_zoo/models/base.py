@@ -42,7 +42,7 @@ from lebm_zoo.capture import CapturedStep
 from lebm_zoo.checkpoint import check_model_class, write_record
 from lebm_zoo.errors import DataShapeError, StoppedBySignal, TrainingDivergedError
 from lebm_zoo.pretrained import PretrainedMixin
-from lebm_zoo.samplers import CUDAGRAPH_MODES, LangevinSampler, SamplerMixin
+from lebm_zoo.samplers import LangevinSampler, SamplerMixin
 from lebm_zoo.utils import images_from_batch, in_training_loop, set_rng_state
 
 __all__ = ["DataShapeError", "EBMModule", "StopCheckpoint", "StoppedBySignal", "TrainingDivergedError"]
@@ -293,7 +293,7 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
         self._decorrelate_rank_rng()
         self._step_graph = None  # a new fit: new optimisers, maybe another device
         if self.hparams.get("capture_step"):
-            self._check_capture_step(self.trainer.world_size, self.device)
+            self._check_capture_step(self.trainer.world_size, self.device, str(self.trainer.precision))
 
     # ------------------------------------------------------------------------------------------------ capture_step
     #: the CUDA graph of the training step's region (``capture_step``; made on first use, forgotten at each fit start)
@@ -304,22 +304,25 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
         """Check a family's ``capture_step`` hyperparameter against its ``compile_chains``.
 
         Raises:
-            ValueError: a ``capture_step`` that is not a bool, or True with a ``compile_chains`` mode that captures
-                CUDA graphs itself (``"reduce-overhead"``, ``"max-autotune"``: graphs inside the graph).
+            ValueError: a ``capture_step`` that is not a bool, or True with ``compile_chains`` on (the graph holds the
+                eager chains; a compiled chain would compile again inside the capture, where dynamo cannot run).
         """
         if not isinstance(capture_step, bool):
             raise ValueError(f"capture_step must be True or False, got {capture_step!r}")
-        if capture_step and compile_chains in CUDAGRAPH_MODES:
-            raise ValueError(f"capture_step captures the whole step in one CUDA graph; "
-                             f"compile_chains={compile_chains!r} captures its own graphs inside it: use True, "
-                             "'default' or 'max-autotune-no-cudagraphs'")
+        if capture_step and compile_chains not in (None, False):
+            raise ValueError(f"capture_step captures the whole step, eager chains included, in one CUDA graph; it "
+                             f"cannot hold compiled chains (compile_chains={compile_chains!r}): use one or the other")
 
     @staticmethod
-    def _check_capture_step(world_size: int, device: torch.device) -> None:
-        """``capture_step``'s conditions: one process (else ValueError); a CUDA device (else a warning: eager step)."""
+    def _check_capture_step(world_size: int, device: torch.device, precision: str = "32-true") -> None:
+        """``capture_step``'s conditions: one process and no loss scaling (else ValueError); a CUDA device (else a
+        warning: the step runs eagerly)."""
         if world_size > 1:
             raise ValueError(f"capture_step captures one process's step on one GPU; this run has {world_size} "
                              "processes: use compile_chains instead")
+        if precision == "16-mixed":  # the region's backward does not scale the loss; the plugin would unscale it
+            raise ValueError("capture_step does not scale the loss as precision 16-mixed needs: use bf16-mixed or "
+                             "32-true")
         if device.type != "cuda":
             rank_zero_warn(f"capture_step needs a CUDA device; on {device.type} the training step runs eagerly "
                            "(the same computation)")

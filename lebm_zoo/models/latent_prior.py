@@ -484,10 +484,9 @@ class LatentEBMPrior(LatentImagesMixin, LatentPriorBase):
         capture_step: on a GPU, run each training step's two chains, both losses and the backward as one CUDA graph
             (:class:`~lebm_zoo.capture.CapturedStep`: 3 eager warm-up steps, then one capture, then one replay per
             step; the two Adam updates stay eager, through Lightning). Same arithmetic as the eager step, fresh noise
-            from torch's CUDA generator at each replay. Default False. One GPU only (an error under DDP); on a CPU it
-            warns and runs the eager step. May be combined with ``compile_chains`` in a mode that does not capture
-            CUDA graphs itself (True, ``"default"``, ``"max-autotune-no-cudagraphs"``). Lightning's
-            ``on_before_backward`` / ``on_after_backward`` hooks are not called. Pair it with
+            from torch's CUDA generator at each replay. Default False. One GPU only (an error under DDP), not with
+            ``compile_chains`` or precision ``16-mixed`` (errors); on a CPU it warns and runs the eager step.
+            Lightning's ``on_before_backward`` / ``on_after_backward`` hooks are not called. Pair it with
             :class:`~lebm_zoo.callbacks.SyncEvery` so that the divergence guard does not read the losses at every step.
 
     Images are ``(B, channels, img_size, img_size)`` in [-1, 1]; latents ``(B, nz)``. The prior, both chains and the
