@@ -18,6 +18,7 @@ import torch
 from _data import TINY_MODELS, tensor_loader, tiny_trainer, uniform_images
 from test_compiled_chain import ZERO_GRADIENT  # parameters whose true gradient is zero: rounding decides Adam's sign
 from test_devices import training_data
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lebm_zoo import LatentEBMPrior
 from lebm_zoo.capture import CapturedStep
@@ -60,6 +61,27 @@ def test_capture_step_on_a_cpu_warns_and_trains_as_the_eager_step():
 #: the families with the capture_step option (their training step: forward_backward, then the updates)
 CAPTURABLE = ["LatentEBMPrior", "JointHierarchicalEBMPrior", "ShortRunEBM", "CoopNets", "DiffusionRecoveryEBM"]
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+#: ATen operations a CUDA graph cannot hold: a read of a value on the host (what item, bool, float and int dispatch)
+#: and the operations whose output shape depends on the data
+DATA_DEPENDENT = {"aten::_local_scalar_dense", "aten::nonzero", "aten::nonzero_static", "aten::_unique",
+                  "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::masked_select"}
+
+
+class DataDependentOps(TorchDispatchMode):
+    """Records the dispatched operations of :data:`DATA_DEPENDENT`, and indexing by a boolean mask (it runs
+    ``nonzero`` inside its kernel, below this mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        masks = name == "aten::index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                              for i in (args[1] if len(args) > 1 else ()) if i is not None)
+        if name in DATA_DEPENDENT or masks:
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
 
 
 def tiny_family(name, **kw):
@@ -70,8 +92,8 @@ def tiny_family(name, **kw):
 @pytest.mark.parametrize("name", CAPTURABLE)
 def test_every_capturable_family_trains_as_eager_and_its_region_reads_nothing_on_the_host(name, monkeypatch):
     """Two training steps with capture_step (on a CPU: the region run eagerly, with ``Tensor.backward``) give the
-    eager steps' weights; the region, run as the training loop runs it, makes no host read (what a graph cannot
-    hold: the capture would read a placeholder once)."""
+    eager steps' weights; the region, run as the training loop runs it, makes no host read and no operation whose
+    output shape depends on the data (what a graph cannot hold: the capture would read a placeholder once)."""
     def run(**kw):
         pl.seed_everything(0, verbose=False)
         m = tiny_family(name, **kw)
@@ -79,7 +101,8 @@ def test_every_capturable_family_trains_as_eager_and_its_region_reads_nothing_on
         region = m._forward_backward
 
         def spied(x, backward):
-            with monkeypatch.context() as mp:
+            ops = DataDependentOps()
+            with monkeypatch.context() as mp, ops:
                 for method in HOST_READS:
                     original = getattr(torch.Tensor, method)
 
@@ -89,7 +112,9 @@ def test_every_capturable_family_trains_as_eager_and_its_region_reads_nothing_on
 
                     mp.setattr(torch.Tensor, method, spy)
                 backwards.append(backward)
-                return region(x, backward)
+                out = region(x, backward)
+            reads.extend(ops.found)
+            return out
 
         m._forward_backward = spied
         tiny_trainer(max_steps=2).fit(m, training_data(name))
@@ -112,6 +137,22 @@ def test_short_run_capture_step_refuses_the_persistent_buffer():
     with pytest.raises(ValueError, match="capture_step cannot hold init='persistent'"):
         tiny_family("ShortRunEBM", capture_step=True, init="persistent")
     assert tiny_family("ShortRunEBM", capture_step=True, init="data").hparams.init == "data"
+    # why: the buffer's write has a data-dependent shape, which the detector of the test above sees
+    m = tiny_family("ShortRunEBM", init="persistent")
+    tiny_trainer(max_steps=1).fit(m, training_data("ShortRunEBM"))
+    with DataDependentOps() as ops:
+        m._forward_backward(next(iter(training_data("ShortRunEBM")))[0], torch.Tensor.backward)
+    assert "aten::_unique2" in ops.found
+
+
+def test_the_data_dependent_op_detector_sees_host_reads_and_masks():
+    x = torch.arange(4.0)
+    with DataDependentOps() as ops:
+        x.sum().item()
+        bool(x[0] > 1)
+        x[x > 1]
+        x.nonzero()
+    assert ops.found == ["aten::_local_scalar_dense", "aten::_local_scalar_dense", "aten::index", "aten::nonzero"]
 
 
 def test_capture_step_arguments_are_checked():
