@@ -22,6 +22,9 @@ GPU (docs/speed.md), so several processes keep one GPU busy where one cannot; pr
 batched ensembles because they need no change to the families and isolate a failing run. The budget is split into
 waves: each run trains for ``(budget - start-up - waves * evaluation margin) / waves``.
 
+``--capture-step``: the runs whose model has the ``capture_step`` option train with it (each step's chains, losses
+and backward one CUDA graph) and with ``SyncEvery(50)``; each record says whether it did (``capture_step``).
+
 Output under ``--out``: at most 8 zip files (``campaign-partN.zip``) of at most 16 MB each, holding
 ``summary.json`` (every run's record), ``runs/<name>/record.json``, ``runs/<name>/weights/`` (``config.json`` +
 ``model.safetensors``) and ``runs/<name>/samples.npz``.
@@ -142,8 +145,25 @@ def _scalars(folder: Path) -> dict[str, float]:
     return out
 
 
-def run_one(run: dict, work: Path, data: str, train_seconds: float, dry: bool) -> dict:
-    """Train, test, save and sample one run in ``work/runs/<name>/``; returns its record (also ``record.json``)."""
+def takes_capture_step(config: Path) -> bool:
+    """Whether the model of a run's ``config.yaml`` has the ``capture_step`` option."""
+    import importlib
+    import inspect
+
+    path = yaml.safe_load(config.read_text())["model"]["class_path"]
+    module, _, name = path.rpartition(".")
+    return "capture_step" in inspect.signature(getattr(importlib.import_module(module), name)).parameters
+
+
+#: what ``--capture-step`` adds to the runs whose model has the option: the step as one CUDA graph, and the
+#: divergence guard read every 50 batches instead of at every step
+CAPTURE_OVERRIDES = ["--model.capture_step", "true", "--trainer.callbacks+=lebm_zoo.callbacks.SyncEvery",
+                     "--trainer.callbacks.steps", "50"]
+
+
+def run_one(run: dict, work: Path, data: str, train_seconds: float, dry: bool, capture: bool = False) -> dict:
+    """Train, test, save and sample one run in ``work/runs/<name>/``; returns its record (also ``record.json``).
+    ``capture``: with :data:`CAPTURE_OVERRIDES` where the model takes them (``record["capture_step"]`` says)."""
     import numpy as np
     import torch
 
@@ -155,7 +175,9 @@ def run_one(run: dict, work: Path, data: str, train_seconds: float, dry: bool) -
     folder.mkdir(parents=True)
     cfg, has_metrics = campaign_config(run["recipe"], folder)
     overrides = [str(v).replace("{data}", data) for v in run["overrides"]]
-    common = ["--config", str(cfg), *overrides, "--trainer.enable_progress_bar", "false"]
+    captured = capture and takes_capture_step(cfg)
+    common = ["--config", str(cfg), *overrides, *(CAPTURE_OVERRIDES if captured else []),
+              "--trainer.enable_progress_bar", "false"]
     if dry:
         common += DRY_OVERRIDES + [str(v) for v in run.get("dry_overrides", [])]
     budget = time.strftime("00:%H:%M:%S", time.gmtime(max(train_seconds, 1)))
@@ -163,6 +185,7 @@ def run_one(run: dict, work: Path, data: str, train_seconds: float, dry: bool) -
     if not dry:
         fit += ["--trainer.max_time", budget]
     record = {k: v for k, v in run.items() if not k.startswith("_")}
+    record["capture_step"] = captured
     t0 = time.time()
     code = cli(fit)
     record["fit_seconds"] = round(time.time() - t0, 1)
@@ -260,11 +283,14 @@ def main(argv=None) -> int:
                     help="CPU, in this process, two steps a run, each campaign entry once (a grid at its first "
                          "values), with each run's dry_overrides: a check of the whole pipeline")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--capture-step", action="store_true",
+                    help="train each run whose model has the option with --model.capture_step true (the step as one "
+                         "CUDA graph) and SyncEvery(50)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:  # one run, in its own process
         job = json.loads(a.worker)
-        rec = run_one(job["run"], Path(job["work"]), job["data"], job["seconds"], False)
+        rec = run_one(job["run"], Path(job["work"]), job["data"], job["seconds"], False, job.get("capture", False))
         return 0 if "error" not in rec else 1
     t_start = time.time()
     runs = load_campaigns(a.campaigns)
@@ -284,7 +310,7 @@ def main(argv=None) -> int:
     records = []
     if a.dry_run:
         for run in runs:
-            records.append(run_one(run, work, a.data, seconds, True))
+            records.append(run_one(run, work, a.data, seconds, True, a.capture_step))
             print(f"  {run['name']}: {records[-1].get('error', 'ok')} {records[-1].get('metrics', {})}", flush=True)
     else:
         pending, active = list(runs), []
@@ -301,7 +327,7 @@ def main(argv=None) -> int:
             while pending and len(active) < parallel:
                 run = pending.pop(0)
                 job = json.dumps({"run": {k: v for k, v in run.items() if not k.startswith("_")}, "work": str(work),
-                                  "data": a.data, "seconds": seconds})
+                                  "data": a.data, "seconds": seconds, "capture": a.capture_step})
                 log = open(logs / f"{run['name']}.log", "w")
                 proc = subprocess.Popen([sys.executable, __file__, "--worker", job], stdout=log,
                                         stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -48,6 +48,13 @@ def test_campaign_config_drops_what_cannot_run_on_the_gpu_machine(tmp_path):
     assert not gpu_campaign.campaign_config("mnist_shortrun", tmp_path)[1]  # FID only: nothing to test there
 
 
+def test_which_recipes_take_capture_step(tmp_path):
+    takes = {r: gpu_campaign.takes_capture_step(gpu_campaign.campaign_config(r, tmp_path)[0])
+             for r in ("mnist_prior", "mnist_hierarchical", "mnist_triangle", "mnist_semisup", "mnist_fce_glow")}
+    assert takes == {"mnist_prior": True, "mnist_hierarchical": True, "mnist_triangle": False, "mnist_semisup": False,
+                     "mnist_fce_glow": False}
+
+
 def test_the_budget_is_split_into_waves(tmp_path, capsys):
     with pytest.raises(UsageError, match="39 runs in 39 waves of 1 leave"):
         gpu_campaign.main([*map(str, CAMPAIGNS), "--parallel", "1", "--out", str(tmp_path)])
@@ -68,7 +75,7 @@ def test_dry_run_then_report_and_publish(tmp_path, monkeypatch, capsys):
     write_mnist(data / "mnist", n=1200)
     out = tmp_path / "out"
     code = gpu_campaign.main([*map(str, CAMPAIGNS), "--dry-run", "--data", str(data), "--out", str(out),
-                              "--work", str(tmp_path / "work")])
+                              "--work", str(tmp_path / "work"), "--capture-step"])
     assert code == 0, capsys.readouterr().out[-3000:]
     parts = sorted(out.glob("campaign-part*.zip"))
     assert 1 <= len(parts) <= 8 and all(p.stat().st_size <= 16_000_000 for p in parts)
@@ -81,6 +88,13 @@ def test_dry_run_then_report_and_publish(tmp_path, monkeypatch, capsys):
     assert 0 < recs["lebm-mnist"]["metrics"]["test/recon_mse"] < 1 and recs["lebm-mnist"]["iterations"] == 2
     assert 0 <= recs["semisup-mnist"]["metrics"]["test/accuracy"] <= 1
     assert recs["drl-mnist"]["samples"] == 16 and recs["lebm-mnist"]["device"] == "cpu"
+    # --capture-step: the runs whose model has the option trained with it (on a CPU: the eager step) and SyncEvery
+    captured = {name for name, r in recs.items() if r["capture_step"]}
+    assert captured == {"lebm-anomaly-d1-s1", "hierarchical-anomaly-d1-s1", "lebm-mnist", "lebm-mnist-gaussian",
+                        "shortrun-mnist", "coopnets-mnist", "hierarchical-mnist", "drl-mnist"}
+    assert "--model.capture_step true --trainer.callbacks+=lebm_zoo.callbacks.SyncEvery" in " ".join(
+        json.loads((tmp_path / "work" / "runs" / "lebm-mnist" / "weights" / "config.json").read_text())
+        ["training"]["command"].split())
 
     work = tmp_path / "report"
     assert campaign_report.main([str(out), "--work", str(work), "--no-fid"]) == 0
