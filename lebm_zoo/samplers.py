@@ -30,8 +30,8 @@ from lebm_zoo.utils import full_precision
 
 LogProb = Callable[[Tensor], Tensor]
 
-__all__ = ["CUDAGRAPH_MODES", "GaussianTiltedTarget", "LangevinSampler", "HMCSampler", "SamplerMixin", "LogProb",
-           "as_normal_tensor", "grad_enabled"]
+__all__ = ["GaussianTiltedTarget", "LangevinSampler", "HMCSampler", "SamplerMixin", "LogProb", "as_normal_tensor",
+           "grad_enabled"]
 
 
 def _log_prob_and_grad(log_prob: LogProb, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -178,7 +178,7 @@ def _is_recompile_limit(e: Exception) -> bool:
 
 
 #: torch.compile modes that capture CUDA graphs (outputs are overwritten by the next replay: clone what must live)
-CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 @contextlib.contextmanager
@@ -356,7 +356,7 @@ class LangevinSampler:
         s = self.step_size
         x = x.detach()
         noise = torch.randn_like(x) if self.noise_scale > 0 else None  # the eager chain's draw, same stream
-        cudagraphs = mode in CUDAGRAPH_MODES and x.is_cuda
+        cudagraphs = mode in _CUDAGRAPH_MODES and x.is_cuda
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad():  # grad_and_value is a function transform: it differentiates inside no_grad
@@ -375,7 +375,7 @@ class LangevinSampler:
         x = x.detach()
         # the eager chain's k draws, same stream and order (each step draws once, after its gradient)
         noise = torch.stack([torch.randn_like(x) for _ in range(k)]) if self.noise_scale > 0 else None
-        cudagraphs = mode in CUDAGRAPH_MODES and x.is_cuda
+        cudagraphs = mode in _CUDAGRAPH_MODES and x.is_cuda
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
         args = (log_prob, x, noise, k, 0.5 * s * s, s * self.noise_scale, self.grad_clip, self.clamp)
