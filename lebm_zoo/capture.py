@@ -25,18 +25,18 @@ __all__ = ["CapturedStep"]
 class CapturedStep:
     """Replay ``fn`` as one CUDA graph after ``warmup`` eager calls (CUDA inputs; elsewhere ``fn`` is called as is).
 
-    ``fn(x)`` must run the same kernels at every call for a given shape: no host reads (``.item()``, Python branches
-    on tensor values), no CPU tensors, every random number from torch's CUDA generator (a replay draws fresh numbers
-    from it, as the eager call would). It may set parameters' ``.grad`` (by ``backward``); after each replay each
-    parameter's ``.grad`` is pointed back at the graph's gradient buffer, so an eager call in between (a batch of
-    another shape) cannot leave the optimiser reading stale gradients.
+    ``fn(*xs)`` (one or more tensors) must run the same kernels at every call for given shapes: no host reads
+    (``.item()``, Python branches on tensor values), no CPU tensors, every random number from torch's CUDA generator
+    (a replay draws fresh numbers from it, as the eager call would). It may set parameters' ``.grad`` (by
+    ``backward``); after each replay each parameter's ``.grad`` is pointed back at the graph's gradient buffer, so an
+    eager call in between (a batch of another shape) cannot leave the optimiser reading stale gradients.
 
-    The warm-up calls and the graph are for the first input's shape, dtype, device and autocast state; an input
-    that differs (the smaller last batch of an epoch) runs ``fn`` eagerly and does not count as a warm-up call. Under
+    The warm-up calls and the graph are for the first inputs' shapes, dtypes, device and autocast state; inputs
+    that differ (the smaller last batch of an epoch) run ``fn`` eagerly and do not count as a warm-up call. Under
     autocast the capture runs with the autocast cache off (a cached cast would be captured once and replayed stale).
 
     Args:
-        fn: ``(x) -> dict`` of 0-d tensors (the step's losses and statistics, by name).
+        fn: ``(*xs) -> dict`` of 0-d tensors (the step's losses and statistics, by name).
         params: the parameters whose ``.grad`` ``fn`` writes.
         warmup: eager calls before the capture (>= 1), run on a side stream as the CUDA notes ask, so that lazy
             initialisation (cuDNN's algorithm search with ``cudnn.benchmark``, cuBLAS workspaces, the optimiser's
@@ -49,7 +49,7 @@ class CapturedStep:
             tensors.
     """
 
-    def __init__(self, fn: Callable[[Tensor], dict[str, Tensor]], params, warmup: int = 3):
+    def __init__(self, fn: Callable[..., dict[str, Tensor]], params, warmup: int = 3):
         if int(warmup) < 1:
             raise ValueError(f"warmup must be >= 1, got {warmup}")
         self.fn = fn
@@ -64,7 +64,7 @@ class CapturedStep:
         self._warm = 0  # warm-up calls so far
         self.replays = 0
         self._key = None
-        self._x: Tensor | None = None
+        self._xs: list[Tensor] = []
         self._names: list[str] = []
         self._stats: Tensor | None = None
         self._grads: list[Tensor | None] = []
@@ -75,45 +75,47 @@ class CapturedStep:
         return self.graph is not None
 
     @staticmethod
-    def _key_of(x: Tensor) -> tuple:
+    def _key_of(xs: tuple[Tensor, ...]) -> tuple:
         on = torch.is_autocast_enabled("cuda")
-        return tuple(x.shape), x.dtype, x.device, on, torch.get_autocast_dtype("cuda") if on else None
+        return (tuple((tuple(x.shape), x.dtype, x.device) for x in xs), on,
+                torch.get_autocast_dtype("cuda") if on else None)
 
-    def __call__(self, x: Tensor) -> dict[str, Tensor]:
-        if not x.is_cuda:
-            return self.fn(x)
+    def __call__(self, *xs: Tensor) -> dict[str, Tensor]:
+        if not xs[0].is_cuda:
+            return self.fn(*xs)
         self.calls += 1
-        key = self._key_of(x)
+        key = self._key_of(xs)
         if self._key is None:
-            self._key = key  # the first input fixes the graph's shape
+            self._key = key  # the first inputs fix the graph's shapes
         if key != self._key:
-            return self.fn(x)  # another shape (an epoch's last batch): eager; the graph is for the others
+            return self.fn(*xs)  # another shape (an epoch's last batch): eager; the graph is for the others
         if self.graph is None:
             if self._warm < self.warmup:
                 self._warm += 1
-                return self._side_stream(x)
-            self._capture(x)
-        self._x.copy_(x)
+                return self._side_stream(xs)
+            self._capture(xs)
+        for static, x in zip(self._xs, xs):
+            static.copy_(x)
         self.graph.replay()
         self.replays += 1
         for p, g in zip(self.params, self._grads):
             p.grad = g
         return dict(zip(self._names, self._stats.clone().unbind()))
 
-    def _side_stream(self, x: Tensor) -> dict[str, Tensor]:
-        main = torch.cuda.current_stream(x.device)
-        side = torch.cuda.Stream(x.device)
+    def _side_stream(self, xs: tuple[Tensor, ...]) -> dict[str, Tensor]:
+        main = torch.cuda.current_stream(xs[0].device)
+        side = torch.cuda.Stream(xs[0].device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            out = self.fn(x)
+            out = self.fn(*xs)
         main.wait_stream(side)
         bad = [k for k, v in out.items() if not (isinstance(v, Tensor) and v.dim() == 0)]
         if bad:  # checked here, on an eager call: an error inside the capture would leave it half made
             raise ValueError(f"CapturedStep: fn must return 0-d tensors; not so for {bad}")
         return out
 
-    def _capture(self, x: Tensor) -> None:
-        self._x = x.detach().clone()
+    def _capture(self, xs: tuple[Tensor, ...]) -> None:
+        self._xs = [x.detach().clone() for x in xs]
         graph = torch.cuda.CUDAGraph()
         for p in self.params:  # the graph's backward makes the gradients in its own memory
             p.grad = None
@@ -122,7 +124,7 @@ class CapturedStep:
         with torch.cuda.graph(graph, capture_error_mode="thread_local"), \
                 torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=autocast_on,
                                cache_enabled=False):
-            out = self.fn(self._x)
+            out = self.fn(*self._xs)
             self._names = list(out)
             self._stats = torch.stack([v.detach().float() for v in out.values()])
         self._grads = [p.grad for p in self.params]
@@ -130,5 +132,5 @@ class CapturedStep:
 
     def __getstate__(self) -> dict:  # a graph does not pickle: a copy captures its own
         state = self.__dict__.copy()
-        state.update(graph=None, calls=0, _warm=0, replays=0, _key=None, _x=None, _names=[], _stats=None, _grads=[])
+        state.update(graph=None, calls=0, _warm=0, replays=0, _key=None, _xs=[], _names=[], _stats=None, _grads=[])
         return state

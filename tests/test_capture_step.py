@@ -52,14 +52,17 @@ def test_capture_step_on_a_cpu_warns_and_trains_as_the_eager_step():
         captured, tc = fit(capture_step=True)
     eager, te = fit()
     assert captured.hparams.capture_step is True and eager.hparams.capture_step is False
-    graph = captured._step_graph
+    graph = captured._step_graphs["step"]
     assert isinstance(graph, CapturedStep) and not graph.captured and graph.calls == 0  # CPU inputs: fn itself
-    assert eager._step_graph is None
+    assert eager._step_graphs == {}
     assert_same_training(captured, eager, tc, te, rtol=0, atol=0)
 
 
-#: the families with the capture_step option (their training step: forward_backward, then the updates)
-CAPTURABLE = ["LatentEBMPrior", "JointHierarchicalEBMPrior", "ShortRunEBM", "CoopNets", "DiffusionRecoveryEBM"]
+#: the families with the capture_step option (each as a name of tests/_data.py:TINY_MODELS and the settings to test)
+CAPTURABLE = {"LatentEBMPrior": {}, "JointHierarchicalEBMPrior": {}, "ShortRunEBM": {}, "CoopNets": {},
+              "DiffusionRecoveryEBM": {}, "SymbolVectorLEBM": {}, "SymbolVectorLEBM-joint": {"update_order": "joint"}}
+#: the regions of each (run_region's names, in the order of a step)
+REGIONS = {"SymbolVectorLEBM": ["classify", "unlabelled"], "SymbolVectorLEBM-joint": ["joint"]}
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
 #: ATen operations a CUDA graph cannot hold: a read of a value on the host (what item, bool, float and int dispatch)
 #: and the operations whose output shape depends on the data
@@ -85,46 +88,61 @@ class DataDependentOps(TorchDispatchMode):
 
 
 def tiny_family(name, **kw):
-    base = TINY_MODELS[name]()
-    return type(base)(**{**dict(base.hparams), **kw})
+    base = TINY_MODELS[name.split("-")[0]]()
+    return type(base)(**{**dict(base.hparams), **CAPTURABLE.get(name, {}), **kw})
+
+
+def capturable_data(name):
+    """The family's training batches; symbol-vector coupling's hold a labelled part, ``(x_u, x_l, y_l)``."""
+    if name.startswith("SymbolVectorLEBM"):
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(32, 1, 28, 28, generator=g) * 2 - 1
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:16], x[16:], torch.arange(16) % 3),
+                                           batch_size=8)
+    return training_data(name)
 
 
 @pytest.mark.parametrize("name", CAPTURABLE)
-def test_every_capturable_family_trains_as_eager_and_its_region_reads_nothing_on_the_host(name, monkeypatch):
-    """Two training steps with capture_step (on a CPU: the region run eagerly, with ``Tensor.backward``) give the
-    eager steps' weights; the region, run as the training loop runs it, makes no host read and no operation whose
+def test_every_capturable_family_trains_as_eager_and_its_regions_read_nothing_on_the_host(name, monkeypatch):
+    """Two training steps with capture_step (on a CPU: the regions run eagerly, with ``Tensor.backward``) give the
+    eager steps' weights; each region, run as the training loop runs it, makes no host read and no operation whose
     output shape depends on the data (what a graph cannot hold: the capture would read a placeholder once)."""
     def run(**kw):
         pl.seed_everything(0, verbose=False)
         m = tiny_family(name, **kw)
-        reads, backwards = [], []
-        region = m._forward_backward
+        reads, calls = [], []
+        run_region = m.run_region
 
-        def spied(x, backward):
-            ops = DataDependentOps()
-            with monkeypatch.context() as mp, ops:
-                for method in HOST_READS:
-                    original = getattr(torch.Tensor, method)
+        def spied(region_name, region, *xs):
+            def watched(*a, backward):
+                calls.append((region_name, backward))
+                ops = DataDependentOps()
+                with monkeypatch.context() as mp, ops:
+                    for method in HOST_READS:
+                        original = getattr(torch.Tensor, method)
 
-                    def spy(self, *a, _name=method, _original=original, **k):
-                        reads.append(_name)
-                        return _original(self, *a, **k)
+                        def spy(self, *args, _name=method, _original=original, **k):
+                            reads.append(_name)
+                            return _original(self, *args, **k)
 
-                    mp.setattr(torch.Tensor, method, spy)
-                backwards.append(backward)
-                out = region(x, backward)
-            reads.extend(ops.found)
-            return out
+                        mp.setattr(torch.Tensor, method, spy)
+                    out = region(*a, backward=backward)
+                reads.extend(ops.found)
+                return out
 
-        m._forward_backward = spied
-        tiny_trainer(max_steps=2).fit(m, training_data(name))
-        return m, reads, backwards
+            return run_region(region_name, watched, *xs)
+
+        m.run_region = spied
+        tiny_trainer(max_steps=2).fit(m, capturable_data(name))
+        return m, reads, calls
 
     with pytest.warns(UserWarning, match="capture_step needs a CUDA device"):
-        captured, reads, backwards = run(capture_step=True)
-    eager, _, eager_backwards = run()
-    assert reads == [] and backwards == [torch.Tensor.backward] * 2
-    assert len(eager_backwards) == 2 and eager_backwards[0] == eager.manual_backward
+        captured, reads, calls = run(capture_step=True)
+    eager, _, eager_calls = run()
+    regions = REGIONS.get(name, ["step"])
+    assert reads == [] and calls == [(r, torch.Tensor.backward) for r in regions] * 2
+    assert [r for r, _ in eager_calls] == regions * 2 and eager_calls[0][1] == eager.manual_backward
+    assert sorted(captured._step_graphs) == sorted(regions) and eager._step_graphs == {}
     assert captured.hparams.capture_step is True and "capture_step" in type(captured).resume_hparams
     for (k, a), b in zip(captured.state_dict().items(), eager.state_dict().values()):
         assert torch.equal(a, b), f"{name}: {k}"
@@ -192,7 +210,7 @@ def test_captured_step_wrapper_on_cpu_inputs_and_copies():
     # a copy (deepcopy, pickle: a module copied with its step) starts without a graph
     step.calls, step._warm, step.replays, step._names = 5, 2, 4, ["s"]
     for clone in (copy.deepcopy(step), pickle.loads(pickle.dumps(step))):
-        assert clone.graph is None and clone.calls == clone._warm == clone.replays == 0 and clone._names == []
+        assert clone.graph is None and clone.calls == clone._warm == clone.replays == 0 and clone._xs == []
         assert clone.warmup == 2
     step.reset()
     assert step.calls == step._warm == 0 and step._key is None
@@ -209,7 +227,7 @@ def test_the_captured_step_trains_as_the_eager_step_on_cuda(precision):
     (the same seed: a replay draws its noise from torch's CUDA generator where the eager step would)."""
     captured, tc = fit("cuda", precision, capture_step=True)
     eager, te = fit("cuda", precision)
-    graph = captured._step_graph
+    graph = captured._step_graphs["step"]
     # epoch 1: calls 1-3 warm up, 4 captures and replays, 5 replays, 6 (2 images) is eager; epoch 2: 5 replays
     assert graph.captured and graph.calls == 12 and graph.replays == 7
     tol = dict(rtol=1e-4, atol=1e-5) if precision == "32-true" else dict(rtol=2e-2, atol=2e-3)
@@ -247,16 +265,17 @@ def test_the_benchmark_row_of_the_captured_step_runs(monkeypatch):
 @cuda
 @pytest.mark.parametrize("name", [n for n in CAPTURABLE if n != "LatentEBMPrior"])
 def test_every_capturable_family_replays_its_step_as_eager_on_cuda(name):
-    """8 steps (2 a epoch): 3 warm-up, the capture and 5 replays give the eager run's weights."""
+    """8 steps (2 a epoch): 3 warm-up, the capture and 5 replays of each region give the eager run's weights."""
     def run(**kw):
         pl.seed_everything(0, verbose=False)
         m = tiny_family(name, **kw)
-        tiny_trainer(accelerator="cuda", max_epochs=4).fit(m, training_data(name))
+        tiny_trainer(accelerator="cuda", max_epochs=4).fit(m, capturable_data(name))
         return m
 
     captured, eager = run(capture_step=True), run()
-    graph = captured._step_graph
-    assert graph.captured and graph.calls == 8 and graph.replays == 5
+    for region in REGIONS.get(name, ["step"]):
+        graph = captured._step_graphs[region]
+        assert graph.captured and graph.calls == 8 and graph.replays == 5, region
     for (k, a), b in zip(captured.state_dict().items(), eager.state_dict().values()):
         atol = 2.5 * eager.hparams.lr_g if k in ZERO_GRADIENT.get(name, ()) else 1e-5
         torch.testing.assert_close(a, b, rtol=1e-4, atol=atol, msg=f"{name}: {k}")

@@ -51,7 +51,7 @@ def test_campaign_config_drops_what_cannot_run_on_the_gpu_machine(tmp_path):
 def test_which_recipes_take_capture_step(tmp_path):
     takes = {r: gpu_campaign.takes_capture_step(gpu_campaign.campaign_config(r, tmp_path)[0])
              for r in ("mnist_prior", "mnist_hierarchical", "mnist_triangle", "mnist_semisup", "mnist_fce_glow")}
-    assert takes == {"mnist_prior": True, "mnist_hierarchical": True, "mnist_triangle": False, "mnist_semisup": False,
+    assert takes == {"mnist_prior": True, "mnist_hierarchical": True, "mnist_triangle": False, "mnist_semisup": True,
                      "mnist_fce_glow": False}
 
 
@@ -91,7 +91,7 @@ def test_dry_run_then_report_and_publish(tmp_path, monkeypatch, capsys):
     # --capture-step: the runs whose model has the option trained with it (on a CPU: the eager step) and SyncEvery
     captured = {name for name, r in recs.items() if r["capture_step"]}
     assert captured == {"lebm-anomaly-d1-s1", "hierarchical-anomaly-d1-s1", "lebm-mnist", "lebm-mnist-gaussian",
-                        "shortrun-mnist", "coopnets-mnist", "hierarchical-mnist", "drl-mnist"}
+                        "shortrun-mnist", "coopnets-mnist", "hierarchical-mnist", "semisup-mnist", "drl-mnist"}
     assert "--model.capture_step true --trainer.callbacks+=lebm_zoo.callbacks.SyncEvery" in " ".join(
         json.loads((tmp_path / "work" / "runs" / "lebm-mnist" / "weights" / "config.json").read_text())
         ["training"]["command"].split())

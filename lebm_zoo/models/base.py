@@ -29,6 +29,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytorch_lightning as pl
 import torch
@@ -291,13 +292,14 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
         self._fit_batches = 0  # training batches run by this fit call
         self._pending_checks = []  # none left from a fit that ended by an exception
         self._decorrelate_rank_rng()
-        self._step_graph = None  # a new fit: new optimisers, maybe another device
+        self._step_graphs = {}  # a new fit: new optimisers, maybe another device
         if self.hparams.get("capture_step"):
             self._check_capture_step(self.trainer.world_size, self.device, str(self.trainer.precision))
 
     # ------------------------------------------------------------------------------------------------ capture_step
-    #: the CUDA graph of the training step's region (``capture_step``; made on first use, forgotten at each fit start)
-    _step_graph: CapturedStep | None = None
+    #: the CUDA graphs of the training step's regions by name (``capture_step``; each made on first use, all
+    #: forgotten at each fit's start)
+    _step_graphs: dict[str, CapturedStep] = {}
 
     @staticmethod
     def check_capture_args(capture_step, compile_chains) -> None:
@@ -333,21 +335,28 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} has no capturable training region")
 
     def forward_backward(self, x: Tensor) -> dict[str, Tensor]:
-        """Run the family's :meth:`_forward_backward` on a training batch: eagerly with ``self.manual_backward``, or,
-        with the ``capture_step`` hyperparameter, through a :class:`~lebm_zoo.capture.CapturedStep` (one CUDA graph
-        replay per step on a GPU, after 3 eager warm-up steps; eager elsewhere). Its backward is then
-        ``Tensor.backward``: Lightning's ``on_before_backward`` / ``on_after_backward`` hooks would run only when the
-        graph is captured, so they are not called.
+        """Run the family's :meth:`_forward_backward` on a training batch (``x``: its data, checked), as the region
+        ``"step"`` of :meth:`run_region`."""
+        return self.run_region("step", self._forward_backward, x)
+
+    def run_region(self, name: str, region: Callable[..., dict[str, Tensor]], *xs: Tensor) -> dict[str, Tensor]:
+        """Run a region of a training step, ``region(*xs, backward=...)`` (chains, losses and a backward into
+        ``.grad``, no parameter update, no host read): eagerly with ``backward=self.manual_backward``, or, with the
+        ``capture_step`` hyperparameter, through the :class:`~lebm_zoo.capture.CapturedStep` named ``name`` (one CUDA
+        graph replay per step on a GPU, after 3 eager warm-up steps; eager elsewhere) with ``backward=
+        Tensor.backward``: Lightning's ``on_before_backward`` / ``on_after_backward`` hooks would run only when the
+        graph is captured, so they are not called. A step with several regions (updates between them) names each.
 
         Returns:
             the region's statistics by name, 0-d tensors (copies, when replayed).
         """
         if not self.hparams.get("capture_step"):
-            return self._forward_backward(x, self.manual_backward)
-        if self._step_graph is None:
-            self._step_graph = CapturedStep(functools.partial(self._forward_backward, backward=Tensor.backward),
-                                            self.parameters())
-        return self._step_graph(x)
+            return region(*xs, backward=self.manual_backward)
+        graph = self._step_graphs.get(name)
+        if graph is None:
+            graph = CapturedStep(functools.partial(region, backward=Tensor.backward), self.parameters())
+            self._step_graphs = {**self._step_graphs, name: graph}  # never the class's shared dict
+        return graph(*xs)
 
     def _decorrelate_rank_rng(self) -> None:
         """Give every DDP rank its own Langevin noise: ranks > 0 reseed torch's generators (CPU and CUDA).

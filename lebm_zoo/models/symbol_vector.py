@@ -221,6 +221,9 @@ class SymbolVectorLEBM(LatentEBMPrior):
         compile_chains, compile_scope: run the Langevin chains through ``torch.compile`` (default None: eager), each
             step or each whole chain as one compiled region, as :class:`~lebm_zoo.LatentEBMPrior`'s (same chains up to
             float rounding; see :class:`~lebm_zoo.samplers.LangevinSampler`).
+        capture_step: on a GPU, the step's chains, losses and backward as CUDA graphs, the updates eager (default
+            False), as :class:`~lebm_zoo.LatentEBMPrior`'s: one graph in the joint order; two in the reference order
+            (the classification part, then, after F's classification step, the unlabelled part).
 
     Raises:
         ValueError: for a bad value of any argument (naming it), as :class:`LatentEBMPrior` and for ``n_classes`` < 2,
@@ -234,7 +237,8 @@ class SymbolVectorLEBM(LatentEBMPrior):
     resume_hparams = (
         "class_weight", "mi_weight", "prior_steps", "prior_step_size", "posterior_steps", "posterior_step_size", "lr_g",
         "lr_e", "betas", "betas_e", "weight_decay_e", "lr_decay", "lr_schedule", "grad_clip_g", "grad_clip_e",
-        "loss_g_limit", "loss_g_limit_after_epoch", "loss_g_limit_check", "compile_chains", "compile_scope")
+        "loss_g_limit", "loss_g_limit_after_epoch", "loss_g_limit_check", "compile_chains", "compile_scope",
+        "capture_step")
 
     def __init__(
         self,
@@ -273,6 +277,7 @@ class SymbolVectorLEBM(LatentEBMPrior):
         channels_last: bool = False,
         compile_chains: bool | str | None = None,
         compile_scope: str = "step",
+        capture_step: bool = False,
     ):
         # LatentEBMPrior.__init__ builds a one-output energy MLP and an image-only generator: this class builds its
         # own networks, in the same order (generator, then prior), and repeats its argument checks.
@@ -280,6 +285,7 @@ class SymbolVectorLEBM(LatentEBMPrior):
         # zero-argument super(): it gives this function the __class__ cell by which Lightning's save_hyperparameters
         # recognises a constructor's frame and collects its arguments
         super()._check_prior_args("ebm", prior_sigma)
+        self.check_capture_args(capture_step, compile_chains)
         if lr_schedule not in ("reference", "exponential"):
             raise ValueError(f"lr_schedule must be 'reference' or 'exponential', got {lr_schedule!r}")
         if loss_g_limit_check not in ("epoch_end", "per_batch"):
@@ -623,57 +629,59 @@ class SymbolVectorLEBM(LatentEBMPrior):
             logs["mi"] = mi.detach()
         return loss_g, loss_e
 
-    def _step_g_and_f(self, loss_g: Tensor, loss_e: Tensor, logs: dict) -> None:
+    def _g_and_f_backward(self, loss_g: Tensor, loss_e: Tensor, backward) -> dict[str, Tensor]:
         """One backward for G's and F's losses (F's does not depend on G's parameters and the chains' latents are
-        detached, so G gets exactly grad(loss_g) and F exactly grad(loss_e)), then G's step, then F's."""
+        detached, so G gets exactly grad(loss_g) and F exactly grad(loss_e)); returns both gradients' norms (clipped
+        with ``grad_clip_g`` / ``grad_clip_e``)."""
         hp = self.hparams
+        for opt in self.optimizers():
+            opt.zero_grad(set_to_none=True)
+        backward(loss_g + loss_e)
+        return {"grad_norm_g": self.grad_norm_and_clip(self.generator.parameters(), hp.grad_clip_g),
+                "grad_norm_e": self.grad_norm_and_clip(self.energy_net.parameters(), hp.grad_clip_e)}
+
+    def _step_g_and_f(self) -> None:
+        """G's step, then F's (from the gradients of :meth:`_g_and_f_backward`)."""
         opt_g, opt_e = self.optimizers()
-        opt_g.zero_grad(set_to_none=True)
-        opt_e.zero_grad(set_to_none=True)
-        self.manual_backward(loss_g + loss_e)
-        logs["grad_norm_g"] = self.grad_norm_and_clip(self.generator.parameters(), hp.grad_clip_g)
         opt_g.step()
-        logs["grad_norm_e"] = self.grad_norm_and_clip(self.energy_net.parameters(), hp.grad_clip_e)
         self.step_uncounted(opt_e)  # global_step counts iterations, not optimiser steps
 
-    def _reference_training_step(self, batch) -> None:
-        """``update_order="reference"``: F's classification step first, then the chains with the updated F, G's step
-        and F's unlabelled step (``semi_sup_classification.py`` lines 740-804)."""
+    def _classify_region(self, x_l: Tensor, y_l: Tensor, *, backward) -> dict[str, Tensor]:
+        """The reference order's classification part: posterior latents of the labelled images (with F before this
+        step), F's cross-entropy on them, its backward into F's ``.grad`` (``class_weight`` times it) and F's gradient
+        norm. Detached 0-d tensors ``loss_cls``, ``acc_labelled``, ``grad_norm_e_cls``; no host reads (with
+        ``capture_step`` on a GPU, one CUDA graph: :meth:`EBMModule.run_region`)."""
         hp = self.hparams
-        x_u, x_l, y_l = self.split_batch(batch)
-        b = x_u.shape[0]
+        z_l = self.infer_latent(x_l)  # (B_l, nz) posterior samples with F before this step
+        logits_l = self.logits(z_l)
+        loss_cls = F.cross_entropy(logits_l, y_l)  # mean over the labelled part
+        acc = (logits_l.detach().argmax(1) == y_l).float().mean()
         _, opt_e = self.optimizers()
-        logs: dict = {}
-        loss_cls = full_precision(x_u.new_zeros(()))
-        if x_l is not None:
-            z_l = self.infer_latent(x_l.to(x_u.dtype))  # (B_l, nz) posterior samples with F before this step
-            logits_l = self.logits(z_l)
-            loss_cls = F.cross_entropy(logits_l, y_l)  # mean over the labelled part
-            logs["acc_labelled"] = (logits_l.detach().argmax(1) == y_l).float().mean()
-            if not self.check_finite({"loss_cls": loss_cls}):
-                return  # diverged: skip every update; the trainer stops after this batch
-            opt_e.zero_grad(set_to_none=True)
-            self.manual_backward(hp.class_weight * loss_cls)
-            logs["grad_norm_e_cls"] = self.grad_norm_and_clip(self.energy_net.parameters(), hp.grad_clip_e)
-            self.step_uncounted(opt_e)
-        logs["loss_cls"] = loss_cls.detach()
+        opt_e.zero_grad(set_to_none=True)
+        backward(hp.class_weight * loss_cls)
+        norm = self.grad_norm_and_clip(self.energy_net.parameters(), hp.grad_clip_e)
+        return {"loss_cls": loss_cls.detach(), "acc_labelled": acc, "grad_norm_e_cls": norm}
+
+    def _unlabelled_region(self, x_u: Tensor, *, backward) -> dict[str, Tensor]:
+        """The reference order's unlabelled part: both chains (with the updated F), G's and F's losses, one backward
+        and both gradient norms. Detached 0-d tensors (``loss_g``, ``loss_e``, the energies, ``mi`` when weighted,
+        ``grad_norm_g``, ``grad_norm_e``); no host reads."""
         z_pos = self.infer_latent(x_u)  # (B, nz) posterior samples, K1 steps from N(0, I), marginal prior, new F
-        z_neg = self.sample_latent(b)  # (B, nz) marginal prior samples, K0 steps from N(0, I)
+        z_neg = self.sample_latent(x_u.shape[0])  # (B, nz) marginal prior samples, K0 steps from N(0, I)
+        logs: dict = {}
         loss_g, loss_e = self._unlabelled_losses(x_u, z_pos, z_neg, logs)
         logs["loss_e"] = loss_e.detach()
-        limits = {"loss_g": hp.loss_g_limit} if self._loss_g_limit_applies("per_batch") else None
-        if not self.check_finite({"loss_g": loss_g, "loss_e": loss_e}, limits):
-            return
-        self._last_loss_g = loss_g.detach()
-        self._step_g_and_f(loss_g, loss_e, logs)
-        self._log_step(logs, b, x_l is not None)
+        logs.update(self._g_and_f_backward(loss_g, loss_e, backward))
+        return {k: v.detach() for k, v in logs.items()}
 
-    def _joint_training_step(self, batch) -> None:
-        """``update_order="joint"``: both posterior chains in one call, one F step on the sum of all F's losses."""
+    def _joint_region(self, x_u: Tensor, x_l: Tensor | None = None, y_l: Tensor | None = None, *,
+                      backward) -> dict[str, Tensor]:
+        """The joint order's step but its updates: both posterior chains in one call, the prior chain, every loss
+        (F's classification loss added to F's), one backward and both gradient norms. Detached 0-d tensors; no host
+        reads."""
         hp = self.hparams
-        x_u, x_l, y_l = self.split_batch(batch)
         b = x_u.shape[0]
-        x_all = x_u if x_l is None else torch.cat([x_u, x_l.to(x_u.dtype)])
+        x_all = x_u if x_l is None else torch.cat([x_u, x_l])
         z_all = self.infer_latent(x_all)  # (B + B_l, nz) posterior samples, K1 steps from N(0, I), marginal prior
         z_neg = self.sample_latent(b)  # (B, nz) marginal prior samples, K0 steps from N(0, I)
         logs: dict = {}
@@ -686,12 +694,45 @@ class SymbolVectorLEBM(LatentEBMPrior):
             logs["acc_labelled"] = (logits_l.detach().argmax(1) == y_l).float().mean()
         logs["loss_cls"] = loss_cls.detach()
         logs["loss_e"] = loss_e.detach()
-        losses = {"loss_g": loss_g, "loss_e": loss_e, "loss_cls": loss_cls}  # the same names on every rank (DDP)
+        logs.update(self._g_and_f_backward(loss_g, loss_e, backward))
+        return {k: v.detach() for k, v in logs.items()}
+
+    def _reference_training_step(self, batch) -> None:
+        """``update_order="reference"``: F's classification step first, then the chains with the updated F, G's step
+        and F's unlabelled step (``semi_sup_classification.py`` lines 740-804)."""
+        hp = self.hparams
+        x_u, x_l, y_l = self.split_batch(batch)
+        b = x_u.shape[0]
+        _, opt_e = self.optimizers()
+        logs: dict = {"loss_cls": full_precision(x_u.new_zeros(()))}
+        if x_l is not None:
+            logs.update(self.run_region("classify", self._classify_region, x_l.to(x_u.dtype), y_l))
+            if not self.check_finite({"loss_cls": logs["loss_cls"]}):
+                return  # diverged: skip every update; the trainer stops after this batch
+            self.step_uncounted(opt_e)
+        logs.update(self.run_region("unlabelled", self._unlabelled_region, x_u))
+        limits = {"loss_g": hp.loss_g_limit} if self._loss_g_limit_applies("per_batch") else None
+        if not self.check_finite({"loss_g": logs["loss_g"], "loss_e": logs["loss_e"]}, limits):
+            return
+        self._last_loss_g = logs["loss_g"]
+        self._step_g_and_f()
+        self._log_step(logs, b, x_l is not None)
+
+    def _joint_training_step(self, batch) -> None:
+        """``update_order="joint"``: both posterior chains in one call, one F step on the sum of all F's losses."""
+        hp = self.hparams
+        x_u, x_l, y_l = self.split_batch(batch)
+        b = x_u.shape[0]
+        if x_l is None:
+            logs = self.run_region("joint_unlabelled", self._joint_region, x_u)
+        else:
+            logs = self.run_region("joint", self._joint_region, x_u, x_l.to(x_u.dtype), y_l)
+        losses = {k: logs[k] for k in ("loss_g", "loss_e", "loss_cls")}  # the same names on every rank (DDP)
         limits = {"loss_g": hp.loss_g_limit} if self._loss_g_limit_applies("per_batch") else None
         if not self.check_finite(losses, limits):
             return  # diverged: skip both updates; the trainer stops after this batch
-        self._last_loss_g = loss_g.detach()
-        self._step_g_and_f(loss_g, loss_e, logs)
+        self._last_loss_g = logs["loss_g"]
+        self._step_g_and_f()
         self._log_step(logs, b, x_l is not None)
 
     def _log_step(self, logs: dict, b: int, labelled: bool) -> None:
