@@ -1,11 +1,11 @@
 """A training step as one CUDA graph (``capture_step=True`` on ``LatentEBMPrior``, ``JointHierarchicalEBMPrior``,
-``ShortRunEBM``, ``CoopNets``, ``DiffusionRecoveryEBM`` and ``SymbolVectorLEBM``; :class:`lebm_zoo.capture.CapturedStep`,
-:meth:`EBMModule.run_region`).
+``ShortRunEBM``, ``CoopNets``, ``DiffusionRecoveryEBM`` and ``SymbolVectorLEBM``;
+:class:`lebm_zoo.capture.CapturedStep`, :meth:`EBMModule.run_region`).
 
 On a CPU: the option's checks, the captured regions' arithmetic (the same step as the eager one), no host reads and
-no data-dependent shapes in the regions, and the wrapper's bookkeeping that does not need a GPU. On a GPU (marker ``cuda``, run by
-``benchmarks/gpu_check.sh``): the replayed graph trains as the eager step with the same seed, through the warm-up, the
-capture, the replays and an epoch's smaller last batch, in fp32 and bf16-mixed.
+no data-dependent shapes in the regions, and the wrapper's bookkeeping that does not need a GPU. On a GPU (marker
+``cuda``, run by ``benchmarks/gpu_check.sh``): the replayed graphs train as the eager step with the same seed, through
+the warm-up, the capture, the replays and an epoch's smaller last batch, in fp32 and bf16-mixed.
 """
 from __future__ import annotations
 
