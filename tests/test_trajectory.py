@@ -196,6 +196,27 @@ def test_replay_memory_fills_then_starts_the_chains(tmp_path):
         model.prior_latents(torch.zeros(20, model.hparams.fdim), persistent=True)
 
 
+def test_cd_limit_stops_a_run_whose_energies_run_away(tmp_path):
+    """cd_limit (a named deviation; off by default, as in the reference): the step whose contrastive term |E(z+) -
+    E(z-)| exceeds it is skipped and the run stops with a divergence; without it the same run trains on."""
+    def run(**kw):
+        torch.manual_seed(0)
+        model = tiny(**kw)
+        t = tiny_trainer(tmp_path, max_steps=3)
+        t.fit(model, tensor_loader(walks(16), batch_size=8))
+        return model, t
+
+    with pytest.warns(UserWarning, match="diverged"):
+        stopped, t = run(cd_limit=1e-9)  # a random net's energies differ by more than this at once
+    assert t.global_step == 0 and "|cd| <= 1e-09" in stopped.divergence and "update was skipped" in stopped.divergence
+    assert stopped.hparams.cd_limit == 1e-9 and "cd_limit" in TrajectoryLEBM.resume_hparams
+    free, t = run()
+    assert t.global_step == 3 and free.divergence is None and free.hparams.cd_limit is None
+    for bad in (0, -1.0):
+        with pytest.raises(ValueError, match="cd_limit must be > 0 or None"):
+            tiny(cd_limit=bad)
+
+
 def test_training_checkpoints_keep_the_memory_and_published_weights_do_not(tmp_path):
     torch.manual_seed(0)
     model = tiny(memory_size=40)
