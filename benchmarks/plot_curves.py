@@ -2,7 +2,10 @@
 """Plot training curves of lebm-zoo runs from their TensorBoard logs into one PNG.
 
 Usage: python benchmarks/plot_curves.py OUT.png LABEL=RUN_DIR [LABEL=RUN_DIR ...] [--keys train/loss_g ...]
-RUN_DIR is a ``lightning_logs/version_N`` folder (or any folder above one event file).
+       [--epoch-table train/cd ...]
+RUN_DIR is a ``lightning_logs/version_N`` folder (or any folder above one event file). ``--epoch-table KEY ...`` also
+prints, for each run and key, the smallest and largest magnitude of the logged values in each epoch (a Markdown
+table; the epoch of a step is that of the run's ``epoch`` scalar).
 """
 from __future__ import annotations
 
@@ -34,11 +37,27 @@ def scalars(run: Path) -> dict[str, tuple[list[int], list[float]]]:
     return out
 
 
+def epoch_table(label: str, s: dict, key: str) -> str:
+    """Markdown rows ``| label | key | epoch | min |v| | max |v| |`` of the logged values of ``key``, by epoch."""
+    import bisect
+
+    e_steps, e_vals = s["epoch"]
+    order = sorted(range(len(e_steps)), key=e_steps.__getitem__)
+    e_steps, e_vals = [e_steps[i] for i in order], [e_vals[i] for i in order]
+    by_epoch: dict[int, list[float]] = {}
+    for step, v in zip(*s[key]):
+        i = max(bisect.bisect_right(e_steps, step) - 1, 0)
+        by_epoch.setdefault(int(e_vals[i]), []).append(abs(v))
+    return "\n".join(f"| {label} | {key} | {e} | {min(v):.4g} | {max(v):.4g} |" for e, v in sorted(by_epoch.items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
     ap.add_argument("runs", nargs="+", help="LABEL=RUN_DIR")
     ap.add_argument("--keys", nargs="+", default=DEFAULT_KEYS)
+    ap.add_argument("--epoch-table", nargs="+", default=[], metavar="KEY",
+                    help="also print each key's smallest and largest |value| per epoch")
     a = ap.parse_args()
     runs = {r.split("=", 1)[0]: scalars(Path(r.split("=", 1)[1])) for r in a.runs}
     keys = [k for k in a.keys if any(k in s for s in runs.values())]
@@ -54,6 +73,12 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(a.out, dpi=90)
     print(a.out)
+    if a.epoch_table:
+        print("\n| run | key | epoch | min abs | max abs |\n|---|---|---|---|---|")
+        for label, s in runs.items():
+            for key in a.epoch_table:
+                if key in s and "epoch" in s:
+                    print(epoch_table(label, s, key))
 
 
 if __name__ == "__main__":
