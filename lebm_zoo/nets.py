@@ -306,20 +306,26 @@ class SequenceDecoder(nn.Module):
         out, state = self.hidden_states(tokens, z, state)
         return self.out(out), state
 
-    def token_log_probs(self, tokens: Tensor, mask: Tensor, z: Tensor | None = None) -> Tensor:
+    def token_log_probs(self, tokens: Tensor, mask: Tensor, z: Tensor | None = None, dense: bool = False) -> Tensor:
         """log p(x_t | x_<t, z) of every target token, ``(B, T-1)`` float32, 0 at padding (positions 1..T-1).
 
-        The output layer and softmax (most of the cost for a large vocabulary) run on the real tokens only.
+        The output layer and softmax (most of the cost for a large vocabulary) run on the real tokens only; with
+        ``dense`` they run on every position and the padding is zeroed afterwards: the same values to float rounding,
+        more arithmetic, but no operation whose output shape depends on the mask (what a CUDA graph can hold).
         """
         out, _ = self.hidden_states(tokens[:, :-1], z)  # (B, T-1, H)
         sel = mask[:, 1:]  # (B, T-1) bool: targets x_1 .. <eos>
+        if dense:
+            logp = torch.gather(F.log_softmax(self.out(out).float(), dim=-1), 2, tokens[:, 1:, None]).squeeze(2)
+            return torch.where(sel, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))  # (B, T-1)
         logits = self.out(out[sel]).float()  # (N, V), N = number of target tokens
         logp = torch.gather(F.log_softmax(logits, dim=-1), 1, tokens[:, 1:][sel][:, None]).squeeze(1)  # (N,)
         return torch.zeros(sel.shape, dtype=logp.dtype, device=logp.device).masked_scatter(sel, logp)
 
-    def log_likelihood(self, tokens: Tensor, mask: Tensor, z: Tensor | None = None) -> Tensor:
-        """log p(x | z) of each sequence, ``(B,)`` in nats: the sum over ``x_1 .. <eos>`` (``<bos>`` is given)."""
-        return self.token_log_probs(tokens, mask, z).sum(1)
+    def log_likelihood(self, tokens: Tensor, mask: Tensor, z: Tensor | None = None, dense: bool = False) -> Tensor:
+        """log p(x | z) of each sequence, ``(B,)`` in nats: the sum over ``x_1 .. <eos>`` (``<bos>`` is given);
+        ``dense`` as :meth:`token_log_probs`."""
+        return self.token_log_probs(tokens, mask, z, dense).sum(1)
 
     @torch.no_grad()
     def generate(self, z: Tensor | None, n: int, max_length: int, bos: int = 1, eos: int = 2,

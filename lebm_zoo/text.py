@@ -130,9 +130,18 @@ class Vocabulary:
         return [self.decode(row) for row in tokens.tolist()]
 
 
-def pad_batch(rows: Sequence[Sequence[int]], pad_index: int = 0) -> dict[str, Tensor]:
-    """Pad index rows to the longest: ``{"tokens": (B, T) int64, "mask": (B, T) bool}`` (True on real tokens)."""
+def pad_batch(rows: Sequence[Sequence[int]], pad_index: int = 0, length: int | None = None) -> dict[str, Tensor]:
+    """Pad index rows to the longest, or to ``length``: ``{"tokens": (B, T) int64, "mask": (B, T) bool}`` (True on
+    real tokens).
+
+    Raises:
+        ValueError: a row longer than ``length``.
+    """
     t = max(len(r) for r in rows)
+    if length is not None:
+        if t > length:
+            raise ValueError(f"a row of {t} tokens does not fit the padded length {length}")
+        t = length
     tokens = torch.full((len(rows), t), pad_index, dtype=torch.long)
     mask = torch.zeros(len(rows), t, dtype=torch.bool)
     for i, r in enumerate(rows):

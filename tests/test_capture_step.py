@@ -60,7 +60,8 @@ def test_capture_step_on_a_cpu_warns_and_trains_as_the_eager_step():
 
 #: the families with the capture_step option (each as a name of tests/_data.py:TINY_MODELS and the settings to test)
 CAPTURABLE = {"LatentEBMPrior": {}, "JointHierarchicalEBMPrior": {}, "ShortRunEBM": {}, "CoopNets": {},
-              "DiffusionRecoveryEBM": {}, "SymbolVectorLEBM": {}, "SymbolVectorLEBM-joint": {"update_order": "joint"}}
+              "DiffusionRecoveryEBM": {}, "SymbolVectorLEBM": {}, "SymbolVectorLEBM-joint": {"update_order": "joint"},
+              "SequenceLatentEBMPrior": {}}
 #: the regions of each (run_region's names, in the order of a step)
 REGIONS = {"SymbolVectorLEBM": ["classify", "unlabelled"], "SymbolVectorLEBM-joint": ["joint"]}
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
@@ -182,7 +183,7 @@ def test_capture_step_arguments_are_checked():
             tiny(capture_step=True, compile_chains=mode)
     assert tiny(capture_step=True, compile_chains=False).hparams.capture_step is True
     assert "capture_step" in LatentEBMPrior.resume_hparams  # a resumed run may switch it
-    with pytest.raises(ValueError, match="this run has 2 processes: use compile_chains instead"):
+    with pytest.raises(ValueError, match=r"this run has 2 processes: turn it off \(the families that have"):
         EBMModule._check_capture_step(2, torch.device("cuda"))
     with pytest.raises(ValueError, match="does not scale the loss as precision 16-mixed needs"):
         EBMModule._check_capture_step(1, torch.device("cuda"), "16-mixed")
@@ -279,3 +280,56 @@ def test_every_capturable_family_replays_its_step_as_eager_on_cuda(name):
     for (k, a), b in zip(captured.state_dict().items(), eager.state_dict().values()):
         atol = 2.5 * eager.hparams.lr_g if k in ZERO_GRADIENT.get(name, ()) else 1e-5
         torch.testing.assert_close(a, b, rtol=1e-4, atol=atol, msg=f"{name}: {k}")
+
+
+def test_the_sequence_decoders_dense_scores_equal_the_masked_ones_without_data_dependent_shapes():
+    """``SequenceDecoder.token_log_probs(dense=True)`` (what ``capture_step`` uses in the training loop) gives the
+    masked path's values and gradients to float rounding, with no operation whose shape depends on the mask (the
+    masked path indexes by the mask: a CUDA graph cannot hold it); trailing padding changes neither."""
+    from lebm_zoo.nets import SequenceDecoder
+    from lebm_zoo.text import pad_batch
+
+    torch.manual_seed(0)
+    dec = SequenceDecoder(12, nz=3, emb_dim=5, hidden=6)
+    rows = [[1, *torch.randint(4, 12, (n,)).tolist(), 2] for n in (1, 4, 2, 6)]
+    results = {}
+    for dense in (False, True):
+        for length in (None, 12):
+            x = pad_batch(rows, 0, length)
+            z = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
+            with DataDependentOps() as ops:
+                lp = dec.token_log_probs(x["tokens"], x["mask"], z, dense=dense)
+                (grad,) = torch.autograd.grad(lp.sum(), z)
+            assert (lp[~x["mask"][:, 1:]] == 0).all() and (lp[x["mask"][:, 1:]] < 0).all()
+            assert ("aten::index" in ops.found) is not dense, ops.found
+            results[dense, length] = lp[:, :7], grad, dec.log_likelihood(x["tokens"], x["mask"], z, dense=dense)
+    ref = results[False, None]
+    assert ref[0].shape == (4, 7)
+    for key, got in results.items():
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=str(key))
+
+
+def test_sequence_capture_step_trains_on_batches_padded_to_one_length_as_the_eager_step():
+    """``capture_step`` on token batches padded to one length (``pad_to``: what lets one graph replay every batch)
+    trains to the weights of the eager step on the unpadded batches."""
+    import functools
+
+    from lebm_zoo.text import pad_batch
+
+    def run(length, **kw):
+        pl.seed_everything(0, verbose=False)
+        m = tiny_family("SequenceLatentEBMPrior", **kw)
+        loader = training_data("SequenceLatentEBMPrior")
+        loader = torch.utils.data.DataLoader(loader.dataset, batch_size=8, collate_fn=functools.partial(
+            pad_batch, pad_index=0, length=length))
+        shapes = [tuple(b["tokens"].shape) for b in loader]
+        tiny_trainer(max_steps=4, max_epochs=2).fit(m, loader)
+        return m, shapes
+
+    with pytest.warns(UserWarning, match="capture_step needs a CUDA device"):
+        captured, padded = run(9, capture_step=True)
+    eager, unpadded = run(None)
+    assert padded == [(8, 9)] * 2 and unpadded == [(8, 5)] * 2
+    for (k, a), b in zip(captured.state_dict().items(), eager.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)

@@ -61,6 +61,31 @@ def test_max_length_filter_and_unknown_words(small_ptb):
     assert dm.vocab.encode(["zzzz-not-a-word"])[1] == Vocabulary.unk_index
 
 
+def test_pad_to_gives_every_batch_one_length_and_refuses_shorter_ones(small_ptb):
+    """``pad_to`` (for ``capture_step``): every batch ``(B, pad_to)``, the same tokens and mask as without it plus
+    trailing padding; a length shorter than a kept sequence is a clear error at ``setup``."""
+    plain = PTBDataModule(str(small_ptb), max_length=10)
+    padded = PTBDataModule(str(small_ptb), max_length=10, pad_to=14)
+    plain.setup()
+    padded.setup()
+    batches = list(zip(plain.train_dataloader(), padded.train_dataloader()))
+    assert len(batches) == len(plain.train_dataloader()) >= 2
+    for a, b in batches:
+        assert b["tokens"].shape == (a["tokens"].shape[0], 14)
+        t = a["tokens"].shape[1]
+        assert torch.equal(b["tokens"][:, :t], a["tokens"]) and torch.equal(b["mask"][:, :t], a["mask"])
+        assert not b["mask"][:, t:].any() and (b["tokens"][:, t:] == Vocabulary.pad_index).all()
+    with pytest.raises(ValueError, match=r"pad_to=11 is shorter than the longest Penn Treebank sequence kept \(12 "
+                                         r"tokens with <bos> and <eos>\): raise --data.pad_to to 12, or drop the "
+                                         r"longer ones with --data.max_length 9"):
+        PTBDataModule(str(small_ptb), max_length=10, pad_to=11).setup()
+    for bad in (2, True, 12.0):
+        with pytest.raises(ValueError, match="pad_to must be an integer >= 3"):
+            PTBDataModule(str(small_ptb), pad_to=bad)
+    with pytest.raises(ValueError, match="a row of 4 tokens does not fit the padded length 3"):
+        pad_batch([[1, 5, 6, 2]], 0, 3)
+
+
 def test_missing_or_corrupt_files_are_clear_errors(tmp_path, small_ptb):
     dm = PTBDataModule(str(tmp_path / "nowhere"))
     with pytest.raises(DatasetNotFoundError, match="ptb.train.txt does not exist.*--data.download true"):

@@ -321,7 +321,7 @@ class EBMModule(PretrainedMixin, SamplerMixin, pl.LightningModule):
         warning: the step runs eagerly)."""
         if world_size > 1:
             raise ValueError(f"capture_step captures one process's step on one GPU; this run has {world_size} "
-                             "processes: use compile_chains instead")
+                             "processes: turn it off (the families that have compile_chains can use that instead)")
         if precision == "16-mixed":  # the region's backward does not scale the loss; the plugin would unscale it
             raise ValueError("capture_step does not scale the loss as precision 16-mixed needs: use bf16-mixed or "
                              "32-true")

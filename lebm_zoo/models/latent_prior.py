@@ -54,7 +54,8 @@ class LatentPriorBase(EBMModule):
     ``lr_g``, ``lr_e``, ``betas``, ``lr_decay``, ``grad_clip_g``, ``grad_clip_e``; optional: ``lr_schedule`` (absent:
     ``"exponential"``), ``loss_g_limit`` (absent: off), ``loss_g_limit_after_epoch``, ``loss_g_limit_check``,
     ``compile_chains`` (absent: eager chains), ``compile_scope`` (absent: ``"step"``), ``capture_step`` (absent:
-    off; only for data that is one tensor).
+    off; data that is not one tensor overrides :meth:`~lebm_zoo.models.base.EBMModule.forward_backward` to give the
+    region tensors).
 
     Latents are ``(B, nz)``; "data" is the subclass's (images, token batches).
     """

@@ -62,6 +62,12 @@ class SequenceLatentEBMPrior(VocabularyMixin, LatentPriorBase):
         emb_dim, hidden, num_layers, dropout: the decoder (:class:`~lebm_zoo.nets.SequenceDecoder`).
         max_decode_length: most tokens decoded per sample (``<eos>`` included).
         temperature: decoding temperature of :meth:`sample` (0: greedy; 1: the model's distribution).
+        capture_step: on a GPU, run each training step's two chains, both losses and the backward as one CUDA graph,
+            as :class:`~lebm_zoo.LatentEBMPrior`'s option (same conditions and errors). A graph replays one batch
+            shape: pad every batch to one length with the datamodule's ``pad_to`` (``--data.pad_to``), else only the
+            batches of the first batch's length replay and the others run eagerly. In the training loop the decoder
+            then scores every position and zeroes the padding (``SequenceDecoder.token_log_probs(dense=True)``), as a
+            graph needs: the same likelihood to float rounding. Default False.
 
     Raises:
         ValueError: bad hyperparameters (as :class:`~lebm_zoo.LatentEBMPrior`, and ``max_decode_length < 1``,
@@ -73,7 +79,7 @@ class SequenceLatentEBMPrior(VocabularyMixin, LatentPriorBase):
     #: hyperparameters a resumed run may change (the others come from the checkpoint)
     resume_hparams = (
         "prior_steps", "prior_step_size", "posterior_steps", "posterior_step_size", "lr_g", "lr_e", "betas", "lr_decay",
-        "grad_clip_g", "grad_clip_e", "temperature")
+        "grad_clip_g", "grad_clip_e", "temperature", "capture_step")
 
     def __init__(
         self,
@@ -100,9 +106,11 @@ class SequenceLatentEBMPrior(VocabularyMixin, LatentPriorBase):
         grad_clip_e: float | None = None,
         max_decode_length: int = 60,
         temperature: float = 1.0,
+        capture_step: bool = False,
     ):
         super().__init__()
         self._check_prior_args(prior, prior_sigma)
+        self.check_capture_args(capture_step, None)
         if max_decode_length < 1 or temperature < 0:
             raise ValueError(f"max_decode_length must be >= 1 and temperature >= 0, got {max_decode_length}, "
                              f"{temperature}")
@@ -162,11 +170,21 @@ class SequenceLatentEBMPrior(VocabularyMixin, LatentPriorBase):
             x: ``{"tokens": (B, T), "mask": (B, T)}``.
             z: latents ``(B, nz)``.
         """
-        return self.generator.log_likelihood(x["tokens"], x["mask"], z)
+        dense = bool(self.hparams.get("capture_step")) and in_training_loop(self)  # no mask-shaped tensors then
+        return self.generator.log_likelihood(x["tokens"], x["mask"], z, dense=dense)
 
     def generator_loss(self, x: dict[str, Tensor], z: Tensor) -> Tensor:
         """``-mean_b log p(x_b | z_b)``: the decoder's negative log-likelihood per sequence, nats."""
         return -self.log_likelihood(x, z).mean()
+
+    # ------------------------------------------------------------------------------------------------ training
+    def forward_backward(self, x: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The training step's region (``_forward_backward``) on a token batch, given to
+        :meth:`~lebm_zoo.models.base.EBMModule.run_region` as its two tensors (a graph's inputs are tensors)."""
+        return self.run_region("step", self._forward_backward_tokens, x["tokens"], x["mask"])
+
+    def _forward_backward_tokens(self, tokens: Tensor, mask: Tensor, backward) -> dict[str, Tensor]:
+        return self._forward_backward({"tokens": tokens, "mask": mask}, backward)
 
     # ------------------------------------------------------------------------------------------------ sampling
     @torch.no_grad()
