@@ -86,3 +86,18 @@ def test_gpu_check_refuses_unknown_arguments_and_a_cpu_without_dry_run(tmp_path)
     assert p.returncode == 2 and "unknown argument --fast" in p.stderr
     p = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "no CUDA device" in p.stderr and "--dry-run" in p.stderr
+
+
+def test_gpu_check_step_limits_fit_six_minutes_on_the_gpu_and_scale_on_a_cpu():
+    """The GPU run's step limits add up to at most 6 minutes (the issue's bound; what a GPU window holds with a rerun);
+    the dry run multiplies them (a busy CPU is slower than the GPU they are sized for)."""
+    import re
+
+    text = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    limits = {name: int(n) for name, n in re.findall(r"^step (\w+) (\d+) ", text, re.M)}
+    assert set(limits) == {"env", "pytest", "compile", "recipes", "captured"}, limits
+    gpu_real = re.search(r"REAL_LIMIT=(\d+); SCALE=1$", text, re.M)
+    assert gpu_real and 'step cifar10 "$REAL_LIMIT"' in text
+    total = sum(limits.values()) + int(gpu_real.group(1))
+    assert total <= 360 and f"limits add up to {total} s" in text
+    assert re.search(r"^  SCALE=4$", text, re.M) and "limit=$(( $2 * SCALE ))" in text
