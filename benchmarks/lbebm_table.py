@@ -4,6 +4,7 @@ epoch, and write the table (mean +- std over seeds) beside the paper's rows.
     python benchmarks/lbebm_table.py run --out ~/lbebm-runs --data ../shared/data/eth_ucy --workers 2 \\
         --scenes hotel univ eth zara1 zara2 --seeds 1 2 3 --epochs eth=25 zara1=25 zara2=25
     python benchmarks/lbebm_table.py report ~/lbebm-runs --data ../shared/data/eth_ucy   # Markdown table on stdout
+    python benchmarks/lbebm_table.py steps --data ../shared/data/eth_ucy --runs ~/lbebm-runs   # speeds, train vs test
 
 ``run`` starts one ``lebm-zoo fit`` then ``lebm-zoo test --ckpt_path last`` per (scene, seed), ``--workers`` at a
 time, each single-threaded (``OMP_NUM_THREADS=1``), in ``<out>/<scene>-s<seed>/``; a run whose ``record.json`` exists
@@ -144,6 +145,34 @@ def constant_velocity(data: str, scene: str) -> tuple[float, float]:
     return err.mean().item(), err[:, -1].mean().item()
 
 
+def step_lengths(data: str, scene: str, run: Path | None = None, k: int = 20, seed: int = 0) -> dict:
+    """How fast people move in a scene's training and test windows, as each window's mean step (metres per time
+    step, over its 19 steps): the training windows' median and 90th percentile, the test windows' median and the share
+    of test windows faster than that percentile (a held-out scene whose people move faster than those the model
+    trained on asks it to extrapolate). With ``run`` (a trained run's folder: its newest ``last.ckpt``), also the
+    best-of-``k`` test ADE (metres) of those fast windows and of the others."""
+    import torch
+
+    from datamodules.trajectories import TrajectoryDataModule
+
+    dm = TrajectoryDataModule(data, scene)
+    train, test = ((w[:, 1:] - w[:, :-1]).double().norm(dim=-1).mean(1) for w in map(dm.windows, ("train", "test")))
+    p90 = torch.quantile(train, 0.9).item()
+    fast = test > p90
+    out = {"train_median": train.median().item(), "train_p90": p90, "test_median": test.median().item(),
+           "test_windows": len(test), "test_fast": fast.double().mean().item()}
+    if run is not None:
+        from lebm_zoo import load_pretrained
+
+        model = load_pretrained(run).eval()
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            ade = torch.cat([model.best_of_k_errors(w, k)[0] for w in dm.windows("test").split(2000)]).double()
+        out.update(ade=ade.mean().item(), ade_fast=ade[fast].mean().item() if fast.any() else float("nan"),
+                   ade_rest=ade[~fast].mean().item())
+    return out
+
+
 def spread(run: Path, data: str, scene: str, max_windows: int = 2000, k: int = 20, seed: int = 0) -> dict:
     """How the trained model's K plans (the newest ``last.ckpt`` under ``run``) spread on the scene's test windows
     (the first ``max_windows``), in metres: ``final_std`` the standard deviation of the K plans' final points around
@@ -233,7 +262,22 @@ def main(argv=None) -> int:
     d.add_argument("out", type=Path)
     d.add_argument("--data", required=True, help="the ETH-UCY folder")
     d.add_argument("--max-windows", type=int, default=2000)
+    v = sub.add_parser("steps", help="how fast people move in each scene's training and test windows (and, with "
+                                     "--runs, the test ADE of the fast windows and of the others)")
+    v.add_argument("--data", required=True, help="the ETH-UCY folder")
+    v.add_argument("--runs", type=Path, help="the runs' folder (of `run`): each scene's seed-1 run is tested")
     a = ap.parse_args(argv)
+    if a.cmd == "steps":
+        print("| held-out scene | training windows: median step (m) | their 90th percentile | test windows: median "
+              "step | test windows faster than that percentile | seed 1's test ADE: those / the others / all |\n"
+              "|---|---|---|---|---|---|")
+        for scene in SCENES:
+            run = a.runs / f"{scene}-s1" if a.runs else None
+            s = step_lengths(a.data, scene, run if run and (run / "record.json").is_file() else None)
+            ades = f"{s['ade_fast']:.3f} / {s['ade_rest']:.3f} / {s['ade']:.3f}" if "ade" in s else "not run"
+            print(f"| {scene} | {s['train_median']:.3f} | {s['train_p90']:.3f} | {s['test_median']:.3f} | "
+                  f"{100 * s['test_fast']:.0f}% of {s['test_windows']} | {ades} |", flush=True)
+        return 0
     if a.cmd == "report":
         print(report(a.out, a.data))
         return 0

@@ -348,6 +348,12 @@ def test_cli_fit_test_and_sample(tmp_path):
     s = lbebm_table.spread(tmp_path / "runs", str(root), "hotel", k=4)
     assert s["windows"] == 17 and s["final_std"] > 0 and 0 < s["fde_k"] <= s["fde_1"]
     assert lbebm_table.trained(tmp_path / "runs") == {"epochs": 2, "steps": 6}  # 17 windows, batches of 8: 3 an epoch
+    (run,) = {p.parent.parent.parent.parent for p in (tmp_path / "runs").rglob("last.ckpt")}
+    v = lbebm_table.step_lengths(str(root), "hotel", run, k=4)  # the test ADE split by the windows' speed
+    assert v["test_windows"] == 17 and 0 <= v["test_fast"] <= 1 and v["ade"] > 0
+    fast = round(v["test_fast"] * 17)
+    parts = [(fast, v["ade_fast"])] * (fast > 0) + [(17 - fast, v["ade_rest"])] * (fast < 17)
+    assert sum(n * a for n, a in parts) / 17 == pytest.approx(v["ade"], rel=1e-9)
     recs = sorted((tmp_path / "runs").rglob("trajectories/*.json"))
     names = {p.name for p in recs}
     assert {"val-epoch=0000.json", "val-epoch=0001.json", "test.json"} <= names, names  # hotel: val every epoch
@@ -401,6 +407,27 @@ def test_table_report(tmp_path):
     assert "0.300 ± 0.141 / 0.600 ± 0.283" in ours and "not run" in ours and ours.endswith("incomplete |")
     assert "| LB-EBM (paper) | 0.30 / 0.52 | 0.13 / 0.20" in out and "Test CPU" in out
     assert "ours ÷ paper" not in out  # only for a complete row
+
+
+def test_table_steps_compare_the_test_windows_speed_with_the_training_ones(tmp_path):
+    """``lbebm_table.py steps``: each window's mean step in metres; test windows twice as fast as every training one
+    are all "faster than the training 90th percentile"."""
+    data = tmp_path / "eth_ucy"
+    for scene in ("eth", "hotel", "univ", "zara1", "zara2"):
+        for split, speed in (("train", 0.3), ("val", 0.3), ("test", 0.6 if scene == "eth" else 0.25)):
+            rows = [(10 * i, p, speed * i * (0.6 + 0.1 * p), speed * i * (0.8 - 0.1 * p)) for p in (1, 2)
+                    for i in range(21)]  # walker p steps speed * |(0.6 + 0.1 p, 0.8 - 0.1 p)| m per frame
+            f = data / scene / split / "t.txt"
+            f.parent.mkdir(parents=True)
+            f.write_text("".join(f"{fr}\t{p}\t{x}\t{y}\n" for fr, p, x, y in sorted(rows)))
+    out = subprocess.run([sys.executable, "benchmarks/lbebm_table.py", "steps", "--data", str(data)],
+                         capture_output=True, text=True, check=True).stdout
+    lines = {line.split(" | ")[0][2:]: line for line in out.splitlines()[2:]}
+    assert set(lines) == {"eth", "hotel", "univ", "zara1", "zara2"}
+    # walker 1 steps 0.3 * |(0.7, 0.7)| = 0.297, walker 2 0.3 * |(0.8, 0.6)| = 0.3, two windows each (the median is
+    # the lower middle one); eth's test walkers step twice as far, the others' 5/6 as far
+    assert lines["eth"].startswith("| eth | 0.297 | 0.300 | 0.594 | 100% of 4 | not run |"), lines["eth"]
+    assert lines["hotel"].startswith("| hotel | 0.297 | 0.300 | 0.247 | 0% of 4 |"), lines["hotel"]
 
 
 def test_table_report_ratios_and_constant_velocity(tmp_path):
