@@ -156,7 +156,8 @@ def takes_capture_step(config: Path) -> bool:
 
 
 #: what ``--capture-step`` adds to the runs whose model has the option: the step as one CUDA graph, and the
-#: divergence guard read every 50 batches instead of at every step
+#: divergence guard read every 50 batches instead of at every step (a token-sequence run also needs ``--data.pad_to``
+#: in its campaign overrides, else only the batches as long as its first replay the graph)
 CAPTURE_OVERRIDES = ["--model.capture_step", "true", "--trainer.callbacks+=lebm_zoo.callbacks.SyncEvery",
                      "--trainer.callbacks.steps", "50"]
 
