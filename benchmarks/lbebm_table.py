@@ -168,8 +168,9 @@ def step_lengths(data: str, scene: str, run: Path | None = None, k: int = 20, se
         torch.manual_seed(seed)
         with torch.no_grad():
             ade = torch.cat([model.best_of_k_errors(w, k)[0] for w in dm.windows("test").split(2000)]).double()
-        out.update(ade=ade.mean().item(), ade_fast=ade[fast].mean().item() if fast.any() else float("nan"),
-                   ade_rest=ade[~fast].mean().item())
+        nan = float("nan")  # a share with no window
+        out.update(ade=ade.mean().item(), ade_fast=ade[fast].mean().item() if fast.any() else nan,
+                   ade_rest=ade[~fast].mean().item() if not fast.all() else nan)
     return out
 
 
