@@ -5,6 +5,7 @@ epoch, and write the table (mean +- std over seeds) beside the paper's rows.
         --scenes hotel univ eth zara1 zara2 --seeds 1 2 3 --epochs eth=25 zara1=25 zara2=25
     python benchmarks/lbebm_table.py report ~/lbebm-runs --data ../shared/data/eth_ucy   # Markdown table on stdout
     python benchmarks/lbebm_table.py steps --data ../shared/data/eth_ucy --runs ~/lbebm-runs   # speeds, train vs test
+    python benchmarks/lbebm_table.py timebase --data ../shared/data/eth_ucy --runs ~/lbebm-runs  # eth's time step
 
 ``run`` starts one ``lebm-zoo fit`` then ``lebm-zoo test --ckpt_path last`` per (scene, seed), ``--workers`` at a
 time, each single-threaded (``OMP_NUM_THREADS=1``), in ``<out>/<scene>-s<seed>/``; a run whose ``record.json`` exists
@@ -174,6 +175,45 @@ def step_lengths(data: str, scene: str, run: Path | None = None, k: int = 20, se
     return out
 
 
+def test_errors(run: Path, dm, k: int = 20, seed: int = 0) -> dict:
+    """The best-of-``k`` test ADE and FDE (metres) of a trained run (its newest ``last.ckpt``) on a datamodule's
+    test windows, and their median step (metres per time step, each window's mean over its steps)."""
+    import torch
+
+    from lebm_zoo import load_pretrained
+
+    model = load_pretrained(run).eval()
+    w = dm.windows("test")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        ade, fde = (torch.cat(e).double() for e in zip(*(model.best_of_k_errors(b, k) for b in w.split(2000))))
+    step = (w[:, 1:] - w[:, :-1]).double().norm(dim=-1).mean(1).median().item()
+    return {"windows": len(w), "ade": ade.mean().item(), "fde": fde.mean().item(), "step": step}
+
+
+def timebase(data: str, runs: Path, seeds=(1, 2, 3)) -> list[tuple[str, dict, dict]]:
+    """What the time between two rows does to the test error: each eth run (``<runs>/eth-s<seed>``) tested on eth's
+    file as it is and at the ETH sequence's annotation rate (``eth_annotation_rate``); and, the other way round, each
+    zara1 run on zara1's test file re-sampled every 50/3 frames, as far apart as eth's rows are (about 0.67 s).
+    Returns ``(label, as-is, changed)`` per run, each a :func:`test_errors` dict."""
+    from datamodules.trajectories import ETH_ANNOTATION_STEP, TrajectoryDataModule, resample_tracks
+
+    class Stretched(TrajectoryDataModule):
+        def read(self, path):
+            rows = super().read(path)
+            return resample_tracks(rows, 10 * 10 / ETH_ANNOTATION_STEP) if path.parent.name == "test" else rows
+
+    out = []
+    for scene, changed in (("eth", lambda: TrajectoryDataModule(data, "eth", eth_annotation_rate=True)),
+                           ("zara1", lambda: Stretched(data, "zara1"))):
+        for seed in seeds:
+            run = runs / f"{scene}-s{seed}"
+            if (run / "record.json").is_file():
+                out.append((f"{scene} seed {seed}", test_errors(run, TrajectoryDataModule(data, scene)),
+                            test_errors(run, changed())))
+    return out
+
+
 def spread(run: Path, data: str, scene: str, max_windows: int = 2000, k: int = 20, seed: int = 0) -> dict:
     """How the trained model's K plans (the newest ``last.ckpt`` under ``run``) spread on the scene's test windows
     (the first ``max_windows``), in metres: ``final_std`` the standard deviation of the K plans' final points around
@@ -267,7 +307,19 @@ def main(argv=None) -> int:
                                      "--runs, the test ADE of the fast windows and of the others)")
     v.add_argument("--data", required=True, help="the ETH-UCY folder")
     v.add_argument("--runs", type=Path, help="the runs' folder (of `run`): each scene's seed-1 run is tested")
+    t = sub.add_parser("timebase", help="the eth and zara1 runs tested with eth's rows 0.4 s apart and zara1's 0.67 s")
+    t.add_argument("--data", required=True, help="the ETH-UCY folder")
+    t.add_argument("--runs", type=Path, required=True, help="the runs' folder (of `run`)")
     a = ap.parse_args(argv)
+    if a.cmd == "timebase":
+        print("| run | test file | windows | median step (m) | ADE | FDE |\n|---|---|---|---|---|---|")
+        for label, as_is, changed in timebase(a.data, a.runs):
+            what = ("eth at its annotation rate (0.4 s)" if label.startswith("eth")
+                    else "zara1 every 50/3 frames (0.67 s)")
+            for name, r in (("as it is", as_is), (what, changed)):
+                print(f"| {label} | {name} | {r['windows']} | {r['step']:.3f} | {r['ade']:.3f} | {r['fde']:.3f} |",
+                      flush=True)
+        return 0
     if a.cmd == "steps":
         print("| held-out scene | training windows: median step (m) | their 90th percentile | test windows: median "
               "step | test windows faster than that percentile | seed 1's test ADE: those / the others / all |\n"

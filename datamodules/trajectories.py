@@ -19,8 +19,8 @@ from torch.utils.data import Dataset, TensorDataset
 from datamodules.base import DatasetNotFoundError, summary
 from datamodules.loaders import SplitLoadersMixin, make_loader
 
-__all__ = ["ETH_UCY_SCENES", "SDDDataModule", "TrajectoryDataModule", "read_scene_file", "read_sdd_pickle",
-           "strided_windows"]
+__all__ = ["ETH_UCY_SCENES", "ETH_ANNOTATION_STEP", "SDDDataModule", "TrajectoryDataModule", "read_scene_file",
+           "read_sdd_pickle", "resample_tracks", "strided_windows"]
 
 #: the five leave-one-scene-out splits of ETH-UCY
 ETH_UCY_SCENES = ("eth", "hotel", "univ", "zara1", "zara2")
@@ -42,6 +42,47 @@ def read_scene_file(path: str | Path, delimiter: str = "\t") -> np.ndarray:
         raise DatasetNotFoundError(f"{path.resolve()} is not a trajectory file: expected 4 finite numeric columns "
                                    f"'frame<TAB>ped<TAB>x<TAB>y', got {rows.shape[1]} columns")
     return rows
+
+
+#: frames between two annotations of the ETH sequence (``seq_eth``): one row per 0.4 s, as the other scenes' rows 10
+#: frames apart; the Social-GAN ``biwi_eth*.txt`` files hold rows 10 frames apart, about 0.67 s (``docs/results.md``)
+ETH_ANNOTATION_STEP = 6
+
+
+def resample_tracks(rows: np.ndarray, step: float, origin: float = 0.0) -> np.ndarray:
+    """Each pedestrian's track re-sampled onto the frames ``origin + k * step`` by linear interpolation, ``(M, 4)``
+    float64 ``frame, ped, x, y`` sorted by frame then pedestrian.
+
+    A track is interpolated only inside its stretches of evenly spaced rows: where the gap between two of its rows
+    exceeds its smallest gap (the pedestrian left and came back), no row is made in between. A stretch that holds no
+    grid frame gives none.
+
+    Args:
+        rows: ``(N, 4)`` rows of one Social-GAN file (:func:`read_scene_file`).
+        step: frames between two new rows (> 0; e.g. :data:`ETH_ANNOTATION_STEP`).
+        origin: a frame of the new grid.
+
+    Raises:
+        ValueError: ``step`` is not positive.
+    """
+    if not step > 0:
+        raise ValueError(f"step must be > 0 frames, got {step}")
+    out = []
+    for p in np.unique(rows[:, 1]):
+        t = rows[rows[:, 1] == p]
+        t = t[np.argsort(t[:, 0], kind="stable")]
+        gaps = np.diff(t[:, 0])
+        breaks = np.flatnonzero(gaps > gaps.min() + 1e-9) + 1 if len(t) > 1 else []
+        for part in np.split(t, breaks):
+            lo, hi = np.ceil((part[0, 0] - origin) / step - 1e-9), np.floor((part[-1, 0] - origin) / step + 1e-9)
+            frames = origin + step * np.arange(lo, hi + 1)
+            if len(frames):
+                xy = [np.interp(frames, part[:, 0], part[:, c]) for c in (2, 3)]
+                out.append(np.stack([frames, np.full_like(frames, p), *xy], 1))
+    if not out:
+        return np.zeros((0, 4))
+    r = np.concatenate(out)
+    return r[np.lexsort((r[:, 1], r[:, 0]))]
 
 
 #: the rotation angles of the reference's augmentation (``utils.get_strided_data_clust(rotate=...)``), in radians
@@ -98,6 +139,11 @@ class TrajectoryDataModule(SplitLoadersMixin, pl.LightningDataModule):
             :func:`strided_windows`), the reference loader's ``rotate`` option, which its scripts as published do not
             pass (default False). Validation and test windows are never turned. ``docs/fidelity.md`` and
             ``docs/results.md`` say what it changes.
+        eth_annotation_rate: re-sample every ``biwi_eth*.txt`` file (eth's test file; the other scenes' training and
+            validation copies) onto the ETH sequence's own annotation frames, every :data:`ETH_ANNOTATION_STEP`
+            frames, one row per 0.4 s as in the other scenes (:func:`resample_tracks`). Social-GAN's files, which the
+            reference reads as they are, space ETH's rows about 0.67 s apart (default False: as the reference). A
+            deviation: ``docs/fidelity.md``; ``docs/results.md`` says what it changes.
 
     Attributes:
         train_set, val_set, test_set: ``TensorDataset``s of windows after ``setup``.
@@ -110,7 +156,7 @@ class TrajectoryDataModule(SplitLoadersMixin, pl.LightningDataModule):
 
     def __init__(self, data_dir: str, scene: str = "eth", batch_size: int = 70, eval_batch_size: int = 700,
                  past_length: int = 8, future_length: int = 12, num_workers: int = 0, seed: int | None = None,
-                 rotate: bool = False):
+                 rotate: bool = False, eth_annotation_rate: bool = False):
         super().__init__()
         if scene not in ETH_UCY_SCENES:
             raise ValueError(f"scene must be one of {', '.join(ETH_UCY_SCENES)}, got {scene!r}")
@@ -120,6 +166,7 @@ class TrajectoryDataModule(SplitLoadersMixin, pl.LightningDataModule):
         self.scene, self.batch_size, self.eval_batch_size = scene, batch_size, eval_batch_size
         self.past_length, self.future_length = past_length, future_length
         self.num_workers, self.seed, self.rotate = num_workers, seed, bool(rotate)
+        self.eth_annotation_rate = bool(eth_annotation_rate)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -143,12 +190,19 @@ class TrajectoryDataModule(SplitLoadersMixin, pl.LightningDataModule):
         file's windows and their turned copies)."""
         length = self.past_length + self.future_length
         rotate = self.rotate and split == "train"
-        parts = [strided_windows(read_scene_file(f), length, rotate) for f in self.split_files(split)]
+        parts = [strided_windows(self.read(f), length, rotate) for f in self.split_files(split)]
         w = np.concatenate(parts)
         if len(w) == 0:
             raise DatasetNotFoundError(f"ETH-UCY scene {self.scene!r}, split {split}: no pedestrian has {length} rows "
                                        f"in {(self.data_dir / self.scene / split).resolve()}")
         return torch.from_numpy(w)
+
+    def read(self, path: Path) -> np.ndarray:
+        """One file's rows (:func:`read_scene_file`), re-sampled when ``eth_annotation_rate`` asks for it."""
+        rows = read_scene_file(path)
+        if self.eth_annotation_rate and path.name.startswith("biwi_eth"):
+            rows = resample_tracks(rows, ETH_ANNOTATION_STEP)
+        return rows
 
     def prepare_data(self) -> None:
         for split in ("train", "val", "test"):

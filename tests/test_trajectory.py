@@ -2,6 +2,7 @@
 reference is tests/test_reference_trajectory.py)."""
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,13 @@ from test_devices import walks
 
 import lebm_zoo
 from datamodules import DatasetNotFoundError, SDDDataModule, TrajectoryDataModule
-from datamodules.trajectories import read_scene_file, read_sdd_pickle, strided_windows
+from datamodules.trajectories import (
+    ETH_ANNOTATION_STEP,
+    read_scene_file,
+    read_sdd_pickle,
+    resample_tracks,
+    strided_windows,
+)
 from lebm_zoo import TrajectoryLEBM
 from lebm_zoo.callbacks import TrajectoryMetrics
 from lebm_zoo.callbacks.trajectory import demo_pasts
@@ -125,6 +132,64 @@ def test_datamodule_errors_name_the_folder_and_the_fix(tmp_path):
     write_track_file(root / "eth" / "test" / "a_test.txt", {1: 5})
     with pytest.raises(DatasetNotFoundError, match="split test: no pedestrian has 20 rows"):
         TrajectoryDataModule(str(root), "eth").setup()
+
+
+def test_tracks_are_resampled_by_linear_interpolation_inside_their_stretches():
+    # walker 1: rows 10 frames apart from frame 780, x = frame / 100; walker 2 leaves after frame 30, is back at 100
+    rows = np.array([(780 + 10 * i, 1, (780 + 10 * i) / 100, 2.0) for i in range(10)]
+                    + [(f, 2, f / 50, -1.0) for f in (0, 10, 20, 30, 100, 110, 120)])
+    r = resample_tracks(rows, 6)
+    one, two = r[r[:, 1] == 1], r[r[:, 1] == 2]
+    np.testing.assert_allclose(one[:, 0], np.arange(780, 871, 6))  # 780 ... 870, every 6 frames
+    np.testing.assert_allclose(one[:, 2], one[:, 0] / 100)  # on the line through the rows
+    np.testing.assert_allclose(one[:, 3], 2.0)
+    np.testing.assert_allclose(two[:, 0], [0, 6, 12, 18, 24, 30, 102, 108, 114, 120])  # nothing made in the gap
+    np.testing.assert_allclose(two[:, 2], two[:, 0] / 50)
+    assert (np.diff(r[:, 0]) >= 0).all()  # sorted by frame
+    np.testing.assert_allclose(resample_tracks(rows, 10), rows[np.lexsort((rows[:, 1], rows[:, 0]))])  # same grid
+    stretched = resample_tracks(rows[:10], 50 / 3)  # rows as far apart as Social-GAN's eth rows: 783.3, 800, ...
+    np.testing.assert_allclose(stretched[:, 0], 50 / 3 * np.arange(47, 53))
+    with pytest.raises(ValueError, match="step must be > 0"):
+        resample_tracks(rows, 0)
+
+
+def test_eth_annotation_rate_resamples_only_the_eth_files(tmp_path):
+    root = tmp_path / "data"
+    for split in ("train", "val", "test"):
+        write_track_file(root / "hotel" / split / "biwi_eth_x.txt", {1: 30}, start_frame=780, seed=1)
+        write_track_file(root / "hotel" / split / "crowds_zara01.txt", {1: 30}, seed=2)
+    plain = TrajectoryDataModule(str(root), "hotel")
+    at_rate = TrajectoryDataModule(str(root), "hotel", eth_annotation_rate=True)
+    for split in ("train", "val", "test"):
+        # 30 rows 10 frames apart: 11 windows; re-sampled every 6 frames over the same 290 frames: 49 rows, 30 windows
+        assert len(plain.windows(split)) == 11 + 11 and len(at_rate.windows(split)) == 30 + 11
+    zara = at_rate.read(root / "hotel" / "test" / "crowds_zara01.txt")
+    np.testing.assert_array_equal(zara, read_scene_file(root / "hotel" / "test" / "crowds_zara01.txt"))
+    assert np.diff(np.unique(at_rate.read(root / "hotel" / "test" / "biwi_eth_x.txt")[:, 0])).max() == \
+        ETH_ANNOTATION_STEP
+
+
+@pytest.mark.realdata("eth_ucy")
+def test_real_eth_rows_are_far_apart_and_the_annotation_rate_brings_them_to_walking_pace():
+    """Social-GAN's eth rows are 10 frames apart like the other scenes', but its people would walk at about twice
+    the others' pace if those were 0.4 s; on the ETH sequence's own grid (6 frames) they walk as the others do."""
+    def median_pace(rows):  # metres per row, over every pair of consecutive rows of one pedestrian
+        return float(np.median(np.concatenate([np.linalg.norm(np.diff(rows[rows[:, 1] == p, 2:4], axis=0), axis=1)
+                                               for p in np.unique(rows[:, 1])])))
+
+    data = DATA_ROOT / "eth_ucy"
+    eth = TrajectoryDataModule(str(data), "eth")
+    at_rate = TrajectoryDataModule(str(data), "eth", eth_annotation_rate=True)
+    rows = read_scene_file(data / "eth" / "test" / "biwi_eth.txt")
+    assert np.unique(rows[:, 0])[:3].tolist() == [780, 790, 800]
+    paces = {"hotel": median_pace(read_scene_file(data / "hotel" / "test" / "biwi_hotel.txt")),
+             "zara1": median_pace(read_scene_file(data / "zara1" / "test" / "crowds_zara01.txt")),
+             "eth at rate": median_pace(at_rate.read(data / "eth" / "test" / "biwi_eth.txt")),
+             "eth": median_pace(rows)}
+    assert all(0.4 < paces[k] < 0.65 for k in ("hotel", "zara1", "eth at rate")), paces  # 1-1.6 m/s, rows 0.4 s apart
+    assert paces["eth"] > 1.6 * max(paces["hotel"], paces["zara1"]), paces
+    assert len(at_rate.windows("test")) == 2423  # 364 as the files are
+    assert len(eth.windows("test")) == 364
 
 
 @pytest.mark.realdata("eth_ucy")
@@ -354,6 +419,22 @@ def test_cli_fit_test_and_sample(tmp_path):
     fast = round(v["test_fast"] * 17)
     parts = [(fast, v["ade_fast"])] * (fast > 0) + [(17 - fast, v["ade_rest"])] * (fast < 17)
     assert sum(n * a for n, a in parts) / 17 == pytest.approx(v["ade"], rel=1e-9)
+    # timebase: the same trained run as an eth and a zara1 run, on one walker at 0.5 m every 10 frames
+    tb, tb_runs = tmp_path / "tb", tmp_path / "tb_runs"
+    for scene, name, n in (("eth", "biwi_eth.txt", 20), ("zara1", "crowds_zara01.txt", 40)):
+        (tb / scene / "test").mkdir(parents=True)
+        (tb / scene / "test" / name).write_text("".join(f"{10 * i}\t1\t{0.5 * i}\t0\n" for i in range(n)))
+        shutil.copytree(run, tb_runs / f"{scene}-s1")
+        (tb_runs / f"{scene}-s1" / "record.json").write_text("{}")
+    (eth_label, eth, eth_rate), (zara_label, zara, zara_stretched) = lbebm_table.timebase(str(tb), tb_runs)
+    assert (eth_label, zara_label) == ("eth seed 1", "zara1 seed 1")
+    # eth: 20 rows, 1 window; every 6 frames over frames 0-190: 32 rows, 13 windows of 0.3 m steps
+    assert (eth["windows"], eth_rate["windows"]) == (1, 13)
+    assert (eth["step"], eth_rate["step"]) == (pytest.approx(0.5), pytest.approx(0.3))
+    # zara1: 40 rows, 21 windows; every 50/3 frames over frames 0-390: 24 rows, 5 windows of 5/6 m steps
+    assert (zara["windows"], zara_stretched["windows"]) == (21, 5)
+    assert zara_stretched["step"] == pytest.approx(0.5 * 5 / 3)
+    assert all(0 < r["ade"] <= r["fde"] * 10 and np.isfinite(r["fde"]) for r in (eth, eth_rate, zara, zara_stretched))
     recs = sorted((tmp_path / "runs").rglob("trajectories/*.json"))
     names = {p.name for p in recs}
     assert {"val-epoch=0000.json", "val-epoch=0001.json", "test.json"} <= names, names  # hotel: val every epoch
