@@ -84,7 +84,7 @@ def run_one(reference: Path, data: Path, out: Path, scene: str, seed: int, epoch
     ``rotate``: with its loader's rotation augmentation of the training windows."""
     run = out / f"{scene}-s{seed}"
     done = run / "record.json"
-    if (record := finished_record(done, rotate)) is not None:
+    if (record := finished_record(done, {"rotate": rotate})) is not None:
         return record
     work = run / "work"
     if work.exists():

@@ -65,15 +65,21 @@ def run_grid(ap: argparse.ArgumentParser, a: argparse.Namespace, run) -> int:
     return failed
 
 
-def finished_record(done: Path, rotate: bool) -> dict | None:
+#: the data options a run may turn on (``--data.<name> true``), off by default as in the reference's scripts
+DATA_OPTIONS = ("rotate", "eth_annotation_rate")
+
+
+def finished_record(done: Path, options: dict[str, bool]) -> dict | None:
     """The record of a finished run (``done``, its ``record.json``), None when there is none; a RuntimeError when it
-    was trained with another ``rotate`` (the folder holds another experiment: use another ``--out``)."""
+    was trained with other data ``options`` (:data:`DATA_OPTIONS`; the folder holds another experiment: use another
+    ``--out``)."""
     if not done.exists():
         return None
     record = json.loads(done.read_text())
-    if record.get("rotate", False) != rotate:
-        raise RuntimeError(f"{done} was trained with rotate={record.get('rotate', False)}, this run asks for "
-                           f"rotate={rotate}: use another --out")
+    for name in DATA_OPTIONS:
+        if record.get(name, False) != options.get(name, False):
+            raise RuntimeError(f"{done} was trained with {name}={record.get(name, False)}, this run asks for "
+                               f"{name}={options.get(name, False)}: use another --out")
     return record
 
 
@@ -89,17 +95,22 @@ def trained(run: Path) -> dict:
     return {"epochs": int(ckpt["epoch"]) + 1, "steps": int(ckpt["global_step"])}
 
 
-def run_one(out: Path, data: str, scene: str, seed: int, epochs: int | None, rotate: bool = False) -> dict:
+def run_one(out: Path, data: str, scene: str, seed: int, epochs: int | None, rotate: bool = False,
+            eth_annotation_rate: bool = False) -> dict:
     """fit then test one (scene, seed); returns its record (also written to ``<run>/record.json``). ``rotate``:
-    train on the rotation-augmented windows (``--data.rotate true``)."""
+    train on the rotation-augmented windows (``--data.rotate true``); ``eth_annotation_rate``: the ETH files on
+    their own 0.4 s grid, for training and test (``--data.eth_annotation_rate true``)."""
     run = out / f"{scene}-s{seed}"
     done = run / "record.json"
-    if (record := finished_record(done, rotate)) is not None:
+    options = {"rotate": rotate, "eth_annotation_rate": eth_annotation_rate}
+    if (record := finished_record(done, options)) is not None:
         return record
     run.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     common = ["--recipe", f"{scene}_lbebm", "--data.data_dir", data, "--trainer.default_root_dir", str(run),
               "--trainer.enable_progress_bar", "false"]
+    if eth_annotation_rate:
+        common += ["--data.eth_annotation_rate", "true"]
     fit = [sys.executable, "-m", "lebm_zoo.cli", "fit", *common, "--seed_everything", str(seed)]
     if epochs is not None:
         fit += ["--trainer.max_epochs", str(epochs)]
@@ -126,7 +137,7 @@ def run_one(out: Path, data: str, scene: str, seed: int, epochs: int | None, rot
     record = {"scene": scene, "seed": seed, **trained(run), "ade": test_rec["ade"], "fde": test_rec["fde"],
               "windows": test_rec["windows"], "k": test_rec["k"], "fit_seconds": round(fit_s, 1),
               "val": [{"epoch": v["epoch"], "ade": v["ade"], "fde": v["fde"]} for v in vals], "cpu": cpu_name(),
-              "threads": 1, "rotate": rotate}
+              "threads": 1, **options}
     done.write_text(json.dumps(record, indent=1) + "\n")
     print(f"{scene} seed {seed}: ADE {record['ade']:.3f} FDE {record['fde']:.3f} ({fit_s / 60:.1f} min)", flush=True)
     return record
@@ -296,6 +307,8 @@ def main(argv=None) -> int:
     r.add_argument("--data", required=True, help="the folder of the five ETH-UCY scenes")
     add_grid_arguments(r)
     r.add_argument("--rotate", action="store_true", help="train on the rotation-augmented windows (--data.rotate)")
+    r.add_argument("--eth-annotation-rate", action="store_true",
+                   help="the ETH files on their own 0.4 s grid, for training and test (--data.eth_annotation_rate)")
     p = sub.add_parser("report", help="print the Markdown table")
     p.add_argument("out", type=Path)
     p.add_argument("--data", help="the ETH-UCY folder: adds the constant-velocity row")
@@ -344,7 +357,8 @@ def main(argv=None) -> int:
                 print(f"| {scene} | {s['windows']} | {s['final_std']:.3f} | {s['fde_1']:.3f} | {s['fde_k']:.3f} | "
                       f"{s['final_offset']:.3f} |", flush=True)
         return 0
-    failed = run_grid(ap, a, lambda scene, seed, epochs: run_one(a.out, a.data, scene, seed, epochs, a.rotate))
+    failed = run_grid(ap, a, lambda scene, seed, epochs: run_one(a.out, a.data, scene, seed, epochs, a.rotate,
+                                                                           a.eth_annotation_rate))
     print(report(a.out, a.data))
     return 1 if failed else 0
 

@@ -620,3 +620,19 @@ def test_reference_runner_runs_the_authors_script_on_cpu_and_reports_the_last_ep
     bad = subprocess.run([*script, "run", "--reference", str(tmp_path), "--data", str(data), "--out",
                           str(tmp_path / "q"), "--scenes", "hotel"], capture_output=True, text=True)
     assert bad.returncode == 2 and "lacks lbebm_hotel.py" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
+def test_table_runs_refuse_a_folder_trained_with_other_data_options(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from lbebm_table import finished_record
+
+    done = tmp_path / "record.json"
+    assert finished_record(done, {}) is None
+    done.write_text(json.dumps({"ade": 0.3, "rotate": False, "eth_annotation_rate": True}))
+    assert finished_record(done, {"eth_annotation_rate": True})["ade"] == 0.3
+    with pytest.raises(RuntimeError, match="eth_annotation_rate=True, this run asks for eth_annotation_rate=False"):
+        finished_record(done, {"rotate": False})
+    done.write_text(json.dumps({"ade": 0.3}))  # a record from before the options: both off
+    assert finished_record(done, {"rotate": False, "eth_annotation_rate": False})["ade"] == 0.3
+    with pytest.raises(RuntimeError, match="rotate=False, this run asks for rotate=True"):
+        finished_record(done, {"rotate": True})
