@@ -202,26 +202,42 @@ def test_errors(run: Path, dm, k: int = 20, seed: int = 0) -> dict:
     return {"windows": len(w), "ade": ade.mean().item(), "fde": fde.mean().item(), "step": step}
 
 
-def timebase(data: str, runs: Path, seeds=(1, 2, 3)) -> list[tuple[str, dict, dict]]:
-    """What the time between two rows does to the test error: each eth run (``<runs>/eth-s<seed>``) tested on eth's
-    file as it is and at the ETH sequence's annotation rate (``eth_annotation_rate``); and, the other way round, each
-    zara1 run on zara1's test file re-sampled every 50/3 frames, as far apart as eth's rows are (about 0.67 s).
-    Returns ``(label, as-is, changed)`` per run, each a :func:`test_errors` dict."""
-    from datamodules.trajectories import ETH_ANNOTATION_STEP, TrajectoryDataModule, resample_tracks
+#: the test files of :func:`timebase`: (scene, label, how its test file is read)
+TIMEBASE_FILES = (("eth", "as it is", None), ("eth", "every 6 frames: its annotation rate (0.4 s)", 6.0),
+                  ("eth", "every 10 frames, half a step later (0.67 s, interpolated)", "shift"),
+                  ("zara1", "as it is", None), ("zara1", "every 50/3 frames (0.67 s, as eth's rows)", 50 / 3))
 
-    class Stretched(TrajectoryDataModule):
+
+def timebase(data: str, runs: Path, seeds=(1, 2, 3)) -> list[tuple[str, str, dict]]:
+    """What the time between two rows does to the test error. Each eth run (``<runs>/eth-s<seed>``) is tested on
+    eth's file as it is, at the ETH sequence's annotation rate (``eth_annotation_rate``) and, to tell the time step
+    from the interpolation, interpolated on its own 10-frame spacing half a step later; each zara1 run on zara1's
+    test file as it is and re-sampled every 50/3 frames, so that its rows are as far apart in time as eth's (about
+    0.67 s). Returns ``(run, test file, result)`` rows (:data:`TIMEBASE_FILES`, :func:`test_errors`)."""
+    from datamodules.trajectories import TrajectoryDataModule, resample_tracks
+
+    class Resampled(TrajectoryDataModule):
+        """The test files re-sampled every ``step`` frames (``"shift"``: every 10 frames from frame 5)."""
+
+        def __init__(self, *args, step, **kw):
+            super().__init__(*args, **kw)
+            self.step = step
+
         def read(self, path):
             rows = super().read(path)
-            return resample_tracks(rows, 10 * 10 / ETH_ANNOTATION_STEP) if path.parent.name == "test" else rows
+            if path.parent.name != "test":
+                return rows
+            return resample_tracks(rows, 10, origin=5) if self.step == "shift" else resample_tracks(rows, self.step)
 
     out = []
-    for scene, changed in (("eth", lambda: TrajectoryDataModule(data, "eth", eth_annotation_rate=True)),
-                           ("zara1", lambda: Stretched(data, "zara1"))):
+    for scene, label, step in TIMEBASE_FILES:
         for seed in seeds:
             run = runs / f"{scene}-s{seed}"
             if (run / "record.json").is_file():
-                out.append((f"{scene} seed {seed}", test_errors(run, TrajectoryDataModule(data, scene)),
-                            test_errors(run, changed())))
+                dm = (TrajectoryDataModule(data, scene) if step is None
+                      else TrajectoryDataModule(data, scene, eth_annotation_rate=True) if step == 6.0
+                      else Resampled(data, scene, step=step))
+                out.append((f"{scene} seed {seed}", label, test_errors(run, dm)))
     return out
 
 
@@ -250,6 +266,13 @@ def spread(run: Path, data: str, scene: str, max_windows: int = 2000, k: int = 2
             "final_offset": float((final.mean(0) - truth).norm(dim=-1).mean())}
 
 
+def mean_std(values: list[float]) -> str:
+    """``"mean ± std"`` (sample std) to 3 decimals; one value alone."""
+    if len(values) > 1:
+        return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+    return f"{values[0]:.3f}"
+
+
 def report(out: Path, data: str | None = None) -> str:
     """The Markdown table of the records under ``out`` (with ``data``, the ETH-UCY folder, also the
     constant-velocity row)."""
@@ -259,8 +282,7 @@ def report(out: Path, data: str | None = None) -> str:
     by = {s: [r for r in recs if r["scene"] == s] for s in SCENES}
 
     def cell(rs, key):
-        v = [r[key] for r in rs]
-        return f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+        return mean_std([r[key] for r in rs])
 
     head = "| | " + " | ".join(s.upper() for s in SCENES) + " | AVG |\n|---|" + "---|" * (len(SCENES) + 1) + "\n"
     rows = []
@@ -325,13 +347,16 @@ def main(argv=None) -> int:
     t.add_argument("--runs", type=Path, required=True, help="the runs' folder (of `run`)")
     a = ap.parse_args(argv)
     if a.cmd == "timebase":
+        rows = timebase(a.data, a.runs)
         print("| run | test file | windows | median step (m) | ADE | FDE |\n|---|---|---|---|---|---|")
-        for label, as_is, changed in timebase(a.data, a.runs):
-            what = ("eth at its annotation rate (0.4 s)" if label.startswith("eth")
-                    else "zara1 every 50/3 frames (0.67 s)")
-            for name, r in (("as it is", as_is), (what, changed)):
-                print(f"| {label} | {name} | {r['windows']} | {r['step']:.3f} | {r['ade']:.3f} | {r['fde']:.3f} |",
-                      flush=True)
+        for run, label, r in rows:
+            print(f"| {run} | {label} | {r['windows']} | {r['step']:.3f} | {r['ade']:.3f} | {r['fde']:.3f} |")
+        print("\n| scene | test file | seeds | ADE | FDE |\n|---|---|---|---|---|")
+        for scene, label, _ in TIMEBASE_FILES:
+            rs = [r for run, lab, r in rows if lab == label and run.startswith(scene + " ")]
+            if rs:
+                ade, fde = (mean_std([r[k] for r in rs]) for k in ("ade", "fde"))
+                print(f"| {scene} | {label} | {len(rs)} | {ade} | {fde} |")
         return 0
     if a.cmd == "steps":
         print("| held-out scene | training windows: median step (m) | their 90th percentile | test windows: median "

@@ -421,20 +421,25 @@ def test_cli_fit_test_and_sample(tmp_path):
     assert sum(n * a for n, a in parts) / 17 == pytest.approx(v["ade"], rel=1e-9)
     # timebase: the same trained run as an eth and a zara1 run, on one walker at 0.5 m every 10 frames
     tb, tb_runs = tmp_path / "tb", tmp_path / "tb_runs"
-    for scene, name, n in (("eth", "biwi_eth.txt", 20), ("zara1", "crowds_zara01.txt", 40)):
+    for scene, name, n in (("eth", "biwi_eth.txt", 21), ("zara1", "crowds_zara01.txt", 40)):
         (tb / scene / "test").mkdir(parents=True)
         (tb / scene / "test" / name).write_text("".join(f"{10 * i}\t1\t{0.5 * i}\t0\n" for i in range(n)))
         shutil.copytree(run, tb_runs / f"{scene}-s1")
         (tb_runs / f"{scene}-s1" / "record.json").write_text("{}")
-    (eth_label, eth, eth_rate), (zara_label, zara, zara_stretched) = lbebm_table.timebase(str(tb), tb_runs)
-    assert (eth_label, zara_label) == ("eth seed 1", "zara1 seed 1")
-    # eth: 20 rows, 1 window; every 6 frames over frames 0-190: 32 rows, 13 windows of 0.3 m steps
-    assert (eth["windows"], eth_rate["windows"]) == (1, 13)
-    assert (eth["step"], eth_rate["step"]) == (pytest.approx(0.5), pytest.approx(0.3))
+    rows = lbebm_table.timebase(str(tb), tb_runs)
+    assert [(run, label) for run, label, _ in rows] == [(f"{scene} seed 1", label)
+                                                        for scene, label, _ in lbebm_table.TIMEBASE_FILES]
+    (eth, eth_rate, eth_shift, zara, zara_stretched) = (r for _, _, r in rows)
+    # eth: 21 rows, 2 windows; every 6 frames over frames 0-200: 34 rows, 15 windows of 0.3 m steps; every 10 frames
+    # from frame 5: 20 rows, 1 window of 0.5 m steps
+    assert (eth["windows"], eth_rate["windows"], eth_shift["windows"]) == (2, 15, 1)
+    assert (eth["step"], eth_rate["step"], eth_shift["step"]) == (pytest.approx(0.5), pytest.approx(0.3),
+                                                                  pytest.approx(0.5))
     # zara1: 40 rows, 21 windows; every 50/3 frames over frames 0-390: 24 rows, 5 windows of 5/6 m steps
     assert (zara["windows"], zara_stretched["windows"]) == (21, 5)
     assert zara_stretched["step"] == pytest.approx(0.5 * 5 / 3)
-    assert all(0 < r["ade"] <= r["fde"] * 10 and np.isfinite(r["fde"]) for r in (eth, eth_rate, zara, zara_stretched))
+    assert all(0 < r["ade"] <= r["fde"] * 10 and np.isfinite(r["fde"]) for r in (eth, eth_rate, eth_shift, zara,
+                                                                                      zara_stretched))
     recs = sorted((tmp_path / "runs").rglob("trajectories/*.json"))
     names = {p.name for p in recs}
     assert {"val-epoch=0000.json", "val-epoch=0001.json", "test.json"} <= names, names  # hotel: val every epoch
