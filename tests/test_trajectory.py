@@ -149,6 +149,8 @@ def test_tracks_are_resampled_by_linear_interpolation_inside_their_stretches():
     np.testing.assert_allclose(resample_tracks(rows, 10), rows[np.lexsort((rows[:, 1], rows[:, 0]))])  # same grid
     stretched = resample_tracks(rows[:10], 50 / 3)  # rows as far apart as Social-GAN's eth rows: 783.3, 800, ...
     np.testing.assert_allclose(stretched[:, 0], 50 / 3 * np.arange(47, 53))
+    lone = np.array([(12, 3, 1.0, 1.0), (13, 4, 2.0, 2.0)])  # one row each: kept when it is on the grid
+    np.testing.assert_allclose(resample_tracks(lone, 6), lone[:1])
     with pytest.raises(ValueError, match="step must be > 0"):
         resample_tracks(rows, 0)
 
