@@ -273,13 +273,28 @@ def mean_std(values: list[float]) -> str:
     return f"{values[0]:.3f}"
 
 
-def report(out: Path, data: str | None = None) -> str:
+def options_of(record: dict) -> str:
+    """The data options a run was trained and tested with (:data:`DATA_OPTIONS`), ``"none"`` when all are off."""
+    return ", ".join(name for name in DATA_OPTIONS if record.get(name, False)) or "none"
+
+
+def report(out: Path, data: str | None = None, scene_runs: dict[str, Path] | None = None) -> str:
     """The Markdown table of the records under ``out`` (with ``data``, the ETH-UCY folder, also the
-    constant-velocity row)."""
+    constant-velocity row). ``scene_runs``: scenes whose records come from another folder (``{"eth":
+    Path("runs/lbebm-ethrate")}``); the detail table then names each scene's folder and options."""
+    scene_runs = scene_runs or {}
+    folder = {sc: scene_runs.get(sc, out) for sc in SCENES}
     recs = [json.loads(p.read_text()) | trained(p.parent) for p in sorted(out.glob("*/record.json"))]
+    recs = [r for r in recs if r["scene"] not in scene_runs]
+    for sc, where in scene_runs.items():
+        found = [json.loads(p.read_text()) | trained(p.parent) for p in sorted(where.glob(f"{sc}-s*/record.json"))]
+        if not found:
+            raise UsageError(f"no {sc}-s*/record.json under {where}: run `lbebm_table.py run --scenes {sc}` there")
+        recs += found
     if not recs:
         raise UsageError(f"no record.json under {out}: run `lbebm_table.py run` first")
     by = {s: [r for r in recs if r["scene"] == s] for s in SCENES}
+    mixed = bool(scene_runs) or any(options_of(r) != "none" for r in recs)
 
     def cell(rs, key):
         return mean_std([r[key] for r in rs])
@@ -298,7 +313,9 @@ def report(out: Path, data: str | None = None) -> str:
             ours.append("not run")
     avg = (f"{statistics.mean(m[0] for m in means):.3f} / {statistics.mean(m[1] for m in means):.3f}"
            if len(means) == len(SCENES) else "incomplete")
-    rows.append("| **ours**, last epoch, mean ± std over seeds | " + " | ".join(ours) + f" | {avg} |")
+    label = ("ours with the runs and options of the table below, last epoch, mean ± std over seeds" if mixed
+             else "**ours**, last epoch, mean ± std over seeds")
+    rows.append(f"| {label} | " + " | ".join(ours) + f" | {avg} |")
     if len(means) == len(SCENES):  # how far from the paper's row: ours / paper, ADE and FDE
         paper = PAPER["LB-EBM (paper)"]
         mean_avg = (statistics.mean(m[0] for m in means), statistics.mean(m[1] for m in means))
@@ -310,13 +327,17 @@ def report(out: Path, data: str | None = None) -> str:
         rows.append("| constant velocity (one prediction, no training; measured here) | "
                     + " | ".join(f"{a:.3f} / {f:.3f}" for a, f in cv)
                     + f" | {statistics.mean(c[0] for c in cv):.3f} / {statistics.mean(c[1] for c in cv):.3f} |")
-    detail = ["", "| scene | seeds | epochs | steps | test windows | minutes per run (fit) |",
-              "|---|---|---|---|---|---|"]
+    extra = " runs | options |" if mixed else ""
+    detail = ["", "| scene | seeds | epochs | steps | test windows | minutes per run (fit) |" + extra,
+              "|---|---|---|---|---|---|" + "---|---|" * mixed]
     for s in SCENES:
         if by[s]:
             rs = by[s]
-            detail.append(f"| {s} | {', '.join(str(r['seed']) for r in rs)} | {rs[0]['epochs']} | {rs[0]['steps']} | "
-                          f"{rs[0]['windows']} | {statistics.mean(r['fit_seconds'] for r in rs) / 60:.1f} |")
+            line = (f"| {s} | {', '.join(str(r['seed']) for r in rs)} | {rs[0]['epochs']} | {rs[0]['steps']} | "
+                    f"{rs[0]['windows']} | {statistics.mean(r['fit_seconds'] for r in rs) / 60:.1f} |")
+            if mixed:
+                line += f" {folder[s]} | {'; '.join(sorted({options_of(r) for r in rs}))} |"
+            detail.append(line)
     cpu = sorted({r["cpu"] for r in recs})
     return head + "\n".join(rows) + "\n" + "\n".join(detail) + f"\n\nCPU: {', '.join(cpu)}, one thread per run.\n"
 
@@ -334,6 +355,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("report", help="print the Markdown table")
     p.add_argument("out", type=Path)
     p.add_argument("--data", help="the ETH-UCY folder: adds the constant-velocity row")
+    p.add_argument("--from", dest="scene_runs", nargs="*", default=[], metavar="SCENE=FOLDER",
+                   help="take that scene's runs from another folder (e.g. eth=runs/lbebm-ethrate)")
     d = sub.add_parser("spread", help="how the K plans of each seed-1 run spread on its test windows (metres)")
     d.add_argument("out", type=Path)
     d.add_argument("--data", required=True, help="the ETH-UCY folder")
@@ -370,7 +393,13 @@ def main(argv=None) -> int:
                   f"{100 * s['test_fast']:.0f}% of {s['test_windows']} | {ades} |", flush=True)
         return 0
     if a.cmd == "report":
-        print(report(a.out, a.data))
+        scene_runs = {}
+        for item in a.scene_runs:
+            scene, _, folder = item.partition("=")
+            if scene not in SCENES or not folder:
+                ap.error(f"--from takes SCENE=FOLDER with SCENE one of {SCENES}, got {item!r}")
+            scene_runs[scene] = Path(folder)
+        print(report(a.out, a.data, scene_runs))
         return 0
     if a.cmd == "spread":
         print("| scene (seed 1) | test windows | std of the 20 final points | FDE, one plan | FDE, nearest of 20 "

@@ -497,6 +497,34 @@ def test_table_report(tmp_path):
     assert "ours ÷ paper" not in out  # only for a complete row
 
 
+def test_table_report_takes_a_scene_from_another_folder_and_names_its_options(tmp_path):
+    def record(folder, scene, seed, ade, **options):
+        d = tmp_path / folder / f"{scene}-s{seed}"
+        d.mkdir(parents=True)
+        (d / "record.json").write_text(json.dumps({"scene": scene, "seed": seed, "epochs": 5, "steps": 10, "ade": ade,
+                                                   "fde": 2 * ade, "windows": 9, "k": 20, "fit_seconds": 60,
+                                                   "cpu": "Test CPU", "val": [], **options}))
+
+    record("main", "hotel", 1, 0.3)
+    record("main", "eth", 1, 0.6)
+    record("rot", "hotel", 1, 0.15, rotate=True)
+    record("rot", "hotel", 2, 0.17, rotate=True)
+    record("rot", "eth", 1, 0.9, rotate=True)  # not asked for: eth stays main's
+    script = [sys.executable, "benchmarks/lbebm_table.py", "report", str(tmp_path / "main")]
+    out = subprocess.run([*script, "--from", f"hotel={tmp_path / 'rot'}"], capture_output=True, text=True,
+                         check=True).stdout
+    ours = next(line for line in out.splitlines() if line.startswith("| ours with the runs and options"))
+    assert ours.split(" | ")[1:3] == ["0.600 / 1.200", "0.160 ± 0.014 / 0.320 ± 0.028"], ours
+    detail = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith(("| eth |", "| hotel |"))}
+    assert detail["hotel"].startswith("| hotel | 1, 2 |")
+    assert detail["hotel"].endswith(f"| {tmp_path / 'rot'} | rotate |")
+    assert detail["eth"].endswith(f"| {tmp_path / 'main'} | none |")
+    bad = subprocess.run([*script, "--from", f"univ={tmp_path / 'rot'}"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no univ-s*/record.json under" in bad.stderr
+    bad = subprocess.run([*script, "--from", "mars=x"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--from takes SCENE=FOLDER" in bad.stderr
+
+
 def test_table_steps_compare_the_test_windows_speed_with_the_training_ones(tmp_path):
     """``lbebm_table.py steps``: each window's mean step in metres; test windows twice as fast as every training one
     are all "faster than the training 90th percentile"."""
