@@ -143,14 +143,15 @@ def run_one(out: Path, data: str, scene: str, seed: int, epochs: int | None, rot
     return record
 
 
-def constant_velocity(data: str, scene: str) -> tuple[float, float]:
-    """ADE and FDE (metres) of the constant-velocity prediction on a scene's test windows: each future point
-    continues the last observed step (one prediction, no training; a floor any learned model should beat)."""
+def constant_velocity(data: str, scene: str, dm=None) -> tuple[float, float]:
+    """ADE and FDE (metres) of the constant-velocity prediction on a scene's test windows (or ``dm``'s, a
+    datamodule): each future point continues the last observed step (one prediction, no training; a floor any
+    learned model should beat)."""
     import torch
 
     from datamodules.trajectories import TrajectoryDataModule
 
-    w = TrajectoryDataModule(data, scene).windows("test").double()  # (W, 20, 2) metres
+    w = (dm or TrajectoryDataModule(data, scene)).windows("test").double()  # (W, 20, 2) metres
     last, step = w[:, 7], w[:, 7] - w[:, 6]
     future = last[:, None] + step[:, None] * torch.arange(1, 13, dtype=w.dtype)[None, :, None]
     err = (future - w[:, 8:]).norm(dim=-1)  # (W, 12)
@@ -237,7 +238,9 @@ def timebase(data: str, runs: Path, seeds=(1, 2, 3)) -> list[tuple[str, str, dic
                 dm = (TrajectoryDataModule(data, scene) if step is None
                       else TrajectoryDataModule(data, scene, eth_annotation_rate=True) if step == 6.0
                       else Resampled(data, scene, step=step))
-                out.append((f"{scene} seed {seed}", label, test_errors(run, dm)))
+                result = test_errors(run, dm)
+                result["cv_ade"], result["cv_fde"] = constant_velocity(data, scene, dm)
+                out.append((f"{scene} seed {seed}", label, result))
     return out
 
 
@@ -374,12 +377,13 @@ def main(argv=None) -> int:
         print("| run | test file | windows | median step (m) | ADE | FDE |\n|---|---|---|---|---|---|")
         for run, label, r in rows:
             print(f"| {run} | {label} | {r['windows']} | {r['step']:.3f} | {r['ade']:.3f} | {r['fde']:.3f} |")
-        print("\n| scene | test file | seeds | ADE | FDE |\n|---|---|---|---|---|")
+        print("\n| scene | test file | seeds | ADE | FDE | constant velocity: ADE / FDE |\n|---|---|---|---|---|---|")
         for scene, label, _ in TIMEBASE_FILES:
             rs = [r for run, lab, r in rows if lab == label and run.startswith(scene + " ")]
             if rs:
                 ade, fde = (mean_std([r[k] for r in rs]) for k in ("ade", "fde"))
-                print(f"| {scene} | {label} | {len(rs)} | {ade} | {fde} |")
+                cv = f"{rs[0]['cv_ade']:.3f} / {rs[0]['cv_fde']:.3f}"
+                print(f"| {scene} | {label} | {len(rs)} | {ade} | {fde} | {cv} |")
         return 0
     if a.cmd == "steps":
         print("| held-out scene | training windows: median step (m) | their 90th percentile | test windows: median "

@@ -440,6 +440,8 @@ def test_cli_fit_test_and_sample(tmp_path):
     # zara1: 40 rows, 21 windows; every 50/3 frames over frames 0-390: 24 rows, 5 windows of 5/6 m steps
     assert (zara["windows"], zara_stretched["windows"]) == (21, 5)
     assert zara_stretched["step"] == pytest.approx(0.5 * 5 / 3)
+    # the walker keeps its pace: constant velocity is exact on every file
+    assert all(r["cv_ade"] == pytest.approx(0, abs=1e-5) for r in (eth, eth_rate, eth_shift, zara, zara_stretched))
     assert all(0 < r["ade"] <= r["fde"] * 10 and np.isfinite(r["fde"]) for r in (eth, eth_rate, eth_shift, zara,
                                                                                       zara_stretched))
     recs = sorted((tmp_path / "runs").rglob("trajectories/*.json"))
