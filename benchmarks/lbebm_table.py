@@ -187,7 +187,7 @@ def step_lengths(data: str, scene: str, run: Path | None = None, k: int = 20, se
     return out
 
 
-def test_errors(run: Path, dm, k: int = 20, seed: int = 0) -> dict:
+def evaluate_on(run: Path, dm, k: int = 20, seed: int = 0) -> dict:
     """The best-of-``k`` test ADE and FDE (metres) of a trained run (its newest ``last.ckpt``) on a datamodule's
     test windows, and their median step (metres per time step, each window's mean over its steps)."""
     import torch
@@ -214,7 +214,7 @@ def timebase(data: str, runs: Path, seeds=(1, 2, 3)) -> list[tuple[str, str, dic
     eth's file as it is, at the ETH sequence's annotation rate (``eth_annotation_rate``) and, to tell the time step
     from the interpolation, interpolated on its own 10-frame spacing half a step later; each zara1 run on zara1's
     test file as it is and re-sampled every 50/3 frames, so that its rows are as far apart in time as eth's (about
-    0.67 s). Returns ``(run, test file, result)`` rows (:data:`TIMEBASE_FILES`, :func:`test_errors`)."""
+    0.67 s). Returns ``(run, test file, result)`` rows (:data:`TIMEBASE_FILES`, :func:`evaluate_on`)."""
     from datamodules.trajectories import TrajectoryDataModule, resample_tracks
 
     class Resampled(TrajectoryDataModule):
@@ -238,7 +238,7 @@ def timebase(data: str, runs: Path, seeds=(1, 2, 3)) -> list[tuple[str, str, dic
                 dm = (TrajectoryDataModule(data, scene) if step is None
                       else TrajectoryDataModule(data, scene, eth_annotation_rate=True) if step == 6.0
                       else Resampled(data, scene, step=step))
-                result = test_errors(run, dm)
+                result = evaluate_on(run, dm)
                 result["cv_ade"], result["cv_fde"] = constant_velocity(data, scene, dm)
                 out.append((f"{scene} seed {seed}", label, result))
     return out
@@ -326,7 +326,11 @@ def report(out: Path, data: str | None = None, scene_runs: dict[str, Path] | Non
         rows.append("| ours ÷ paper (1.00 = the paper's error; the target: AVG at most 1.10) | " + " | ".join(ratios)
                     + f" | {mean_avg[0] / paper['avg'][0]:.2f} / {mean_avg[1] / paper['avg'][1]:.2f} |")
     if data is not None:
-        cv = [constant_velocity(data, sc) for sc in SCENES]
+        from datamodules.trajectories import TrajectoryDataModule
+
+        # on the windows the runs were tested on: eth's at its annotation rate when its runs were
+        cv = [constant_velocity(data, sc, TrajectoryDataModule(data, sc, eth_annotation_rate=True)
+                                if any(r.get("eth_annotation_rate") for r in by[sc]) else None) for sc in SCENES]
         rows.append("| constant velocity (one prediction, no training; measured here) | "
                     + " | ".join(f"{a:.3f} / {f:.3f}" for a, f in cv)
                     + f" | {statistics.mean(c[0] for c in cv):.3f} / {statistics.mean(c[1] for c in cv):.3f} |")

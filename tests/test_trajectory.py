@@ -569,6 +569,21 @@ def test_table_report_ratios_and_constant_velocity(tmp_path):
     cv = next(line for line in out.splitlines() if line.startswith("| constant velocity"))
     # walker 2 stays at its 8th point: CV's error at future step t is 0.5 t, so ADE = mean(0.5 * 6.5) / 2 walkers
     assert cv.count("| 1.625 / 3.000 ") == 6  # five scenes and the average
+    # eth's runs tested at ETH's annotation rate: the constant-velocity cell is measured on those windows
+    (data / "eth" / "test" / "t.txt").rename(data / "eth" / "test" / "biwi_eth.txt")
+    rate = tmp_path / "rate" / "eth-s1"
+    rate.mkdir(parents=True)
+    (rate / "record.json").write_text(json.dumps({"scene": "eth", "seed": 1, "epochs": 5, "steps": 10, "ade": 0.21,
+                                                  "fde": 0.38, "windows": 9, "k": 20, "fit_seconds": 60,
+                                                  "cpu": "Test CPU", "val": [], "eth_annotation_rate": True}))
+    out = subprocess.run([sys.executable, "benchmarks/lbebm_table.py", "report", str(runs), "--data", str(data),
+                          "--from", f"eth={rate.parent}"], capture_output=True, text=True, check=True).stdout
+    cv = next(line for line in out.splitlines() if line.startswith("| constant velocity")).split(" | ")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from lbebm_table import constant_velocity
+
+    ade, fde = constant_velocity(str(data), "eth", TrajectoryDataModule(str(data), "eth", eth_annotation_rate=True))
+    assert cv[1] == f"{ade:.3f} / {fde:.3f}" != "1.625 / 3.000" and cv[2] == "1.625 / 3.000", cv
 
 
 def test_sdd_scene_groups_train_with_social_pooling_and_evaluate(tmp_path):
