@@ -121,7 +121,8 @@ def strided_windows(rows: np.ndarray, length: int = 20, rotate: bool = False) ->
 class TrajectoryDataModule(SplitLoadersMixin, pl.LightningDataModule):
     """One ETH-UCY scene's leave-one-out split: train and validation windows from the other scenes' ``train/`` and
     ``val/`` files, test windows from the held-out scene's ``test/`` files (``<data_dir>/<scene>/{train,val,test}/
-    *.txt``, rows ``frame<TAB>ped<TAB>x<TAB>y`` in metres at 2.5 fps).
+    *.txt``, rows ``frame<TAB>ped<TAB>x<TAB>y`` in metres, one row per pedestrian every 10 frames: 0.4 s, except in
+    the ``biwi_eth*`` files, where 10 frames are about 0.67 s; see ``eth_annotation_rate``).
 
     Batches are ``(B, past_length + future_length, 2)`` float32 windows (:func:`strided_windows`); training batches
     are shuffled (batch 70, the reference's), evaluation batches of ``eval_batch_size`` are in file order.
