@@ -44,41 +44,54 @@ def read_scene_file(path: str | Path, delimiter: str = "\t") -> np.ndarray:
     return rows
 
 
-#: frames between two annotations of the ETH sequence (``seq_eth``): one row per 0.4 s, as the other scenes' rows 10
-#: frames apart; the Social-GAN ``biwi_eth*.txt`` files hold rows 10 frames apart, about 0.67 s (``docs/results.md``)
+#: frames between two annotations of the ETH sequence (``seq_eth``, filmed at 15 fps and annotated every 0.4 s, the
+#: time between the other scenes' rows); Social-GAN's ``biwi_eth*.txt`` files hold a row every 10 frames, about
+#: 0.67 s (``docs/results.md``). The annotated frames are the multiples of 6 (780, 786, ...).
 ETH_ANNOTATION_STEP = 6
 
 
-def resample_tracks(rows: np.ndarray, step: float, origin: float = 0.0) -> np.ndarray:
+def resample_tracks(rows: np.ndarray, step: float, origin: float = 0.0, spacing: float | None = None) -> np.ndarray:
     """Each pedestrian's track re-sampled onto the frames ``origin + k * step`` by linear interpolation, ``(M, 4)``
     float64 ``frame, ped, x, y`` sorted by frame then pedestrian.
 
-    A track is interpolated only inside its stretches of evenly spaced rows: where the gap between two of its rows
-    exceeds its smallest gap (the pedestrian left and came back), no row is made in between. A stretch that holds no
-    grid frame gives none.
+    A track is interpolated only between rows at most ``spacing`` frames apart: across a longer gap (the pedestrian
+    left and came back) no row is made. A stretch that holds no grid frame gives none.
 
     Args:
         rows: ``(N, 4)`` rows of one Social-GAN file (:func:`read_scene_file`).
-        step: frames between two new rows (> 0; e.g. :data:`ETH_ANNOTATION_STEP`).
+        step: frames between two new rows (finite, > 0; e.g. :data:`ETH_ANNOTATION_STEP`).
         origin: a frame of the new grid.
+        spacing: the largest gap, in frames, between two rows of one pedestrian that is interpolated across; None
+            (the default): the most common gap between two consecutive rows of one pedestrian in ``rows``.
 
     Raises:
-        ValueError: ``step`` is not positive.
+        ValueError: ``step`` or ``spacing`` is not a finite number > 0, or a pedestrian has two rows at one frame.
     """
-    if not step > 0:
-        raise ValueError(f"step must be > 0 frames, got {step}")
-    out = []
+    if not (np.isfinite(step) and step > 0):
+        raise ValueError(f"step must be a finite number of frames > 0, got {step}")
+    tracks = []
     for p in np.unique(rows[:, 1]):
         t = rows[rows[:, 1] == p]
         t = t[np.argsort(t[:, 0], kind="stable")]
-        gaps = np.diff(t[:, 0])
-        breaks = np.flatnonzero(gaps > gaps.min() + 1e-9) + 1 if len(t) > 1 else []
-        for part in np.split(t, breaks):
+        same = np.flatnonzero(np.diff(t[:, 0]) == 0)
+        if len(same):
+            raise ValueError(f"pedestrian {p:g} has two rows at frame {t[same[0], 0]:g}: a track holds one row per "
+                             "frame")
+        tracks.append(t)
+    if spacing is None:
+        gaps = np.concatenate([np.diff(t[:, 0]) for t in tracks]) if tracks else np.zeros(0)
+        values, counts = np.unique(gaps, return_counts=True)
+        spacing = float(values[np.argmax(counts)]) if len(values) else 0.0  # no gap at all: lone rows only
+    elif not (np.isfinite(spacing) and spacing > 0):
+        raise ValueError(f"spacing must be a finite number of frames > 0, got {spacing}")
+    out = []
+    for t in tracks:
+        for part in np.split(t, np.flatnonzero(np.diff(t[:, 0]) > spacing + 1e-9) + 1):
             lo, hi = np.ceil((part[0, 0] - origin) / step - 1e-9), np.floor((part[-1, 0] - origin) / step + 1e-9)
             frames = origin + step * np.arange(lo, hi + 1)
             if len(frames):
                 xy = [np.interp(frames, part[:, 0], part[:, c]) for c in (2, 3)]
-                out.append(np.stack([frames, np.full_like(frames, p), *xy], 1))
+                out.append(np.stack([frames, np.full_like(frames, part[0, 1]), *xy], 1))
     if not out:
         return np.zeros((0, 4))
     r = np.concatenate(out)
@@ -122,7 +135,7 @@ class TrajectoryDataModule(SplitLoadersMixin, pl.LightningDataModule):
     """One ETH-UCY scene's leave-one-out split: train and validation windows from the other scenes' ``train/`` and
     ``val/`` files, test windows from the held-out scene's ``test/`` files (``<data_dir>/<scene>/{train,val,test}/
     *.txt``, rows ``frame<TAB>ped<TAB>x<TAB>y`` in metres, one row per pedestrian every 10 frames: 0.4 s, except in
-    the ``biwi_eth*`` files, where 10 frames are about 0.67 s; see ``eth_annotation_rate``).
+    the ``biwi_eth*`` files, where 10 frames are about 0.67 s; see ``eth_at_annotation_rate``).
 
     Batches are ``(B, past_length + future_length, 2)`` float32 windows (:func:`strided_windows`); training batches
     are shuffled (batch 70, the reference's), evaluation batches of ``eval_batch_size`` are in file order.
@@ -140,7 +153,7 @@ class TrajectoryDataModule(SplitLoadersMixin, pl.LightningDataModule):
             :func:`strided_windows`), the reference loader's ``rotate`` option, which its scripts as published do not
             pass (default False). Validation and test windows are never turned. ``docs/fidelity.md`` and
             ``docs/results.md`` say what it changes.
-        eth_annotation_rate: re-sample every ``biwi_eth*.txt`` file (eth's test file; the other scenes' training and
+        eth_at_annotation_rate: re-sample every ``biwi_eth*.txt`` file (eth's test file; the other scenes' training and
             validation copies) onto the ETH sequence's own annotation frames, every :data:`ETH_ANNOTATION_STEP`
             frames, one row per 0.4 s as in the other scenes (:func:`resample_tracks`). Social-GAN's files, which the
             reference reads as they are, space ETH's rows about 0.67 s apart (default False: as the reference). A
@@ -150,14 +163,15 @@ class TrajectoryDataModule(SplitLoadersMixin, pl.LightningDataModule):
         train_set, val_set, test_set: ``TensorDataset``s of windows after ``setup``.
 
     Raises:
-        ValueError: an unknown scene or a non-positive size.
+        ValueError: an unknown scene or a non-positive size; in ``prepare_data`` / ``setup``, with
+            ``eth_at_annotation_rate``, splits without a ``biwi_eth*.txt`` file.
         DatasetNotFoundError: in ``prepare_data`` / ``setup``, a missing split folder, a folder without ``.txt``
             files, an unreadable file, or a split without a single window.
     """
 
     def __init__(self, data_dir: str, scene: str = "eth", batch_size: int = 70, eval_batch_size: int = 700,
                  past_length: int = 8, future_length: int = 12, num_workers: int = 0, seed: int | None = None,
-                 rotate: bool = False, eth_annotation_rate: bool = False):
+                 rotate: bool = False, eth_at_annotation_rate: bool = False):
         super().__init__()
         if scene not in ETH_UCY_SCENES:
             raise ValueError(f"scene must be one of {', '.join(ETH_UCY_SCENES)}, got {scene!r}")
@@ -167,7 +181,7 @@ class TrajectoryDataModule(SplitLoadersMixin, pl.LightningDataModule):
         self.scene, self.batch_size, self.eval_batch_size = scene, batch_size, eval_batch_size
         self.past_length, self.future_length = past_length, future_length
         self.num_workers, self.seed, self.rotate = num_workers, seed, bool(rotate)
-        self.eth_annotation_rate = bool(eth_annotation_rate)
+        self.eth_at_annotation_rate = bool(eth_at_annotation_rate)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -199,19 +213,28 @@ class TrajectoryDataModule(SplitLoadersMixin, pl.LightningDataModule):
         return torch.from_numpy(w)
 
     def read(self, path: Path) -> np.ndarray:
-        """One file's rows (:func:`read_scene_file`), re-sampled when ``eth_annotation_rate`` asks for it."""
+        """One file's rows (:func:`read_scene_file`), re-sampled when ``eth_at_annotation_rate`` asks for it."""
         rows = read_scene_file(path)
-        if self.eth_annotation_rate and path.name.startswith("biwi_eth"):
+        if self.eth_at_annotation_rate and path.name.startswith("biwi_eth"):
             rows = resample_tracks(rows, ETH_ANNOTATION_STEP)
         return rows
 
     def prepare_data(self) -> None:
         for split in ("train", "val", "test"):
             self.split_files(split)
+        self._check_eth_files()
+
+    def _check_eth_files(self) -> None:
+        """With ``eth_at_annotation_rate``, at least one ``biwi_eth*.txt`` file must be in the splits."""
+        if self.eth_at_annotation_rate and not any(f.name.startswith("biwi_eth") for split in ("train", "val", "test")
+                                                   for f in self.split_files(split)):
+            raise ValueError(f"eth_at_annotation_rate is on, but no split of {(self.data_dir / self.scene).resolve()} "
+                             "holds a biwi_eth*.txt file (the ETH files it re-samples): turn it off for these data")
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        self._check_eth_files()
         self.train_set = TensorDataset(self.windows("train"))
         self.val_set = TensorDataset(self.windows("val"))
         self.test_set = TensorDataset(self.windows("test"))
