@@ -166,7 +166,8 @@ class TrajectoryDataModule(SplitLoadersMixin, pl.LightningDataModule):
         ValueError: an unknown scene or a non-positive size; in ``prepare_data`` / ``setup``, with
             ``eth_at_annotation_rate``, splits without a ``biwi_eth*.txt`` file.
         DatasetNotFoundError: in ``prepare_data`` / ``setup``, a missing split folder, a folder without ``.txt``
-            files, an unreadable file, or a split without a single window.
+            files, an unreadable file, a split without a single window, or, with ``eth_at_annotation_rate``, an ETH
+            file with two rows of one pedestrian at one frame.
     """
 
     def __init__(self, data_dir: str, scene: str = "eth", batch_size: int = 70, eval_batch_size: int = 700,
@@ -216,7 +217,10 @@ class TrajectoryDataModule(SplitLoadersMixin, pl.LightningDataModule):
         """One file's rows (:func:`read_scene_file`), re-sampled when ``eth_at_annotation_rate`` asks for it."""
         rows = read_scene_file(path)
         if self.eth_at_annotation_rate and path.name.startswith("biwi_eth"):
-            rows = resample_tracks(rows, ETH_ANNOTATION_STEP)
+            try:
+                rows = resample_tracks(rows, ETH_ANNOTATION_STEP)
+            except ValueError as e:
+                raise DatasetNotFoundError(f"{path.resolve()} cannot be re-sampled ({e})") from None
         return rows
 
     def prepare_data(self) -> None:

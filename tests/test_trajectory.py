@@ -178,6 +178,10 @@ def test_eth_at_annotation_rate_resamples_only_the_eth_files(tmp_path):
     np.testing.assert_array_equal(zara, read_scene_file(root / "hotel" / "test" / "crowds_zara01.txt"))
     assert np.diff(np.unique(at_rate.read(root / "hotel" / "test" / "biwi_eth_x.txt")[:, 0])).max() == \
         ETH_ANNOTATION_STEP
+    bad = root / "hotel" / "test" / "biwi_eth_x.txt"
+    bad.write_text(bad.read_text() + bad.read_text().splitlines(keepends=True)[0])  # a row twice
+    with pytest.raises(DatasetNotFoundError, match="biwi_eth_x.txt cannot be re-sampled .pedestrian 1 has two rows"):
+        at_rate.read(bad)
     for split in ("train", "val", "test"):
         (root / "hotel" / split / "biwi_eth_x.txt").unlink()
     TrajectoryDataModule(str(root), "hotel").setup()  # off: any files
