@@ -523,7 +523,10 @@ def test_table_report(tmp_path):
     assert "ours ÷ paper" not in out  # only for a complete row
 
 
-def test_table_report_takes_a_scene_from_another_folder_and_names_its_options(tmp_path):
+def test_table_report_takes_a_scene_from_another_folder_and_names_its_options(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import lbebm_table
+
     def record(folder, scene, seed, ade, **options):
         d = tmp_path / folder / f"{scene}-s{seed}"
         d.mkdir(parents=True)
@@ -531,14 +534,16 @@ def test_table_report_takes_a_scene_from_another_folder_and_names_its_options(tm
                                                    "fde": 2 * ade, "windows": 9, "k": 20, "fit_seconds": 60,
                                                    "cpu": "Test CPU", "val": [], **options}))
 
+    def report(*args):  # in-process: the command line's exit codes are checked once below
+        assert lbebm_table.main(["report", str(tmp_path / "main"), *args]) == 0
+        return capsys.readouterr().out
+
     record("main", "hotel", 1, 0.3)
     record("main", "eth", 1, 0.6)
     record("rot", "hotel", 1, 0.15, rotate=True)
     record("rot", "hotel", 2, 0.17, rotate=True)
     record("rot", "eth", 1, 0.9, rotate=True)  # not asked for: eth stays main's
-    script = [sys.executable, "benchmarks/lbebm_table.py", "report", str(tmp_path / "main")]
-    out = subprocess.run([*script, "--from", f"hotel={tmp_path / 'rot'}"], capture_output=True, text=True,
-                         check=True).stdout
+    out = report("--from", f"hotel={tmp_path / 'rot'}")
     ours = next(line for line in out.splitlines() if line.startswith("| ours with the runs and options"))
     assert ours.split(" | ")[1:3] == ["0.600 / 1.200", "0.160 ± 0.014 / 0.320 ± 0.028"], ours
     detail = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith(("| eth |", "| hotel |"))}
@@ -546,17 +551,18 @@ def test_table_report_takes_a_scene_from_another_folder_and_names_its_options(tm
     assert detail["hotel"].endswith(f"| {tmp_path / 'rot'} | rotate |")
     assert detail["eth"].endswith(f"| {tmp_path / 'main'} | none |")
     record("rate", "eth", 1, 0.25, eth_at_annotation_rate=True)
-    both = subprocess.run([*script, "--from", f"hotel={tmp_path / 'rot'}", "--from", f"eth={tmp_path / 'rate'}"],
-                          capture_output=True, text=True, check=True).stdout
+    both = report("--from", f"hotel={tmp_path / 'rot'}", "--from", f"eth={tmp_path / 'rate'}")
     ours = next(line for line in both.splitlines() if line.startswith("| ours with the runs and options"))
     assert ours.split(" | ")[1:3] == ["0.250 / 0.500", "0.160 ± 0.014 / 0.320 ± 0.028"], ours
     record("rot", "eth", 2, 0.5)  # rot's eth runs: one with rotate, one without
-    bad = subprocess.run([*script, "--from", f"eth={tmp_path / 'rot'}"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "eth's runs under" in bad.stderr and "none, rotate" in bad.stderr
-    bad = subprocess.run([*script, "--from", f"univ={tmp_path / 'rot'}"], capture_output=True, text=True)
+    with pytest.raises(UsageError, match="eth's runs under .* different data options .none, rotate."):
+        report("--from", f"eth={tmp_path / 'rot'}")
+    with pytest.raises(SystemExit):
+        report("--from", "mars=x")
+    assert "--from takes SCENE=FOLDER" in capsys.readouterr().err
+    bad = subprocess.run([sys.executable, "benchmarks/lbebm_table.py", "report", str(tmp_path / "main"), "--from",
+                          f"univ={tmp_path / 'rot'}"], capture_output=True, text=True)
     assert bad.returncode == 2 and "no univ-s*/record.json under" in bad.stderr
-    bad = subprocess.run([*script, "--from", "mars=x"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--from takes SCENE=FOLDER" in bad.stderr
 
 
 def test_table_steps_compare_the_test_windows_speed_with_the_training_ones(tmp_path):
@@ -608,11 +614,11 @@ def test_table_report_ratios_and_constant_velocity(tmp_path):
     (rate / "record.json").write_text(json.dumps({"scene": "eth", "seed": 1, "epochs": 5, "steps": 10, "ade": 0.21,
                                                   "fde": 0.38, "windows": 9, "k": 20, "fit_seconds": 60,
                                                   "cpu": "Test CPU", "val": [], "eth_at_annotation_rate": True}))
-    out = subprocess.run([sys.executable, "benchmarks/lbebm_table.py", "report", str(runs), "--data", str(data),
-                          "--from", f"eth={rate.parent}"], capture_output=True, text=True, check=True).stdout
-    cv = next(line for line in out.splitlines() if line.startswith("| constant velocity")).split(" | ")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from lbebm_table import constant_velocity
+    from lbebm_table import constant_velocity, report
+
+    out = report(runs, str(data), {"eth": rate.parent})  # in-process: the command line is run above
+    cv = next(line for line in out.splitlines() if line.startswith("| constant velocity")).split(" | ")
 
     ade, fde = constant_velocity(str(data), "eth", TrajectoryDataModule(str(data), "eth", eth_at_annotation_rate=True))
     assert cv[1] == f"{ade:.3f} / {fde:.3f}" != "1.625 / 3.000" and cv[2] == "1.625 / 3.000", cv
