@@ -1,6 +1,7 @@
 """What a zoo checkpoint is, in one place: its lebm-zoo record (written by :func:`write_record`), reading and checking
-one (:func:`read_checkpoint`, :func:`model_class`), finding a run's newest one (:func:`find_last_checkpoint`), and
-writing them safely (:class:`AtomicCheckpointIO`, the checkpoint I/O of ``lebm-zoo`` runs).
+one (:func:`read_checkpoint`, :func:`model_class`), finding a run's newest one (:func:`find_last_checkpoint`) and its
+best one on validation (:func:`find_best_checkpoint`), and writing them safely (:class:`AtomicCheckpointIO`, the
+checkpoint I/O of ``lebm-zoo`` runs).
 
 A checkpoint written by ``lebm-zoo fit`` is a Lightning ``.ckpt`` holding plain hyperparameters, the state dict and a
 ``"lebm_zoo"`` entry (class path, lebm-zoo version, recipe, RNG states), so it loads with torch's weights-only
@@ -27,7 +28,8 @@ from lebm_zoo.errors import CheckpointError
 from lebm_zoo.utils import get_rng_state
 
 __all__ = ["AtomicCheckpointIO", "CheckpointError", "TMP_PREFIX", "check_model_class", "class_path",
-           "find_last_checkpoint", "is_zoo_model", "model_class", "read_checkpoint", "write_record"]
+           "find_best_checkpoint", "find_last_checkpoint", "is_zoo_model", "model_class", "read_checkpoint",
+           "write_record"]
 
 #: name prefix of a checkpoint being written (``.<name>.tmp-<pid>`` beside the target file)
 TMP_PREFIX = "."
@@ -184,6 +186,46 @@ def find_last_checkpoint(root: str | os.PathLike, recipe: str | None = None,
         if meta.get("recipe") == recipe:
             return p
     return None
+
+
+def find_best_checkpoint(last: str | os.PathLike) -> tuple[Path, str, float | None]:
+    """The checkpoint that a run's monitored ``ModelCheckpoint`` kept as its best, read from the run's ``last.ckpt``.
+
+    Lightning stores each checkpoint callback's state in the checkpoints it writes; the state of one with a
+    ``monitor`` names its best file (``best_model_path``) and score. That path is absolute as written: when it no
+    longer exists (the run's folder was moved or copied), the file of the same name beside ``last`` is used.
+    ``lebm-zoo test|validate|predict --ckpt_path best`` resolves through it (the run: that of ``--ckpt_path last``).
+
+    Returns:
+        ``(path, monitor, score)``: the best checkpoint, the metric it was chosen on (e.g. ``"val/ade"``) and its
+        value there (None if not recorded).
+
+    Raises:
+        CheckpointError: ``last`` is unreadable, records no checkpoint callback with a ``monitor`` (the recipe's
+            ``ModelCheckpoint`` must be given one, e.g. ``monitor: val/ade``), none with a best file yet (no
+            validation has run), or the best file is in neither place.
+    """
+    last = Path(last)
+    states = read_checkpoint(last).get("callbacks", {})
+    monitored = [s for k, s in states.items() if isinstance(k, str) and k.startswith("ModelCheckpoint")
+                 and isinstance(s, dict) and s.get("monitor")]
+    if not monitored:
+        raise CheckpointError(f"{last} records no ModelCheckpoint with a monitor, so there is no best checkpoint: "
+                              "give the recipe's ModelCheckpoint one (e.g. monitor: val/ade, mode: min) or use "
+                              "--ckpt_path last.")
+    chosen = [s for s in monitored if s.get("best_model_path")]
+    if not chosen:
+        raise CheckpointError(f"{last}: its ModelCheckpoint (monitor {monitored[0]['monitor']}) has kept no best "
+                              "checkpoint yet (no validation has run); use --ckpt_path last.")
+    state = chosen[0]
+    best = Path(state["best_model_path"])
+    if not best.is_file():
+        best = last.parent / best.name
+    if not best.is_file():
+        raise CheckpointError(f"{last}: its best checkpoint {state['best_model_path']} is missing (and so is "
+                              f"{best}).")
+    score = state.get("best_model_score")
+    return best, str(state["monitor"]), None if score is None else float(score)
 
 
 def _alive(pid: int) -> bool:

@@ -8,6 +8,7 @@ import torch
 from _data import fit_steps
 
 import lebm_zoo
+from lebm_zoo.checkpoint import find_best_checkpoint
 from lebm_zoo.cli import main
 from lebm_zoo.pretrained import CheckpointError, read_checkpoint
 
@@ -69,3 +70,43 @@ def test_intact_checkpoint_still_loads(intact):
     assert isinstance(model, lebm_zoo.LatentEBMPrior)
     for k, v in model.state_dict().items():
         assert torch.equal(v, ckpt["state_dict"][k]), k
+
+
+def _last_with(path, callbacks: dict) -> None:
+    torch.save({"state_dict": {}, "epoch": 3, "global_step": 12, "callbacks": callbacks}, path)
+
+
+def test_best_checkpoint_is_the_monitored_callbacks_choice_found_where_the_run_now_lies(tmp_path):
+    run = tmp_path / "moved"
+    run.mkdir()
+    (run / "best-epoch=001.ckpt").write_bytes(b"x")
+    state = {"monitor": "val/ade", "best_model_path": str(tmp_path / "was_here" / "best-epoch=001.ckpt"),
+             "best_model_score": torch.tensor(0.25, dtype=torch.float64)}
+    _last_with(run / "last.ckpt", {"ModelCheckpoint{'monitor': None}": {"monitor": None, "best_model_path": ""},
+                                   "ModelCheckpoint{'monitor': 'val/ade'}": state})
+    assert find_best_checkpoint(run / "last.ckpt") == (run / "best-epoch=001.ckpt", "val/ade", 0.25)
+    (run / "best-epoch=001.ckpt").unlink()  # in neither place
+    with pytest.raises(CheckpointError, match="best checkpoint .*best-epoch=001.ckpt is missing"):
+        find_best_checkpoint(run / "last.ckpt")
+
+
+@pytest.mark.parametrize("callbacks, match", [
+    ({}, "no ModelCheckpoint with a monitor"),
+    ({"ModelCheckpoint{'monitor': None}": {"monitor": None, "best_model_path": "/x/last.ckpt"}},
+     "no ModelCheckpoint with a monitor"),
+    ({"ModelCheckpoint{'monitor': 'val/ade'}": {"monitor": "val/ade", "best_model_path": ""}},
+     "has kept no best checkpoint yet"),
+])
+def test_no_best_checkpoint_is_a_clear_error(tmp_path, callbacks, match):
+    _last_with(tmp_path / "last.ckpt", callbacks)
+    with pytest.raises(CheckpointError, match=match):
+        find_best_checkpoint(tmp_path / "last.ckpt")
+
+
+def test_cli_ckpt_path_best_without_a_monitor_exits_2(tmp_path, capsys):
+    run = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    run.mkdir(parents=True)
+    torch.save({"state_dict": {}, "lebm_zoo": {"recipe": "quickstart"}, "callbacks": {}}, run / "last.ckpt")
+    code = main(["test", "--recipe", "quickstart", "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", "best"])
+    err = capsys.readouterr().err
+    assert code == 2 and "records no ModelCheckpoint with a monitor" in err and str(run / "last.ckpt") in err

@@ -418,7 +418,7 @@ def test_metric_is_the_mean_over_windows_not_over_batches(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------- command line
-def test_cli_fit_test_and_sample(tmp_path):
+def test_cli_fit_test_and_sample(tmp_path, capsys):
     root = write_scene_tree(tmp_path / "data")
     size = ["--model.fdim", "4", "--model.zdim", "3", "--model.enc_past_size", "[8]", "--model.enc_dest_size", "[8]",
             "--model.enc_latent_size", "[8]", "--model.dec_size", "[8]", "--model.predictor_size", "[8]",
@@ -427,6 +427,15 @@ def test_cli_fit_test_and_sample(tmp_path):
               "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false"]
     assert main(["fit", *common, *size, "--trainer.max_epochs", "2", "--trainer.precision", "32-true"]) == 0
     assert main(["test", *common, "--ckpt_path", "last"]) == 0
+    capsys.readouterr()
+    assert main(["test", *common, "--ckpt_path", "best"]) == 0  # the recipe keeps its lowest val/ade's checkpoint
+    vals = {}
+    for p in (tmp_path / "runs").rglob("trajectories/val-epoch=*.json"):
+        record = json.loads(p.read_text())
+        vals[record["epoch"]] = record["ade"]
+    assert sorted(vals) == [0, 1]
+    best = min(vals, key=vals.get)
+    assert f"best-epoch={best:03d}.ckpt (its val/ade was {vals[best]:.6g})" in capsys.readouterr().err
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import lbebm_table  # the table script's look at the trained model's plans
 

@@ -35,6 +35,7 @@ from lebm_zoo.checkpoint import (
     AtomicCheckpointIO,
     CheckpointError,
     class_path,
+    find_best_checkpoint,
     find_last_checkpoint,
     model_class,
     read_checkpoint,
@@ -121,36 +122,44 @@ def _option(args: list[str], name: str) -> tuple[int, str] | None:
 
 
 def _preflight_checkpoint(args: list[str], recipe: str | None) -> list[str]:
-    """Resolve ``--ckpt_path last`` and check that a checkpoint file given by path exists (:class:`LebmCLI` reads and
-    checks it, once, right after parsing).
+    """Resolve ``--ckpt_path last`` / ``best`` and check that a checkpoint file given by path exists
+    (:class:`LebmCLI` reads and checks it, once, right after parsing).
 
     ``last`` becomes the newest ``last.ckpt`` of the same recipe under ``--trainer.default_root_dir`` (default: the
     current folder). For ``fit`` a missing one means starting from scratch; for the other subcommands it is an error.
+    ``best`` (``test``, ``validate``, ``predict``) becomes the checkpoint that run's monitored ``ModelCheckpoint`` kept
+    as its best (:func:`~lebm_zoo.checkpoint.find_best_checkpoint`; e.g. the LB-EBM recipes keep the lowest
+    ``val/ade``); under ``fit`` it is Lightning's own.
 
     Raises:
         CheckpointError: a missing checkpoint.
     """
     hit = _option(args, "--ckpt_path")
-    if hit is None or hit[1] in ("", "null", "None", "best", "hpc"):
+    if hit is None or hit[1] in ("", "null", "None", "hpc") or (hit[1] == "best" and args[:1] == ["fit"]):
         return args
     i, value = hit
     args = list(args)
-    if value == "last":
+    if value in ("last", "best"):
         root_opt = _option(args, "--trainer.default_root_dir")
         root = Path(root_opt[1] if root_opt else ".").resolve()
         skipped: list[tuple[Path, str]] = []
         found = find_last_checkpoint(root, recipe, skipped)
         for path, why in skipped:  # newer than the one used: say so, never pass over a run's newest silently
-            print(f"--ckpt_path last: skipping {path}: {why}", file=sys.stderr)
+            print(f"--ckpt_path {value}: skipping {path}: {why}", file=sys.stderr)
         if found is None:
-            msg = f"--ckpt_path last: no last.ckpt{' of recipe ' + recipe if recipe else ''} under {root}"
+            msg = f"--ckpt_path {value}: no last.ckpt{' of recipe ' + recipe if recipe else ''} under {root}"
             if args[:1] != ["fit"]:
                 raise CheckpointError(msg + "; train first or pass a checkpoint path.")
             print(msg + "; starting from scratch.", file=sys.stderr)
             args[i] = "null" if args[i] == "last" else "--ckpt_path=null"
             return args
-        print(f"--ckpt_path last: using {found}", file=sys.stderr)
-        args[i] = str(found) if args[i] == "last" else f"--ckpt_path={found}"
+        if value == "best":  # the run's own choice on validation, recorded in its last.ckpt
+            found, monitor, score = find_best_checkpoint(found)
+            print(f"--ckpt_path best: using {found} (its {monitor} was {score:.6g})" if score is not None else
+                  f"--ckpt_path best: using {found} (chosen on {monitor})", file=sys.stderr)
+        else:
+            print(f"--ckpt_path last: using {found}", file=sys.stderr)
+        args[i] = str(found) if args[i] == value else f"--ckpt_path={found}"
         value = str(found)
     if not Path(value).is_file():
         published = _published_checkpoint(value, args[:1], recipe)
