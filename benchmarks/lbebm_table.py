@@ -11,7 +11,8 @@ epoch, and write the table (mean +- std over seeds) beside the paper's rows.
 time, each single-threaded (``OMP_NUM_THREADS=1``), in ``<out>/<scene>-s<seed>/``; a run whose ``record.json`` exists
 is skipped (rerun the same command to continue). ``--epochs SCENE=N`` shortens a recipe's schedule (the recipes keep
 the reference's: 100 epochs, hotel 5); the report names the epochs each row was trained for, the CPU and the time.
-Nothing is selected on the test split: the test error is the last epoch's.
+Nothing is selected on the test split: the test error is the last epoch's. Runs whose recipe keeps the checkpoint of
+the lowest validation ADE are also tested there (``--ckpt_path best``): a second, labelled row of the report.
 """
 from __future__ import annotations
 
@@ -138,9 +139,33 @@ def run_one(out: Path, data: str, scene: str, seed: int, epochs: int | None, rot
               "windows": test_rec["windows"], "k": test_rec["k"], "fit_seconds": round(fit_s, 1),
               "val": [{"epoch": v["epoch"], "ade": v["ade"], "fde": v["fde"]} for v in vals], "cpu": cpu_name(),
               "threads": 1, **options}
+    if (chosen := selected_on_validation(run, common, env)) is not None:
+        record["val_selected"] = chosen
     done.write_text(json.dumps(record, indent=1) + "\n")
     print(f"{scene} seed {seed}: ADE {record['ade']:.3f} FDE {record['fde']:.3f} ({fit_s / 60:.1f} min)", flush=True)
     return record
+
+
+def selected_on_validation(run: Path, common: list[str], env: dict) -> dict | None:
+    """Test the checkpoint the run's recipe kept for its lowest validation ADE (``lebm-zoo test --ckpt_path best``);
+    None when the run kept none (runs of recipes older than that checkpoint). Returns ``{"epoch", "val_ade", "ade",
+    "fde"}``: the epoch chosen (0-based), its validation ADE, and its test ADE / FDE (metres)."""
+    from lebm_zoo.checkpoint import CheckpointError, find_best_checkpoint, find_last_checkpoint, read_checkpoint
+
+    last = find_last_checkpoint(run)
+    try:
+        best, _, score = find_best_checkpoint(last) if last is not None else (None, None, None)
+    except CheckpointError:
+        return None
+    if best is None:
+        return None
+    with open(run / "test-best.log", "w") as log:
+        rc = subprocess.run([sys.executable, "-m", "lebm_zoo.cli", "test", *common, "--ckpt_path", "best"], env=env,
+                            stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise RuntimeError(f"{run.name}: test --ckpt_path best exited {rc}; see {run / 'test-best.log'}")
+    result = json.loads(max(run.rglob("trajectories/test.json"), key=lambda p: p.stat().st_mtime).read_text())
+    return {"epoch": int(read_checkpoint(best)["epoch"]), "val_ade": score, "ade": result["ade"], "fde": result["fde"]}
 
 
 def constant_velocity(data: str, scene: str, dm=None) -> tuple[float, float]:
@@ -330,6 +355,22 @@ def report(out: Path, data: str | None = None, scene_runs: dict[str, Path] | Non
     label = ("ours with the runs and options of the table below, last epoch, mean ± std over seeds" if mixed
              else "**ours**, last epoch, mean ± std over seeds")
     rows.append(f"| {label} | " + " | ".join(ours) + f" | {avg} |")
+    if any("val_selected" in r for r in recs):  # the runs' own choice on validation, where the recipe kept one
+        chosen, chosen_means = [], []
+        for s in SCENES:
+            picked = [r["val_selected"] for r in by[s] if "val_selected" in r]
+            if picked and len(picked) == len(by[s]):
+                chosen.append(f"{cell(picked, 'ade')} / {cell(picked, 'fde')} (epochs "
+                              f"{', '.join(str(c['epoch'] + 1) for c in picked)})")
+                chosen_means.append((statistics.mean(c["ade"] for c in picked),
+                                     statistics.mean(c["fde"] for c in picked)))
+            else:
+                chosen.append("not kept" if by[s] else "not run")
+        avg_chosen = (f"{statistics.mean(m[0] for m in chosen_means):.3f} / "
+                      f"{statistics.mean(m[1] for m in chosen_means):.3f}" if len(chosen_means) == len(SCENES)
+                      else "incomplete")
+        rows.append("| ours, the epoch of lowest validation ADE (selected on the val split, not on test) | "
+                    + " | ".join(chosen) + f" | {avg_chosen} |")
     if len(means) == len(SCENES):  # how far from the paper's row: ours / paper, ADE and FDE
         paper = PAPER["LB-EBM (paper)"]
         mean_avg = (statistics.mean(m[0] for m in means), statistics.mean(m[1] for m in means))

@@ -1,6 +1,7 @@
 """TrajectoryLEBM's data, metrics, replay memory, checkpoints and command line (the one-iteration equivalence with the
 reference is tests/test_reference_trajectory.py)."""
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -439,6 +440,9 @@ def test_cli_fit_test_and_sample(tmp_path, capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import lbebm_table  # the table script's look at the trained model's plans
 
+    chosen = lbebm_table.selected_on_validation(tmp_path / "runs", common, dict(os.environ))  # the same, as `run` does
+    assert chosen["epoch"] == best and chosen["val_ade"] == pytest.approx(vals[best]) and chosen["ade"] > 0
+
     s = lbebm_table.spread(tmp_path / "runs", str(root), "hotel", k=4)
     assert s["windows"] == 17 and s["final_std"] > 0 and 0 < s["fde_k"] <= s["fde_1"]
     assert lbebm_table.trained(tmp_path / "runs") == {"epochs": 2, "steps": 6}  # 17 windows, batches of 8: 3 an epoch
@@ -563,6 +567,15 @@ def test_table_report_takes_a_scene_from_another_folder_and_names_its_options(tm
     both = report("--from", f"hotel={tmp_path / 'rot'}", "--from", f"eth={tmp_path / 'rate'}")
     ours = next(line for line in both.splitlines() if line.startswith("| ours with the runs and options"))
     assert ours.split(" | ")[1:3] == ["0.250 / 0.500", "0.160 ± 0.014 / 0.320 ± 0.028"], ours
+    assert "lowest validation ADE" not in both  # no run kept a checkpoint chosen on validation
+    for seed, ade in ((1, 0.14), (2, 0.18)):  # hotel's runs were also tested at their lowest validation ADE
+        path = tmp_path / "rot" / f"hotel-s{seed}" / "record.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"val_selected": {"epoch": seed, "val_ade": 0.2,
+                                                                                    "ade": ade, "fde": 2 * ade}}))
+    chosen = report("--from", f"hotel={tmp_path / 'rot'}")
+    row = next(line for line in chosen.splitlines() if line.startswith("| ours, the epoch of lowest validation ADE"))
+    assert row.split(" | ")[1:3] == ["not kept", "0.160 ± 0.028 / 0.320 ± 0.057 (epochs 2, 3)"], row
+    assert row.endswith("| incomplete |")
     record("rot", "eth", 2, 0.5)  # rot's eth runs: one with rotate, one without
     with pytest.raises(UsageError, match="eth's runs under .* different data options .none, rotate."):
         report("--from", f"eth={tmp_path / 'rot'}")
