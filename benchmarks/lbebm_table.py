@@ -139,32 +139,50 @@ def run_one(out: Path, data: str, scene: str, seed: int, epochs: int | None, rot
               "windows": test_rec["windows"], "k": test_rec["k"], "fit_seconds": round(fit_s, 1),
               "val": [{"epoch": v["epoch"], "ade": v["ade"], "fde": v["fde"]} for v in vals], "cpu": cpu_name(),
               "threads": 1, **options}
-    if (chosen := selected_on_validation(run, common, env)) is not None:
+    done.write_text(json.dumps(record, indent=1) + "\n")  # the fit's result is kept, whatever follows
+    try:
+        chosen = selected_on_validation(run, common, env)
+    except RuntimeError as e:
+        print(e, file=sys.stderr, flush=True)
+        chosen = {"error": str(e)}
+    if chosen is not None:
         record["val_selected"] = chosen
-    done.write_text(json.dumps(record, indent=1) + "\n")
+        done.write_text(json.dumps(record, indent=1) + "\n")
     print(f"{scene} seed {seed}: ADE {record['ade']:.3f} FDE {record['fde']:.3f} ({fit_s / 60:.1f} min)", flush=True)
     return record
 
 
 def selected_on_validation(run: Path, common: list[str], env: dict) -> dict | None:
-    """Test the checkpoint the run's recipe kept for its lowest validation ADE (``lebm-zoo test --ckpt_path best``);
-    None when the run kept none (runs of recipes older than that checkpoint). Returns ``{"epoch", "val_ade", "ade",
-    "fde"}``: the epoch chosen (0-based), its validation ADE, and its test ADE / FDE (metres)."""
+    """Test the checkpoint the run's recipe kept for its lowest validation ADE (``lebm-zoo test --ckpt_path best``).
+
+    Returns:
+        ``{"epoch", "val_ade", "ade", "fde"}``: the epoch chosen (0-based), its validation ADE, and its test ADE and
+        FDE (metres); None when the run kept no such checkpoint (runs of recipes older than it).
+
+    Raises:
+        RuntimeError: the test failed or wrote no result.
+    """
     from lebm_zoo.checkpoint import CheckpointError, find_best_checkpoint, find_last_checkpoint, read_checkpoint
 
     last = find_last_checkpoint(run)
     try:
-        best, _, score = find_best_checkpoint(last) if last is not None else (None, None, None)
-    except CheckpointError:
+        found = find_best_checkpoint(last, required=False) if last is not None else None
+    except CheckpointError as e:
+        raise RuntimeError(f"{run.name}: {e}") from None
+    if found is None:
         return None
-    if best is None:
-        return None
+    best, _, score = found
+    start = time.time()
     with open(run / "test-best.log", "w") as log:
         rc = subprocess.run([sys.executable, "-m", "lebm_zoo.cli", "test", *common, "--ckpt_path", "best"], env=env,
                             stdout=log, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         raise RuntimeError(f"{run.name}: test --ckpt_path best exited {rc}; see {run / 'test-best.log'}")
-    result = json.loads(max(run.rglob("trajectories/test.json"), key=lambda p: p.stat().st_mtime).read_text())
+    results = [p for p in run.rglob("trajectories/test.json") if p.stat().st_mtime >= start - 1]
+    if not results:
+        raise RuntimeError(f"{run.name}: test --ckpt_path best wrote no trajectories/test.json; see "
+                           f"{run / 'test-best.log'}")
+    result = json.loads(max(results, key=lambda p: p.stat().st_mtime).read_text())
     return {"epoch": int(read_checkpoint(best)["epoch"]), "val_ade": score, "ade": result["ade"], "fde": result["fde"]}
 
 
@@ -358,7 +376,7 @@ def report(out: Path, data: str | None = None, scene_runs: dict[str, Path] | Non
     if any("val_selected" in r for r in recs):  # the runs' own choice on validation, where the recipe kept one
         chosen, chosen_means = [], []
         for s in SCENES:
-            picked = [r["val_selected"] for r in by[s] if "val_selected" in r]
+            picked = [r["val_selected"] for r in by[s] if "ade" in r.get("val_selected", {})]
             if picked and len(picked) == len(by[s]):
                 chosen.append(f"{cell(picked, 'ade')} / {cell(picked, 'fde')} (epochs "
                               f"{', '.join(str(c['epoch'] + 1) for c in picked)})")

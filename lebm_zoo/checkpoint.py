@@ -188,42 +188,48 @@ def find_last_checkpoint(root: str | os.PathLike, recipe: str | None = None,
     return None
 
 
-def find_best_checkpoint(last: str | os.PathLike) -> tuple[Path, str, float | None]:
-    """The checkpoint that a run's monitored ``ModelCheckpoint`` kept as its best, read from the run's ``last.ckpt``.
+def find_best_checkpoint(last: str | os.PathLike, required: bool = True) -> tuple[Path, str, float | None] | None:
+    """The checkpoint that a run's monitored checkpoint callback (e.g. :class:`~lebm_zoo.callbacks.BestCheckpoint`)
+    kept as its best, read from the run's ``last.ckpt``.
 
     Lightning stores each checkpoint callback's state in the checkpoints it writes; the state of one with a
-    ``monitor`` names its best file (``best_model_path``) and score. That path is absolute as written: when it no
-    longer exists (the run's folder was moved or copied), the file of the same name beside ``last`` is used.
-    ``lebm-zoo test|validate|predict --ckpt_path best`` resolves through it (the run: that of ``--ckpt_path last``).
+    ``monitor`` names its best file (``best_model_path``) and score. That path is absolute as written, so the file of
+    the same name beside ``last`` is tried first (a copied or moved run folder), then the path itself (a resumed run's
+    best can lie in an earlier ``version_N`` folder). ``lebm-zoo test|validate|predict --ckpt_path best`` resolves
+    through it, on the run that ``--ckpt_path last`` would pick.
+
+    Args:
+        last: the run's ``last.ckpt``.
+        required: False returns None, instead of raising, when the run keeps no best checkpoint (no monitored
+            callback, or no validation yet).
 
     Returns:
         ``(path, monitor, score)``: the best checkpoint, the metric it was chosen on (e.g. ``"val/ade"``) and its
         value there (None if not recorded).
 
     Raises:
-        CheckpointError: ``last`` is unreadable, records no checkpoint callback with a ``monitor`` (the recipe's
-            ``ModelCheckpoint`` must be given one, e.g. ``monitor: val/ade``), none with a best file yet (no
-            validation has run), or the best file is in neither place.
+        CheckpointError: ``last`` is unreadable; (with ``required``) it records no checkpoint callback with a
+            ``monitor``, or none with a best file yet; the best file is in neither place.
     """
     last = Path(last)
     states = read_checkpoint(last).get("callbacks", {})
-    monitored = [s for k, s in states.items() if isinstance(k, str) and k.startswith("ModelCheckpoint")
-                 and isinstance(s, dict) and s.get("monitor")]
-    if not monitored:
-        raise CheckpointError(f"{last} records no ModelCheckpoint with a monitor, so there is no best checkpoint: "
-                              "give the recipe's ModelCheckpoint one (e.g. monitor: val/ade, mode: min) or use "
-                              "--ckpt_path last.")
+    monitored = [s for s in states.values() if isinstance(s, dict) and s.get("monitor") and "best_model_path" in s]
     chosen = [s for s in monitored if s.get("best_model_path")]
     if not chosen:
-        raise CheckpointError(f"{last}: its ModelCheckpoint (monitor {monitored[0]['monitor']}) has kept no best "
+        if not required:
+            return None
+        if not monitored:
+            raise CheckpointError(f"{last} records no checkpoint callback with a monitor, so there is no best "
+                                  "checkpoint: add one to the recipe (lebm_zoo.callbacks.BestCheckpoint, e.g. monitor: "
+                                  "val/ade) or use --ckpt_path last.")
+        raise CheckpointError(f"{last}: its checkpoint callback (monitor {monitored[0]['monitor']}) has kept no best "
                               "checkpoint yet (no validation has run); use --ckpt_path last.")
     state = chosen[0]
-    best = Path(state["best_model_path"])
-    if not best.is_file():
-        best = last.parent / best.name
-    if not best.is_file():
-        raise CheckpointError(f"{last}: its best checkpoint {state['best_model_path']} is missing (and so is "
-                              f"{best}).")
+    recorded = Path(state["best_model_path"])
+    best = next((p for p in (last.parent / recorded.name, recorded) if p.is_file()), None)
+    if best is None:
+        raise CheckpointError(f"{last}: its best checkpoint {recorded} is missing (and so is "
+                              f"{last.parent / recorded.name}).")
     score = state.get("best_model_score")
     return best, str(state["monitor"]), None if score is None else float(score)
 

@@ -301,3 +301,53 @@ def test_callbacks_under_ddp_spawn_on_two_cpu_processes(tmp_path):
     assert float(t.callback_metrics["val/recon_mse"]) == pytest.approx(0.01, rel=1e-5)
     assert len(list(tmp_path.glob("*.pt"))) == 2  # one real-statistics shard per rank
     assert list((tmp_path / "samples").glob("*.png")) and list((tmp_path / "reconstructions").glob("*.png"))
+
+
+# ------------------------------------------------------------------------------------------------ BestCheckpoint
+class _Scored(pl.LightningModule):
+    """Validation logs ``scores[epoch]`` as ``val/score``."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.w, self.scores = nn.Parameter(torch.zeros(1)), scores
+
+    def training_step(self, batch, batch_idx):
+        return (self.w - batch[0].mean()).pow(2).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/score", float(self.scores[self.current_epoch]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit_scored(folder, scores, ckpt_path=None):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from lebm_zoo.callbacks import BestCheckpoint
+
+    loader = tensor_loader(torch.rand(4, 1), batch_size=2, shuffle=False)
+    trainer = pl.Trainer(max_epochs=len(scores), logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, callbacks=[BestCheckpoint(monitor="val/score", dirpath=folder),
+                                                            ModelCheckpoint(dirpath=folder, save_last=True)])
+    trainer.fit(_Scored(scores), loader, loader, ckpt_path=ckpt_path)
+    return folder / "last.ckpt"
+
+
+def test_best_checkpoint_keeps_the_best_score_across_resumes_into_other_folders(tmp_path):
+    from lebm_zoo.checkpoint import find_best_checkpoint, read_checkpoint
+
+    scores = [3.0, 1.0, 2.0, 1.5, 0.5]
+    last = _fit_scored(tmp_path / "v0", scores[:3])
+    assert read_checkpoint(last)["epoch"] == 2  # last.ckpt is the last epoch's, though its score did not improve
+    first = tmp_path / "v0" / "best-epoch=001.ckpt"
+    assert find_best_checkpoint(last) == (first, "val/score", 1.0)
+    assert sorted(p.name for p in (tmp_path / "v0").glob("best*")) == [first.name]
+    # resumed into another folder: epoch 3's 1.5 is worse than epoch 1's 1.0 (Lightning's own callback would keep it)
+    last = _fit_scored(tmp_path / "v1", scores[:4], ckpt_path=last)
+    assert read_checkpoint(last)["epoch"] == 3 and find_best_checkpoint(last) == (first, "val/score", 1.0)
+    assert not list((tmp_path / "v1").glob("best*"))
+    # and once more: epoch 4's 0.5 is better, so it is the best now (Lightning deletes no file of another folder)
+    last = _fit_scored(tmp_path / "v2", scores, ckpt_path=last)
+    assert find_best_checkpoint(last) == (tmp_path / "v2" / "best-epoch=004.ckpt", "val/score", 0.5)
+    assert first.exists()

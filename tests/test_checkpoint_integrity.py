@@ -77,23 +77,30 @@ def _last_with(path, callbacks: dict) -> None:
 
 
 def test_best_checkpoint_is_the_monitored_callbacks_choice_found_where_the_run_now_lies(tmp_path):
-    run = tmp_path / "moved"
+    run, was = tmp_path / "copy", tmp_path / "was_here"
     run.mkdir()
-    (run / "best-epoch=001.ckpt").write_bytes(b"x")
-    state = {"monitor": "val/ade", "best_model_path": str(tmp_path / "was_here" / "best-epoch=001.ckpt"),
+    was.mkdir()
+    (was / "best-epoch=001.ckpt").write_bytes(b"original")
+    state = {"monitor": "val/ade", "best_model_path": str(was / "best-epoch=001.ckpt"),
              "best_model_score": torch.tensor(0.25, dtype=torch.float64)}
     _last_with(run / "last.ckpt", {"ModelCheckpoint{'monitor': None}": {"monitor": None, "best_model_path": ""},
-                                   "ModelCheckpoint{'monitor': 'val/ade'}": state})
-    assert find_best_checkpoint(run / "last.ckpt") == (run / "best-epoch=001.ckpt", "val/ade", 0.25)
-    (run / "best-epoch=001.ckpt").unlink()  # in neither place
+                                   "BestCheckpoint{'monitor': 'val/ade'}": state})
+    # a resumed run: its best lies where it was written, in an earlier folder
+    assert find_best_checkpoint(run / "last.ckpt") == (was / "best-epoch=001.ckpt", "val/ade", 0.25)
+    (run / "best-epoch=001.ckpt").write_bytes(b"copy")  # a copied run: its own file first
+    assert find_best_checkpoint(run / "last.ckpt")[0] == run / "best-epoch=001.ckpt"
+    for p in (run / "best-epoch=001.ckpt", was / "best-epoch=001.ckpt"):  # in neither place
+        p.unlink()
     with pytest.raises(CheckpointError, match="best checkpoint .*best-epoch=001.ckpt is missing"):
         find_best_checkpoint(run / "last.ckpt")
+    with pytest.raises(CheckpointError, match="is missing"):  # a missing file is an error even when not required
+        find_best_checkpoint(run / "last.ckpt", required=False)
 
 
 @pytest.mark.parametrize("callbacks, match", [
-    ({}, "no ModelCheckpoint with a monitor"),
+    ({}, "no checkpoint callback with a monitor"),
     ({"ModelCheckpoint{'monitor': None}": {"monitor": None, "best_model_path": "/x/last.ckpt"}},
-     "no ModelCheckpoint with a monitor"),
+     "no checkpoint callback with a monitor"),
     ({"ModelCheckpoint{'monitor': 'val/ade'}": {"monitor": "val/ade", "best_model_path": ""}},
      "has kept no best checkpoint yet"),
 ])
@@ -101,12 +108,16 @@ def test_no_best_checkpoint_is_a_clear_error(tmp_path, callbacks, match):
     _last_with(tmp_path / "last.ckpt", callbacks)
     with pytest.raises(CheckpointError, match=match):
         find_best_checkpoint(tmp_path / "last.ckpt")
+    assert find_best_checkpoint(tmp_path / "last.ckpt", required=False) is None
 
 
-def test_cli_ckpt_path_best_without_a_monitor_exits_2(tmp_path, capsys):
+@pytest.mark.parametrize("sub, match", [("test", "records no checkpoint callback with a monitor"),
+                                        ("fit", "--ckpt_path best is for test, validate and predict")])
+def test_cli_ckpt_path_best_where_there_is_none_exits_2(tmp_path, capsys, sub, match):
     run = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
     run.mkdir(parents=True)
     torch.save({"state_dict": {}, "lebm_zoo": {"recipe": "quickstart"}, "callbacks": {}}, run / "last.ckpt")
-    code = main(["test", "--recipe", "quickstart", "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", "best"])
+    code = main([sub, "--recipe", "quickstart", "--trainer.default_root_dir", str(tmp_path), "--ckpt_path=best"])
     err = capsys.readouterr().err
-    assert code == 2 and "records no ModelCheckpoint with a monitor" in err and str(run / "last.ckpt") in err
+    assert code == 2 and match in err
+    assert sub == "fit" or str(run / "last.ckpt") in err

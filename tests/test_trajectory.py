@@ -3,6 +3,7 @@ reference is tests/test_reference_trajectory.py)."""
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -436,7 +437,8 @@ def test_cli_fit_test_and_sample(tmp_path, capsys):
         vals[record["epoch"]] = record["ade"]
     assert sorted(vals) == [0, 1]
     best = min(vals, key=vals.get)
-    assert f"best-epoch={best:03d}.ckpt (its val/ade was {vals[best]:.6g})" in capsys.readouterr().err
+    said = re.search(r"--ckpt_path best: using (\S+) \(its val/ade was (\S+)\)", capsys.readouterr().err)
+    assert Path(said[1]).name == f"best-epoch={best:03d}.ckpt" and float(said[2]) == pytest.approx(vals[best], rel=1e-5)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import lbebm_table  # the table script's look at the trained model's plans
 
@@ -749,3 +751,18 @@ def test_table_runs_refuse_a_folder_trained_with_other_data_options(tmp_path):
     assert finished_record(done, {"rotate": False, "eth_at_annotation_rate": False})["ade"] == 0.3
     with pytest.raises(RuntimeError, match="rotate=False, this run asks for rotate=True"):
         finished_record(done, {"rotate": True})
+
+
+def test_table_selected_on_validation_skips_runs_without_a_best_checkpoint_and_refuses_a_lost_one(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import lbebm_table
+
+    folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save({"state_dict": {}, "callbacks": {}}, folder / "last.ckpt")  # an older recipe's run: nothing to test
+    assert lbebm_table.selected_on_validation(tmp_path, [], {}) is None
+    state = {"monitor": "val/ade", "best_model_path": str(tmp_path / "gone" / "best-epoch=009.ckpt"),
+             "best_model_score": torch.tensor(0.2)}
+    torch.save({"state_dict": {}, "callbacks": {"BestCheckpoint{}": state}}, folder / "last.ckpt")
+    with pytest.raises(RuntimeError, match="best checkpoint .*best-epoch=009.ckpt is missing"):
+        lbebm_table.selected_on_validation(tmp_path, [], {})

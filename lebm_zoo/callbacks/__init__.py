@@ -17,9 +17,12 @@
   :func:`plot_trajectories`: predicted futures over observed pasts.
 - :class:`SyncEvery`: training steps with no host-device synchronisation (the divergence guard reads the losses
   every N batches).
+- :class:`BestCheckpoint`: the checkpoint of the best validation score, kept across resumes
+  (``lebm-zoo test --ckpt_path best``).
 - :class:`SampleGrid`: a PNG grid of ``sample`` with a fixed forked seed, also sent to image-capable loggers.
 """
 from lebm_zoo.callbacks.anomaly import AnomalyDetectionCallback
+from lebm_zoo.callbacks.checkpoint import BestCheckpoint
 from lebm_zoo.callbacks.classification import ClassificationAccuracy, ClassRegionPlot2D
 from lebm_zoo.callbacks.density import DensityPlot2D
 from lebm_zoo.callbacks.fid import FIDCallback, FIDWeightsNotFoundError, default_fid_weights
@@ -30,6 +33,7 @@ from lebm_zoo.callbacks.samples import SampleGrid
 from lebm_zoo.callbacks.sync import SyncEvery
 from lebm_zoo.callbacks.trajectory import TrajectoryMetrics, plot_trajectories
 
-__all__ = ["AnomalyDetectionCallback", "ClassificationAccuracy", "ClassRegionPlot2D", "DensityPlot2D", "FIDCallback",
-           "FIDWeightsNotFoundError", "MoleculeMetricsCallback", "PerplexityCallback", "ReconstructionMSE",
-           "SampleGrid", "SyncEvery", "TrajectoryMetrics", "default_fid_weights", "plot_trajectories"]
+__all__ = ["AnomalyDetectionCallback", "BestCheckpoint", "ClassificationAccuracy", "ClassRegionPlot2D",
+           "DensityPlot2D", "FIDCallback", "FIDWeightsNotFoundError", "MoleculeMetricsCallback", "PerplexityCallback",
+           "ReconstructionMSE", "SampleGrid", "SyncEvery", "TrajectoryMetrics", "default_fid_weights",
+           "plot_trajectories"]

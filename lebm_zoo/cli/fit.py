@@ -127,16 +127,19 @@ def _preflight_checkpoint(args: list[str], recipe: str | None) -> list[str]:
 
     ``last`` becomes the newest ``last.ckpt`` of the same recipe under ``--trainer.default_root_dir`` (default: the
     current folder). For ``fit`` a missing one means starting from scratch; for the other subcommands it is an error.
-    ``best`` (``test``, ``validate``, ``predict``) becomes the checkpoint that run's monitored ``ModelCheckpoint`` kept
-    as its best (:func:`~lebm_zoo.checkpoint.find_best_checkpoint`; e.g. the LB-EBM recipes keep the lowest
-    ``val/ade``); under ``fit`` it is Lightning's own.
+    ``best`` (``test``, ``validate``, ``predict``) becomes the checkpoint that run's monitored checkpoint callback kept
+    as its best (:func:`~lebm_zoo.checkpoint.find_best_checkpoint`; the ETH-UCY LB-EBM recipes keep the lowest
+    ``val/ade``'s).
 
     Raises:
-        CheckpointError: a missing checkpoint.
+        CheckpointError: a missing checkpoint; ``best`` given to ``fit``, or for a run that keeps no best checkpoint.
     """
     hit = _option(args, "--ckpt_path")
-    if hit is None or hit[1] in ("", "null", "None", "hpc") or (hit[1] == "best" and args[:1] == ["fit"]):
+    if hit is None or hit[1] in ("", "null", "None", "hpc"):
         return args
+    if hit[1] == "best" and args[:1] == ["fit"]:
+        raise CheckpointError("--ckpt_path best is for test, validate and predict (a run's best checkpoint on "
+                              "validation); to resume training use --ckpt_path last.")
     i, value = hit
     args = list(args)
     if value in ("last", "best"):
