@@ -420,7 +420,7 @@ def test_metric_is_the_mean_over_windows_not_over_batches(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------- command line
-def test_cli_fit_test_and_sample(tmp_path, capsys):
+def test_cli_fit_test_and_sample(tmp_path, capsys, monkeypatch):
     root = write_scene_tree(tmp_path / "data")
     size = ["--model.fdim", "4", "--model.zdim", "3", "--model.enc_past_size", "[8]", "--model.enc_dest_size", "[8]",
             "--model.enc_latent_size", "[8]", "--model.dec_size", "[8]", "--model.predictor_size", "[8]",
@@ -442,7 +442,15 @@ def test_cli_fit_test_and_sample(tmp_path, capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import lbebm_table  # the table script's look at the trained model's plans
 
+    ran = []
+
+    def in_process(cmd, **kw):  # `python -m lebm_zoo.cli ARGS` as main(ARGS): the same command, no interpreter start
+        ran.append(cmd[3:])
+        return subprocess.CompletedProcess(cmd, main(cmd[3:]))
+
+    monkeypatch.setattr(lbebm_table.subprocess, "run", in_process)
     chosen = lbebm_table.selected_on_validation(tmp_path / "runs", common, dict(os.environ))  # the same, as `run` does
+    assert ran == [["test", *common, "--ckpt_path", "best"]]
     assert chosen["epoch"] == best and chosen["val_ade"] == pytest.approx(vals[best]) and chosen["ade"] > 0
 
     s = lbebm_table.spread(tmp_path / "runs", str(root), "hotel", k=4)
