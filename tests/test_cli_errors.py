@@ -182,7 +182,7 @@ USER_ERRORS = {  # issue 30 finding 6: each ended in exit code 1 and a traceback
     "negative learning rate": (lambda d: ["fit", "--recipe", "quickstart", "--model.lr_e", "-1"],
                                "lr_e must be a learning rate > 0, got -1.0 (--model.lr_e)"),
     "test best without a best": (lambda d: ["test", "--recipe", "quickstart", "--ckpt_path", "best"],
-                                 'ckpt_path="best")` is set but `ModelCheckpoint` is not configured'),
+                                 "--ckpt_path best: no last.ckpt of recipe quickstart under"),
 }
 
 
