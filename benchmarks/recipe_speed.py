@@ -15,6 +15,9 @@ on DIR (a folder, a ``.zip`` or a folder holding one ``.zip``), one pass of its 
 with ``--workers`` loader processes; ``--max-images`` stops it early), then ``--warmup`` + ``--iters`` training
 iterations on those images.
 
+``--chain-steps N`` caps each of the model's Langevin chains at N steps (smoke runs, such as the GPU check's dry run:
+the code paths, not the recipe's speed); rows record it as ``chain_steps``.
+
 ``--set KEY=VALUE`` (repeatable) overrides the model's ``KEY`` in every run (``--model.KEY VALUE``), and
 ``--sync-every N`` adds the ``SyncEvery(N)`` callback; each row names its ``variant`` (``"eager"``: the recipe as
 shipped).
@@ -83,6 +86,17 @@ def build(recipe: str, model_args: dict[str, str] | None = None):
     return cli.model, cli.datamodule, cli.config
 
 
+#: the models' chain-length arguments (``--chain-steps`` caps them)
+CHAIN_LENGTHS = ("prior_steps", "posterior_steps", "n_steps", "descriptor_steps", "generator_steps", "mcmc_steps",
+                 "e_l_steps")
+
+
+def chain_caps(model, n: int) -> dict[str, str]:
+    """The ``--model.KEY N`` overrides that cap each of ``model``'s chains longer than ``n`` steps (its
+    :data:`CHAIN_LENGTHS` hyperparameters); empty when none is longer."""
+    return {k: str(n) for k, v in model.hparams.items() if k in CHAIN_LENGTHS and isinstance(v, int) and v > n}
+
+
 def _image_module(dm):
     """The datamodule that reads the images (the inner one of a semi-supervised wrapper)."""
     return getattr(dm, "datamodule", dm)
@@ -114,9 +128,14 @@ def schedule_iterations(config, dm) -> int | None:
 
 def measure(recipe: str, device: str, precision: str, iters: int, warmup: int, batch: int | None,
             real_data: str | None = None, workers: int = 0, max_images: int | None = None,
-            model_args: dict[str, str] | None = None, sync_every: int = 1) -> dict:
+            model_args: dict[str, str] | None = None, sync_every: int = 1, chain_steps: int | None = None) -> dict:
     torch.manual_seed(0)
     model, dm, config = build(recipe, model_args)
+    if chain_steps is not None:  # rebuilt with each longer chain capped, as --model.KEY N overrides
+        caps = chain_caps(model, chain_steps)
+        if caps:
+            torch.manual_seed(0)
+            model, dm, config = build(recipe, {**(model_args or {}), **caps})
     inner = _image_module(dm)
     semisup = dict(getattr(dm, "hparams", {})) if dm is not inner else {}  # SemiSupervisedDataModule's settings
     total = schedule_iterations(config, dm)  # at the recipe's own batch size
@@ -127,6 +146,8 @@ def measure(recipe: str, device: str, precision: str, iters: int, warmup: int, b
     inner.num_workers = workers
     out = {"recipe": recipe, "precision": precision, "batch_size": inner.batch_size, "model": type(model).__name__,
            "variant": variant_label(model_args, sync_every)}
+    if chain_steps is not None:
+        out["chain_steps"] = chain_steps
     if real_data is None:
         labelled = 20 * semisup.get("labels_per_class", 0)  # twice the labelled set: every class keeps enough
         val = getattr(inner, "val_size", 0)
@@ -191,10 +212,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="a model override, as --model.KEY VALUE (e.g. capture_step=true; repeatable)")
     p.add_argument("--sync-every", type=int, default=1,
                    help="read the divergence guard every N batches (the SyncEvery callback; default 1: every batch)")
+    p.add_argument("--chain-steps", type=int, default=None,
+                   help="cap each Langevin chain at this many steps (smoke runs: the code paths, not the speed)")
     p.add_argument("--out", default=None, help="append the rows here, one JSON object per line")
     a = p.parse_args(argv)
     if a.sync_every < 1:
         p.error(f"--sync-every must be >= 1, got {a.sync_every}")
+    if a.chain_steps is not None and a.chain_steps < 1:
+        p.error(f"--chain-steps must be >= 1, got {a.chain_steps}")
     unknown = sorted(set(a.recipes) - set(list_recipes()))
     if unknown:
         print(f"recipe_speed.py: error: unknown recipe(s) {', '.join(unknown)}", file=sys.stderr)
@@ -212,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             row = measure(recipe, a.device, prec, a.iters, a.warmup, a.batch, real, a.workers if real else 0,
-                          a.max_images, dict(a.set), a.sync_every)
+                          a.max_images, dict(a.set), a.sync_every, a.chain_steps)
             row["rc"] = 0
         except Exception as e:  # noqa: BLE001 - one failing recipe must not hide the others' numbers
             failed += 1

@@ -71,6 +71,7 @@ def test_gpu_check_dry_run_runs_every_step_and_reports(tmp_path, monkeypatch):
     assert all(r["rc"] == 0 and r["variant"] == "capture_step=true, SyncEvery(50)" and r["iterations"] == 1
                and r["s_per_iter"] > 0 for r in captured), captured
     assert all(r["variant"] == "eager" for r in rows)
+    assert all(r["chain_steps"] == 2 for r in rows + captured)  # the dry run's short chains
     (real,) = res["cifar10_real"]
     assert real["rc"] == 0 and real["loader"]["images"] == 24 and real["s_per_iter"] > 0
     md = (out / "gpu_check.md").read_text()
@@ -101,3 +102,20 @@ def test_gpu_check_step_limits_fit_six_minutes_on_the_gpu_and_scale_on_a_cpu():
     total = sum(limits.values()) + int(gpu_real.group(1))
     assert total <= 360 and f"limits add up to {total} s" in text
     assert re.search(r"^  SCALE=4$", text, re.M) and "limit=$(( $2 * SCALE ))" in text
+
+
+def test_recipe_speed_caps_each_chain_of_the_model_for_smoke_runs():
+    """``recipe_speed.py --chain-steps N``: each chain-length hyperparameter longer than N becomes N (the dry run's
+    2-step chains); shorter ones and the other hyperparameters stay as the recipe has them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import recipe_speed
+
+    model, _, _ = recipe_speed.build("cifar10_coopnets")
+    caps = recipe_speed.chain_caps(model, 2)
+    assert caps and set(caps) <= set(recipe_speed.CHAIN_LENGTHS) and set(caps.values()) == {"2"}
+    assert all(model.hparams[k] > 2 for k in caps)
+    short, _, _ = recipe_speed.build("cifar10_coopnets", caps)
+    assert recipe_speed.chain_caps(short, 2) == {} and all(short.hparams[k] == 2 for k in caps)
+    assert {k: v for k, v in short.hparams.items() if k not in caps} == {
+        k: v for k, v in model.hparams.items() if k not in caps}
+    assert recipe_speed.chain_caps(model, 10 ** 6) == {}

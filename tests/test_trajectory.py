@@ -703,10 +703,14 @@ for e in range(a.num_epochs):
 '''
 
 
-def test_reference_runner_runs_the_authors_script_on_cpu_and_reports_the_last_epoch(tmp_path):
+def test_reference_runner_runs_the_authors_script_on_cpu_and_reports_the_last_epoch(tmp_path, capsys):
     """``lbebm_reference.py`` runs a script with the authors' interface (``.cuda()`` calls, ``--seed``,
     ``--num_epochs``, ``--model_path``, ``dataset/<scene>`` in its working folder), takes the last epoch's test
-    error, and keeps the best-over-epochs one apart."""
+    error, and keeps the best-over-epochs one apart. (The runner's ``main`` in this process; each reference run is its
+    own process, as from the command line; the command line's exit code 2 at the end.)"""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import lbebm_reference
+
     ref, data = tmp_path / "lbebm", write_scene_tree(tmp_path / "data")
     ref.mkdir()
     (ref / "lbebm_hotel.py").write_text(FAKE_REFERENCE)
@@ -714,11 +718,10 @@ def test_reference_runner_runs_the_authors_script_on_cpu_and_reports_the_last_ep
                                   "def create_dataset(folder, name, val_size, obs, preds, delim, train=True, "
                                   "eval=False, rotate=False, verbose=False):\n    return rotate\n")
     (data / "hotel" / "test" / "saved_data.pickle").write_bytes(b"stale")  # a cache the runner must not copy
-    script = [sys.executable, "benchmarks/lbebm_reference.py"]
-    out = subprocess.run([*script, "run", "--reference", str(ref), "--data", str(data), "--out", str(tmp_path / "o"),
-                          "--scenes", "hotel", "--seeds", "1", "2", "--epochs", "hotel=3"], capture_output=True,
-                         text=True)
-    assert out.returncode == 0, out.stderr
+    capsys.readouterr()
+    assert lbebm_reference.main(["run", "--reference", str(ref), "--data", str(data), "--out", str(tmp_path / "o"),
+                                 "--scenes", "hotel", "--seeds", "1", "2", "--epochs", "hotel=3"]) == 0
+    out = capsys.readouterr()
     rec = json.loads((tmp_path / "o" / "hotel-s2" / "record.json").read_text())
     assert rec["epochs"] == 3 and rec["ade"] == pytest.approx(0.32) and rec["fde"] == pytest.approx(0.64)
     assert rec["best_test_ade"] == pytest.approx(0.22) and rec["per_epoch"][0]["val_ade"] == pytest.approx(0.62)
@@ -726,22 +729,23 @@ def test_reference_runner_runs_the_authors_script_on_cpu_and_reports_the_last_ep
     assert (data / "hotel" / "test" / "saved_data.pickle").read_bytes() == b"stale"  # --data untouched
     assert "rotate: train=False test=False" in (tmp_path / "o" / "hotel-s2" / "reference.log").read_text()
     assert rec["rotate"] is False
-    rows = {line.split(" | ")[0]: line for line in out.stdout.splitlines()}
+    rows = {line.split(" | ")[0]: line for line in out.out.splitlines()}
     assert "| 0.315 ± 0.007 / 0.630 ± 0.014 |" in rows["| the authors' script on these files, last epoch, mean ± std "
                                                           "over seeds"]
     assert "| 0.215 ± 0.007 / 0.430 ± 0.014 |" in rows["| the authors' script, best test epoch (selected on the test "
                                                           "split; for comparability only)"]
-    rot = subprocess.run([*script, "run", "--reference", str(ref), "--data", str(data), "--out", str(tmp_path / "r"),
-                          "--scenes", "hotel", "--seeds", "1", "--epochs", "hotel=1", "--rotate"], capture_output=True,
-                         text=True)
-    assert rot.returncode == 0, rot.stderr  # the loader's own rotate option, for the training files only
+    assert lbebm_reference.main(["run", "--reference", str(ref), "--data", str(data), "--out", str(tmp_path / "r"),
+                                 "--scenes", "hotel", "--seeds", "1", "--epochs", "hotel=1", "--rotate"]) == 0
+    # the loader's own rotate option, for the training files only
     assert "rotate: train='1' test=False" in (tmp_path / "r" / "hotel-s1" / "reference.log").read_text()
     assert json.loads((tmp_path / "r" / "hotel-s1" / "record.json").read_text())["rotate"] is True
-    mixed = subprocess.run([*script, "run", "--reference", str(ref), "--data", str(data), "--out", str(tmp_path / "r"),
-                            "--scenes", "hotel", "--seeds", "1"], capture_output=True, text=True)
-    assert mixed.returncode == 1 and "trained with rotate=True" in mixed.stderr  # not reused as an unrotated run
-    bad = subprocess.run([*script, "run", "--reference", str(tmp_path), "--data", str(data), "--out",
-                          str(tmp_path / "q"), "--scenes", "hotel"], capture_output=True, text=True)
+    capsys.readouterr()
+    assert lbebm_reference.main(["run", "--reference", str(ref), "--data", str(data), "--out", str(tmp_path / "r"),
+                                 "--scenes", "hotel", "--seeds", "1"]) == 1
+    assert "trained with rotate=True" in capsys.readouterr().err  # not reused as an unrotated run
+    bad = subprocess.run([sys.executable, "benchmarks/lbebm_reference.py", "run", "--reference", str(tmp_path),
+                          "--data", str(data), "--out", str(tmp_path / "q"), "--scenes", "hotel"],
+                         capture_output=True, text=True)
     assert bad.returncode == 2 and "lacks lbebm_hotel.py" in bad.stderr and len(bad.stderr.splitlines()) == 1
 
 
