@@ -33,6 +33,17 @@ from lebm_zoo.cli import main
 from lebm_zoo.errors import DataShapeError, UsageError
 
 
+def table_command(capsys, *args: str) -> str:
+    """``python benchmarks/lbebm_table.py ARGS``'s output, run in this process (no interpreter start); it must exit 0.
+    The command line's own exit codes are checked by subprocess where they matter."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import lbebm_table
+
+    capsys.readouterr()
+    assert lbebm_table.main(list(args)) == 0
+    return capsys.readouterr().out
+
+
 def tiny(**kw) -> TrajectoryLEBM:
     args = dict(TINY_MODELS["TrajectoryLEBM"]().hparams) | kw
     return TrajectoryLEBM(**args)
@@ -531,15 +542,14 @@ def test_demo_pasts_end_at_the_origin():
     assert torch.allclose(speeds[:4], torch.full((4,), 1.3), atol=1e-5) and speeds[-1] == 0
 
 
-def test_table_report(tmp_path):
+def test_table_report(tmp_path, capsys):
     for scene, seed, ade in (("hotel", 1, 0.2), ("hotel", 2, 0.4), ("eth", 1, 0.5)):
         d = tmp_path / f"{scene}-s{seed}"
         d.mkdir()
         (d / "record.json").write_text(json.dumps({"scene": scene, "seed": seed, "epochs": 5, "steps": 10, "ade": ade,
                                                    "fde": 2 * ade, "windows": 9, "k": 20, "fit_seconds": 60,
                                                    "cpu": "Test CPU", "val": []}))
-    out = subprocess.run([sys.executable, "benchmarks/lbebm_table.py", "report", str(tmp_path)], capture_output=True,
-                         text=True, check=True).stdout
+    out = table_command(capsys, "report", str(tmp_path))
     ours = next(line for line in out.splitlines() if line.startswith("| **ours**"))
     assert "0.300 ± 0.141 / 0.600 ± 0.283" in ours and "not run" in ours and ours.endswith("incomplete |")
     assert "| LB-EBM (paper) | 0.30 / 0.52 | 0.13 / 0.20" in out and "Test CPU" in out
@@ -597,7 +607,7 @@ def test_table_report_takes_a_scene_from_another_folder_and_names_its_options(tm
     assert bad.returncode == 2 and "no univ-s*/record.json under" in bad.stderr
 
 
-def test_table_steps_compare_the_test_windows_speed_with_the_training_ones(tmp_path):
+def test_table_steps_compare_the_test_windows_speed_with_the_training_ones(tmp_path, capsys):
     """``lbebm_table.py steps``: each window's mean step in metres; test windows twice as fast as every training one
     are all "faster than the training 90th percentile"."""
     data = tmp_path / "eth_ucy"
@@ -608,8 +618,7 @@ def test_table_steps_compare_the_test_windows_speed_with_the_training_ones(tmp_p
             f = data / scene / split / "t.txt"
             f.parent.mkdir(parents=True)
             f.write_text("".join(f"{fr}\t{p}\t{x}\t{y}\n" for fr, p, x, y in sorted(rows)))
-    out = subprocess.run([sys.executable, "benchmarks/lbebm_table.py", "steps", "--data", str(data)],
-                         capture_output=True, text=True, check=True).stdout
+    out = table_command(capsys, "steps", "--data", str(data))
     lines = {line.split(" | ")[0][2:]: line for line in out.splitlines()[2:]}
     assert set(lines) == {"eth", "hotel", "univ", "zara1", "zara2"}
     # walker 1 steps 0.3 * |(0.7, 0.7)| = 0.297, walker 2 0.3 * |(0.8, 0.6)| = 0.3, two windows each (the median is
@@ -618,7 +627,7 @@ def test_table_steps_compare_the_test_windows_speed_with_the_training_ones(tmp_p
     assert lines["hotel"].startswith("| hotel | 0.297 | 0.300 | 0.247 | 0% of 4 |"), lines["hotel"]
 
 
-def test_table_report_ratios_and_constant_velocity(tmp_path):
+def test_table_report_ratios_and_constant_velocity(tmp_path, capsys):
     runs, data = tmp_path / "runs", tmp_path / "eth_ucy"
     for scene in ("eth", "hotel", "univ", "zara1", "zara2"):
         d = runs / f"{scene}-s1"
@@ -632,8 +641,7 @@ def test_table_report_ratios_and_constant_velocity(tmp_path):
         f = data / scene / "test" / "t.txt"
         f.parent.mkdir(parents=True)
         f.write_text("".join(f"{fr}\t{p}\t{x}\t{y}\n" for fr, p, x, y in sorted(rows)))
-    out = subprocess.run([sys.executable, "benchmarks/lbebm_table.py", "report", str(runs), "--data", str(data)],
-                         capture_output=True, text=True, check=True).stdout
+    out = table_command(capsys, "report", str(runs), "--data", str(data))
     ratio = next(line for line in out.splitlines() if line.startswith("| ours ÷ paper"))
     assert "| 1.40 / 1.46 | 3.23 / 3.80 |" in ratio and ratio.endswith("| 2.00 / 2.00 |")  # 0.42/0.21, 0.76/0.38
     cv = next(line for line in out.splitlines() if line.startswith("| constant velocity"))
@@ -649,7 +657,7 @@ def test_table_report_ratios_and_constant_velocity(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from lbebm_table import constant_velocity, report
 
-    out = report(runs, str(data), {"eth": rate.parent})  # in-process: the command line is run above
+    out = report(runs, str(data), {"eth": rate.parent})  # the function itself: the command is run above
     cv = next(line for line in out.splitlines() if line.startswith("| constant velocity")).split(" | ")
 
     ade, fde = constant_velocity(str(data), "eth", TrajectoryDataModule(str(data), "eth", eth_at_annotation_rate=True))
