@@ -54,7 +54,8 @@ if [ $DRY = 1 ]; then
   RECIPES=(--recipes svhn_prior cifar10_coopnets cifar10_semisup celeba64_prior --precisions 32-true --batch 2
            --chain-steps 2)
   CAPTURED=(--precisions 32-true --batch 2 --warmup 0 --chain-steps 2)  # the option is accepted by each recipe's model
-  REAL=(--precisions 32-true --batch 2 --workers 0 --max-images 64 --chain-steps 2); REAL_LIMIT=90  # x4: a first run extracts the zip
+  REAL=(--precisions 32-true --batch 2 --workers 0 --max-images 64 --chain-steps 2)
+  REAL_LIMIT=90  # x4: a first run extracts the zip
   # the limits below are for the GPU; on a CPU (a busy one, a slow one) the same steps take longer: x4
   SCALE=4
 else
