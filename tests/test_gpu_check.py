@@ -119,3 +119,31 @@ def test_recipe_speed_caps_each_chain_of_the_model_for_smoke_runs():
     assert {k: v for k, v in short.hparams.items() if k not in caps} == {
         k: v for k, v in model.hparams.items() if k not in caps}
     assert recipe_speed.chain_caps(model, 10 ** 6) == {}
+
+
+DEVICE_KIT = ROOT.parent / "shared" / "device"
+
+
+def test_device_env_check_refuses_bad_arguments_and_a_missing_kit(tmp_path):
+    """``benchmarks/device_env_check.sh`` (the GPU machine's software rebuilt on a CPU): a bad argument or a missing
+    kit is a one-line error with exit code 2, before any environment is built."""
+    script = str(ROOT / "benchmarks" / "device_env_check.sh")
+    env = {**os.environ, "VENV": str(tmp_path / "venv"), "OUT": str(tmp_path / "out")}
+    p = subprocess.run(["bash", script, "--fast"], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "unknown argument --fast" in p.stderr
+    p = subprocess.run(["bash", script], env={**env, "KIT": str(tmp_path / "no-kit")}, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and "no GPU machine kit at" in p.stderr
+    assert not (tmp_path / "venv").exists()
+
+
+@pytest.mark.skipif(not (DEVICE_KIT / "README.md").is_file(), reason=f"the GPU machine kit is not at {DEVICE_KIT}")
+def test_device_env_check_pins_the_torch_of_the_gpu_machine():
+    """The torch version the check rebuilds is the one the kit's README gives for the GPU machine (so the check goes
+    on matching the machine when the kit changes)."""
+    import re
+
+    readme = (DEVICE_KIT / "README.md").read_text()
+    machine = re.search(r"torch (\d+\.\d+)", readme).group(1)
+    pinned = re.search(r"TORCH=\$\{TORCH:-(\d+\.\d+)\.\d+\}", (ROOT / "benchmarks" / "device_env_check.sh").read_text())
+    assert pinned and pinned.group(1) == machine

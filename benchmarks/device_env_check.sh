@@ -1,0 +1,75 @@
+#!/bin/bash
+# The GPU machine's software, on a CPU: before a GPU window is spent, check that the code runs with what that machine
+# has (../shared/device/README.md: torch 2.11 and no network, RDKit or scikit-learn), not only with the newest torch
+# that `make install` gives. The GPU runs go through the same steps (issues 29, 33, 35), so an API newer than the GPU
+# machine's torch, or an import of a package it lacks, shows up here first.
+#
+# It builds a virtual environment once (default ../venv-device, about 1 minute and 5 GB with PyPI reachable): torch
+# and torchvision at the GPU machine's versions, pytorch-lightning, the packages that machine holds, and the kit's own
+# wheels (jsonargparse, torch-fidelity, torchdata, zuko, normflows, ...) at their exact versions; the project itself
+# with --no-deps, as the kit's setup.sh installs it. Then, in that environment:
+#   1. collect    `pytest -m cuda tests --collect-only`: the CUDA cases the GPU check runs are collected, with the
+#                 test files that need RDKit or scikit-learn left out as on the GPU machine
+#   2. gpu_check  `benchmarks/gpu_check.sh --dry-run` (issue 29's check, tiny sizes)
+#   3. campaign   `benchmarks/gpu_campaign.py --dry-run` on both campaigns (issue 35)
+#   4. suite      with --full only: the whole test suite (about 7 minutes on 2 cores)
+#
+#   bash benchmarks/device_env_check.sh [--full]
+# Environment: VENV (where the environment lives), KIT (default ../shared/device), DATA (default ../shared/data),
+# TORCH and TORCHVISION (the versions to pin: the GPU machine's). Exit status: 0 when every step passed, 1 when one
+# failed (each step's log is under $OUT, default a new temporary folder), 2 for a bad argument or a missing kit.
+set -uo pipefail
+FULL=0
+for arg in "$@"; do
+  case $arg in
+    --full) FULL=1 ;;
+    -h|--help) sed -n 2,22p "$0"; exit 0 ;;
+    *) echo "device_env_check.sh: unknown argument $arg (see --help)" >&2; exit 2 ;;
+  esac
+done
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT" || exit 2
+KIT=${KIT:-$ROOT/../shared/device}
+DATA=${DATA:-$ROOT/../shared/data}
+VENV=${VENV:-$ROOT/../venv-device}
+TORCH=${TORCH:-2.11.0}
+TORCHVISION=${TORCHVISION:-0.26.0}
+OUT=${OUT:-$(mktemp -d)}
+[ -d "$KIT/wheels" ] || { echo "device_env_check.sh: no GPU machine kit at $KIT (set KIT)" >&2; exit 2; }
+mkdir -p "$OUT"
+PY=$VENV/bin/python
+if [ ! -x "$PY" ] || [ "$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null)" != "$TORCH" ]; then
+  echo "building $VENV (torch $TORCH, torchvision $TORCHVISION, the kit's wheels)"
+  python3 -m venv "$VENV" || exit 2
+  # what the GPU machine holds besides the kit (its README); torch's own pins as that machine has them
+  "$VENV/bin/pip" install -q -U "torch==$TORCH" "torchvision==$TORCHVISION" "pytorch-lightning==2.6.6" torchmetrics \
+    scipy matplotlib tensorboard safetensors huggingface_hub pytest pytest-timeout || exit 2
+  "$VENV/bin/pip" install -q --no-deps "$KIT"/wheels/*.whl || exit 2
+fi
+# the project as the kit's setup.sh installs it: no dependencies resolved (the GPU machine cannot download any), built
+# with the environment's own setuptools (pyproject.toml's build-system: 77 or newer)
+{ "$VENV/bin/pip" install -q "setuptools>=77" wheel && \
+  "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e "$ROOT"; } > "$OUT/install.log" 2>&1 \
+  || { echo "device_env_check.sh: installing the project failed (see $OUT/install.log)" >&2; exit 1; }
+export PATH=$VENV/bin:$PATH PYTHONUNBUFFERED=1
+echo "environment: $("$PY" -c 'import sys, torch, pytorch_lightning as pl; print("python", sys.version.split()[0], "| torch", torch.__version__, "| pl", pl.__version__)')"
+for pkg in rdkit sklearn; do
+  "$PY" -c "import $pkg" 2>/dev/null && echo "note: $pkg is installed here; the GPU machine has none"
+done
+
+FAILED=0
+step() {  # step NAME COMMAND...: run it, log it, report its rc and time
+  local name=$1 t0=$SECONDS rc
+  shift
+  "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  printf '%-9s rc %d  %3d s  %s\n' "$name" "$rc" $((SECONDS - t0)) "$(tail -n 1 "$OUT/$name.log")"
+  [ $rc = 0 ] || FAILED=1
+}
+step collect "$PY" -m pytest -q -p no:cacheprovider -m cuda tests --collect-only
+step gpu_check env PYTHON="$PY" DATA="$DATA" OUT="$OUT/gpu_check" bash benchmarks/gpu_check.sh --dry-run
+step campaign "$PY" benchmarks/gpu_campaign.py benchmarks/campaigns/anomaly.yaml benchmarks/campaigns/mnist_zoo.yaml \
+  --dry-run --data "$DATA" --out "$OUT/campaign"
+[ $FULL = 1 ] && step suite "$PY" -m pytest -q -p no:cacheprovider tests
+echo "logs: $OUT"
+exit $FAILED
