@@ -16,14 +16,15 @@
 #
 #   bash benchmarks/device_env_check.sh [--full]
 # Environment: VENV (where the environment lives), KIT (default ../shared/device), DATA (default ../shared/data),
-# TORCH and TORCHVISION (the versions to pin: the GPU machine's). Exit status: 0 when every step passed, 1 when one
-# failed (each step's log is under $OUT, default a new temporary folder), 2 for a bad argument or a missing kit.
+# TORCH and TORCHVISION (the versions to pin: the GPU machine's), BASE_PYTHON (default python3.12 as there, else
+# python3). Exit status: 0 when every step passed, 1 when one failed (each step's log is under $OUT, default a new
+# temporary folder), 2 for a bad argument or a missing kit.
 set -uo pipefail
 FULL=0
 for arg in "$@"; do
   case $arg in
     --full) FULL=1 ;;
-    -h|--help) sed -n 2,22p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,21p "$0"; exit 0 ;;
     *) echo "device_env_check.sh: unknown argument $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -37,10 +38,16 @@ TORCHVISION=${TORCHVISION:-0.26.0}
 OUT=${OUT:-$(mktemp -d)}
 [ -d "$KIT/wheels" ] || { echo "device_env_check.sh: no GPU machine kit at $KIT (set KIT)" >&2; exit 2; }
 mkdir -p "$OUT"
+# the GPU machine's Python is 3.12: that one where it is installed, else python3 (the check says which it used)
+BASE=${BASE_PYTHON:-python3}
+[ -n "${BASE_PYTHON:-}" ] || ! python3.12 -c pass 2>/dev/null || BASE=python3.12
+"$BASE" -c pass || { echo "device_env_check.sh: no Python at BASE_PYTHON=$BASE" >&2; exit 2; }
 PY=$VENV/bin/python
-if [ ! -x "$PY" ] || [ "$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null)" != "$TORCH" ]; then
-  echo "building $VENV (torch $TORCH, torchvision $TORCHVISION, the kit's wheels)"
-  python3 -m venv "$VENV" || exit 2
+WANT="$("$BASE" -c 'import sys; print(*sys.version_info[:2])') $TORCH"
+if [ ! -x "$PY" ] || [ "$("$PY" -c 'import sys, torch; print(*sys.version_info[:2], torch.__version__.split("+")[0])' 2>/dev/null)" != "$WANT" ]; then
+  echo "building $VENV ($("$BASE" --version), torch $TORCH, torchvision $TORCHVISION, the kit's wheels)"
+  rm -rf "$VENV"
+  "$BASE" -m venv "$VENV" || exit 2
   # what the GPU machine holds besides the kit (its README); torch's own pins as that machine has them
   "$VENV/bin/pip" install -q -U "torch==$TORCH" "torchvision==$TORCHVISION" "pytorch-lightning==2.6.6" torchmetrics \
     scipy matplotlib tensorboard safetensors huggingface_hub pytest pytest-timeout || exit 2
