@@ -310,3 +310,47 @@ def test_every_image_family_samples_images_in_range_and_keeps_the_raw_chain_as_a
     assert clipped.min() >= -1 and clipped.max() <= 1
     assert raw.abs().max() > 1  # the raw chain left the range, so the clamp did something
     assert torch.equal(clipped, raw.clamp(-1, 1))
+
+
+# ------------------------------------------------------------------------------------- autocast and mid-step updates
+class _UpdateThenForward(EBMModule):
+    """Two layers, each forwarded, updated by its optimiser (the first through ``optimizers()``, the second through
+    ``step_uncounted``) and forwarded again in the same training step, as the triangle's G loss follows its E and I
+    steps."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        x = self.data_from_batch(batch, (4,))
+        opt_a, opt_b = self.optimizers()
+        before = self.a(x), self.b(x)
+        for opt, y, step in ((opt_a, before[0], opt_a.step), (opt_b, before[1], lambda: self.step_uncounted(opt_b))):
+            opt.zero_grad()
+            self.manual_backward(y.float().square().sum())
+            step()
+        self.seen.append((torch.is_autocast_enabled(x.device.type), before, (self.a(x), self.b(x))))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.a.parameters(), lr=0.5), torch.optim.SGD(self.b.parameters(), lr=0.5)
+
+
+def test_a_forward_after_a_mid_step_update_uses_the_updated_weights_under_bf16_autocast():
+    """Lightning's bf16-mixed runs the whole training step in one autocast region. With torch's autocast cache on,
+    a forward after a mid-step update would reuse each weight's bf16 copy from before it; Lightning's region runs with
+    the cache off (``cache_enabled=False``), so the families whose later losses follow an update (the triangle's G
+    loss, the symbol-vector model's chains after F's step) see the updated weights, as in fp32. This pins that."""
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    model = _UpdateThenForward()
+    pl.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=1, logger=False, enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False).fit(model, DataLoader(TensorDataset(x), 6))
+    (autocast, before, after), = model.seen
+    assert autocast and after[0].dtype == torch.bfloat16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # a fresh region: the updated weights
+        expected = model.a(x), model.b(x)
+    for b, a, e in zip(before, after, expected):
+        assert not torch.equal(a, b)  # the update shows in the second forward
+        torch.testing.assert_close(a.detach(), e, rtol=0, atol=0)
