@@ -4,11 +4,13 @@
 For each recipe the model and datamodule are built from the shipped YAML (LightningCLI, no run), the datamodule's
 images are replaced by random ones of its shape and labels (so that no data set is needed), and a fresh
 ``pl.Trainer`` trains ``--warmup`` + ``--iters`` iterations in each precision. Reported per recipe and precision:
-the median seconds per iteration after the warm-up (CUDA synchronised at each iteration's start and end), the peak
-memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: not measured), and the implied time of the recipe's full
-schedule: its ``max_steps``, else ``max_epochs`` times the iterations of one epoch of the real training split
-(``TRAIN_IMAGES`` below, less ``val_size``, in the recipe's batches), at the measured speed. That counts training
-only (no validation, FID or checkpointing). A recipe that fails is recorded with its error and the others go on.
+the median seconds per iteration after the warm-up (CUDA synchronised at each iteration's start and end; with
+``--sync-every N`` above 1, one synchronised span over the timed iterations instead, rows saying ``"timing":
+"span"``), the peak memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: not measured), and the implied time of
+the recipe's full schedule: its ``max_steps``, else ``max_epochs`` times the iterations of one epoch of the real
+training split (``TRAIN_IMAGES`` below, less ``val_size``, in the recipe's batches), at the measured speed. That
+counts training only (no validation, FID or checkpointing). A recipe that fails is recorded with its error and the
+others go on.
 
 ``--real-data DIR`` measures instead the data pipeline of ``cifar10_prior`` on real images: the CIFAR-10 datamodule
 on DIR (a folder, a ``.zip`` or a folder holding one ``.zip``), one pass of its training loader (images per second
@@ -33,6 +35,7 @@ Each row is appended to ``--out`` (JSON lines) as soon as it is measured, so a r
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import statistics
@@ -56,11 +59,24 @@ TRAIN_IMAGES = {"SVHNDataModule": 73_257, "CIFAR10DataModule": 50_000, "CelebA64
 
 
 class IterationTimer(pl.Callback):
-    """Wall-clock seconds of each training iteration (CUDA synchronised at its start and end)."""
+    """Seconds per training iteration, one of two ways.
 
-    def __init__(self):
+    - Per batch (``span_from=None``): each batch's own time, the GPU synchronised at its start and end; ``seconds``
+      holds them (the caller takes the median after the warm-up, robust to a slow batch).
+    - One span (``span_from=W``, ``last=N``): from the start of batch W (0-based) to the end of batch N-1,
+      synchronised only there; ``span`` is its mean seconds per batch. A step that does not synchronise (``SyncEvery``,
+      ``capture_step``) lets the host queue the next step while the GPU runs this one; a synchronisation per batch
+      would hide that gain.
+    """
+
+    def __init__(self, span_from: int | None = None, last: int | None = None):
+        if span_from is not None and (last is None or last <= span_from):
+            raise ValueError(f"IterationTimer: last ({last}) must be above span_from ({span_from})")
         self.seconds: list[float] = []
+        self.span: float | None = None
+        self.batches = 0
         self._t0 = 0.0
+        self.span_from, self.last = span_from, last
 
     @staticmethod
     def _sync(module) -> None:
@@ -68,12 +84,18 @@ class IterationTimer(pl.Callback):
             torch.cuda.synchronize(module.device)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._sync(pl_module)
-        self._t0 = time.perf_counter()
+        if self.span_from is None or self.batches == self.span_from:
+            self._sync(pl_module)
+            self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._sync(pl_module)
-        self.seconds.append(time.perf_counter() - self._t0)
+        self.batches += 1
+        if self.span_from is None:
+            self._sync(pl_module)
+            self.seconds.append(time.perf_counter() - self._t0)
+        elif self.batches == self.last:
+            self._sync(pl_module)
+            self.span = (time.perf_counter() - self._t0) / (self.last - self.span_from)
 
 
 def build(recipe: str, model_args: dict[str, str] | None = None):
@@ -162,8 +184,12 @@ def measure(recipe: str, device: str, precision: str, iters: int, warmup: int, b
             if max_images and n >= max_images:
                 break
         out["loader"] = {"images": n, "workers": workers, "images_per_s": n / (time.perf_counter() - t0)}
-    timer = IterationTimer()
+    # with SyncEvery (no synchronisation in most steps) one synchronised span over the timed iterations, else each
+    # iteration synchronised and timed on its own
+    timer = IterationTimer(warmup, warmup + iters) if sync_every > 1 else IterationTimer()
+    out["timing"] = "span" if sync_every > 1 else "median of per-iteration times"
     if device == "cuda":
+        gc.collect()  # an earlier run's trainer and model refer to each other: free their memory before the reset
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     trainer = pl.Trainer(accelerator=device, devices=1, precision=precision, max_steps=warmup + iters, logger=False,
@@ -174,8 +200,8 @@ def measure(recipe: str, device: str, precision: str, iters: int, warmup: int, b
     trainer.fit(model, datamodule=dm)
     out["fit_seconds"] = time.perf_counter() - t0
     timed = timer.seconds[warmup:] or timer.seconds
-    out["iterations"] = len(timer.seconds)
-    out["s_per_iter"] = statistics.median(timed) if timed else None
+    out["iterations"] = timer.batches
+    out["s_per_iter"] = timer.span if sync_every > 1 else statistics.median(timed) if timed else None
     out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None
     out["schedule_iterations"] = total
     out["implied_schedule_hours"] = (total * out["s_per_iter"] / 3600 if total and out["s_per_iter"] and not batch

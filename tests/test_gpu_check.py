@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,6 +120,32 @@ def test_recipe_speed_caps_each_chain_of_the_model_for_smoke_runs():
     assert {k: v for k, v in short.hparams.items() if k not in caps} == {
         k: v for k, v in model.hparams.items() if k not in caps}
     assert recipe_speed.chain_caps(model, 10 ** 6) == {}
+
+
+def test_recipe_speed_times_one_span_after_the_warm_up_or_each_iteration(monkeypatch):
+    """``IterationTimer``: per batch, each iteration's own time; as one span (the rows with ``--sync-every``), the
+    mean over batches W..N-1 from one start to one end, with nothing timed during the warm-up."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import recipe_speed
+
+    clock = iter([0.0, 1.0, 10.0, 12.0, 20.0, 23.0])  # each batch's start and end, three batches
+    monkeypatch.setattr(recipe_speed.time, "perf_counter", lambda: next(clock))
+    module = torch.nn.Linear(1, 1)
+    module.device = torch.device("cpu")
+
+    def run(timer, batches=3):
+        for i in range(batches):
+            timer.on_train_batch_start(None, module, None, i)
+            timer.on_train_batch_end(None, module, None, None, i)
+        return timer
+
+    each = run(recipe_speed.IterationTimer())
+    assert each.seconds == [1.0, 2.0, 3.0] and each.span is None and each.batches == 3
+    clock = iter([10.0, 23.0])  # read only at batch 1's start and batch 2's end
+    span = run(recipe_speed.IterationTimer(span_from=1, last=3))
+    assert span.span == pytest.approx(6.5) and span.seconds == [] and span.batches == 3
+    with pytest.raises(ValueError, match="last"):
+        recipe_speed.IterationTimer(span_from=2, last=2)
 
 
 DEVICE_KIT = ROOT.parent / "shared" / "device"
