@@ -221,6 +221,15 @@ def _best_time(fn, repeats: int) -> float:
     return best
 
 
+def _row_summary(rounds: list) -> dict | None:
+    """One training-iteration row over its rounds: the median s/iter, the largest peak memory, each round's s/iter
+    (None for a row that did not run, e.g. the reference loop where its script is absent)."""
+    if rounds[0] is None:
+        return None
+    return {"s_per_iter": statistics.median(r["s_per_iter"] for r in rounds),
+            "peak_mib": max(r["peak_mib"] for r in rounds), "rounds_s_per_iter": [r["s_per_iter"] for r in rounds]}
+
+
 def prior_chains(device: str, repeats: int, batch: int = 100) -> dict[str, float | None]:
     """Seconds for the 60-step prior chain, batch ``batch`` (100), nz 100, on the reference energy MLP."""
     torch.manual_seed(0)
@@ -351,23 +360,24 @@ def main() -> None:
     # Rounds: every row once per round, in the same order, so that a slow spell of this shared machine hits all rows
     # alike; each row reports its median over the rounds.
     runs: dict[str, list] = {key: [] for key, *_ in rows}
+    res["rounds"] = a.rounds
+
+    def save(done: str) -> None:  # after every row: a run cut short (a GPU command's time limit) keeps what it measured
+        res["done"] = done
+        res["training_iteration"] = {key: _row_summary(rs) for key, rs in runs.items() if rs}
+        Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+
     for r in range(a.rounds):
         print(f"round {r + 1}/{a.rounds} of the training-iteration rows", file=sys.stderr, flush=True)
         for key, _, what, tuned, precision, cl, comp, *sync in rows:
             runs[key].append(training_row(what, a.batch, a.iters, a.warmup, a.threads, dev, tuned, precision, cl,
                                           comp, *sync))
-    res["rounds"] = a.rounds
-    res["training_iteration"] = {}
-    for key, rs in runs.items():
-        if rs[0] is None:
-            res["training_iteration"][key] = None
-            continue
-        res["training_iteration"][key] = {"s_per_iter": statistics.median(r["s_per_iter"] for r in rs),
-                                          "peak_mib": max(r["peak_mib"] for r in rs),
-                                          "rounds_s_per_iter": [r["s_per_iter"] for r in rs]}
+            save(f"round {r + 1} of {a.rounds}, row {key}")
     res["prior_chain_s"] = prior_chains(dev, repeats=3, batch=a.batch)
+    save("training rows, prior chain")
     res["throughput_fp32"] = throughputs(dev, "32-true", a.batch)
     res["throughput_bf16"] = throughputs(dev, "bf16-mixed", a.batch)
+    save("all")
 
     it = res["training_iteration"]
     ref = (it.get("reference") or it.get("plain") or {}).get("s_per_iter")
@@ -403,7 +413,6 @@ def main() -> None:
         t = res[f"throughput_{p}"]
         fid = f"{t['fid_images_per_s']:.1f}" if t["fid_images_per_s"] else "n/a"
         print(f"   {p}: sampling {t['sample_images_per_s']:.1f}, FID Inception features {fid}")
-    Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
     print(f"\nwritten {a.out}")
 
 

@@ -148,6 +148,31 @@ def test_recipe_speed_times_one_span_after_the_warm_up_or_each_iteration(monkeyp
         recipe_speed.IterationTimer(span_from=2, last=2)
 
 
+def test_bench_run_writes_each_row_as_it_is_measured(tmp_path, monkeypatch):
+    """``benchmarks/run.py`` (issue 33's GPU commands) rewrites its JSON after every training row: a command stopped
+    by its time limit keeps the rows it measured."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run
+
+    calls = []
+
+    def training_row(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the time limit, in the second row
+        return {"s_per_iter": 0.5, "peak_mib": 100.0}
+
+    monkeypatch.setattr(run, "training_row", training_row)
+    out = tmp_path / "speed.json"
+    monkeypatch.setattr(sys, "argv", ["run.py", "--device", "cpu", "--rows", "fp32,bf16_tuned", "--rounds", "1",
+                                      "--out", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        run.main()
+    res = json.loads(out.read_text())
+    assert res["done"] == "round 1 of 1, row fp32" and res["device"] == "cpu"
+    assert res["training_iteration"] == {"fp32": {"s_per_iter": 0.5, "peak_mib": 100.0, "rounds_s_per_iter": [0.5]}}
+
+
 DEVICE_KIT = ROOT.parent / "shared" / "device"
 
 
