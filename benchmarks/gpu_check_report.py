@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Collect the outputs of ``benchmarks/gpu_check.sh`` into ``gpu_check.json`` and ``gpu_check.md`` in its OUT folder.
 
-Reads: ``steps.jsonl`` (rc and seconds of each step), ``env.log``, ``pytest.xml`` and ``pytest_compile.xml``
-(JUnit counts of ``pytest -m cuda``, added up, and the names of the failed cases), ``recipes.jsonl``,
+Reads: ``steps.jsonl`` (rc, seconds and limit of each step), ``env.log``, ``pytest.xml`` and ``pytest_compile.xml``
+(JUnit counts of ``pytest -m cuda``, added up, and the names of the failed cases), ``compile.log`` (each
+``compile_chains`` mode's result as it finished), ``recipes.jsonl``,
 ``captured.jsonl`` and ``cifar10.jsonl`` (rows of ``benchmarks/recipe_speed.py``: random-data recipes as shipped and
 with ``capture_step``, and cifar10_prior on real images).
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -37,6 +39,12 @@ def pytest_counts(xml: Path) -> dict | None:
     return n
 
 
+def compile_modes(log: str) -> dict[str, str]:
+    """Each ``compile_chains`` mode's result as the compile step's ``pytest -v`` log printed it when it finished
+    (kept even when the step's limit stopped pytest before it wrote its XML)."""
+    return dict(re.findall(r"every_compile_mode\S*\[([\w-]+)\] (PASSED|FAILED|ERROR|SKIPPED)", log))
+
+
 def _num(v, fmt: str) -> str:
     return format(v, fmt) if isinstance(v, (int, float)) else "-"
 
@@ -58,20 +66,24 @@ def main() -> None:
     res = {"dry_run": bool(a.dry_run), "gpu": gpu, "env": env.strip().splitlines(), "steps": steps,
            "total_seconds": sum(s["seconds"] for s in steps), "pytest_cuda": total,
            "recipes": _rows(out / "recipes.jsonl"), "captured": _rows(out / "captured.jsonl"),
-           "cifar10_real": _rows(out / "cifar10.jsonl")}
+           "cifar10_real": _rows(out / "cifar10.jsonl"), "compile_modes": compile_modes(_read(out / "compile.log"))}
     (out / "gpu_check.json").write_text(json.dumps(res, indent=2) + "\n")
 
     dry = " (dry run on the CPU, tiny sizes: no number here is a GPU measurement)" if a.dry_run else ""
     md = [f"# lebm-zoo GPU check{dry}",
           "", f"Machine: {gpu or 'no GPU (nvidia-smi absent)'}; " + "; ".join(env.strip().splitlines()[:2]), "",
-          "| step | rc | seconds |", "|---|---|---|"]
-    md += [f"| {s['step']} | {s['rc']} | {s['seconds']:.1f} |" for s in steps]
-    md.append(f"| total | | {res['total_seconds']:.1f} |")
+          "| step | rc | seconds | limit (s; with what earlier steps left) |", "|---|---|---|---|"]
+    md += [f"| {s['step']} | {s['rc']} | {s['seconds']:.1f} | {s.get('limit', '-')} |" for s in steps]
+    md.append(f"| total | | {res['total_seconds']:.1f} | |")
     pc = res["pytest_cuda"]
     if pc:
         md += ["", f"`pytest -m cuda`: {pc['passed']} passed, {pc['failures'] + pc['errors']} failed, "
                    f"{pc['skipped']} skipped"]
         md += [f"- failed: `{c}`" for c in pc["failed_cases"]]
+    if any(s["step"] == "compile" for s in steps):
+        modes = res["compile_modes"]
+        md += ["", "`compile_chains` modes (the compile step's log): " + (
+            ", ".join(f"{m} {r}" for m, r in modes.items()) if modes else "none finished within the step's limit")]
     if res["recipes"] or res["captured"]:
         md += ["", "GPU-scale recipes on random data of their shape (median s/iter after the warm-up; the implied time "
                    "of the recipe's whole schedule at that speed, training only). Variant \"eager\": the recipe as "

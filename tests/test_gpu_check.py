@@ -5,6 +5,7 @@ images from a folder holding a CIFAR-10 zip, as ``../shared/data/cifar10`` and a
 has the numbers of each: the same code paths the GPU machine runs, so that the one GPU run is not its first.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -56,6 +57,8 @@ def test_gpu_check_dry_run_runs_every_step_and_reports(tmp_path, monkeypatch):
     steps = res["steps"]
     assert [s["step"] for s in steps] == ["env", "pytest", "compile", "recipes", "captured", "cifar10"]
     assert all(s["rc"] == 0 and s["seconds"] > 0 for s in steps), steps
+    # a step's limit is its own (x4 on a CPU) plus what the steps before it left unused
+    assert steps[0]["limit"] == 4 * 20 and steps[1]["limit"] == 4 * 135 + 4 * 20 - math.ceil(steps[0]["seconds"])
 
     assert res["dry_run"] is True
     assert res["pytest_cuda"]["tests"] > 0 and res["pytest_cuda"]["failures"] == 0  # CUDA cases: skipped here
@@ -70,13 +73,16 @@ def test_gpu_check_dry_run_runs_every_step_and_reports(tmp_path, monkeypatch):
     assert [r["recipe"] for r in captured] == ["svhn_prior", "cifar10_prior", "cifar10_hierarchical",
                                                "cifar10_shortrun"], captured
     assert all(r["rc"] == 0 and r["variant"] == "capture_step=true, SyncEvery(50)" and r["iterations"] == 1
-               and r["s_per_iter"] > 0 for r in captured), captured
+               and r["s_per_iter"] > 0 and r["timing"] == "span" for r in captured), captured
+    assert res["compile_modes"] == dict.fromkeys(["default", "reduce-overhead", "max-autotune-no-cudagraphs",
+                                                  "max-autotune"], "SKIPPED")  # CUDA only
     assert all(r["variant"] == "eager" for r in rows)
     assert all(r["chain_steps"] == 2 for r in rows + captured)  # the dry run's short chains
     (real,) = res["cifar10_real"]
     assert real["rc"] == 0 and real["loader"]["images"] == 24 and real["s_per_iter"] > 0
     md = (out / "gpu_check.md").read_text()
     assert "dry run on the CPU" in md and "| cifar10 | 0 |" in md
+    assert "`compile_chains` modes (the compile step's log): default SKIPPED, reduce-overhead SKIPPED" in md
     assert "| celeba64_prior | LatentEBMPrior | eager |" in md
     assert "| svhn_prior | LatentEBMPrior | capture_step=true, SyncEvery(50) | 32-true | 2 |" in md
 
@@ -102,7 +108,7 @@ def test_gpu_check_step_limits_fit_six_minutes_on_the_gpu_and_scale_on_a_cpu():
     assert gpu_real and 'step cifar10 "$REAL_LIMIT"' in text
     total = sum(limits.values()) + int(gpu_real.group(1))
     assert total <= 360 and f"limits add up to {total} s" in text
-    assert re.search(r"^  SCALE=4$", text, re.M) and "limit=$(( $2 * SCALE ))" in text
+    assert re.search(r"^  SCALE=4$", text, re.M) and "limit=$(( $2 * SCALE + SLACK ))" in text
 
 
 def test_recipe_speed_caps_each_chain_of_the_model_for_smoke_runs():
@@ -120,6 +126,19 @@ def test_recipe_speed_caps_each_chain_of_the_model_for_smoke_runs():
     assert {k: v for k, v in short.hparams.items() if k not in caps} == {
         k: v for k, v in model.hparams.items() if k not in caps}
     assert recipe_speed.chain_caps(model, 10 ** 6) == {}
+
+
+def test_the_report_reads_each_compile_mode_from_a_log_cut_short():
+    """The compile step runs ``pytest -v``: the modes that finished before its limit stopped pytest (no XML then)
+    are read from the log."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check_report
+
+    case = "tests/test_compiled_chain.py::test_every_compile_mode_trains_and_samples_on_cuda"
+    log = (f"{case}[default] PASSED [ 25%]\n{case}[reduce-overhead] FAILED [ 50%]\n"
+           f"{case}[max-autotune-no-cudagraphs] ")  # stopped while it ran
+    assert gpu_check_report.compile_modes(log) == {"default": "PASSED", "reduce-overhead": "FAILED"}
+    assert gpu_check_report.compile_modes("") == {}
 
 
 def test_recipe_speed_times_one_span_after_the_warm_up_or_each_iteration(monkeypatch):
