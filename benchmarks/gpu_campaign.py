@@ -199,24 +199,36 @@ def run_one(run: dict, work: Path, data: str, train_seconds: float, dry: bool, c
     last = ckpts[-1]
     record["iterations"] = int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
     record["metrics"] = {}
+    model = load_pretrained(last, map_location="cuda" if torch.cuda.is_available() and not dry else "cpu")
+    device = str(model.device) + (f" ({torch.cuda.get_device_name()})" if model.device.type == "cuda" else "")
+    record["device"] = device
+
+    def save(stage: str | None) -> None:
+        """The weights (with the metrics so far) and the record, after each phase: a worker stopped at the
+        deadline keeps what it finished (``error`` says where it stopped; the last save has none)."""
+        save_pretrained(model.cpu(), folder / "weights", recipe=run["recipe"], data=run.get("data", "MNIST"),
+                        training_steps=record["iterations"],
+                        metrics={k.split("/", 1)[1]: {"value": v, "protocol": f"lebm-zoo test --recipe {run['recipe']}"}
+                                 for k, v in record["metrics"].items()},
+                        training={"command": " ".join(["lebm-zoo", *fit]), "seed": run["seed"],
+                                  "wall_seconds": record["fit_seconds"], "iterations": record["iterations"],
+                                  "device": device, "campaign": run["campaign"]})
+        if stage is None:
+            record.pop("error", None)
+        else:
+            record["error"] = f"stopped after {stage}"
+        (folder / "record.json").write_text(json.dumps(record, indent=1) + "\n")
+
+    save("training (not tested, no samples)")
     if has_metrics:
         t0 = time.time()
         code = cli(["test", *common, "--ckpt_path", str(last), "--trainer.default_root_dir", str(folder / "test")])
         record["test_seconds"] = round(time.time() - t0, 1)
         if code == 0:
             record["metrics"] = {k: float(v) for k, v in _scalars(folder / "test").items() if k.startswith("test/")}
+            save("the test (no samples)")
         else:
             record["error"] = f"test exited {code}"
-    model = load_pretrained(last, map_location="cuda" if torch.cuda.is_available() and not dry else "cpu")
-    device = str(model.device) + (f" ({torch.cuda.get_device_name()})" if model.device.type == "cuda" else "")
-    record["device"] = device
-    save_pretrained(model.cpu(), folder / "weights", recipe=run["recipe"], data=run.get("data", "MNIST"),
-                    training_steps=record["iterations"],
-                    metrics={k.split("/", 1)[1]: {"value": v, "protocol": f"lebm-zoo test --recipe {run['recipe']}"}
-                             for k, v in record["metrics"].items()},
-                    training={"command": " ".join(["lebm-zoo", *fit]), "seed": run["seed"],
-                              "wall_seconds": record["fit_seconds"], "iterations": record["iterations"],
-                              "device": device, "campaign": run["campaign"]})
     n = int(run["fid_samples"]) if not dry else min(int(run["fid_samples"]), 16)
     if n > 0:
         model = model.to("cuda" if torch.cuda.is_available() and not dry else "cpu")
@@ -228,7 +240,10 @@ def run_one(run: dict, work: Path, data: str, train_seconds: float, dry: bool, c
                 parts.append(((x + 1) * 127.5).round().to(torch.uint8).cpu().numpy())
         np.savez_compressed(folder / "samples.npz", images=np.concatenate(parts))
         record["samples"] = n
-    (folder / "record.json").write_text(json.dumps(record, indent=1) + "\n")
+    if "error" in record and record["error"].startswith("test exited"):
+        (folder / "record.json").write_text(json.dumps(record, indent=1) + "\n")  # the test's failure stays
+    else:
+        save(None)
     return record
 
 

@@ -127,3 +127,33 @@ def test_dry_run_then_report_and_publish(tmp_path, monkeypatch, capsys):
     model = P.load_pretrained("lebm-mnist")
     assert model.pretrained_config["training"]["iterations"] == 2
     assert set(json.loads((tmp_path / "fingerprints.json").read_text())) == set(done)
+
+
+def test_a_worker_stopped_after_training_keeps_its_weights_and_says_where_it_stopped(tmp_path, monkeypatch):
+    """The weights and the record are written after each phase: a worker killed at the deadline during its test
+    (here: the test command raising) leaves trained weights that get packed, and a record that says it stopped."""
+    import lebm_zoo.cli
+
+    data = tmp_path / "data"
+    (data / "mnist").mkdir(parents=True)
+    write_mnist(data / "mnist", n=1200)
+    run = next(r for r in gpu_campaign.load_campaigns(CAMPAIGNS[:1]) if r["name"] == "lebm-anomaly-d1-s1")
+    real_cli = lebm_zoo.cli.main
+
+    def cli(argv):
+        if argv[0] == "test":
+            raise KeyboardInterrupt  # the deadline's kill, while testing
+        return real_cli(argv)
+
+    monkeypatch.setattr(lebm_zoo.cli, "main", cli)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_campaign.run_one(run, tmp_path / "work", str(data), 10, True)
+    folder = tmp_path / "work" / "runs" / run["name"]
+    record = json.loads((folder / "record.json").read_text())
+    assert record["error"] == "stopped after training (not tested, no samples)" and record["iterations"] == 2
+    assert (folder / "weights" / "model.safetensors").is_file()
+    config = json.loads((folder / "weights" / "config.json").read_text())
+    assert config["training"]["iterations"] == 2 and config.get("metrics", {}) == {}
+    parts = gpu_campaign.pack(tmp_path / "work", tmp_path / "out", [record])
+    with zipfile.ZipFile(parts[0]) as z:
+        assert f"runs/{run['name']}/weights/model.safetensors" in z.namelist()
