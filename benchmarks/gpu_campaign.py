@@ -363,6 +363,8 @@ def main(argv=None) -> int:
                 rec = json.loads(rec_path.read_text()) if rec_path.is_file() else {
                     "name": run["name"], "recipe": run["recipe"], "seed": run["seed"],
                     "error": f"worker exited {proc.returncode}" + (" (killed: over time)" if late else "")}
+                if proc.returncode != 0 and str(rec.get("error", "")).startswith("stopped after"):
+                    rec["error"] += f"; worker exited {proc.returncode}" + (" (killed: over time)" if late else "")
                 records.append(rec)
                 print(f"  {run['name']}: {rec.get('error', 'ok')} {rec.get('iterations', 0)} iterations "
                       f"{rec.get('metrics', {})}", flush=True)
