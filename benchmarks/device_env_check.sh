@@ -43,8 +43,13 @@ BASE=${BASE_PYTHON:-python3}
 [ -n "${BASE_PYTHON:-}" ] || ! python3.12 -c pass 2>/dev/null || BASE=python3.12
 "$BASE" -c pass || { echo "device_env_check.sh: no Python at BASE_PYTHON=$BASE" >&2; exit 2; }
 PY=$VENV/bin/python
+MARK=$VENV/.lebm-zoo-device-env  # only an environment this script built is ever replaced
 WANT="$("$BASE" -c 'import sys; print(*sys.version_info[:2])') $TORCH"
-if [ ! -x "$PY" ] || [ "$("$PY" -c 'import sys, torch; print(*sys.version_info[:2], torch.__version__.split("+")[0])' 2>/dev/null)" != "$WANT" ]; then
+HAVE="$("$PY" -c 'import sys, torch; print(*sys.version_info[:2], torch.__version__.split("+")[0])' 2>/dev/null)"
+if [ ! -f "$MARK" ] || [ "$HAVE" != "$WANT" ]; then
+  if [ -e "$VENV" ] && [ ! -f "$MARK" ]; then
+    echo "device_env_check.sh: $VENV exists and was not built by this script; set VENV to a new folder" >&2; exit 2
+  fi
   echo "building $VENV ($("$BASE" --version), torch $TORCH, torchvision $TORCHVISION, the kit's wheels)"
   rm -rf "$VENV"
   "$BASE" -m venv "$VENV" || exit 2
@@ -52,6 +57,7 @@ if [ ! -x "$PY" ] || [ "$("$PY" -c 'import sys, torch; print(*sys.version_info[:
   "$VENV/bin/pip" install -q -U "torch==$TORCH" "torchvision==$TORCHVISION" "pytorch-lightning==2.6.6" torchmetrics \
     scipy matplotlib tensorboard safetensors huggingface_hub pytest pytest-timeout || exit 2
   "$VENV/bin/pip" install -q --no-deps "$KIT"/wheels/*.whl || exit 2
+  touch "$MARK"
 fi
 # the project as the kit's setup.sh installs it: no dependencies resolved (the GPU machine cannot download any), built
 # with the environment's own setuptools (pyproject.toml's build-system: 77 or newer)
@@ -59,7 +65,8 @@ fi
   "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e "$ROOT"; } > "$OUT/install.log" 2>&1 \
   || { echo "device_env_check.sh: installing the project failed (see $OUT/install.log)" >&2; exit 1; }
 export PATH=$VENV/bin:$PATH PYTHONUNBUFFERED=1
-echo "environment: $("$PY" -c 'import sys, torch, pytorch_lightning as pl; print("python", sys.version.split()[0], "| torch", torch.__version__, "| pl", pl.__version__)')"
+echo "environment: $("$PY" -c 'import sys, torch, pytorch_lightning as pl
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| pl", pl.__version__)')"
 for pkg in rdkit sklearn; do
   "$PY" -c "import $pkg" 2>/dev/null && echo "note: $pkg is installed here; the GPU machine has none"
 done

@@ -218,3 +218,18 @@ def test_device_env_check_pins_the_torch_of_the_gpu_machine():
     machine = re.search(r"torch (\d+\.\d+)", readme).group(1)
     pinned = re.search(r"TORCH=\$\{TORCH:-(\d+\.\d+)\.\d+\}", (ROOT / "benchmarks" / "device_env_check.sh").read_text())
     assert pinned and pinned.group(1) == machine
+
+
+def test_device_env_check_never_replaces_an_environment_it_did_not_build(tmp_path):
+    """A ``VENV`` that exists without the script's marker (the project's own ``.venv``, say) is refused with exit
+    code 2 and left as it was."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "keep.txt").write_text("mine")
+    env = {**os.environ, "VENV": str(venv), "OUT": str(tmp_path / "out")}
+    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_env_check.sh")], env=env, capture_output=True,
+                       text=True, timeout=60)
+    if "no GPU machine kit" in p.stderr:
+        pytest.skip(f"the GPU machine kit is not at {DEVICE_KIT}")
+    assert p.returncode == 2 and "was not built by this script" in p.stderr
+    assert (venv / "keep.txt").read_text() == "mine"
