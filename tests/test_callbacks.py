@@ -10,11 +10,13 @@ from _data import FID_WEIGHTS as WEIGHTS
 from _data import tensor_loader, tiny_trainer, uniform_images
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.loggers.logger import Logger
+from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchvision.io import read_image
 
 from lebm_zoo.callbacks import FIDCallback, FIDWeightsNotFoundError, ReconstructionMSE, SampleGrid, default_fid_weights
+from lebm_zoo.models.base import leave_process_group
 from lebm_zoo.utils import to_uint8
 
 images = partial(uniform_images, s=8)  # 8-pixel images unless asked
@@ -77,6 +79,12 @@ class Toy(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         pass
+
+    def teardown(self, stage):
+        # as EBMModule: a ddp_spawn worker leaves the process group with its peer before it exits; torn down one rank
+        # at a time at interpreter exit, a rank can abort after a successful run (SIGABRT, one run in four here)
+        if self._trainer is not None and isinstance(self.trainer.strategy.launcher, _MultiProcessingLauncher):
+            leave_process_group()
 
     def configure_optimizers(self):
         return torch.optim.SGD([self.w], lr=0.1)
