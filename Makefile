@@ -33,7 +33,7 @@ bench: install  ## speed benchmarks against the reference loop and torchebm (ben
 	$(BIN)/python benchmarks/bench_compile.py
 
 lint: install
-	$(BIN)/ruff check lebm_zoo datamodules tests benchmarks
+	$(BIN)/ruff check lebm_zoo datamodules tests benchmarks setup.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
