@@ -5,39 +5,47 @@
 # machine's torch, or an import of a package it lacks, shows up here first.
 #
 # It builds a virtual environment once (default ../venv-device, about 1 minute and 5 GB with PyPI reachable): torch
-# and torchvision at the GPU machine's versions, pytorch-lightning, the packages that machine holds, and the kit's own
-# wheels (jsonargparse, torch-fidelity, torchdata, zuko, normflows, ...) at their exact versions; the project itself
-# with --no-deps, as the kit's setup.sh installs it. Then, in that environment:
-#   1. collect    `pytest -m cuda tests --collect-only`: the CUDA cases the GPU check runs are collected, with the
+# and torchvision at the GPU machine's versions, pytorch-lightning, the packages that machine holds. Then it copies the
+# checkout as a device call sends it (tracked and untracked-not-ignored files, lebm_zoo/weights moved aside, the kit as
+# .device/) to $OUT/checkout and, there, with that environment's python3 first on PATH, runs the kit's own
+# `source .device/setup.sh` (which, as on the GPU machine, installs the kit's wheels and the project into /tmp/site and
+# unpacks the kit's data under /tmp/data). From there on, as on that machine, nothing can be downloaded (a dead proxy)
+# and there are no FID weights (an empty HOME). Then, in that copy:
+#   1. setup      the project installed: `lebm-zoo` runs from /tmp/site/bin (the kit's set-up hides a failed install
+#                 in its output; the GPU commands themselves run from the checkout with `python3 -m`)
+#   2. collect    `pytest -m cuda tests --collect-only`: the CUDA cases the GPU check runs are collected, with the
 #                 test files that need RDKit or scikit-learn left out as on the GPU machine
-#   2. gpu_check  `benchmarks/gpu_check.sh --dry-run` (issue 29's check, tiny sizes)
-#   3. campaign   `benchmarks/gpu_campaign.py --dry-run` on both campaigns (issue 35)
-#   4. suite      with --full only: the whole test suite (about 7 minutes on 2 cores)
+#   3. twins      the test files that hold those CUDA cases, run whole on the CPU (about 2 minutes): their CPU cases
+#                 catch what would fail there for another reason than CUDA
+#   4. gpu_check  `benchmarks/gpu_check.sh --dry-run` (issue 29's check, tiny sizes) on the kit's data
+#   5. campaign   `benchmarks/gpu_campaign.py --dry-run` on both campaigns (issue 35) on the kit's data
+#   6. suite      with --full only: the whole test suite, in the checkout itself (it tests the registry's weights),
+#                 still offline and without FID weights (about 7 minutes on 2 cores)
 #
 #   bash benchmarks/device_env_check.sh [--full]
-# Environment: VENV (where the environment lives), KIT (default ../shared/device), DATA (default ../shared/data),
-# TORCH and TORCHVISION (the versions to pin: the GPU machine's), BASE_PYTHON (default python3.12 as there, else
-# python3). Exit status: 0 when every step passed, 1 when one failed (each step's log is under $OUT, default a new
-# temporary folder), 2 for a bad argument or a missing kit.
+# Environment: VENV (where the environment lives), KIT (default ../shared/device), DATA (default /tmp/data, where the
+# kit's set-up unpacks its data), TORCH and TORCHVISION (the versions to pin: the GPU machine's), BASE_PYTHON (default
+# python3.12 as there, else python3). Exit status: 0 when every step passed, 1 when one failed (each step's log is
+# under $OUT, default a new temporary folder), 2 for a bad argument or a missing kit.
 set -uo pipefail
 FULL=0
 for arg in "$@"; do
   case $arg in
     --full) FULL=1 ;;
-    -h|--help) sed -n 2,21p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,29p "$0"; exit 0 ;;
     *) echo "device_env_check.sh: unknown argument $arg (see --help)" >&2; exit 2 ;;
   esac
 done
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT" || exit 2
 KIT=${KIT:-$ROOT/../shared/device}
-DATA=${DATA:-$ROOT/../shared/data}
+DATA=${DATA:-/tmp/data}
 VENV=${VENV:-$ROOT/../venv-device}
 TORCH=${TORCH:-2.11.0}
 TORCHVISION=${TORCHVISION:-0.26.0}
 OUT=${OUT:-$(mktemp -d)}
 [ -d "$KIT/wheels" ] || { echo "device_env_check.sh: no GPU machine kit at $KIT (set KIT)" >&2; exit 2; }
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
 # the GPU machine's Python is 3.12: that one where it is installed, else python3 (the check says which it used)
 BASE=${BASE_PYTHON:-python3}
 [ -n "${BASE_PYTHON:-}" ] || ! python3.12 -c pass 2>/dev/null || BASE=python3.12
@@ -59,12 +67,28 @@ if [ ! -f "$MARK" ] || [ "$HAVE" != "$WANT" ]; then
   "$VENV/bin/pip" install -q --no-deps "$KIT"/wheels/*.whl || exit 2
   touch "$MARK"
 fi
-# the project as the kit's setup.sh installs it: no dependencies resolved (the GPU machine cannot download any), built
-# with the environment's own setuptools (pyproject.toml's build-system: 77 or newer)
+# the kit's set-up builds the project with the environment's own setuptools (--no-build-isolation; pyproject.toml's
+# build-system asks for 77 or newer); the project is installed by that set-up only, not in the environment itself
 { "$VENV/bin/pip" install -q "setuptools>=77" wheel && \
-  "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e "$ROOT"; } > "$OUT/install.log" 2>&1 \
-  || { echo "device_env_check.sh: installing the project failed (see $OUT/install.log)" >&2; exit 1; }
-export PATH=$VENV/bin:$PATH PYTHONUNBUFFERED=1
+  { ! "$VENV/bin/pip" show -q lebm-zoo 2>/dev/null || "$VENV/bin/pip" uninstall -q -y lebm-zoo; }; } \
+  > "$OUT/install.log" 2>&1 || { echo "device_env_check.sh: preparing $VENV failed (see $OUT/install.log)" >&2; exit 1; }
+
+# the checkout as the device call copies it, with the weights moved aside and the kit beside it
+COPY=$OUT/checkout
+rm -rf "$COPY" && mkdir -p "$COPY" || exit 2
+git -C "$ROOT" ls-files -z --cached --others --exclude-standard | grep -zv '^lebm_zoo/weights/' \
+  | tar -C "$ROOT" --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -C "$COPY" -xf - || exit 2
+cp -r "$KIT" "$COPY/.device" && chmod -R u+w "$COPY/.device" || exit 2
+cd "$COPY" || exit 2
+export PATH=$VENV/bin:$PATH
+# as on the GPU machine: no network (a proxy nobody answers) and no FID Inception weights (an empty home folder)
+export HOME=$OUT/home http_proxy=http://127.0.0.1:9 https_proxy=http://127.0.0.1:9 HTTP_PROXY=http://127.0.0.1:9 \
+  HTTPS_PROXY=http://127.0.0.1:9 no_proxy= NO_PROXY= LEBM_ZOO_FID_WEIGHTS=
+mkdir -p "$HOME"
+# an install left in /tmp/site by an earlier run must not stand in for this one
+rm -rf /tmp/site/lebm_zoo /tmp/site/datamodules /tmp/site/lebm_zoo-*.dist-info /tmp/site/bin/lebm-zoo
+# shellcheck disable=SC1091
+source .device/setup.sh > "$OUT/setup.log" 2>&1
 echo "environment: $("$PY" -c 'import sys, torch, pytorch_lightning as pl
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| pl", pl.__version__)')"
 for pkg in rdkit sklearn; do
@@ -80,10 +104,20 @@ step() {  # step NAME COMMAND...: run it, log it, report its rc and time
   printf '%-9s rc %d  %3d s  %s\n' "$name" "$rc" $((SECONDS - t0)) "$(tail -n 1 "$OUT/$name.log")"
   [ $rc = 0 ] || FAILED=1
 }
+installed() {  # the kit's set-up installed the project: its lebm-zoo command runs, from /tmp/site/bin
+  cat "$OUT/setup.log"
+  [ "$(command -v lebm-zoo)" = /tmp/site/bin/lebm-zoo ] && lebm-zoo --help > /dev/null \
+    && echo "the project installed by the kit's set-up: /tmp/site/bin/lebm-zoo"
+}
+step setup installed
 step collect "$PY" -m pytest -q -p no:cacheprovider -m cuda tests --collect-only
+# the test files that hold CUDA cases, whole, on the CPU: their CPU cases do on the CPU what the CUDA cases do there,
+# so what would fail on the GPU machine for another reason than CUDA (a file the copy lacks, a download) fails here
+mapfile -t CUDA_FILES < <(grep -oE '^tests/[A-Za-z0-9_]+\.py' "$OUT/collect.log" | sort -u)
+step twins "$PY" -m pytest -q -p no:cacheprovider "${CUDA_FILES[@]}"
 step gpu_check env PYTHON="$PY" DATA="$DATA" OUT="$OUT/gpu_check" bash benchmarks/gpu_check.sh --dry-run
 step campaign "$PY" benchmarks/gpu_campaign.py benchmarks/campaigns/anomaly.yaml benchmarks/campaigns/mnist_zoo.yaml \
   --dry-run --data "$DATA" --out "$OUT/campaign"
-[ $FULL = 1 ] && step suite "$PY" -m pytest -q -p no:cacheprovider tests
+[ $FULL = 1 ] && { cd "$ROOT" && step suite "$PY" -m pytest -q -p no:cacheprovider tests; }
 echo "logs: $OUT"
 exit $FAILED

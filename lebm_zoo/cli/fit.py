@@ -52,7 +52,10 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _recipe_files() -> dict[str, Path]:
-    root = resources.files("lebm_zoo.recipes")
+    try:
+        root = resources.files("lebm_zoo.recipes")  # installed: recipes/ is packed as lebm_zoo.recipes
+    except ModuleNotFoundError:  # imported from a checkout that shadows the installed copy (``python -m`` in it)
+        root = Path(__file__).resolve().parents[2] / "recipes"
     return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
 
 
