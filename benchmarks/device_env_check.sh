@@ -18,8 +18,10 @@
 #   3. twins      the test files that hold those CUDA cases, run whole on the CPU (about 2 minutes): their CPU cases
 #                 catch what would fail there for another reason than CUDA
 #   4. gpu_check  `benchmarks/gpu_check.sh --dry-run` (issue 29's check, tiny sizes) on the kit's data
-#   5. campaign   `benchmarks/gpu_campaign.py --dry-run` on both campaigns (issue 35) on the kit's data
-#   6. suite      with --full only: the whole test suite, in the checkout itself (it tests the registry's weights),
+#   5. campaign   `benchmarks/gpu_campaign.py --dry-run` on both campaigns (issue 35) on the kit's data, with and
+#                 without --capture-step
+#   6. speed      issue 33's commands (benchmarks/run.py's GPU rows, the DRL recipe captured) at tiny sizes on the CPU
+#   7. suite      with --full only: the whole test suite, in the checkout itself (it tests the registry's weights),
 #                 still offline and without FID weights (about 7 minutes on 2 cores)
 #
 #   bash benchmarks/device_env_check.sh [--full]
@@ -32,7 +34,7 @@ FULL=0
 for arg in "$@"; do
   case $arg in
     --full) FULL=1 ;;
-    -h|--help) sed -n 2,29p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,31p "$0"; exit 0 ;;
     *) echo "device_env_check.sh: unknown argument $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -116,8 +118,21 @@ step collect "$PY" -m pytest -q -p no:cacheprovider -m cuda tests --collect-only
 mapfile -t CUDA_FILES < <(grep -oE '^tests/[A-Za-z0-9_]+\.py' "$OUT/collect.log" | sort -u)
 step twins "$PY" -m pytest -q -p no:cacheprovider "${CUDA_FILES[@]}"
 step gpu_check env PYTHON="$PY" DATA="$DATA" OUT="$OUT/gpu_check" bash benchmarks/gpu_check.sh --dry-run
-step campaign "$PY" benchmarks/gpu_campaign.py benchmarks/campaigns/anomaly.yaml benchmarks/campaigns/mnist_zoo.yaml \
-  --dry-run --data "$DATA" --out "$OUT/campaign"
+campaign() {  # as issue 35's command, with and without --capture-step
+  "$PY" benchmarks/gpu_campaign.py benchmarks/campaigns/anomaly.yaml benchmarks/campaigns/mnist_zoo.yaml \
+    --dry-run --data "$DATA" --out "$OUT/campaign" \
+  && "$PY" benchmarks/gpu_campaign.py benchmarks/campaigns/anomaly.yaml benchmarks/campaigns/mnist_zoo.yaml \
+    --dry-run --capture-step --data "$DATA" --out "$OUT/campaign_captured"
+}
+step campaign campaign
+speed() {  # issue 33's commands at tiny sizes; its second command's compiled rows are left out (minutes of compiling
+  # on a CPU; the compiled chains' CPU cases ran in "twins")
+  "$PY" benchmarks/run.py --device cpu --rounds 1 --iters 1 --warmup 0 --batch 4 --out "$OUT/speed_cuda_a.json" \
+    --rows plain,fp32,bf16,fp32_step_captured,bf16_step_captured,fp32_sync50,bf16_channels_last \
+  && "$PY" benchmarks/recipe_speed.py --device cpu --recipes cifar10_drl --precisions bf16-mixed --warmup 0 --iters 1 \
+    --batch 2 --chain-steps 2 --set capture_step=true --sync-every 50 --out "$OUT/drl.jsonl"
+}
+step speed speed
 [ $FULL = 1 ] && { cd "$ROOT" && step suite "$PY" -m pytest -q -p no:cacheprovider tests; }
 echo "logs: $OUT"
 exit $FAILED

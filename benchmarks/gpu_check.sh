@@ -31,7 +31,7 @@ DRY=0
 for arg in "$@"; do
   case $arg in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n 2,23p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,28p "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $arg (see --help)" >&2; exit 2 ;;
   esac
 done

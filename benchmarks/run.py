@@ -319,7 +319,7 @@ def main() -> None:
     mode = a.compile_mode or ("reduce-overhead" if dev == "cuda" else "default")
     res["compile_mode"] = mode
     # (key, label, what, tuned allocator, precision, channels_last, compile mode of the chains[, sync_every])
-    rows = [
+    cpu_rows = [
         ("reference", "reference loop (plain PyTorch, fp32)", "reference", False, "32-true", False, None),
         ("reference_tuned", "  same, tuned allocator", "reference", True, "32-true", False, None),
         ("fp32", "lebm-zoo fp32 (Lightning)", "ours", False, "32-true", False, None),
@@ -329,8 +329,8 @@ def main() -> None:
         ("bf16_channels_last_tuned", "  bf16-mixed + channels_last, tuned", "ours", True, "bf16-mixed", True, None),
         ("fp32_compiled_tuned", f"  fp32, chains compiled ({mode}), tuned", "ours", True, "32-true", False, mode),
     ]
-    if dev != "cpu":  # the reference script and the C allocator are CPU matters: its device-aware twin stands in
-        rows = [("plain", "reference-structure loop (plain PyTorch, fp32)", "plain", False, "32-true", False, None),
+    # the reference script and the C allocator are CPU matters: on a GPU its device-aware twin stands in
+    gpu_rows = [("plain", "reference-structure loop (plain PyTorch, fp32)", "plain", False, "32-true", False, None),
                 ("fp32", "lebm-zoo fp32 (Lightning)", "ours", False, "32-true", False, None),
                 ("bf16", "lebm-zoo bf16-mixed", "ours", False, "bf16-mixed", False, None),
                 ("bf16_channels_last", "lebm-zoo bf16-mixed + channels_last", "ours", False, "bf16-mixed", True, None),
@@ -351,12 +351,16 @@ def main() -> None:
                  "ours", False, "32-true", False, "capture", 50),
                 ("bf16_step_captured", "lebm-zoo bf16-mixed, whole step one CUDA graph (capture_step), SyncEvery(50)",
                  "ours", False, "bf16-mixed", False, "capture", 50)]
+    # on a CPU --rows may also name the GPU rows (capture_step runs eagerly there): the GPU commands, tried at tiny
+    # sizes before a GPU window (benchmarks/device_env_check.sh)
+    rows = cpu_rows if dev == "cpu" else gpu_rows  # the default
+    choices = {r[0]: r for r in (gpu_rows + cpu_rows if dev == "cpu" else gpu_rows)}  # "fp32" is the same in both
     if a.rows:
         keys = a.rows.split(",")
-        unknown = set(keys) - {r[0] for r in rows}
+        unknown = set(keys) - set(choices)
         if unknown:
-            ap.error(f"unknown --rows {sorted(unknown)} for device {dev}; choose from {[r[0] for r in rows]}")
-        rows = [r for r in rows if r[0] in keys]
+            ap.error(f"unknown --rows {sorted(unknown)} for device {dev}; choose from {list(choices)}")
+        rows = [choices[k] for k in dict.fromkeys(keys)]
     # Rounds: every row once per round, in the same order, so that a slow spell of this shared machine hits all rows
     # alike; each row reports its median over the rounds.
     runs: dict[str, list] = {key: [] for key, *_ in rows}

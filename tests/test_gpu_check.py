@@ -192,7 +192,48 @@ def test_bench_run_writes_each_row_as_it_is_measured(tmp_path, monkeypatch):
     assert res["training_iteration"] == {"fp32": {"s_per_iter": 0.5, "peak_mib": 100.0, "rounds_s_per_iter": [0.5]}}
 
 
+def test_bench_run_takes_the_gpu_rows_on_a_cpu(tmp_path, monkeypatch):
+    """On a CPU ``benchmarks/run.py --rows`` may also name the rows of issue 33's GPU commands (``plain``, the captured
+    and SyncEvery rows), so those commands can be tried at tiny sizes before a GPU window; a row that exists on
+    neither device is a usage error."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run
+
+    calls = []
+    monkeypatch.setattr(run, "training_row", lambda *args: calls.append(args) or {"s_per_iter": 0.5, "peak_mib": 1.0})
+    monkeypatch.setattr(run, "prior_chains", lambda *a, **k: {"ours": 0.1, "plain_loop": 0.1, "torchebm": None})
+    monkeypatch.setattr(run, "throughputs", lambda *a, **k: {"sample_images_per_s": 1.0, "fid_images_per_s": None})
+    out = tmp_path / "speed.json"
+    argv = ["run.py", "--device", "cpu", "--rounds", "1", "--batch", "4", "--out", str(out), "--rows"]
+    monkeypatch.setattr(sys, "argv", argv + ["plain,fp32,bf16_step_captured,fp32_sync50,reference"])
+    run.main()
+    # (what, batch, iters, warmup, threads, device, tuned, precision, channels_last, compile[, sync_every])
+    got = {(c[0], c[7], c[9], *c[10:]) for c in calls}
+    assert got == {("plain", "32-true", None), ("ours", "32-true", None), ("ours", "bf16-mixed", "capture", 50),
+                   ("ours", "32-true", None, 50), ("reference", "32-true", None)}
+    assert all(c[5] == "cpu" for c in calls)
+    assert set(json.loads(out.read_text())["training_iteration"]) == {"plain", "fp32", "bf16_step_captured",
+                                                                     "fp32_sync50", "reference"}
+    monkeypatch.setattr(sys, "argv", argv + ["plain,warp_drive"])
+    with pytest.raises(SystemExit) as e:
+        run.main()
+    assert e.value.code == 2
+
+
 DEVICE_KIT = ROOT.parent / "shared" / "device"
+
+
+@pytest.mark.parametrize("name", ["gpu_check.sh", "device_env_check.sh"])
+def test_help_is_the_whole_header(name):
+    """``--help`` prints the script's header comment, all of it and nothing else (its line range is written by hand)."""
+    script = ROOT / "benchmarks" / name
+    p = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=60)
+    header = []
+    for line in script.read_text().splitlines()[1:]:
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    assert p.returncode == 0 and p.stdout.splitlines() == header
 
 
 def test_device_env_check_refuses_bad_arguments_and_a_missing_kit(tmp_path):
