@@ -15,7 +15,7 @@
 #                 in its output; the GPU commands themselves run from the checkout with `python3 -m`)
 #   2. collect    `pytest -m cuda tests --collect-only`: the CUDA cases the GPU check runs are collected, with the
 #                 test files that need RDKit or scikit-learn left out as on the GPU machine
-#   3. twins      the test files that hold those CUDA cases, run whole on the CPU (about 2 minutes): their CPU cases
+#   3. twins      the test files that hold those CUDA cases, run whole on the CPU (under a minute): their CPU cases
 #                 catch what would fail there for another reason than CUDA
 #   4. gpu_check  `benchmarks/gpu_check.sh --dry-run` (issue 29's check, tiny sizes) on the kit's data
 #   5. campaign   `benchmarks/gpu_campaign.py --dry-run` on both campaigns (issue 35) on the kit's data, with and
