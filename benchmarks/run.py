@@ -310,7 +310,8 @@ def main() -> None:
                          "CUDA graphs; default on CPU)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
     ap.add_argument("--rows", default=None,
-                    help="comma-separated keys of the training-iteration rows to run (default: all for the device)")
+                    help="comma-separated keys of the training-iteration rows to run, in that order (default: all for "
+                         "the device; on a CPU the GPU rows may be named too)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     dev = a.device
@@ -402,11 +403,12 @@ def main() -> None:
         print(f"   {label:<38}{v:>8.3f}{f1}{f2}{r['peak_mib']:>16.0f}")
     timed = {key: r["s_per_iter"] for key, r in it.items()
              if r is not None and not key.startswith("reference") and key != "plain"}
-    fastest = min(timed, key=timed.get)
-    per_epoch = -(-73257 // a.batch)  # SVHN's training split in batches
-    res["svhn_epoch_min_fastest"] = timed[fastest] * per_epoch / 60
-    print(f"   implied SVHN epoch ({per_epoch} iterations) at the fastest row ({fastest}): "
-          f"{res['svhn_epoch_min_fastest']:.1f} min")
+    if timed:  # (--rows may name only the reference loops)
+        fastest = min(timed, key=timed.get)
+        per_epoch = -(-73257 // a.batch)  # SVHN's training split in batches
+        res["svhn_epoch_min_fastest"] = timed[fastest] * per_epoch / 60
+        print(f"   implied SVHN epoch ({per_epoch} iterations) at the fastest row ({fastest}): "
+              f"{res['svhn_epoch_min_fastest']:.1f} min")
     pc = res["prior_chain_s"]
     print(f"\n2. 60-step prior chain, batch {a.batch}, nz 100 (best of 3)")
     for name in ("ours", "torchebm", "plain_loop"):
@@ -417,6 +419,7 @@ def main() -> None:
         t = res[f"throughput_{p}"]
         fid = f"{t['fid_images_per_s']:.1f}" if t["fid_images_per_s"] else "n/a"
         print(f"   {p}: sampling {t['sample_images_per_s']:.1f}, FID Inception features {fid}")
+    save("all")  # with the implied epoch
     print(f"\nwritten {a.out}")
 
 

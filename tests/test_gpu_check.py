@@ -212,8 +212,12 @@ def test_bench_run_takes_the_gpu_rows_on_a_cpu(tmp_path, monkeypatch):
     assert got == {("plain", "32-true", None), ("ours", "32-true", None), ("ours", "bf16-mixed", "capture", 50),
                    ("ours", "32-true", None, 50), ("reference", "32-true", None)}
     assert all(c[5] == "cpu" for c in calls)
-    assert set(json.loads(out.read_text())["training_iteration"]) == {"plain", "fp32", "bf16_step_captured",
-                                                                     "fp32_sync50", "reference"}
+    res = json.loads(out.read_text())
+    assert set(res["training_iteration"]) == {"plain", "fp32", "bf16_step_captured", "fp32_sync50", "reference"}
+    assert res["done"] == "all" and res["svhn_epoch_min_fastest"] == pytest.approx(0.5 * 18315 / 60)
+    monkeypatch.setattr(sys, "argv", argv + ["plain"])  # only a reference loop: no implied epoch, no error
+    run.main()
+    assert "svhn_epoch_min_fastest" not in json.loads(out.read_text())
     monkeypatch.setattr(sys, "argv", argv + ["plain,warp_drive"])
     with pytest.raises(SystemExit) as e:
         run.main()
@@ -247,6 +251,11 @@ def test_device_env_check_refuses_bad_arguments_and_a_missing_kit(tmp_path):
                        timeout=60)
     assert p.returncode == 2 and "no GPU machine kit at" in p.stderr
     assert not (tmp_path / "venv").exists()
+    # what it writes must lie outside the checkout it copies (given relative to where it is called from)
+    p = subprocess.run(["bash", script], env={**env, "OUT": "benchmarks/check-out"}, cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2 and "is inside the checkout" in p.stderr
+    assert not (ROOT / "benchmarks" / "check-out").exists() and not (tmp_path / "venv").exists()
 
 
 @pytest.mark.skipif(not (DEVICE_KIT / "README.md").is_file(), reason=f"the GPU machine kit is not at {DEVICE_KIT}")

@@ -68,22 +68,26 @@ def test_the_wheel_holds_code_recipes_and_the_weights_that_are_there(tmp_path, w
         assert weights == set()
 
 
-def test_recipes_are_found_from_a_checkout_that_shadows_the_install(tmp_path):
+@pytest.mark.parametrize("editable_finder", [False, True], ids=["plain-install", "editable-install-elsewhere"])
+def test_recipes_are_found_from_a_checkout_that_shadows_the_install(tmp_path, editable_finder):
     """``python3 -m lebm_zoo.cli ...`` or a benchmark script run in a checkout imports the checkout's ``lebm_zoo``,
     ahead of any installed copy; there ``lebm_zoo.recipes`` is not a package (the recipes are top-level ``recipes/``,
-    packed as ``lebm_zoo.recipes`` only when installed). The GPU machine runs every command so. The recipes are found
-    all the same."""
+    packed as ``lebm_zoo.recipes`` only when installed). The GPU machine runs every command so, over a plain install.
+    The checkout's own recipes are found, also where another checkout is installed editable (this environment's
+    install maps ``lebm_zoo.recipes`` to this repository's ``recipes/`` for any ``lebm_zoo``)."""
     src = tmp_path / "checkout"
     src.mkdir()
     for tree in ("lebm_zoo", "datamodules", "recipes"):
         shutil.copytree(ROOT / tree, src / tree, ignore=shutil.ignore_patterns("__pycache__", "weights"))
-    # this environment's editable install maps lebm_zoo.recipes for any lebm_zoo; a plain install does not: drop it
-    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in repr(f)]\n"
-            "import lebm_zoo, json; from lebm_zoo.cli.fit import list_recipes, recipe_path\n"
+    shutil.copy(ROOT / "pyproject.toml", src / "pyproject.toml")
+    shutil.copy(src / "recipes" / "mnist_prior.yaml", src / "recipes" / "only_in_this_checkout.yaml")
+    drop = "" if editable_finder else \
+        "import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in repr(f)]\n"
+    code = (drop + "import lebm_zoo, json; from lebm_zoo.cli.fit import list_recipes, recipe_path\n"
             "print(json.dumps([lebm_zoo.__file__, sorted(list_recipes()), str(recipe_path('mnist_prior'))]))")
     p = subprocess.run([sys.executable, "-c", code], cwd=src, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     where, names, path = json.loads(p.stdout.strip().splitlines()[-1])
     assert Path(where).parent == src / "lebm_zoo"  # the checkout's copy, not the installed one
-    assert names == sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+    assert names == sorted([p.stem for p in (ROOT / "recipes").glob("*.yaml")] + ["only_in_this_checkout"])
     assert Path(path) == src / "recipes" / "mnist_prior.yaml"

@@ -51,11 +51,17 @@ __all__ = ["LebmCLI", "list_recipes", "main", "print_recipes", "recipe_path"]
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
+#: the folder above the package: a source checkout where it holds pyproject.toml and recipes/
+_CHECKOUT = Path(__file__).resolve().parents[2]
+
+
 def _recipe_files() -> dict[str, Path]:
-    try:
-        root = resources.files("lebm_zoo.recipes")  # installed: recipes/ is packed as lebm_zoo.recipes
-    except ModuleNotFoundError:  # imported from a checkout that shadows the installed copy (``python -m`` in it)
-        root = Path(__file__).resolve().parents[2] / "recipes"
+    # the package imported from a source checkout (``python -m lebm_zoo.cli`` or a benchmark script in it, as on the
+    # GPU machine, even where another copy is installed): that checkout's recipes/; installed: lebm_zoo.recipes
+    if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "recipes" / "__init__.py").is_file():
+        root = _CHECKOUT / "recipes"
+    else:
+        root = resources.files("lebm_zoo.recipes")
     return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
 
 
