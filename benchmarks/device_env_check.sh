@@ -12,6 +12,7 @@
 # GPU machine, installs the kit's wheels and the project into /tmp/site and unpacks the kit's data under /tmp/data).
 # From there on, as on that machine, nothing can be downloaded (a dead proxy) and there are no FID weights (an empty
 # HOME). Then, in that copy (removed at the end if every step passed):
+#   0. size       the copy with the kit fits in the 64 MiB a device call may carry
 #   1. setup      the project installed: `lebm-zoo` runs from /tmp/site/bin (the kit's set-up hides a failed install
 #                 in its output; the GPU commands themselves run from the checkout with `python3 -m`)
 #   2. collect    `pytest -m cuda tests --collect-only`: the CUDA cases the GPU check runs are collected, with the
@@ -35,7 +36,7 @@ FULL=0
 for arg in "$@"; do
   case $arg in
     --full) FULL=1 ;;
-    -h|--help) sed -n 2,32p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,33p "$0"; exit 0 ;;
     *) echo "device_env_check.sh: unknown argument $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -90,6 +91,7 @@ rm -rf "$COPY" && mkdir -p "$COPY" || exit 2
     | tar -C "$ROOT" --null --ignore-failed-read -T - -cf - | tar -C "$COPY" -xf - \
   && cp -r "$KIT" "$COPY/.device" && chmod -R u+w "$COPY/.device"; } 2> "$OUT/copy.log" \
   || { echo "device_env_check.sh: copying the checkout to $COPY failed (see $OUT/copy.log)" >&2; exit 1; }
+COPY_BYTES=$(du -sb "$COPY" | cut -f1)  # before the set-up builds in it
 cd "$COPY" || exit 2
 export PATH=$VENV/bin:$PATH
 # as on the GPU machine: no network (a proxy nobody answers), no FID Inception weights (an empty home folder, no
@@ -122,6 +124,11 @@ installed() {  # the kit's set-up installed the project: its lebm-zoo command ru
   [ "$(command -v lebm-zoo)" = /tmp/site/bin/lebm-zoo ] && lebm-zoo --help > /dev/null \
     && echo "the project installed by the kit's set-up: /tmp/site/bin/lebm-zoo"
 }
+size() {  # what a device call copies, the kit included, fits in the 64 MiB it may carry
+  echo "the checkout as sent, with the kit: $((COPY_BYTES / 1048576)) MiB of 64"
+  [ "$COPY_BYTES" -le $((64 * 1048576)) ]
+}
+step size size
 step setup installed
 step collect "$PY" -m pytest -q -p no:cacheprovider -m cuda tests --collect-only
 # the test files that hold CUDA cases, whole, on the CPU: their CPU cases do on the CPU what the CUDA cases do there,
