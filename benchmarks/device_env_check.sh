@@ -1,12 +1,13 @@
 #!/bin/bash
 # The GPU machine's software, on a CPU: before a GPU window is spent, check that the code runs with what that machine
-# has (../shared/device/README.md: torch 2.11 and no network, RDKit or scikit-learn), not only with the newest torch
+# has (../shared/device/README.md: torch 2.11, no network, no RDKit), not only with the newest torch
 # that `make install` gives. The GPU runs go through the same steps (issues 29, 33, 35), so an API newer than the GPU
 # machine's torch, or an import of a package it lacks, shows up here first.
 #
-# It builds a virtual environment once (default ../venv-device, about 1 minute and 5 GB with PyPI reachable): torch
-# and torchvision at the GPU machine's versions, pytorch-lightning, the packages that machine holds (not the kit's
-# wheels: the kit's set-up puts them in /tmp/site, as there). Then it copies the checkout as a device call sends it
+# It builds a virtual environment once (default ../venv-device, about 1 minute and 5 GB with PyPI reachable): the
+# packages the code uses at the versions a pip list on the GPU machine read (the device tool's KINDS.md, 2026-11:
+# torch, torchvision, pytorch-lightning, torchmetrics, numpy, safetensors, huggingface_hub) and the others it holds
+# that the project uses, scikit-learn among them (not the kit's wheels: the kit's set-up puts them in /tmp/site). Then it copies the checkout as a device call sends it
 # (tracked and untracked-not-ignored files, lebm_zoo/weights moved aside, the kit as .device/) to $OUT/checkout and,
 # there, with that environment's python3 first on PATH, runs the kit's own `source .device/setup.sh` (which, as on the
 # GPU machine, installs the kit's wheels and the project into /tmp/site and unpacks the kit's data under /tmp/data).
@@ -16,7 +17,7 @@
 #   1. setup      the project installed: `lebm-zoo` runs from /tmp/site/bin (the kit's set-up hides a failed install
 #                 in its output; the GPU commands themselves run from the checkout with `python3 -m`)
 #   2. collect    `pytest -m cuda tests --collect-only`: the CUDA cases the GPU check runs are collected, with the
-#                 test files that need RDKit or scikit-learn left out as on the GPU machine
+#                 test files that need RDKit left out as on the GPU machine
 #   3. twins      the test files that hold those CUDA cases, run whole on the CPU (under a minute): their CPU cases
 #                 catch what would fail there for another reason than CUDA
 #   4. gpu_check  `benchmarks/gpu_check.sh --dry-run` (issue 29's check, tiny sizes) on the kit's data
@@ -36,7 +37,7 @@ FULL=0
 for arg in "$@"; do
   case $arg in
     --full) FULL=1 ;;
-    -h|--help) sed -n 2,33p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,34p "$0"; exit 0 ;;
     *) echo "device_env_check.sh: unknown argument $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -61,7 +62,8 @@ BASE=${BASE_PYTHON:-python3}
 "$BASE" -c pass || { echo "device_env_check.sh: no Python at BASE_PYTHON=$BASE" >&2; exit 2; }
 PY=$VENV/bin/python
 MARK=$VENV/.lebm-zoo-device-env  # only an environment this script built is ever replaced
-LAYOUT=2  # what the environment holds; 2: not the kit's wheels (the GPU machine has them only in /tmp/site)
+LAYOUT=3  # what the environment holds; 2: not the kit's wheels (the GPU machine has them only in /tmp/site);
+# 3: the versions the GPU machine's pip list gave, and scikit-learn, which it has
 WANT="$("$BASE" -c 'import sys; print(*sys.version_info[:2])') $TORCH $LAYOUT"
 HAVE="$("$PY" -c 'import sys, torch; print(*sys.version_info[:2], torch.__version__.split("+")[0])' 2>/dev/null) \
 $(cat "$MARK" 2>/dev/null)"
@@ -72,9 +74,11 @@ if [ ! -f "$MARK" ] || [ "$HAVE" != "$WANT" ]; then
   echo "building $VENV ($("$BASE" --version), torch $TORCH, torchvision $TORCHVISION)"
   rm -rf "$VENV"
   "$BASE" -m venv "$VENV" || exit 2
-  # what the GPU machine holds besides the kit (its README); torch's own pins as that machine has them
-  "$VENV/bin/pip" install -q -U "torch==$TORCH" "torchvision==$TORCHVISION" "pytorch-lightning==2.6.6" torchmetrics \
-    scipy matplotlib tensorboard safetensors huggingface_hub pytest pytest-timeout || exit 2
+  # what the GPU machine holds besides the kit (its README; the versions from a pip list there, KINDS.md 2026-11;
+  # unpinned where that list gave none)
+  "$VENV/bin/pip" install -q -U "torch==$TORCH" "torchvision==$TORCHVISION" "pytorch-lightning==2.6.6" \
+    "torchmetrics==1.9.0" "numpy==2.5.2" "safetensors==0.8.0" "huggingface_hub==1.33.0" scikit-learn \
+    scipy matplotlib tensorboard pytest pytest-timeout || exit 2
   echo "$LAYOUT" > "$MARK"
 fi
 # the kit's set-up builds the project with the environment's own setuptools (--no-build-isolation; pyproject.toml's
@@ -106,7 +110,7 @@ rm -rf /tmp/site/lebm_zoo /tmp/site/datamodules /tmp/site/lebm_zoo-*.dist-info /
 source .device/setup.sh > "$OUT/kit_setup.log" 2>&1
 echo "environment: $("$PY" -c 'import sys, torch, pytorch_lightning as pl
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| pl", pl.__version__)')"
-for pkg in rdkit sklearn; do
+for pkg in rdkit; do
   "$PY" -c "import $pkg" 2>/dev/null && echo "note: $pkg is installed here; the GPU machine has none"
 done
 

@@ -68,7 +68,7 @@ def pytest_runtest_setup(item):
     pytest.skip(reason)
 
 
-#: test files whose reference needs an optional package; where it is not installed (the GPU machine has neither) the
+#: test files whose reference needs an optional package; where it is not installed (the GPU machine has no RDKit) the
 #: file is not collected and the summary says so. Installed (`make install` has both), they run as usual.
 _NEEDS = {"sklearn": ["test_anomaly.py", "test_anomaly_ink.py"], "rdkit": ["test_molecules.py"]}
 collect_ignore = [f for module, files in _NEEDS.items() if importlib.util.find_spec(module) is None for f in files]
