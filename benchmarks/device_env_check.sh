@@ -78,7 +78,8 @@ if [ ! -f "$MARK" ] || [ "$HAVE" != "$WANT" ]; then
   # unpinned where that list gave none)
   "$VENV/bin/pip" install -q -U "torch==$TORCH" "torchvision==$TORCHVISION" "pytorch-lightning==2.6.6" \
     "torchmetrics==1.9.0" "numpy==2.5.2" "safetensors==0.8.0" "huggingface_hub==1.33.0" scikit-learn \
-    scipy matplotlib tensorboard pytest pytest-timeout || exit 2
+    scipy matplotlib tensorboard lightning pytest pytest-timeout pytest-xdist pytest-cov pytest-benchmark \
+    pytest-mock hypothesis || exit 2  # (its pytest plugins load in every pytest run there)
   echo "$LAYOUT" > "$MARK"
 fi
 # the kit's set-up builds the project with the environment's own setuptools (--no-build-isolation; pyproject.toml's

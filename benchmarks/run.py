@@ -72,14 +72,18 @@ def ours(batch: int, iters: int, warmup: int, precision: str, device: str, chann
     weights in channels_last memory format, and with the Langevin chains compiled in ``compile_chains`` mode, one
     step per compiled region, or ``"MODE:chain"``, one whole chain per region, or ``"capture"``, the step's chains,
     losses and backward as one CUDA graph (``capture_step``; at least 5 warm-up iterations: 3 eager, the capture, one
-    replay); the warm-up iterations pay the compilation; ``sync_every`` > 1: the divergence guard reads the losses
-    every that many batches, ``SyncEvery``)."""
+    replay); the warm-up iterations pay the compilation, at least 3 of them in ``"reduce-overhead"`` mode, whose
+    CUDA graphs run a compiled region eagerly at its first call, record it at its second and replay it from its
+    third, and a whole-chain region is called once per chain; ``sync_every`` > 1: the divergence guard reads the
+    losses every that many batches, ``SyncEvery``)."""
     torch.manual_seed(0)
     capture = compile_chains == "capture"
     if capture:
         compile_chains, warmup = None, max(warmup, 5)
     x = torch.rand(batch * (iters + warmup), 3, 32, 32) * 2 - 1
     mode, _, scope = (compile_chains or "").partition(":")
+    if mode == "reduce-overhead":
+        warmup = max(warmup, 3)
     model = LatentEBMPrior(channels_last=channels_last, compile_chains=mode or None, compile_scope=scope or "step",
                            capture_step=capture)
     data = DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=batch)

@@ -54,11 +54,18 @@ def get_rng_state() -> dict:
              "python": list(random.getstate()[1]) + [random.getstate()[0]]}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_device"] = torch.cuda.current_device()  # the generator this process draws from
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore the states saved by :func:`get_rng_state` (missing entries are left as they are)."""
+    """Restore the states saved by :func:`get_rng_state` (missing entries are left as they are).
+
+    CUDA: the saved devices' states go to the devices of the same index that this process sees (a checkpoint saved
+    where more GPUs were visible restores what fits), then the state of the device the saving process drew from goes
+    to this process's current device, so a run resumed on another machine, or on another GPU index, continues that
+    generator.
+    """
     import random
 
     import numpy as np
@@ -72,7 +79,12 @@ def set_rng_state(state: dict) -> None:
         *internal, version = state["python"]
         random.setstate((version, tuple(internal), None))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        saved = state["cuda"]
+        for index, device_state in enumerate(saved[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
+        used = state.get("cuda_device")
+        if used is not None and 0 <= used < len(saved):
+            torch.cuda.set_rng_state(saved[used], torch.cuda.current_device())
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)

@@ -199,3 +199,30 @@ def test_an_error_between_steps_writes_last_ckpt_first(tmp_path):
     with pytest.raises(OSError, match="image 9 is truncated"):
         t.fit(image_model("lebm"), torch.utils.data.DataLoader(BreaksAt(16, bad=9), batch_size=4))
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 2  # batches 0 and 1 trained
+
+
+@pytest.mark.parametrize("visible, current", [(1, 0), (2, 1), (4, 3)])
+def test_cuda_rng_states_saved_with_more_gpus_visible_restore_what_fits(monkeypatch, visible, current):
+    """A checkpoint saved where 4 GPUs were visible, by a process drawing from cuda:2, resumes where fewer (or as
+    many) are visible: the saved states go to the devices that exist (no IndexError), then cuda:2's state goes to the
+    resuming process's current device, so that run's generator continues. (CUDA calls recorded: no GPU here.)"""
+    from lebm_zoo.utils import set_rng_state
+
+    saved = [torch.full((4,), i, dtype=torch.uint8) for i in range(4)]
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+
+    def set_state(new_state, device="cuda"):
+        assert isinstance(device, int) and 0 <= device < visible  # an index this process has
+        restored[device] = int(new_state[0])
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_state)
+    set_rng_state({"cuda": saved, "cuda_device": 2})
+    expected = {i: i for i in range(visible)} | {current: 2}
+    assert restored == expected
+    # a checkpoint from before the drawing device was saved: the devices that exist, by index
+    restored.clear()
+    set_rng_state({"cuda": saved})
+    assert restored == {i: i for i in range(visible)}
