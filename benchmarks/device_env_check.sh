@@ -18,8 +18,8 @@
 #                 in its output; the GPU commands themselves run from the checkout with `python3 -m`)
 #   2. collect    `pytest -m cuda tests --collect-only`: the CUDA cases the GPU check runs are collected, with the
 #                 test files that need RDKit left out as on the GPU machine
-#   3. twins      the test files that hold those CUDA cases, run whole on the CPU (under a minute): their CPU cases
-#                 catch what would fail there for another reason than CUDA
+#   3. twins      the test files that hold those CUDA cases, and the GPU campaign's, run whole on the CPU (about a
+#                 minute): their CPU cases catch what would fail there for another reason than CUDA
 #   4. gpu_check  `benchmarks/gpu_check.sh --dry-run` (issue 29's check, tiny sizes) on the kit's data
 #   5. campaign   `benchmarks/gpu_campaign.py --dry-run` on both campaigns (issue 35) on the kit's data, with and
 #                 without --capture-step
@@ -140,7 +140,8 @@ step collect "$PY" -m pytest -q -p no:cacheprovider -m cuda tests --collect-only
 # so what would fail on the GPU machine for another reason than CUDA (a file the copy lacks, a download) fails here
 mapfile -t CUDA_FILES < <(grep -oE '^tests/[A-Za-z0-9_]+\.py' "$OUT/collect.log" | sort -u)
 if [ ${#CUDA_FILES[@]} -gt 0 ]; then  # (no file: pytest would run the whole suite)
-  step twins "$PY" -m pytest -q -p no:cacheprovider "${CUDA_FILES[@]}"
+  # and the GPU campaign's tests: they run its real schedule, worker processes included, at tiny sizes
+  step twins "$PY" -m pytest -q -p no:cacheprovider "${CUDA_FILES[@]}" tests/test_gpu_campaign.py
 else
   echo "twins     no test file with CUDA cases was collected"; FAILED=1
 fi

@@ -16,11 +16,13 @@ record: iterations, wall time, seed, device, command) and uint8 samples (``.npz`
 (``benchmarks/campaign_report.py``).
 
 Scheduling: the runs are ordered by campaign priority (the files' ``priority``, lower first; the anomaly campaign
-first), then as listed, and run ``--parallel`` at a time as separate processes (default: one per CPU core left after
-two, at most the number of runs). One latent-EBM iteration on MNIST is bound by kernel launches and Python, not by the
-GPU (docs/speed.md), so several processes keep one GPU busy where one cannot; processes rather than CUDA streams or
-batched ensembles because they need no change to the families and isolate a failing run. The budget is split into
-waves: each run trains for ``(budget - start-up - waves * evaluation margin) / waves``.
+first), then as listed, and run ``--parallel`` at a time as separate processes (default: one per CPU core this process
+may use, less two, at most the number of runs). One latent-EBM iteration on MNIST is bound by kernel launches and
+Python, not by the GPU (docs/speed.md), so several processes keep one GPU busy where one cannot; processes rather than
+CUDA streams or batched ensembles because they need no change to the families and isolate a failing run. The budget is
+split into waves: each run trains for ``(budget - start-up - waves * evaluation margin) / waves``. A worker still going
+at its time limit or at the deadline gets SIGTERM, and :data:`GRACE` seconds later SIGKILL: stopped in training, it
+writes its ``last.ckpt`` (``lebm-zoo fit`` exits 143) and ships those weights, its record saying so.
 
 ``--capture-step``: the runs whose model has the ``capture_step`` option train with it (each step's chains, losses
 and backward one CUDA graph) and with ``SyncEvery(50)``; each record says whether it did (``capture_step``).
@@ -162,6 +164,33 @@ CAPTURE_OVERRIDES = ["--model.capture_step", "true", "--trainer.callbacks+=lebm_
                      "--trainer.callbacks.steps", "50"]
 
 
+#: seconds a worker has, after SIGTERM, to write its last checkpoint and weights before it is killed
+GRACE = 10.0
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity: a container's share, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def stop_workers(procs: list, grace: float = GRACE) -> None:
+    """SIGTERM to each process still running, then SIGKILL to those still running ``grace`` seconds later (one
+    grace period for all of them); returns when all have exited."""
+    running = [p for p in procs if p.poll() is None]
+    for p in running:
+        p.terminate()
+    end = time.time() + grace
+    for p in running:
+        try:
+            p.wait(timeout=max(0.0, end - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def run_one(run: dict, work: Path, data: str, train_seconds: float, dry: bool, capture: bool = False) -> dict:
     """Train, test, save and sample one run in ``work/runs/<name>/``; returns its record (also ``record.json``).
     ``capture``: with :data:`CAPTURE_OVERRIDES` where the model takes them (``record["capture_step"]`` says)."""
@@ -192,7 +221,8 @@ def run_one(run: dict, work: Path, data: str, train_seconds: float, dry: bool, c
     record["fit_seconds"] = round(time.time() - t0, 1)
     record["fit_exit_code"] = code
     ckpts = sorted((folder / "fit").rglob("last.ckpt"))
-    if code != 0 or not ckpts:
+    stopped = code == 143 and bool(ckpts)  # SIGTERM at the time limit: last.ckpt written where it stopped
+    if (code != 0 and not stopped) or not ckpts:
         record["error"] = f"fit exited {code}" + ("" if ckpts else " without a last.ckpt")
         (folder / "record.json").write_text(json.dumps(record, indent=1) + "\n")
         return record
@@ -220,6 +250,9 @@ def run_one(run: dict, work: Path, data: str, train_seconds: float, dry: bool, c
         (folder / "record.json").write_text(json.dumps(record, indent=1) + "\n")
 
     save("training (not tested, no samples)")
+    if stopped:  # its time is up: the weights so far, not tested, no samples
+        save("training, by SIGTERM at its time limit (not tested, no samples)")
+        return record
     if has_metrics:
         t0 = time.time()
         code = cli(["test", *common, "--ckpt_path", str(last), "--trainer.default_root_dir", str(folder / "test")])
@@ -287,7 +320,7 @@ def pack(work: Path, out: Path, records: list[dict]) -> list[Path]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("campaigns", nargs="+", type=Path)
+    ap.add_argument("campaigns", nargs="*", type=Path, help="campaign files (one or more)")
     ap.add_argument("--data", default="/tmp/data", help="the data folder ({data} in the overrides)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "campaign-out")))
     ap.add_argument("--budget", type=float, default=480, help="wall seconds for everything (default 480)")
@@ -308,12 +341,14 @@ def main(argv=None) -> int:
         job = json.loads(a.worker)
         rec = run_one(job["run"], Path(job["work"]), job["data"], job["seconds"], False, job.get("capture", False))
         return 0 if "error" not in rec else 1
+    if not a.campaigns:
+        raise UsageError("give one or more campaign files (benchmarks/campaigns/*.yaml)")
     t_start = time.time()
     runs = load_campaigns(a.campaigns)
     if a.dry_run:  # every entry once (grids at their first values): each recipe and override set is exercised
         print(f"dry run: {sum(r['_first'] for r in runs)} of the {len(runs)} runs (grids at their first values)")
         runs = [r for r in runs if r["_first"]]
-    parallel = 1 if a.dry_run else max(1, min(len(runs), a.parallel or (os.cpu_count() or 3) - 2))
+    parallel = 1 if a.dry_run else max(1, min(len(runs), a.parallel or available_cores() - 2))
     waves = math.ceil(len(runs) / parallel)
     seconds = (a.budget - a.startup - waves * a.eval_margin) / waves
     if seconds < 10 and not a.dry_run:
@@ -332,8 +367,9 @@ def main(argv=None) -> int:
         pending, active = list(runs), []
         logs = work / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        # whatever else happens, the packing starts here: a run still going then is stopped, none starts after it
-        deadline = t_start + a.budget - a.startup / 2
+        # whatever else happens, the packing starts by then: a run still going is stopped (SIGTERM, then SIGKILL
+        # after GRACE seconds), none starts after it
+        deadline = t_start + a.budget - a.startup / 2 - GRACE
         while pending or active:
             if time.time() > deadline:
                 for run in pending:
@@ -349,22 +385,21 @@ def main(argv=None) -> int:
                                         stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
                 active.append((run, proc, log, time.time()))
             time.sleep(1)
-            for item in list(active):
+            late = {id(item): time.time() - item[3] > seconds + 3 * a.eval_margin or time.time() > deadline
+                    for item in active}
+            ending = [item for item in active if item[1].poll() is not None or late[id(item)]]
+            stop_workers([item[1] for item in ending])
+            for item in ending:
                 run, proc, log, started = item
-                late = time.time() - started > seconds + 3 * a.eval_margin or time.time() > deadline
-                if proc.poll() is None and not late:
-                    continue
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+                over = " (stopped: over time)" if late[id(item)] and proc.returncode != 0 else ""
                 log.close()
                 active.remove(item)
                 rec_path = work / "runs" / run["name"] / "record.json"
                 rec = json.loads(rec_path.read_text()) if rec_path.is_file() else {
                     "name": run["name"], "recipe": run["recipe"], "seed": run["seed"],
-                    "error": f"worker exited {proc.returncode}" + (" (killed: over time)" if late else "")}
+                    "error": f"worker exited {proc.returncode}{over}"}
                 if proc.returncode != 0 and str(rec.get("error", "")).startswith("stopped after"):
-                    rec["error"] += f"; worker exited {proc.returncode}" + (" (killed: over time)" if late else "")
+                    rec["error"] += f"; worker exited {proc.returncode}{over}"
                 records.append(rec)
                 print(f"  {run['name']}: {rec.get('error', 'ok')} {rec.get('iterations', 0)} iterations "
                       f"{rec.get('metrics', {})}", flush=True)

@@ -31,9 +31,11 @@ class CapturedStep:
     ``backward``); after each replay each parameter's ``.grad`` is pointed back at the graph's gradient buffer, so an
     eager call in between (a batch of another shape) cannot leave the optimiser reading stale gradients.
 
-    The warm-up calls and the graph are for the first inputs' shapes, dtypes, device and autocast state; inputs
-    that differ (the smaller last batch of an epoch) run ``fn`` eagerly and do not count as a warm-up call. Under
-    autocast the capture runs with the autocast cache off (a cached cast would be captured once and replayed stale).
+    Warm-up calls are counted per kind of input (shapes, dtypes, device, autocast state): the first kind to have had
+    ``warmup`` of them is captured at its next call, and from then on inputs of another kind (the smaller last batch
+    of an epoch) run ``fn`` eagerly. So a run resumed at an epoch's last batch still captures the regular batches'
+    step. Under autocast the capture runs with the autocast cache off (a cached cast would be captured once and
+    replayed stale).
 
     Args:
         fn: ``(*xs) -> dict`` of 0-d tensors (the step's losses and statistics, by name).
@@ -61,9 +63,10 @@ class CapturedStep:
         """Forget the graph (and the warm-up count): the next CUDA calls warm up and capture again."""
         self.graph: torch.cuda.CUDAGraph | None = None
         self.calls = 0  # CUDA calls so far (warm-up included)
-        self._warm = 0  # warm-up calls so far
+        self._warm: dict = {}  # warm-up calls so far, by kind of input
         self.replays = 0
-        self._key = None
+        self._key = None  # the captured kind of input
+        self._stream: torch.cuda.Stream | None = None  # the warm-up calls' side stream
         self._xs: list[Tensor] = []
         self._names: list[str] = []
         self._stats: Tensor | None = None
@@ -80,20 +83,34 @@ class CapturedStep:
         return (tuple((tuple(x.shape), x.dtype, x.device) for x in xs), on,
                 torch.get_autocast_dtype("cuda") if on else None)
 
+    def _route(self, key) -> str:
+        """What a CUDA call with inputs of kind ``key`` does: ``"warm"`` (a warm-up call, counted), ``"capture"``
+        (the first kind to have had ``warmup`` warm-up calls), ``"replay"`` (the captured kind) or ``"eager"``
+        (another kind, once a graph is captured)."""
+        if self._key is not None:
+            return "replay" if key == self._key else "eager"
+        done = self._warm.get(key, 0)
+        if done < self.warmup:
+            self._warm[key] = done + 1
+            return "warm"
+        self._key = key
+        return "capture"
+
     def __call__(self, *xs: Tensor) -> dict[str, Tensor]:
         if not xs[0].is_cuda:
             return self.fn(*xs)
         self.calls += 1
-        key = self._key_of(xs)
-        if self._key is None:
-            self._key = key  # the first inputs fix the graph's shapes
-        if key != self._key:
-            return self.fn(*xs)  # another shape (an epoch's last batch): eager; the graph is for the others
-        if self.graph is None:
-            if self._warm < self.warmup:
-                self._warm += 1
-                return self._side_stream(xs)
-            self._capture(xs)
+        route = self._route(self._key_of(xs))
+        if route == "eager":
+            return self.fn(*xs)  # another shape (an epoch's last batch): the graph is for the others
+        if route == "warm":
+            return self._side_stream(xs)
+        if route == "capture":
+            try:
+                self._capture(xs)
+            except BaseException:
+                self._key = None  # no graph: the next call of this kind tries again
+                raise
         for static, x in zip(self._xs, xs):
             static.copy_(x)
         self.graph.replay()
@@ -104,7 +121,9 @@ class CapturedStep:
 
     def _side_stream(self, xs: tuple[Tensor, ...]) -> dict[str, Tensor]:
         main = torch.cuda.current_stream(xs[0].device)
-        side = torch.cuda.Stream(xs[0].device)
+        if self._stream is None or self._stream.device != xs[0].device:
+            self._stream = torch.cuda.Stream(xs[0].device)
+        side = self._stream
         side.wait_stream(main)
         with torch.cuda.stream(side):
             out = self.fn(*xs)
@@ -132,5 +151,6 @@ class CapturedStep:
 
     def __getstate__(self) -> dict:  # a graph does not pickle: a copy captures its own
         state = self.__dict__.copy()
-        state.update(graph=None, calls=0, _warm=0, replays=0, _key=None, _xs=[], _names=[], _stats=None, _grads=[])
+        state.update(graph=None, calls=0, _warm={}, replays=0, _key=None, _stream=None, _xs=[], _names=[], _stats=None,
+                     _grads=[])
         return state

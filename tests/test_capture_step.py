@@ -218,12 +218,30 @@ def test_captured_step_wrapper_on_cpu_inputs_and_copies():
     x = torch.ones(3)
     assert step(x)["s"] == 3 and calls == [x] and step.calls == 0 and not step.captured
     # a copy (deepcopy, pickle: a module copied with its step) starts without a graph
-    step.calls, step._warm, step.replays, step._names = 5, 2, 4, ["s"]
+    step.calls, step._warm, step.replays, step._names = 5, {"k": 2}, 4, ["s"]
     for clone in (copy.deepcopy(step), pickle.loads(pickle.dumps(step))):
-        assert clone.graph is None and clone.calls == clone._warm == clone.replays == 0 and clone._xs == []
+        assert clone.graph is None and clone.calls == clone.replays == 0 and clone._warm == {} and clone._xs == []
         assert clone.warmup == 2
     step.reset()
-    assert step.calls == step._warm == 0 and step._key is None
+    assert step.calls == 0 and step._warm == {} and step._key is None
+
+
+def test_captured_step_captures_the_first_kind_of_input_warmed_up_and_runs_the_others_eagerly():
+    """What each CUDA call does, by its inputs' kind (shapes, dtypes, autocast): warm-up calls are counted per kind,
+    the first kind with ``warmup`` of them is captured at its next call and replayed from then on, and other kinds run
+    eagerly. A run resumed at an epoch's smaller last batch (kind "last") still captures the regular batches' step."""
+    step = CapturedStep(total, [], warmup=3)
+    routes = [step._route(k) for k in ["last", "full", "full", "full", "full", "full", "last", "full"]]
+    assert routes == ["warm", "warm", "warm", "warm", "capture", "replay", "eager", "replay"]
+    assert step._key == "full"
+    # epochs with a last batch of their own from the start: the full batches reach 3 warm-up calls first
+    step.reset()
+    routes = [step._route(k) for k in ["full", "last"] * 4 + ["full"]]
+    assert routes == ["warm"] * 6 + ["capture", "eager", "replay"]
+    # whichever kind has its warm-up calls first is the one captured
+    step.reset()
+    assert [step._route(k) for k in ["a", "b", "b", "a", "b", "b", "a"]] == ["warm"] * 5 + ["capture", "eager"]
+    assert step._key == "b"
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
@@ -289,6 +307,23 @@ def test_every_capturable_family_replays_its_step_as_eager_on_cuda(name):
     for (k, a), b in zip(captured.state_dict().items(), eager.state_dict().values()):
         atol = 2.5 * eager.hparams.lr_g if k in ZERO_GRADIENT.get(name, ()) else 1e-5
         torch.testing.assert_close(a, b, rtol=1e-4, atol=atol, msg=f"{name}: {k}")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("name", sorted(NOT_ON_CUDA))
+def test_the_settings_not_compared_on_cuda_still_capture_and_train_there(name):
+    """The settings of :data:`NOT_ON_CUDA` (cuDNN's LSTM dropout, whose state the graph replays) cannot be compared
+    weight for weight with an eager run; here they capture, replay and train to finite weights that moved."""
+    pl.seed_everything(0, verbose=False)
+    m = tiny_family(name, capture_step=True)
+    before = [p.detach().clone() for p in m.parameters()]
+    tiny_trainer(accelerator="cuda", max_epochs=4).fit(m, capturable_data(name))
+    graph = m._step_graphs["step"]
+    assert graph.captured and graph.replays >= 1
+    after = list(m.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a.detach().cpu(), b) for a, b in zip(after, before))
 
 
 def test_the_sequence_decoders_dense_scores_equal_the_masked_ones_without_data_dependent_shapes():

@@ -56,6 +56,8 @@ def test_which_recipes_take_capture_step(tmp_path):
 
 
 def test_the_budget_is_split_into_waves(tmp_path, capsys):
+    with pytest.raises(UsageError, match="give one or more campaign files"):
+        gpu_campaign.main(["--out", str(tmp_path)])
     with pytest.raises(UsageError, match="39 runs in 39 waves of 1 leave"):
         gpu_campaign.main([*map(str, CAMPAIGNS), "--parallel", "1", "--out", str(tmp_path)])
     # from the command line: one line and exit code 2, nothing written
@@ -157,3 +159,85 @@ def test_a_worker_stopped_after_training_keeps_its_weights_and_says_where_it_sto
     parts = gpu_campaign.pack(tmp_path / "work", tmp_path / "out", [record])
     with zipfile.ZipFile(parts[0]) as z:
         assert f"runs/{run['name']}/weights/model.safetensors" in z.namelist()
+
+
+def test_a_worker_stopped_by_sigterm_in_training_ships_its_weights(tmp_path, monkeypatch):
+    """At its time limit a worker gets SIGTERM; ``lebm-zoo fit`` then writes ``last.ckpt`` and exits 143 (here: the
+    fit runs, then answers 143). The run keeps those weights, is neither tested nor sampled, and says why."""
+    import lebm_zoo.cli
+
+    data = tmp_path / "data"
+    (data / "mnist").mkdir(parents=True)
+    write_mnist(data / "mnist", n=1200)
+    run = next(r for r in gpu_campaign.load_campaigns(CAMPAIGNS[:1]) if r["name"] == "lebm-anomaly-d1-s1")
+    real_cli, commands = lebm_zoo.cli.main, []
+
+    def cli(argv):
+        commands.append(argv[0])
+        return 143 if real_cli(argv) == 0 and argv[0] == "fit" else 1
+
+    monkeypatch.setattr(lebm_zoo.cli, "main", cli)
+    record = gpu_campaign.run_one(run, tmp_path / "work", str(data), 10, True)
+    folder = tmp_path / "work" / "runs" / run["name"]
+    assert commands == ["fit"] and record["fit_exit_code"] == 143 and record["iterations"] == 2
+    assert record["error"] == "stopped after training, by SIGTERM at its time limit (not tested, no samples)"
+    assert json.loads((folder / "record.json").read_text()) == record
+    assert (folder / "weights" / "model.safetensors").is_file() and not (folder / "samples.npz").exists()
+    # a fit that failed otherwise ships nothing
+    monkeypatch.setattr(lebm_zoo.cli, "main", lambda argv: 1)
+    assert gpu_campaign.run_one(run, tmp_path / "work", str(data), 10, True)["error"].startswith("fit exited 1")
+
+
+def test_stop_workers_terminates_then_kills_after_one_grace_period():
+    """SIGTERM first (a worker that handles it exits on its own); SIGKILL, after one grace period shared by all, to
+    those that ignore it; a worker that already exited is left alone."""
+    import time
+
+    code = "import signal, sys, time; signal.signal(signal.SIGTERM, {}); print('ready', flush=True); time.sleep(60)"
+    polite = subprocess.Popen([sys.executable, "-c", code.format("lambda *a: sys.exit(143)")], stdout=subprocess.PIPE)
+    stubborn = [subprocess.Popen([sys.executable, "-c", code.format("signal.SIG_IGN")], stdout=subprocess.PIPE)
+                for _ in range(2)]
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    for p in (polite, *stubborn):
+        assert p.stdout.readline().strip() == b"ready"  # its handler is in place
+    t0 = time.time()
+    gpu_campaign.stop_workers([polite, *stubborn, done], grace=1.0)
+    took = time.time() - t0
+    assert polite.returncode == 143 and [p.returncode for p in stubborn] == [-9, -9] and done.returncode == 0
+    assert 1.0 <= took < 1.9  # one grace period for both stubborn workers, not one each
+    for p in (polite, *stubborn):
+        p.stdout.close()
+
+
+@pytest.mark.slow
+def test_the_real_schedule_runs_its_workers_and_packs_what_they_made(tmp_path, capsys):
+    """Not a dry run: each run in its own worker process (``gpu_campaign.py --worker``, as on the GPU machine),
+    trained under ``--trainer.max_time``, tested, saved and packed (on a CPU, here, at tiny sizes given as the run's
+    own overrides). The dry run trains in its own process, so only this test covers the worker's command line."""
+    import yaml
+
+    data = tmp_path / "data"
+    (data / "mnist").mkdir(parents=True)
+    write_mnist(data / "mnist", n=1200)
+    campaign = tmp_path / "tiny.yaml"
+    tiny = ["--data.data_dir", "{data}/mnist", "--data.num_workers", "0", "--data.heldout_digit", "1",
+            "--data.batch_size", "400", "--model.prior_steps", "2", "--model.posterior_steps", "2",
+            *gpu_campaign.DRY_OVERRIDES]
+    campaign.write_text(yaml.safe_dump({"name": "tiny", "priority": 1, "runs": [
+        {"name": "tiny-lebm", "recipe": "mnist_anomaly_prior", "seed": 1, "overrides": tiny}]}))
+    out = tmp_path / "out"
+    code = gpu_campaign.main([str(campaign), "--data", str(data), "--out", str(out), "--budget", "120",
+                              "--startup", "10", "--eval-margin", "30", "--parallel", "1", "--work",
+                              str(tmp_path / "work")])
+    printed = capsys.readouterr().out
+    assert code == 0, printed + (tmp_path / "work" / "logs" / "tiny-lebm.log").read_text()[-3000:]
+    assert "1 of 1 runs done" in printed and "80 s of training each" in printed
+    record = json.loads((tmp_path / "work" / "runs" / "tiny-lebm" / "record.json").read_text())
+    assert record["fit_exit_code"] == 0 and record["iterations"] == 2 and "error" not in record
+    assert {"test/auprc", "test/auroc"} <= set(record["metrics"])
+    (part,) = sorted(out.glob("campaign-part*.zip"))
+    with zipfile.ZipFile(part) as z:
+        assert "runs/tiny-lebm/weights/model.safetensors" in z.namelist()
+    # the worker's command line alone, as main starts it, is not an error (it was: 'campaigns' required)
+    assert "the following arguments are required" not in (tmp_path / "work" / "logs" / "tiny-lebm.log").read_text()
