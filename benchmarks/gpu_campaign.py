@@ -191,6 +191,12 @@ def stop_workers(procs: list, grace: float = GRACE) -> None:
             p.wait()
 
 
+def stub_record(run: dict, error: str) -> dict:
+    """The record of a run that wrote none (never started, or its worker died first): the run as listed (its campaign,
+    model and digit place it in the report's tables) and why."""
+    return {**{k: v for k, v in run.items() if not k.startswith("_")}, "error": error}
+
+
 def run_one(run: dict, work: Path, data: str, train_seconds: float, dry: bool, capture: bool = False) -> dict:
     """Train, test, save and sample one run in ``work/runs/<name>/``; returns its record (also ``record.json``).
     ``capture``: with :data:`CAPTURE_OVERRIDES` where the model takes them (``record["capture_step"]`` says)."""
@@ -373,8 +379,7 @@ def main(argv=None) -> int:
         while pending or active:
             if time.time() > deadline:
                 for run in pending:
-                    records.append({"name": run["name"], "recipe": run["recipe"], "seed": run["seed"],
-                                    "error": "not started: the wall budget was spent"})
+                    records.append(stub_record(run, "not started: the wall budget was spent"))
                 pending = []
             while pending and len(active) < parallel:
                 run = pending.pop(0)
@@ -395,9 +400,8 @@ def main(argv=None) -> int:
                 log.close()
                 active.remove(item)
                 rec_path = work / "runs" / run["name"] / "record.json"
-                rec = json.loads(rec_path.read_text()) if rec_path.is_file() else {
-                    "name": run["name"], "recipe": run["recipe"], "seed": run["seed"],
-                    "error": f"worker exited {proc.returncode}{over}"}
+                rec = json.loads(rec_path.read_text()) if rec_path.is_file() else stub_record(
+                    run, f"worker exited {proc.returncode}{over}")
                 if proc.returncode != 0 and str(rec.get("error", "")).startswith("stopped after"):
                     rec["error"] += f"; worker exited {proc.returncode}{over}"
                 records.append(rec)

@@ -241,3 +241,19 @@ def test_the_real_schedule_runs_its_workers_and_packs_what_they_made(tmp_path, c
         assert "runs/tiny-lebm/weights/model.safetensors" in z.namelist()
     # the worker's command line alone, as main starts it, is not an error (it was: 'campaigns' required)
     assert "the following arguments are required" not in (tmp_path / "work" / "logs" / "tiny-lebm.log").read_text()
+
+
+def test_runs_that_wrote_no_record_keep_their_place_in_the_report():
+    """A run never started (the budget spent) or whose worker died before writing its record gets a stub record: the
+    run as listed and the reason. The report then counts it with its campaign (not as a zoo run) and names why."""
+    runs = gpu_campaign.load_campaigns(CAMPAIGNS)
+    anomaly = next(r for r in runs if r["name"] == "lebm-anomaly-d4-s2")
+    stub = gpu_campaign.stub_record(anomaly, "not started: the wall budget was spent")
+    assert stub["campaign"] == "anomaly" and stub["model"] == "prior" and stub["digit"] == 4
+    assert stub["error"] == "not started: the wall budget was spent" and not any(k.startswith("_") for k in stub)
+    done = {**gpu_campaign.stub_record(next(r for r in runs if r["name"] == "lebm-anomaly-d4-s1"), ""),
+            "metrics": {"test/auprc": 0.5, "test/auroc": 0.7}}
+    done.pop("error")
+    table = campaign_report.anomaly_table([stub, done])
+    assert "0.500" in table  # digit 4's mean is the finished run's alone
+    assert f"`{stub['name']}`" not in campaign_report.zoo_table([stub, done])
