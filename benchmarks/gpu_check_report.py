@@ -85,9 +85,13 @@ def main() -> None:
         md += ["", "`compile_chains` modes (the compile step's log): " + (
             ", ".join(f"{m} {r}" for m, r in modes.items()) if modes else "none finished within the step's limit")]
     if res["recipes"] or res["captured"]:
-        md += ["", "GPU-scale recipes on random data of their shape (median s/iter after the warm-up; the implied time "
+        md += ["", "GPU-scale recipes on random data of their shape (s/iter after the warm-up; the implied time "
                    "of the recipe's whole schedule at that speed, training only). Variant \"eager\": the recipe as "
-                   "shipped; `capture_step=true`: each step's chains, losses and backward as one CUDA graph:", "",
+                   "shipped, the median of per-iteration times; `capture_step=true`: each step's chains, losses and "
+                   "backward as one CUDA graph, with the losses read on the host every 50 steps (`SyncEvery(50)`), "
+                   "the mean over one span synchronised at its two ends, so its gain over eager is the graph's and "
+                   "the deferred reads' together (`benchmarks/run.py`'s `fp32_sync50` row separates them for "
+                   "svhn_prior):", "",
                "| recipe | model | variant | precision | batch | s/iter | peak GiB | schedule iterations | "
                "implied hours |",
                "|---|---|---|---|---|---|---|---|---|"]
