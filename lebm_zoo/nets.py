@@ -259,7 +259,11 @@ class SequenceDecoder(nn.Module):
         return h.contiguous(), c.contiguous()
 
     def hidden_states(self, tokens: Tensor, z: Tensor | None = None, state=None) -> tuple[Tensor, tuple]:
-        """LSTM outputs ``(B, T, hidden)`` (after dropout) of input tokens ``(B, T)`` and the final state."""
+        """LSTM outputs ``(B, T, hidden)`` (after dropout) of input tokens ``(B, T)`` and the final state.
+
+        Under bf16 autocast on CUDA the LSTM runs in fp32 (its outputs are fp32): autocast would run cuDNN's LSTM in
+        fp16, which bf16-mixed does not scale its loss for.
+        """
         b, t = tokens.shape
         emb = self.drop(self.embedding(tokens))  # (B, T, E)
         if self.nz > 0:
@@ -269,6 +273,12 @@ class SequenceDecoder(nn.Module):
             # oneDNN has no bf16 LSTM where the CPU lacks bf16 units and fails to build one; ATen's LSTM runs it
             with torch.backends.mkldnn.flags(enabled=False):
                 out, state = self._lstm(emb, state)
+        elif emb.device.type == "cuda" and torch.is_autocast_enabled("cuda") \
+                and torch.get_autocast_dtype("cuda") == torch.bfloat16:
+            # autocast runs cuDNN's RNNs in fp16 whatever its dtype (PyTorch's rule for _cudnn_rnn), and bf16-mixed
+            # scales no loss: under bf16-mixed the LSTM runs in fp32 instead
+            with torch.autocast("cuda", enabled=False):
+                out, state = self._lstm(emb.float(), None if state is None else tuple(s.float() for s in state))
         else:
             out, state = self._lstm(emb, state)
         return self.drop(out), state

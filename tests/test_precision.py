@@ -81,3 +81,25 @@ def test_every_family_trains_under_bf16_mixed_with_fp32_state(make):
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in m.parameters())
     s = m.sample(3)
     assert s.dtype == torch.float32 and s.shape == (3, 1, 28, 28)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_the_lstm_runs_in_fp32_under_bf16_autocast_on_cuda():
+    """PyTorch's autocast runs cuDNN's RNNs in fp16 whatever its dtype, and bf16-mixed scales no loss: under bf16
+    autocast the sequence decoder's LSTM runs in fp32 (it would return fp16), in training and in the chains' eval
+    mode, with finite gradients; the output layer still runs in bf16."""
+    from lebm_zoo.nets import SequenceDecoder
+
+    torch.manual_seed(0)
+    dec = SequenceDecoder(12, nz=3, emb_dim=5, hidden=6).cuda()
+    tokens = torch.randint(0, 12, (4, 7), device="cuda")
+    for training in (True, False):
+        dec.train(training)
+        z = torch.randn(4, 3, device="cuda", requires_grad=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out, (h, c) = dec.hidden_states(tokens, z)
+            logits, _ = dec(tokens, z)
+        assert out.dtype == h.dtype == c.dtype == torch.float32 and logits.dtype == torch.bfloat16
+        (g,) = torch.autograd.grad(logits.float().logsumexp(-1).sum(), z)
+        assert torch.isfinite(g).all() and g.abs().sum() > 0
