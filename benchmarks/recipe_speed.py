@@ -188,13 +188,16 @@ def measure(recipe: str, device: str, precision: str, iters: int, warmup: int, b
     # iteration synchronised and timed on its own
     timer = IterationTimer(warmup, warmup + iters) if sync_every > 1 else IterationTimer()
     out["timing"] = "span" if sync_every > 1 else "median of per-iteration times"
+    out["cudnn_benchmark"] = config.trainer.benchmark
     if device == "cuda":
         gc.collect()  # an earlier run's trainer and model refer to each other: free their memory before the reset
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    # the recipe's cudnn.benchmark (the fixed-shape image recipes set it, as the authors' scripts do), passed on
+    # rather than left to what an earlier recipe in this process set
     trainer = pl.Trainer(accelerator=device, devices=1, precision=precision, max_steps=warmup + iters, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, num_sanity_val_steps=0,
+                         benchmark=config.trainer.benchmark, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
                          callbacks=[timer] + ([SyncEvery(sync_every)] if sync_every > 1 else []))
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=dm)
