@@ -262,7 +262,7 @@ def test_the_captured_step_trains_as_the_eager_step_on_cuda(precision):
     # the same weights also say that each replay after an eager step (an epoch's batch of 2) put .grad back on the
     # graph's gradient buffers: Adam would otherwise have stepped with the eager step's gradients again
     assert_same_training(captured, eager, tc, te, **tol)
-    captured.eval()
+    captured.cuda().eval()  # (fit's teardown moved it to the CPU)
     x = captured.sample(3)
     assert x.shape == (3, 1, 28, 28) and x.is_cuda and torch.isfinite(x).all()
 

@@ -242,7 +242,7 @@ def test_every_compile_mode_trains_and_samples_on_cuda(mode, energy):
     t = tiny_trainer(accelerator="cuda", max_steps=2)
     t.fit(m, tensor_loader(uniform_images(8, 1, 28, seed=0), 4))
     assert t.global_step == 2 and all(torch.isfinite(p).all() for p in m.parameters())
-    m.eval()
+    m.cuda().eval()  # (fit's teardown moved it to the CPU)
     x = m.sample(4)
     assert x.shape == (4, 1, 28, 28) and x.is_cuda and torch.isfinite(x).all()
 
