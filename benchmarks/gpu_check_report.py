@@ -41,8 +41,11 @@ def pytest_counts(xml: Path) -> dict | None:
 
 def compile_modes(log: str) -> dict[str, str]:
     """Each ``compile_chains`` mode's result as the compile step's ``pytest -v`` log printed it when it finished
-    (kept even when the step's limit stopped pytest before it wrote its XML)."""
-    return dict(re.findall(r"every_compile_mode\S*\[([\w-]+)\] (PASSED|FAILED|ERROR|SKIPPED)", log))
+    (kept even when the step's limit stopped pytest before it wrote its XML), and the whole-chain CUDA graph's
+    comparison with the eager chain (``"whole chain"``)."""
+    found = dict(re.findall(r"every_compile_mode\S*\[([\w-]+)\] (PASSED|FAILED|ERROR|SKIPPED)", log))
+    whole = re.search(r"whole_chain_cuda_graph_matches_eager (PASSED|FAILED|ERROR|SKIPPED)", log)
+    return found | ({"whole chain": whole.group(1)} if whole else {})
 
 
 def _num(v, fmt: str) -> str:

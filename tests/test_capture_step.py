@@ -305,7 +305,9 @@ def test_every_capturable_family_replays_its_step_as_eager_on_cuda(name):
         graph = captured._step_graphs[region]
         assert graph.captured and graph.calls == 8 and graph.replays == 5, region
     for (k, a), b in zip(captured.state_dict().items(), eager.state_dict().values()):
-        atol = 2.5 * eager.hparams.lr_g if k in ZERO_GRADIENT.get(name, ()) else 1e-5
+        # a parameter whose true gradient is zero moves by about +-lr a step, its sign set by rounding, which cuDNN's
+        # non-deterministic kernels may change between two GPU runs: 8 steps, at most 16 lr apart
+        atol = 2 * 8 * eager.hparams.lr_g if k in ZERO_GRADIENT.get(name, ()) else 1e-5
         torch.testing.assert_close(a, b, rtol=1e-4, atol=atol, msg=f"{name}: {k}")
 
 

@@ -134,7 +134,9 @@ def test_hmc_moments_on_device(device):
                                                                      return_trace=True)
     assert x.device.type == device and trace["acceptance_rate"].device.type == device
     assert abs(x.mean().item() - 0.6) < 0.1 and abs(x.var().item() - 2.89) < 0.2
-    assert abs((x > 0).float().mean().item() - 0.7) < 0.04
+    # P(x > 0) = 0.3 Phi(-1.5) + 0.7 Phi(1.5) = 0.6733; 3,000 chains: standard error 0.0086, so 0.03 is 3.5 of them
+    p_positive = 0.3 * 0.5 * math.erfc(1.5 / math.sqrt(2)) + 0.7 * 0.5 * math.erfc(-1.5 / math.sqrt(2))
+    assert abs((x > 0).float().mean().item() - p_positive) < 0.03
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -75,7 +75,7 @@ def test_gpu_check_dry_run_runs_every_step_and_reports(tmp_path, monkeypatch):
     assert all(r["rc"] == 0 and r["variant"] == "capture_step=true, SyncEvery(50)" and r["iterations"] == 1
                and r["s_per_iter"] > 0 and r["timing"] == "span" for r in captured), captured
     assert res["compile_modes"] == dict.fromkeys(["default", "reduce-overhead", "max-autotune-no-cudagraphs",
-                                                  "max-autotune"], "SKIPPED")  # CUDA only
+                                                  "max-autotune", "whole chain"], "SKIPPED")  # CUDA only
     assert all(r["variant"] == "eager" for r in rows)
     assert all(r["chain_steps"] == 2 for r in rows + captured)  # the dry run's short chains
     (real,) = res["cifar10_real"]
@@ -139,6 +139,10 @@ def test_the_report_reads_each_compile_mode_from_a_log_cut_short():
            f"{case}[max-autotune-no-cudagraphs] ")  # stopped while it ran
     assert gpu_check_report.compile_modes(log) == {"default": "PASSED", "reduce-overhead": "FAILED"}
     assert gpu_check_report.compile_modes("") == {}
+    # the whole-chain CUDA graph's comparison runs in the same step (its cold compile kept out of the other cases')
+    whole = "tests/test_compiled_chain.py::test_whole_chain_cuda_graph_matches_eager PASSED [ 20%]\n"
+    assert gpu_check_report.compile_modes(whole + log) == {"default": "PASSED", "reduce-overhead": "FAILED",
+                                                           "whole chain": "PASSED"}
 
 
 def test_recipe_speed_times_one_span_after_the_warm_up_or_each_iteration(monkeypatch):
