@@ -255,10 +255,10 @@ def run_one(run: dict, work: Path, data: str, train_seconds: float, dry: bool, c
             record["error"] = f"stopped after {stage}"
         (folder / "record.json").write_text(json.dumps(record, indent=1) + "\n")
 
-    save("training (not tested, no samples)")
     if stopped:  # its time is up: the weights so far, not tested, no samples
         save("training, by SIGTERM at its time limit (not tested, no samples)")
         return record
+    save("training (not tested, no samples)")
     if has_metrics:
         t0 = time.time()
         code = cli(["test", *common, "--ckpt_path", str(last), "--trainer.default_root_dir", str(folder / "test")])
