@@ -5,14 +5,14 @@
 # machine's torch, or an import of a package it lacks, shows up here first.
 #
 # It builds a virtual environment once (default ../venv-device, about 1 minute and 5 GB with PyPI reachable): the
-# packages the code uses at the versions a pip list on the GPU machine read (the device tool's KINDS.md, 2026-11:
-# torch, torchvision, pytorch-lightning, torchmetrics, numpy, safetensors, huggingface_hub) and the others it holds
-# that the project uses, scikit-learn among them (not the kit's wheels: the kit's set-up puts them in /tmp/site). Then it copies the checkout as a device call sends it
-# (tracked and untracked-not-ignored files, lebm_zoo/weights moved aside, the kit as .device/) to $OUT/checkout and,
-# there, with that environment's python3 first on PATH, runs the kit's own `source .device/setup.sh` (which, as on the
-# GPU machine, installs the kit's wheels and the project into /tmp/site and unpacks the kit's data under /tmp/data).
-# From there on, as on that machine, nothing can be downloaded (a dead proxy) and there are no FID weights (an empty
-# HOME). Then, in that copy (removed at the end if every step passed):
+# packages the code uses at the versions a pip list on the GPU machine read (the device tool's KINDS.md, 2026-11: torch,
+# torchvision, pytorch-lightning, torchmetrics, numpy, safetensors, huggingface_hub) and the others it holds that the
+# project uses, scikit-learn among them (not the kit's wheels: the kit's set-up puts them in /tmp/site). Then it copies
+# the checkout as a device call sends it (tracked and untracked-not-ignored files, lebm_zoo/weights moved aside, the kit
+# as .device/) to $OUT/checkout and, there, with that environment's python3 first on PATH, runs the kit's own `source
+# .device/setup.sh` (which, as on the GPU machine, installs the kit's wheels and the project into /tmp/site and unpacks
+# the kit's data under /tmp/data). From there on, as on that machine, nothing can be downloaded (a dead proxy) and there
+# are no FID weights (an empty HOME). Then, in that copy (removed at the end if every step passed):
 #   0. size       the copy with the kit fits in the 64 MiB a device call may carry
 #   1. setup      the project installed: `lebm-zoo` runs from /tmp/site/bin (the kit's set-up hides a failed install
 #                 in its output; the GPU commands themselves run from the checkout with `python3 -m`)
