@@ -287,3 +287,16 @@ def test_device_env_check_never_replaces_an_environment_it_did_not_build(tmp_pat
         pytest.skip(f"the GPU machine kit is not at {DEVICE_KIT}")
     assert p.returncode == 2 and "was not built by this script" in p.stderr
     assert (venv / "keep.txt").read_text() == "mine"
+
+
+def test_the_gpu_scale_recipes_are_measured_in_order_of_need():
+    """A time-limited run keeps what it measured first: the recipes issue 33 gives eager GPU speeds for come first,
+    diffusion recovery likelihood's (the slowest) last; every GPU-scale recipe once."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import recipe_speed
+    from lebm_zoo.cli import list_recipes
+
+    order = list(recipe_speed.GPU_RECIPES)
+    assert order[:5] == list(recipe_speed.FIRST) and order[-2:] == ["cifar10_drl", "celeba64_drl"]
+    assert sorted(order) == sorted(r for r in list_recipes() if r == "svhn_prior" or r.startswith(("cifar10_",
+                                                                                                     "celeba64_")))
