@@ -294,6 +294,7 @@ def test_the_gpu_scale_recipes_are_measured_in_order_of_need():
     diffusion recovery likelihood's (the slowest) last; every GPU-scale recipe once."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import recipe_speed
+
     from lebm_zoo.cli import list_recipes
 
     order = list(recipe_speed.GPU_RECIPES)
