@@ -60,7 +60,8 @@ def main() -> None:
     out = Path(a.out)
     steps = _rows(out / "steps.jsonl")
     env = _read(out / "env.log")
-    gpu = next((line for line in env.splitlines()[1:] if "," in line and "MiB" in line), None)
+    # nvidia-smi's CSV line (its header, from a check before noheader was asked for, names the unit in brackets)
+    gpu = next((line for line in env.splitlines()[1:] if "," in line and "MiB" in line and "[MiB]" not in line), None)
     counts = [c for c in (pytest_counts(out / "pytest.xml"), pytest_counts(out / "pytest_compile.xml")) if c]
     total = {k: sum(c[k] for c in counts) for k in ("tests", "failures", "errors", "skipped", "passed")} if counts \
         else None

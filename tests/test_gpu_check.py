@@ -301,3 +301,51 @@ def test_the_gpu_scale_recipes_are_measured_in_order_of_need():
     assert order[:5] == list(recipe_speed.FIRST) and order[-2:] == ["cifar10_drl", "celeba64_drl"]
     assert sorted(order) == sorted(r for r in list_recipes() if r == "svhn_prior" or r.startswith(("cifar10_",
                                                                                                      "celeba64_")))
+
+
+def test_the_report_of_a_gpu_run_with_a_failure_and_a_step_cut_short(tmp_path):
+    """The report on files shaped as a GPU run writes them (nvidia-smi's line, CUDA rows with peak memory and implied
+    hours, a failed CUDA case, a recipe that failed, the compile step stopped before its XML): the machine, the
+    counts, each failure and each measured row are in the table; nothing here is marked a dry run."""
+    out = tmp_path
+    (out / "env.log").write_text("lebm-zoo 0.1.0, torch 2.11.0+cu130, pytorch_lightning 2.6.6, python 3.12.3\n"
+                                 "CUDA devices: 1\n  cuda:0 NVIDIA H100 80GB HBM3\n"
+                                 "name, memory.total [MiB], driver_version\n"
+                                 "NVIDIA H100 80GB HBM3, 81559 MiB, 580.159.04\n")
+    steps = [("env", 0, 6.1, 20), ("pytest", 1, 88.0, 149), ("compile", 124, 101.0, 101), ("recipes", 0, 79.5, 80),
+             ("captured", 0, 30.2, 45), ("cifar10", 0, 20.0, 55)]
+    (out / "steps.jsonl").write_text("".join(json.dumps(dict(step=n, rc=rc, seconds=s, limit=lim)) + "\n"
+                                             for n, rc, s, lim in steps))
+    (out / "pytest.xml").write_text(
+        '<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="3" failures="1" errors="0" skipped="1">'
+        '<testcase classname="tests.test_devices" name="test_a[cuda]"/>'
+        '<testcase classname="tests.test_devices" name="test_b[cuda]"><failure message="boom"/></testcase>'
+        '<testcase classname="tests.test_devices" name="test_c[cuda]"><skipped/></testcase>'
+        "</testsuite></testsuites>")
+    case = "tests/test_compiled_chain.py::test_every_compile_mode_trains_and_samples_on_cuda"
+    (out / "compile.log").write_text("tests/test_compiled_chain.py::test_whole_chain_cuda_graph_matches_eager PASSED\n"
+                                     f"{case}[default] PASSED\n{case}[reduce-overhead] ")
+    row = dict(recipe="svhn_prior", precision="32-true", batch_size=100, model="LatentEBMPrior", variant="eager",
+               s_per_iter=0.0812, peak_memory_gib=1.23, schedule_iterations=147333, implied_schedule_hours=3.32, rc=0)
+    bad = dict(recipe="celeba64_drl", precision="32-true", variant="eager", rc=1, error="OutOfMemoryError: CUDA")
+    (out / "recipes.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(bad) + "\n")
+    captured = {**row, "variant": "capture_step=true, SyncEvery(50)", "s_per_iter": 0.0161, "timing": "span"}
+    (out / "captured.jsonl").write_text(json.dumps(captured) + "\n")
+    real = dict(recipe="cifar10_prior", precision="bf16-mixed", batch_size=100, s_per_iter=0.1, peak_memory_gib=2.0,
+                loader={"images": 10000, "workers": 8, "images_per_s": 5123.4}, rc=0)
+    (out / "cifar10.jsonl").write_text(json.dumps(real) + "\n")
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check_report.py"), "--out", str(out),
+                        "--dry-run", "0"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    md = (out / "gpu_check.md").read_text()
+    res = json.loads((out / "gpu_check.json").read_text())
+    assert "dry run" not in md and res["dry_run"] is False
+    assert "Machine: NVIDIA H100 80GB HBM3, 81559 MiB, 580.159.04" in md
+    assert "`pytest -m cuda`: 1 passed, 1 failed, 1 skipped" in md
+    assert "- failed: `tests.test_devices::test_b[cuda]`" in md
+    assert "whole chain PASSED" in md and "default PASSED" in md and "reduce-overhead" not in res["compile_modes"]
+    assert "| svhn_prior | LatentEBMPrior | eager | 32-true | 100 | 0.0812 | 1.23 | 147,333 | 3.3 |" in md
+    assert "| svhn_prior | LatentEBMPrior | capture_step=true, SyncEvery(50) | 32-true | 100 | 0.0161 |" in md
+    assert "| celeba64_drl | | eager | 32-true | | failed: OutOfMemoryError: CUDA" in md
+    assert "read 10000 images at 5,123 images/s with 8 workers" in md
+    assert f"| total | | {sum(s for _, _, s, _ in steps):.1f} | |" in md
