@@ -256,7 +256,7 @@ def run_one(run: dict, work: Path, data: str, train_seconds: float, dry: bool, c
         (folder / "record.json").write_text(json.dumps(record, indent=1) + "\n")
 
     if stopped:  # its time is up: the weights so far, not tested, no samples
-        save("training, by SIGTERM at its time limit (not tested, no samples)")
+        save("training, by SIGTERM at its time limit or the deadline (not tested, no samples)")
         return record
     save("training (not tested, no samples)")
     if has_metrics:
@@ -377,7 +377,9 @@ def main(argv=None) -> int:
         # after GRACE seconds), none starts after it
         deadline = t_start + a.budget - a.startup / 2 - GRACE
         while pending or active:
-            if time.time() > deadline:
+            # a run started later than one evaluation margin before the deadline could not train: its worker would
+            # be stopped while still starting (where Lightning's own SIGTERM handler, not lebm-zoo's, is in place)
+            if time.time() > deadline - a.eval_margin:
                 for run in pending:
                     records.append(stub_record(run, "not started: the wall budget was spent"))
                 pending = []

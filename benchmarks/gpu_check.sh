@@ -83,7 +83,8 @@ step() {  # step NAME TIMEOUT_S CMD...: runs CMD with a time limit, logs to $OUT
 }
 
 step env 20 bash -c "'$PY' -m lebm_zoo.cli env --probe-seconds 0; \
-  command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true"
+  command -v nvidia-smi > /dev/null \
+  && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true"
 
 # every CUDA case, in two steps so that compiling (slow, and slowest in max-autotune) cannot crowd out the rest;
 # a test that hangs fails after 60 s instead of taking the step's whole limit

@@ -200,8 +200,8 @@ def measure(recipe: str, device: str, precision: str, iters: int, warmup: int, b
         gc.collect()  # an earlier run's trainer and model refer to each other: free their memory before the reset
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    # the recipe's cudnn.benchmark (the fixed-shape image recipes set it, as the authors' scripts do), passed on
-    # rather than left to what an earlier recipe in this process set
+    # the recipe's cudnn.benchmark (the fixed-shape image recipes set it, as the authors' scripts do), given to this
+    # Trainer as the recipe gives it to its own (which build() also made, and which already set it)
     trainer = pl.Trainer(accelerator=device, devices=1, precision=precision, max_steps=warmup + iters, logger=False,
                          benchmark=config.trainer.benchmark, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,

@@ -80,10 +80,10 @@ def ours(batch: int, iters: int, warmup: int, precision: str, device: str, chann
     capture = compile_chains == "capture"
     if capture:
         compile_chains, warmup = None, max(warmup, 5)
-    x = torch.rand(batch * (iters + warmup), 3, 32, 32) * 2 - 1
     mode, _, scope = (compile_chains or "").partition(":")
     if mode == "reduce-overhead":
         warmup = max(warmup, 3)
+    x = torch.rand(batch * (iters + warmup), 3, 32, 32) * 2 - 1  # one epoch: no epoch's end inside the timed span
     model = LatentEBMPrior(channels_last=channels_last, compile_chains=mode or None, compile_scope=scope or "step",
                            capture_step=capture)
     data = DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=batch)

@@ -83,7 +83,7 @@ def set_rng_state(state: dict) -> None:
         for index, device_state in enumerate(saved[:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(device_state, index)
         used = state.get("cuda_device")
-        if used is not None and 0 <= used < len(saved):
+        if used is not None and 0 <= used < len(saved) and torch.cuda.is_initialized():  # (a CPU run: CUDA unused)
             torch.cuda.set_rng_state(saved[used], torch.cuda.current_device())
 
 

@@ -180,7 +180,8 @@ def test_a_worker_stopped_by_sigterm_in_training_ships_its_weights(tmp_path, mon
     record = gpu_campaign.run_one(run, tmp_path / "work", str(data), 10, True)
     folder = tmp_path / "work" / "runs" / run["name"]
     assert commands == ["fit"] and record["fit_exit_code"] == 143 and record["iterations"] == 2
-    assert record["error"] == "stopped after training, by SIGTERM at its time limit (not tested, no samples)"
+    assert record["error"] == ("stopped after training, by SIGTERM at its time limit or the deadline (not tested, "
+                               "no samples)")
     assert json.loads((folder / "record.json").read_text()) == record
     assert (folder / "weights" / "model.safetensors").is_file() and not (folder / "samples.npz").exists()
     # a fit that failed otherwise ships nothing
@@ -245,15 +246,10 @@ def test_the_real_schedule_runs_its_workers_and_packs_what_they_made(tmp_path, c
 
 def test_runs_that_wrote_no_record_keep_their_place_in_the_report():
     """A run never started (the budget spent) or whose worker died before writing its record gets a stub record: the
-    run as listed and the reason. The report then counts it with its campaign (not as a zoo run) and names why."""
+    run as listed and the reason. The report then counts it with its campaign, not as a zoo run."""
     runs = gpu_campaign.load_campaigns(CAMPAIGNS)
     anomaly = next(r for r in runs if r["name"] == "lebm-anomaly-d4-s2")
     stub = gpu_campaign.stub_record(anomaly, "not started: the wall budget was spent")
     assert stub["campaign"] == "anomaly" and stub["model"] == "prior" and stub["digit"] == 4
     assert stub["error"] == "not started: the wall budget was spent" and not any(k.startswith("_") for k in stub)
-    done = {**gpu_campaign.stub_record(next(r for r in runs if r["name"] == "lebm-anomaly-d4-s1"), ""),
-            "metrics": {"test/auprc": 0.5, "test/auroc": 0.7}}
-    done.pop("error")
-    table = campaign_report.anomaly_table([stub, done])
-    assert "0.500" in table  # digit 4's mean is the finished run's alone
-    assert f"`{stub['name']}`" not in campaign_report.zoo_table([stub, done])
+    assert f"`{stub['name']}`" not in campaign_report.zoo_table([stub])  # (a stub without its campaign was listed)

@@ -211,6 +211,7 @@ def test_cuda_rng_states_saved_with_more_gpus_visible_restore_what_fits(monkeypa
     saved = [torch.full((4,), i, dtype=torch.uint8) for i in range(4)]
     restored = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
 
@@ -225,4 +226,11 @@ def test_cuda_rng_states_saved_with_more_gpus_visible_restore_what_fits(monkeypa
     # a checkpoint from before the drawing device was saved: the devices that exist, by index
     restored.clear()
     set_rng_state({"cuda": saved})
+    assert restored == {i: i for i in range(visible)}
+    # a run on the CPU of a GPU machine (CUDA not started): the states are queued by index as before, and CUDA is not
+    # started to ask for the current device
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: pytest.fail("CUDA started by a CPU run's resume"))
+    restored.clear()
+    set_rng_state({"cuda": saved, "cuda_device": 2})
     assert restored == {i: i for i in range(visible)}
